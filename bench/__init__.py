@@ -1,0 +1,1 @@
+"""Benchmarks: one program per figure, JSON out."""

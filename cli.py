@@ -1,0 +1,106 @@
+"""`longctx` command line: train, export, convert, recipe.
+
+Errors the user can fix (recipe keys, data, model folders, checkpoints) print one message naming
+the key or file and exit with status 2; nothing written earlier is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="longctx", description="Long-context fine-tuning for HF decoder LLMs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train from a recipe (torchrun for several processes)")
+    t.add_argument("recipe", help="recipe YAML file")
+    t.add_argument("overrides", nargs="*", help="a.b.c=value overrides")
+
+    e = sub.add_parser("export", help="export a checkpoint folder to an HF folder")
+    e.add_argument("checkpoint")
+    e.add_argument("out")
+    e.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="cast weights (default: as saved)")
+
+    c = sub.add_parser("convert", help="convert model files")
+    csub = c.add_subparsers(dest="format", required=True)
+    g = csub.add_parser("gguf", help="a Llama-family GGUF file -> HF safetensors folder + tokenizer")
+    g.add_argument("file")
+    g.add_argument("out")
+
+    r = sub.add_parser("recipe", help="validate / show a recipe, or print the reference table")
+    rsub = r.add_subparsers(dest="action", required=True)
+    show = rsub.add_parser("show", help="print the resolved recipe")
+    show.add_argument("recipe")
+    show.add_argument("overrides", nargs="*")
+    rsub.add_parser("reference", help="print the recipe key reference (markdown)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[longctx] %(message)s", stream=sys.stderr)
+    from .data.sources import DataError
+    from .models.config import ModelConfigError
+    from .models.hf import CheckpointError
+    from .recipes.schema import RecipeError
+
+    user_errors = (RecipeError, DataError, ModelConfigError, CheckpointError)
+    try:
+        return _dispatch(args)
+    except user_errors as e:
+        print(f"longctx: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args) -> int:
+    if args.command == "train":
+        return _train(args)
+    if args.command == "export":
+        import torch
+
+        from .train.export import export_checkpoint
+
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.dtype)
+        print(export_checkpoint(args.checkpoint, args.out, dtype=dtype))
+        return 0
+    if args.command == "convert":
+        from .models.hf import convert_gguf
+
+        print(convert_gguf(args.file, args.out))
+        return 0
+    if args.command == "recipe":
+        from omegaconf import OmegaConf
+
+        from .recipes import schema
+
+        if args.action == "reference":
+            print(schema.reference_markdown())
+        else:
+            print(OmegaConf.to_yaml(OmegaConf.create(schema.load(args.recipe, args.overrides).to_dict())))
+        return 0
+    raise AssertionError(args.command)
+
+
+def _train(args) -> int:
+    from .parallel import mesh
+    from .recipes import schema
+    from .train.build import build
+    from .train.trainer import NonFiniteLossError, train
+
+    recipe = schema.load(args.recipe, args.overrides)  # fails before any work starts
+    try:
+        run = build(recipe)
+        train(run)
+    except NonFiniteLossError as e:
+        print(f"longctx: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        mesh.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Data pipeline: sources, tokenisation, batching. Imports nothing else of longctx."""

@@ -1,0 +1,50 @@
+"""Concat-and-chunk: documents joined end to end and cut into rows of seq_len + 1 tokens.
+
+The baseline batching (dataset decomposition replaces it as the default later). Row order is a
+seeded permutation; step s takes rows [s*B, (s+1)*B) of it (wrapping into a new permutation each
+epoch), and data-parallel rank r takes every world-th row of those, so shards never overlap and
+the stream depends only on (seed, step): resuming at step s continues with exactly that batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .sources import DataError
+
+
+class PackedRows:
+    def __init__(self, docs: list[np.ndarray], seq_len: int, eval_fraction: float = 0.0, seed: int = 0) -> None:
+        stream = np.concatenate(docs) if docs else np.zeros(0, dtype=np.int32)
+        n_rows = len(stream) // (seq_len + 1)
+        if n_rows == 0:
+            raise DataError(
+                f"data: {len(stream)} tokens cannot fill one row of seq_len+1={seq_len + 1} tokens; "
+                "lower data.seq_len or add documents"
+            )
+        self.rows = stream[: n_rows * (seq_len + 1)].reshape(n_rows, seq_len + 1)
+        order = np.random.default_rng(seed).permutation(n_rows)
+        n_eval = int(round(n_rows * eval_fraction))
+        self.eval_ids, self.train_ids = order[:n_eval], order[n_eval:]
+        if len(self.train_ids) == 0:
+            raise DataError("data.eval_fraction leaves no training rows")
+        self.seq_len, self.seed = seq_len, seed
+
+    @property
+    def tokens(self) -> int:
+        return self.rows.size
+
+    def step_rows(self, step: int, batch_size: int, rank: int, world: int) -> np.ndarray:
+        """Rows of optimizer step `step` (0-based) that belong to data-parallel `rank`: [B/world, L+1]."""
+        n = len(self.train_ids)
+        flat = np.arange(step * batch_size, (step + 1) * batch_size)
+        epochs, offsets = flat // n, flat % n
+        ids = np.empty(batch_size, dtype=np.int64)
+        for epoch in np.unique(epochs):
+            perm = np.random.default_rng([self.seed, int(epoch)]).permutation(self.train_ids)
+            ids[epochs == epoch] = perm[offsets[epochs == epoch]]
+        return self.rows[ids[rank::world]]
+
+    def eval_rows(self, index: int, batch_size: int, rank: int, world: int) -> np.ndarray:
+        ids = self.eval_ids[(np.arange(batch_size) + index * batch_size) % len(self.eval_ids)]
+        return self.rows[ids[rank::world]]

@@ -1,0 +1,1 @@
+"""Long-context evaluation (passkey, perplexity by position) lands here."""

@@ -1,0 +1,1 @@
+"""Activation memory: recompute, offload (MEMO), accounting, planning. Device-neutral."""

@@ -1,0 +1,1 @@
+"""Decoder family and its Hugging Face bridge. Never imports torch.distributed."""

@@ -1,0 +1,182 @@
+"""The decoder: embed -> blocks -> norm -> loss, for llama / qwen2 / qwen3 / mistral.
+
+Plain modules that read like the architecture (Touvron et al., arXiv 2302.13971 / 2407.21783;
+Qwen2 adds q/k/v biases, Qwen3 RMS-normalises q and k per head). Module names mirror the Hugging
+Face checkpoints so state dicts load and export without renaming.
+
+Attention and loss are injected callables so parallelism and fused kernels are applied from
+outside (train/build.py); this file never talks to other ranks.
+  attention(q, k, v) -> out        q [B, S, Hq, D], k/v [B, S, Hkv, D], causal, scale D**-0.5
+  loss(hidden [N, D], weight [V, D], labels [N]) -> summed loss over valid labels
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .rope import apply_rope, cos_sin, inv_freq_and_scale
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, scale in the input dtype: the order transformers uses.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.attention_fn: AttentionFn | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = self.attention_fn(q, k, v)
+        return self.o_proj(out.reshape(B, S, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """One pre-norm decoder layer; everything but `self_attn.attention_fn` is per token."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """Decoder-only LM. `forward` returns the summed loss when labels are given, else hidden states.
+
+    Labels are already shifted (labels[t] is the token after input t) and use -100 for ignored
+    positions; the caller divides the summed loss by the global count of valid labels.
+    """
+
+    def __init__(self, cfg: ModelConfig, attention: AttentionFn, loss: LossFn) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.loss_fn = loss
+        self.set_attention(attention)
+
+    # --- injected pieces ---------------------------------------------------------------------
+    def set_attention(self, attention: AttentionFn) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.attention_fn = attention
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    # --- forward -----------------------------------------------------------------------------
+    def rope_cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        cfg = self.config
+        seq_len = int(position_ids.max()) + 1 if cfg.rope.type == "dynamic" else 0
+        inv_freq, scaling = inv_freq_and_scale(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, seq_len)
+        return cos_sin(position_ids, inv_freq, scaling, dtype)
+
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        B, S = input_ids.shape
+        window = self.config.sliding_window
+        if window is not None and S > window:
+            raise ValueError(
+                f"sequence length {S} exceeds the model's sliding_window={window}; longctx trains full "
+                "causal attention: set sliding_window to null in the model's config.json"
+            )
+        if position_ids is None:
+            position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rope_cos_sin(position_ids, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin)
+        return self.model.norm(x)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        hidden = self.hidden_states(input_ids, position_ids)
+        if labels is None:
+            return hidden
+        return self.loss_fn(hidden.flatten(0, 1), self.output_weight, labels.flatten())
+
+    def logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Full [B, S, V] logits: for evaluation and tests at small sizes, never for training."""
+        return self.hidden_states(input_ids, position_ids) @ self.output_weight.T
+
+    @torch.no_grad()
+    def generate_greedy(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy decoding without a KV cache (recomputes the prefix): for checks, not serving."""
+        ids = input_ids
+        for _ in range(max_new_tokens):
+            next_id = self.logits(ids)[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, next_id], dim=1)
+        return ids
+
+    # --- init --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * self.config.initializer_range)

