@@ -17,7 +17,7 @@ def _format_seconds(seconds: float) -> str:
 
 
 class Console:
-    def __init__(self, max_steps: int, stream=sys.stdout) -> None:
+    def __init__(self, max_steps: int, stream=None) -> None:
         self.max_steps, self.stream = max_steps, stream
         self.step_seconds: list[float] = []
 
@@ -32,7 +32,7 @@ class Console:
         )
         if "eval_loss" in record:
             line += f" | eval {record['eval_loss']:.4f}"
-        print(line, file=self.stream, flush=True)
+        print(line, file=self.stream or sys.stdout, flush=True)
 
     def close(self) -> None:
         pass

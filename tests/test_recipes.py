@@ -1,0 +1,94 @@
+"""Recipe validation: every problem names its key path, value and what is allowed."""
+
+from pathlib import Path
+
+import pytest
+
+from longctx.cli import main
+from longctx.recipes import schema
+from longctx.recipes.schema import RecipeError
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_validate(path):
+    recipe = schema.load(path)
+    assert recipe.train.max_steps > 0
+
+
+def test_user_recipes_are_shipped():
+    names = {p.name for p in RECIPES}
+    assert {"quickstart.yaml", "tiny.yaml", "llama3-8b-128k.yaml", "qwen2.5-7b-256k.yaml"} <= names
+
+
+def _load(tmp_path, text, overrides=()):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return schema.load(path, list(overrides))
+
+
+def test_misspelled_key_suggests_nearest(tmp_path):
+    with pytest.raises(RecipeError, match=r"train\.max_step: unknown key; did you mean train\.max_steps\?"):
+        _load(tmp_path, "train:\n  max_step: 3\n")
+    with pytest.raises(RecipeError, match=r"trian: unknown key; did you mean train\?"):
+        _load(tmp_path, "trian: {}\n")
+
+
+def test_wrong_type_names_key_value_and_type(tmp_path):
+    with pytest.raises(RecipeError, match=r"train\.lr='fast': expected float"):
+        _load(tmp_path, "train:\n  lr: fast\n")
+    with pytest.raises(RecipeError, match=r"run\.dtype='fp16': expected one of 'fp32', 'bf16'"):
+        _load(tmp_path, "run:\n  dtype: fp16\n")
+    with pytest.raises(RecipeError, match=r"log\.wandb=1: expected bool"):
+        _load(tmp_path, "log:\n  wandb: 1\n")
+
+
+def test_out_of_range_values(tmp_path):
+    with pytest.raises(RecipeError, match=r"train\.max_steps=0: must be > 0"):
+        _load(tmp_path, "train:\n  max_steps: 0\n")
+    with pytest.raises(RecipeError, match=r"train\.min_lr_ratio=1\.5: must be <= 1\.0"):
+        _load(tmp_path, "", ["train.min_lr_ratio=1.5"])
+
+
+def test_impossible_combinations(tmp_path):
+    with pytest.raises(RecipeError, match=r"train\.warmup_steps=10: must be <= train\.max_steps=5"):
+        _load(tmp_path, "train:\n  max_steps: 5\n  warmup_steps: 10\n")
+    with pytest.raises(RecipeError, match=r"train\.batch_size=5: must be a multiple of train\.grad_accum=2"):
+        _load(tmp_path, "train:\n  batch_size: 5\n  grad_accum: 2\n")
+    with pytest.raises(RecipeError, match=r"model\.rope\.factor=1\.0: rope type 'yarn' needs a factor > 1"):
+        _load(tmp_path, "model:\n  rope:\n    type: yarn\n")
+    with pytest.raises(RecipeError, match=r"eval\.every=5: needs data\.eval_fraction > 0"):
+        _load(tmp_path, "eval:\n  every: 5\n")
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    with pytest.raises(RecipeError) as info:
+        _load(tmp_path, "train:\n  max_steps: -1\n  lrr: 1\n")
+    assert "train.max_steps=-1" in str(info.value) and "train.lrr" in str(info.value)
+
+
+def test_overrides_apply_and_are_typed(tmp_path):
+    recipe = _load(tmp_path, "train:\n  max_steps: 5\n", ["train.max_steps=7", "model.rope.type=yarn",
+                                                          "model.rope.factor=4", "run.name=x"])
+    assert recipe.train.max_steps == 7 and recipe.model.rope.factor == 4.0 and recipe.run_dir == Path("runs/x")
+    with pytest.raises(RecipeError, match="expected key.path=value"):
+        _load(tmp_path, "", ["train.max_steps"])
+
+
+def test_missing_recipe_file_is_named(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml not found" in capsys.readouterr().err
+
+
+def test_readme_recipe_reference_is_in_sync(repo):
+    readme = (repo / "README.md").read_text()
+    start, end = "<!-- recipe-reference:start -->", "<!-- recipe-reference:end -->"
+    block = readme.split(start)[1].split(end)[0].strip()
+    assert block == schema.reference_markdown(), "regenerate with: longctx recipe reference"
+
+
+def test_resolved_recipe_round_trips(tmp_path):
+    recipe = schema.load(RECIPES[0])
+    schema.save(recipe, tmp_path / "resolved.yaml")
+    assert schema.load(tmp_path / "resolved.yaml") == recipe
