@@ -95,7 +95,10 @@ class MemoryRecipe:
 
 @dataclass(kw_only=True)
 class LossRecipe:
-    impl: Literal["reference"] = _f("reference", "Loss head: reference = logits then cross-entropy.")
+    impl: Literal["cce", "cce_torch", "cce_triton", "reference"] = _f(
+        "cce",
+        "Loss head: cce = Cut Cross-Entropy (Triton on CUDA, chunked torch elsewhere; never N x V logits); reference = logits then cross-entropy.",
+    )
     z_loss: float = _f(0.0, "z-loss weight (adds z_loss * logsumexp^2 per token).", ge=0.0)
 
 

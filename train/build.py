@@ -22,7 +22,7 @@ from ..data.sources import load_documents
 from ..data.tokenize import load_tokenizer, tokenize_documents
 from ..kernels.attention import local_attention
 from ..kernels.capability import default_device
-from ..kernels.loss import linear_cross_entropy
+from ..kernels.loss import linear_cross_entropy, resolve_impl
 from ..memory import recompute
 from ..models.config import ModelConfig, RopeConfig
 from ..models.hf import CheckpointError, convert_gguf, load_model_folder, load_weights
@@ -191,7 +191,7 @@ def build(recipe: Recipe) -> Run:
     _maybe_resume(run)
     run.describe = {
         "device": str(mesh.device), "world": mesh.world, "dp": mesh.dp_world,
-        "attention": "sdpa (local, sp=1)", "loss": f"{recipe.loss.impl}",
+        "attention": "sdpa (local, sp=1)", "loss": resolve_impl(recipe.loss.impl, mesh.device),
         "activation_checkpointing": recipe.memory.activation_checkpointing,
         "params": sum(p.numel() for p in model.parameters()), "model": str(model_dir or "random init"),
         "dtype": recipe.run.dtype,

@@ -1,0 +1,211 @@
+"""Cut Cross-Entropy Triton kernels (Wijmans et al., arXiv 2411.09009, §4 and Algorithms 1-3).
+
+Forward (`_cce_fwd`): one program per block of valid tokens walks the vocabulary in tiles; each
+tile of logits z = h W^T is accumulated over D in on-chip blocks, optionally softcapped, folded
+into an online log-sum-exp, and the target logit is picked out of the tile it falls in (the
+indexed dot). Only LSE (fp32, per token) is written; when gradients are needed the same pass
+adds each vocabulary column's logit sum (for vocabulary sorting).
+
+Backward (`_cce_bwd`): one program per (token block, vocabulary block) recomputes its logit tile,
+forms dz = softmax * (g + dLSE) - onehot * g from the saved LSE, skips the tile when every
+|dz| < eps (gradient filtering, §4.3: 2^-12 for bf16), and otherwise adds dz W into dH and
+dz^T H into dW with fp32 atomics. Vocabulary blocks follow the columns sorted by average logit
+(§4.3), so the few non-negligible columns cluster into few tiles.
+
+Ignored tokens are compacted into an index list first, so they cost nothing. Offsets are int64
+(N*D > 2^31 works). Under TRITON_INTERPRET=1 (CPU) bf16 arithmetic is wrong in the interpreter,
+so every load is cast to fp32 before use (DOT_FP32); on GPU bf16 tiles go to tl.dot directly.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tanh(x):
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _logit_tile(H, W, rows64, row_mask, cols64, col_mask, D, stride_h, stride_w,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr):
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        d_mask = ds < D
+        h = tl.load(H + rows64[:, None] * stride_h + ds[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        w = tl.load(W + cols64[:, None] * stride_w + ds[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+        if DOT_FP32:
+            acc += tl.dot(h.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        else:
+            acc += tl.dot(h, tl.trans(w))
+    return acc
+
+
+@triton.jit
+def _cce_fwd(H, W, ROWS, Y, LSE, TARGET, COLSUM, N, V, D, stride_h, stride_w, softcap,
+             HAS_SOFTCAP: tl.constexpr, COLLECT_COLSUM: tl.constexpr, DOT_FP32: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    local = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = local < N
+    rows64 = tl.load(ROWS + local, mask=row_mask, other=0).to(tl.int64)
+    y = tl.load(Y + local, mask=row_mask, other=-1)
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    target = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        z = _logit_tile(H, W, rows64, row_mask, cols.to(tl.int64), col_mask, D, stride_h, stride_w,
+                        BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32)
+        if HAS_SOFTCAP:
+            z = softcap * _tanh(z / softcap)
+        if COLLECT_COLSUM:
+            tl.atomic_add(COLSUM + cols, tl.sum(tl.where(row_mask[:, None], z, 0.0), 0), mask=col_mask)
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        target += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), 1)
+        m_new = tl.maximum(m, tl.max(z, 1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
+        m = m_new
+    tl.store(LSE + local, m + tl.log(s), mask=row_mask)
+    tl.store(TARGET + local, target, mask=row_mask)
+
+
+@triton.jit
+def _cce_bwd(H, W, ROWS, Y, ORDER, LSE, G_NLL, G_LSE, DH, DW, N, V, D, stride_h, stride_w, softcap, eps,
+             HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_n, pid_v = tl.program_id(0), tl.program_id(1)
+    local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = local < N
+    rows64 = tl.load(ROWS + local, mask=row_mask, other=0).to(tl.int64)
+    sorted_cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = sorted_cols < V
+    cols = tl.load(ORDER + sorted_cols, mask=col_mask, other=0)  # vocabulary sorted by average logit
+    cols64 = cols.to(tl.int64)
+    z = _logit_tile(H, W, rows64, row_mask, cols64, col_mask, D, stride_h, stride_w,
+                    BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32)
+    if HAS_SOFTCAP:
+        t = _tanh(z / softcap)
+        z = softcap * t
+    lse = tl.load(LSE + local, mask=row_mask, other=0.0)
+    g_nll = tl.load(G_NLL + local, mask=row_mask, other=0.0)
+    g_lse = tl.load(G_LSE + local, mask=row_mask, other=0.0)
+    y = tl.load(Y + local, mask=row_mask, other=-1)
+    dz = tl.exp(z - lse[:, None]) * g_lse[:, None] - tl.where(cols[None, :] == y[:, None], g_nll[:, None], 0.0)
+    if HAS_SOFTCAP:
+        dz = dz * (1.0 - t * t)
+    dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
+    # eps = 0 when filtering is off: every tile passes
+    if tl.max(tl.abs(dz)) >= eps:
+        local64 = local.to(tl.int64)
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            d_mask = ds < D
+            w = tl.load(W + cols64[:, None] * stride_w + ds[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+            h = tl.load(H + rows64[:, None] * stride_h + ds[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+            if DOT_FP32:
+                dh = tl.dot(dz, w.to(tl.float32), input_precision="ieee")
+                dw = tl.dot(tl.trans(dz), h.to(tl.float32), input_precision="ieee")
+            else:
+                dh = tl.dot(dz.to(w.dtype), w)
+                dw = tl.dot(tl.trans(dz).to(h.dtype), h)
+            tl.atomic_add(DH + local64[:, None] * D + ds[None, :], dh, mask=row_mask[:, None] & d_mask[None, :])
+            tl.atomic_add(DW + cols64[:, None] * D + ds[None, :], dw, mask=col_mask[:, None] & d_mask[None, :])
+
+
+def _dot_fp32(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _filter_eps(filter_eps, dtype: torch.dtype) -> float | None:
+    if filter_eps == "auto":
+        return torch.finfo(dtype).eps / 32  # 2^-12 for bf16 (paper §4.3)
+    return filter_eps
+
+
+class _CCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, softcap, z_loss, reduction, opts):
+        filter_eps, sort_vocab, blocks = opts
+        BN, BV, BD = blocks
+        N, D = hidden.shape
+        V = weight.shape[0]
+        hidden, weight = hidden.contiguous(), weight.contiguous()
+        rows = (labels != ignore_index).nonzero().squeeze(1)
+        y = labels[rows].contiguous()
+        n = rows.numel()
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        target = torch.empty_like(lse)
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        colsum = torch.zeros(V, dtype=torch.float32, device=hidden.device) if needs_grad and sort_vocab else lse
+        if n:
+            _cce_fwd[(triton.cdiv(n, BN),)](
+                hidden, weight, rows, y, lse, target, colsum, n, V, D, hidden.stride(0), weight.stride(0),
+                float(softcap or 1.0), HAS_SOFTCAP=softcap is not None, COLLECT_COLSUM=needs_grad and sort_vocab,
+                DOT_FP32=_dot_fp32(hidden.dtype), BLOCK_N=BN, BLOCK_V=BV, BLOCK_D=BD,
+            )
+        nll = lse - target
+        per_token = nll + z_loss * lse * lse if z_loss else nll
+        if needs_grad:
+            order = torch.argsort(colsum, descending=True) if sort_vocab else torch.arange(V, device=hidden.device)
+            ctx.save_for_backward(hidden, weight, rows, y, lse, order.to(torch.int32))
+        ctx.meta = (N, V, D, n, softcap, z_loss, reduction, _filter_eps(filter_eps, hidden.dtype), blocks)
+        if reduction == "none":
+            out = torch.zeros(N, dtype=torch.float32, device=hidden.device)
+            return out.index_copy_(0, rows, per_token)
+        total = per_token.sum()
+        return total / max(n, 1) if reduction == "mean" else total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, rows, y, lse, order = ctx.saved_tensors
+        N, V, D, n, softcap, z_loss, reduction, eps, (BN, BV, BD) = ctx.meta
+        if reduction == "none":
+            g_nll = grad_out[rows].float()
+        else:
+            scale = grad_out.float() / max(n, 1) if reduction == "mean" else grad_out.float()
+            g_nll = scale.expand(n).contiguous()
+        g_lse = g_nll * (1 + 2 * z_loss * lse) if z_loss else g_nll
+        dh = torch.zeros((n, D), dtype=torch.float32, device=hidden.device)
+        dw = torch.zeros((V, D), dtype=torch.float32, device=hidden.device)
+        if n:
+            _cce_bwd[(triton.cdiv(n, BN), triton.cdiv(V, BV))](
+                hidden, weight, rows, y, order, lse, g_nll.contiguous(), g_lse.contiguous(), dh, dw, n, V, D,
+                hidden.stride(0), weight.stride(0), float(softcap or 1.0), float(eps or 0.0),
+                HAS_SOFTCAP=softcap is not None, DOT_FP32=_dot_fp32(hidden.dtype),
+                BLOCK_N=BN, BLOCK_V=BV, BLOCK_D=BD,
+            )
+        dhidden = torch.zeros((N, D), dtype=torch.float32, device=hidden.device).index_copy_(0, rows, dh)
+        return dhidden.to(hidden.dtype), dw.to(weight.dtype), None, None, None, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    filter_eps: float | str | None = "auto",
+    sort_vocab: bool = True,
+    block_n: int = 64,
+    block_v: int = 128,
+    block_d: int = 32,
+) -> torch.Tensor:
+    """Cut Cross-Entropy with Triton kernels; same contract as kernels.cce_torch.linear_cross_entropy.
+
+    filter_eps: "auto" (finfo(dtype).eps / 32), a float, or None to compute every tile (exact).
+    Gradients accumulate in fp32 buffers (atomics) and are cast to the input dtype at the end.
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction={reduction!r}: expected mean, sum or none")
+    opts = (filter_eps, sort_vocab, (block_n, block_v, block_d))
+    return _CCE.apply(hidden, weight, labels, ignore_index, softcap, z_loss, reduction, opts)
