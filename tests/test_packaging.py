@@ -15,7 +15,7 @@ def test_packages_list_equals_folders_with_init():
     found = {"longctx"} | {
         "longctx." + ".".join(p.parent.relative_to(REPO).parts)
         for p in REPO.rglob("__init__.py")
-        if p.parent != REPO and not {".venv", "build", "tests"} & set(p.parent.relative_to(REPO).parts)
+        if p.parent != REPO and not {".venv", ".ci-venv", "build", "tests"} & set(p.parent.relative_to(REPO).parts)
     }
     assert listed == found
 
@@ -69,7 +69,8 @@ def test_import_rules(sub):
 def test_only_cli_and_build_read_the_recipe():
     allowed = {REPO / "cli.py", REPO / "train" / "build.py", REPO / "train" / "trainer.py"}
     for path in REPO.rglob("*.py"):
-        if {".venv", "tests", "build"} & set(path.relative_to(REPO).parts) or path.parent == REPO / "recipes":
+        parts = set(path.relative_to(REPO).parts)
+        if {".venv", ".ci-venv", "tests", "build", "bench"} & parts or path.parent == REPO / "recipes":  # bench: programs, like cli
             continue
         if any(n.startswith("longctx.recipes") for n in _imports(path)):
             assert path in allowed, path

@@ -148,3 +148,11 @@ def test_quickstart_path_end_to_end_short(tmp_path, smollm2_dir):
     assert config["max_position_embeddings"] > 8192
     hf = AutoModelForCausalLM.from_pretrained(folder)
     assert hf.config.rope_parameters["rope_type"] != "default"
+
+
+def test_cce_loss_head_matches_reference_in_training(tmp_path):
+    _, ref = _run(tmp_path, "train.max_steps=3", "loss.impl=reference", name="ref")
+    run, cce = _run(tmp_path, "train.max_steps=3", "loss.impl=cce", name="cce")
+    assert run.describe["loss"] == "cce_torch"
+    assert [h["loss"] for h in cce] == pytest.approx([h["loss"] for h in ref], abs=1e-5)
+    assert [h["grad_norm"] for h in cce] == pytest.approx([h["grad_norm"] for h in ref], abs=1e-5)
