@@ -81,7 +81,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         slab, min_tokens, accum_fp32 = opts
         N, V = labels.shape[0], weight.shape[0]
         keep = (labels != ignore_index).nonzero().squeeze(1)
-        h, y = hidden[keep], labels[keep]
+        h, y = (hidden, labels) if len(keep) == N else (hidden[keep], labels[keep])
         token_chunk = max(min_tokens, slab // V)
         vocab_chunk = V if token_chunk * V <= slab else max(1, slab // token_chunk)
         lse = torch.empty(len(keep), dtype=torch.float32, device=hidden.device)
@@ -134,11 +134,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         if ctx.reduction != "none":
+            # The gradients were computed in the forward for a unit upstream gradient; scale them in
+            # place (no second V x D buffer). The saved buffers are consumed: one backward only.
             keep, dh_valid, dw = ctx.saved_tensors
             scale = grad_out / max(ctx.n_valid, 1) if ctx.reduction == "mean" else grad_out
-            dhidden = torch.zeros((ctx.N, dh_valid.shape[1]), dtype=dh_valid.dtype, device=dh_valid.device)
-            dhidden.index_copy_(0, keep, dh_valid * scale)
-            return dhidden.to(ctx.h_dtype), (dw * scale).to(ctx.w_dtype), None, None, None, None, None, None
+            dh_valid, dw = dh_valid.mul_(scale).to(ctx.h_dtype), dw.mul_(scale).to(ctx.w_dtype)
+            if ctx.n_valid == ctx.N:
+                return dh_valid, dw, None, None, None, None, None, None
+            dhidden = torch.zeros((ctx.N, dh_valid.shape[1]), dtype=ctx.h_dtype, device=dh_valid.device)
+            return dhidden.index_copy_(0, keep, dh_valid), dw, None, None, None, None, None, None
         keep, hidden, weight, labels, lse = ctx.saved_tensors
         h, y, g = hidden[keep], labels[keep], grad_out[keep].float()
         dw = torch.zeros(weight.shape, dtype=ctx.dw_dtype, device=weight.device)
