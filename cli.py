@@ -30,6 +30,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("file")
     g.add_argument("out")
 
+    d = sub.add_parser("data", help="inspect a recipe's data")
+    dsub = d.add_subparsers(dest="action", required=True)
+    di = dsub.add_parser("inspect", help="length histogram, buckets, tokens kept/dropped, attention FLOPs")
+    di.add_argument("recipe")
+    di.add_argument("overrides", nargs="*")
+    di.add_argument("--png", help="also write a histogram PNG here")
+
     r = sub.add_parser("recipe", help="validate / show a recipe, or print the reference table")
     rsub = r.add_subparsers(dest="action", required=True)
     show = rsub.add_parser("show", help="print the resolved recipe")
@@ -70,6 +77,17 @@ def _dispatch(args) -> int:
         from .models.hf import convert_gguf
 
         print(convert_gguf(args.file, args.out))
+        return 0
+    if args.command == "data":
+        import json
+
+        from .recipes import schema
+        from .train.data_report import inspect, save_png
+
+        report = inspect(schema.load(args.recipe, args.overrides))
+        print(json.dumps(report, indent=2))
+        if args.png:
+            print(save_png(report, args.png))
         return 0
     if args.command == "recipe":
         from omegaconf import OmegaConf

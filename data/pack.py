@@ -1,6 +1,7 @@
 """Concat-and-chunk: documents joined end to end and cut into rows of seq_len + 1 tokens.
 
-The baseline batching (dataset decomposition replaces it as the default later). Row order is a
+The baseline batching that dataset decomposition is measured against (and the held-out eval
+rows). Rows cross document boundaries, so tokens attend to unrelated documents. Row order is a
 seeded permutation; step s takes rows [s*B, (s+1)*B) of it (wrapping into a new permutation each
 epoch), and data-parallel rank r takes every world-th row of those, so shards never overlap and
 the stream depends only on (seed, step): resuming at step s continues with exactly that batch.
@@ -14,7 +15,7 @@ from .sources import DataError
 
 
 class PackedRows:
-    def __init__(self, docs: list[np.ndarray], seq_len: int, eval_fraction: float = 0.0, seed: int = 0) -> None:
+    def __init__(self, docs: list[np.ndarray], seq_len: int, seed: int = 0) -> None:
         stream = np.concatenate(docs) if docs else np.zeros(0, dtype=np.int32)
         n_rows = len(stream) // (seq_len + 1)
         if n_rows == 0:
@@ -23,11 +24,7 @@ class PackedRows:
                 "lower data.seq_len or add documents"
             )
         self.rows = stream[: n_rows * (seq_len + 1)].reshape(n_rows, seq_len + 1)
-        order = np.random.default_rng(seed).permutation(n_rows)
-        n_eval = int(round(n_rows * eval_fraction))
-        self.eval_ids, self.train_ids = order[:n_eval], order[n_eval:]
-        if len(self.train_ids) == 0:
-            raise DataError("data.eval_fraction leaves no training rows")
+        self.train_ids = np.arange(n_rows)
         self.seq_len, self.seed = seq_len, seed
 
     @property
@@ -45,6 +42,21 @@ class PackedRows:
             ids[epochs == epoch] = perm[offsets[epochs == epoch]]
         return self.rows[ids[rank::world]]
 
-    def eval_rows(self, index: int, batch_size: int, rank: int, world: int) -> np.ndarray:
-        ids = self.eval_ids[(np.arange(batch_size) + index * batch_size) % len(self.eval_ids)]
-        return self.rows[ids[rank::world]]
+    def step_batch(self, step: int, batch_size: int, rank: int, world: int) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs, labels) [B/world, L]: labels are the rows shifted by one, before any splitting."""
+        rows = self.step_rows(step, batch_size, rank, world).astype(np.int64)
+        return rows[:, :-1], rows[:, 1:]
+
+
+
+class PackedBatches:
+    """PackedRows bound to a global batch size and this rank: the trainer's per-step source."""
+
+    def __init__(self, rows: PackedRows, batch_size: int, rank: int, world: int) -> None:
+        self.rows, self.batch_size, self.rank, self.world = rows, batch_size, rank, world
+
+    def step_batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.rows.step_batch(step, self.batch_size, self.rank, self.world)
+
+    def describe(self) -> dict:
+        return {"rows": len(self.rows.train_ids), "seq_len": self.rows.seq_len}

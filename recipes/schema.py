@@ -73,12 +73,26 @@ class ModelRecipe:
 
 @dataclass(kw_only=True)
 class DataRecipe:
-    source: str = _f("default", "default (public-domain KJV Bible, one document per book), a .jsonl/.json/.parquet/.txt file or folder, or a hub dataset name.")
+    source: str = _f("default", "default (public-domain KJV Bible, one document per book), default:chapters (one per chapter), a .jsonl/.json/.parquet/.txt file or folder, or a hub dataset name.")
     text_field: str = _f("text", "Field holding the document text in jsonl/parquet/hub records.")
     split: str = _f("train", "Dataset split for hub datasets.")
-    seq_len: int = _f(2048, "Tokens per training row (inputs; each row reads seq_len+1 tokens).", gt=1)
     max_documents: int | None = _f(None, "Use at most this many documents (null = all).", gt=0)
-    eval_fraction: float = _f(0.0, "Fraction of rows held out for eval.", ge=0.0, lt=1.0)
+    batching: Literal["decompose", "pack"] = _f(
+        "decompose", "decompose = dataset decomposition (power-of-two buckets, one document per row); pack = concat-and-chunk rows of seq_len."
+    )
+    seq_len: int = _f(2048, "pack: tokens per row (each row reads seq_len+1 tokens); also the held-out eval row length.", gt=1)
+    min_len: int = _f(64, "decompose: shortest bucket (power of two).", gt=0)
+    max_len: int = _f(2048, "decompose: longest bucket (power of two); longer documents are cut.", gt=0)
+    tokens_per_step: int = _f(8192, "decompose: input tokens per optimizer step over all dp ranks (batch x length).", gt=0)
+    curriculum: Literal["natural", "grow_p2", "fixed", "weights"] = _f("grow_p2", "decompose: bucket order; grow_p2 = short-first odds 2^(max-k), cycled (the paper's best).")
+    cycles: int = _f(8, "decompose: curriculum cycles per epoch (grow_p2, weights).", gt=0)
+    curriculum_weights: dict = _f({}, "decompose: odds per bucket length for curriculum=weights, e.g. {256: 4, 1024: 1}.")
+    fixed_len: int | None = _f(None, "decompose: the one bucket length for curriculum=fixed.", gt=0)
+    short_pieces: Literal["drop", "pad"] = _f("drop", "decompose: a remainder shorter than min_len is dropped (the reference) or padded to min_len and masked.")
+    random_split: bool = _f(False, "decompose: cut documents longer than max_len at random power-of-two lengths (the reference's option).")
+    num_proc: int = _f(1, "Tokenizer processes.", gt=0)
+    cache: bool = _f(True, "Cache tokenized documents under the longctx cache, keyed by tokenizer and source.")
+    eval_fraction: float = _f(0.0, "Fraction of documents held out for eval (rows of eval.seq_len).", ge=0.0, lt=1.0)
 
 
 @dataclass(kw_only=True)
@@ -105,8 +119,9 @@ class LossRecipe:
 @dataclass(kw_only=True)
 class TrainRecipe:
     max_steps: int = _f(100, "Optimizer steps.", gt=0)
-    batch_size: int = _f(8, "Rows per optimizer step, over all data-parallel ranks and micro-batches.", gt=0)
-    grad_accum: int = _f(1, "Micro-batches per optimizer step (per rank).", gt=0)
+    batch_size: int = _f(8, "pack: rows per optimizer step, over all data-parallel ranks and micro-batches.", gt=0)
+    grad_accum: int = _f(1, "pack: micro-batches per optimizer step (per rank).", gt=0)
+    micro_batch_tokens: int | None = _f(None, "decompose: at most this many tokens per micro-batch on a rank (null = all rows at once).", gt=0)
     lr: float = _f(3e-4, "Peak learning rate (AdamW).", gt=0)
     min_lr_ratio: float = _f(0.1, "Cosine floor as a fraction of lr.", ge=0.0, le=1.0)
     warmup_steps: int = _f(0, "Linear warmup steps.", ge=0)
@@ -132,6 +147,8 @@ class LogRecipe:
 class EvalRecipe:
     every: int = _f(0, "Held-out loss every N steps (0 = off; needs data.eval_fraction > 0).", ge=0)
     batches: int = _f(2, "Held-out batches per evaluation.", gt=0)
+    batch_size: int = _f(4, "Held-out rows per batch, over all data-parallel ranks.", gt=0)
+    seq_len: int | None = _f(None, "Held-out row length (null = data.seq_len).", gt=1)
 
 
 @dataclass(kw_only=True)
@@ -278,18 +295,40 @@ def _cross_checks(r: Recipe, problems: list[str]) -> None:
         problems.append(f"model.rope.factor={r.model.rope.factor}: rope type {r.model.rope.type!r} needs a factor > 1")
     if r.train.warmup_steps > r.train.max_steps:
         problems.append(f"train.warmup_steps={r.train.warmup_steps}: must be <= train.max_steps={r.train.max_steps}")
-    if r.train.batch_size % r.train.grad_accum:
+    if r.data.batching == "pack" and r.train.batch_size % r.train.grad_accum:
         problems.append(
             f"train.batch_size={r.train.batch_size}: must be a multiple of train.grad_accum={r.train.grad_accum}"
         )
     if r.eval.every and r.data.eval_fraction == 0:
-        problems.append(f"eval.every={r.eval.every}: needs data.eval_fraction > 0 to hold out rows")
+        problems.append(f"eval.every={r.eval.every}: needs data.eval_fraction > 0 to hold out documents")
     if r.run.device == "cpu" and r.parallel.backend == "nccl":
         problems.append("parallel.backend='nccl': needs run.device cuda (use gloo on CPU)")
     if r.train.resume not in ("none", "auto") and not Path(r.train.resume).exists():
         problems.append(f"train.resume={r.train.resume!r}: no such checkpoint (allowed: none, auto, or a checkpoint path)")
-    if r.model.max_seq_len is not None and r.data.seq_len > r.model.max_seq_len:
+    if r.model.max_seq_len is not None and r.data.seq_len > r.model.max_seq_len and r.data.batching == "pack":
         problems.append(f"data.seq_len={r.data.seq_len}: longer than model.max_seq_len={r.model.max_seq_len}")
+    if r.data.batching == "decompose":
+        d = r.data
+        for key in ("min_len", "max_len"):
+            value = getattr(d, key)
+            if value & (value - 1):
+                problems.append(f"data.{key}={value}: must be a power of two")
+        if d.min_len > d.max_len:
+            problems.append(f"data.min_len={d.min_len}: must be <= data.max_len={d.max_len}")
+        if d.tokens_per_step % d.max_len:
+            problems.append(f"data.tokens_per_step={d.tokens_per_step}: must be a multiple of data.max_len={d.max_len}")
+        if r.model.max_seq_len is not None and d.max_len > r.model.max_seq_len:
+            problems.append(f"data.max_len={d.max_len}: longer than model.max_seq_len={r.model.max_seq_len}")
+        if d.curriculum == "fixed" and d.fixed_len is None:
+            problems.append("data.fixed_len: curriculum 'fixed' needs the bucket length here")
+        if d.curriculum == "weights" and not d.curriculum_weights:
+            problems.append("data.curriculum_weights: curriculum 'weights' needs odds per bucket length")
+        for key, value in d.curriculum_weights.items():
+            length = int(key) if str(key).isdigit() else 0
+            if not length or length & (length - 1) or not isinstance(value, (int, float)) or value < 0:
+                problems.append(f"data.curriculum_weights.{key}={value!r}: expected a power-of-two length -> weight >= 0")
+        if r.train.grad_accum != 1:
+            problems.append("train.grad_accum: only for data.batching=pack; with decompose use train.micro_batch_tokens")
 
 
 def check_world(r: Recipe, world_size: int) -> None:
@@ -297,6 +336,15 @@ def check_world(r: Recipe, world_size: int) -> None:
     dp = world_size // r.parallel.sp_degree
     if world_size % r.parallel.sp_degree:
         raise RecipeError(f"parallel.sp_degree={r.parallel.sp_degree}: does not divide the world size {world_size}")
+    if r.data.eval_fraction and r.eval.batch_size % dp:
+        raise RecipeError(f"eval.batch_size={r.eval.batch_size}: must be a multiple of data-parallel ranks ({dp})")
+    if r.data.batching == "decompose":
+        if r.data.tokens_per_step % (r.data.max_len * dp):
+            raise RecipeError(
+                f"data.tokens_per_step={r.data.tokens_per_step}: must be a multiple of data.max_len ({r.data.max_len}) "
+                f"x data-parallel ranks ({dp}) so every bucket's rows split evenly"
+            )
+        return
     if r.train.batch_size % (dp * r.train.grad_accum):
         raise RecipeError(
             f"train.batch_size={r.train.batch_size}: must be a multiple of data-parallel ranks ({dp}) x "

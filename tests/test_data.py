@@ -10,11 +10,14 @@ from longctx.data.sources import DataError, default_corpus, load_documents
 from longctx.data.tokenize import ByteTokenizer, tokenize_documents
 
 
-def test_default_corpus_is_one_document_per_book():
+def test_default_corpus_is_one_document_per_book_or_chapter():
     docs = default_corpus()
     assert len(docs) == 66
     assert docs[0].startswith("In the beginning God created")
     assert sum(len(d) for d in docs) > 4_000_000
+    chapters = default_corpus("chapter")
+    assert len(chapters) == 1189 and chapters[0].startswith("In the beginning")
+    assert abs(sum(map(len, chapters)) - sum(map(len, docs))) < 0.01 * sum(map(len, docs))
 
 
 def test_local_formats(tmp_path):
@@ -69,5 +72,5 @@ def test_packed_rows_shard_without_overlap_and_are_deterministic():
         assert len({tuple(x) for x in whole}) == 8
     again = PackedRows(docs, seq_len=15, seed=3)
     assert np.array_equal(rows.step_rows(7, 8, 1, 2), again.step_rows(7, 8, 1, 2))
-    with pytest.raises(DataError, match="cannot fill one row"):
+    with pytest.raises(DataError, match="cannot fill one row"):  # noqa: PT012
         PackedRows([np.arange(5, dtype=np.int32)], seq_len=15)

@@ -55,11 +55,24 @@ def test_impossible_combinations(tmp_path):
     with pytest.raises(RecipeError, match=r"train\.warmup_steps=10: must be <= train\.max_steps=5"):
         _load(tmp_path, "train:\n  max_steps: 5\n  warmup_steps: 10\n")
     with pytest.raises(RecipeError, match=r"train\.batch_size=5: must be a multiple of train\.grad_accum=2"):
-        _load(tmp_path, "train:\n  batch_size: 5\n  grad_accum: 2\n")
+        _load(tmp_path, "data:\n  batching: pack\ntrain:\n  batch_size: 5\n  grad_accum: 2\n")
     with pytest.raises(RecipeError, match=r"model\.rope\.factor=1\.0: rope type 'yarn' needs a factor > 1"):
         _load(tmp_path, "model:\n  rope:\n    type: yarn\n")
     with pytest.raises(RecipeError, match=r"eval\.every=5: needs data\.eval_fraction > 0"):
         _load(tmp_path, "eval:\n  every: 5\n")
+
+
+def test_decomposition_settings(tmp_path):
+    with pytest.raises(RecipeError, match=r"data\.min_len=100: must be a power of two"):
+        _load(tmp_path, "data:\n  min_len: 100\n")
+    with pytest.raises(RecipeError, match=r"data\.tokens_per_step=3000: must be a multiple of data\.max_len=2048"):
+        _load(tmp_path, "data:\n  tokens_per_step: 3000\n")
+    with pytest.raises(RecipeError, match=r"data\.fixed_len: curriculum 'fixed' needs"):
+        _load(tmp_path, "data:\n  curriculum: fixed\n")
+    with pytest.raises(RecipeError, match=r"train\.grad_accum: only for data\.batching=pack"):
+        _load(tmp_path, "train:\n  grad_accum: 2\n")
+    with pytest.raises(RecipeError, match=r"data\.curriculum_weights\.300=1"):
+        _load(tmp_path, "data:\n  curriculum: weights\n  curriculum_weights: {300: 1}\n")
 
 
 def test_all_problems_reported_at_once(tmp_path):

@@ -17,9 +17,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..data.pack import PackedRows
-from ..data.sources import load_documents
-from ..data.tokenize import load_tokenizer, tokenize_documents
+import numpy as np
+
+from ..data.decompose import DecomposedData, decompose
+from ..data.pack import PackedBatches, PackedRows
+from ..data.sampler import CurriculumSampler, SamplerError
+from ..data.sources import DataError, load_documents, source_identity
+from ..data.tokenize import TokenStore, load_tokenizer, tokenize_to_cache
 from ..kernels.attention import local_attention
 from ..kernels.capability import default_device
 from ..kernels.loss import linear_cross_entropy, resolve_impl
@@ -45,7 +49,8 @@ class Run:
     model: CausalLM
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    data: PackedRows
+    data: PackedBatches | DecomposedData
+    eval_data: PackedBatches | None
     run_dir: Path
     tokenizer_dir: Path | None
     autocast_dtype: torch.dtype | None
@@ -155,20 +160,59 @@ def build_model(recipe: Recipe, mesh: mesh_lib.Mesh) -> tuple[CausalLM, Path | N
 
 
 def build_data(recipe: Recipe, model_dir: Path | None, mesh: mesh_lib.Mesh, vocab_size: int):
+    """Tokens (cached), the held-out documents, and the per-step batch source for this rank."""
+    d = recipe.data
     tokenizer = load_tokenizer(recipe.model.tokenizer, model_dir)
     if tokenizer.vocab_size > vocab_size:
         raise RecipeError(
             f"model.tokenizer: tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {vocab_size}"
         )
-    docs = load_documents(recipe.data.source, recipe.data.text_field, recipe.data.split, recipe.data.max_documents)
+    ident = source_identity(d.source, d.text_field, d.split, d.max_documents)
+
+    def documents():
+        return load_documents(d.source, d.text_field, d.split, d.max_documents)
+
+    cache = cache_dir() if d.cache else None
     t0 = time.time()
-    tokens = tokenize_documents(tokenizer, docs)
-    rows = PackedRows(tokens, recipe.data.seq_len, recipe.data.eval_fraction, seed=recipe.run.seed)
+    if mesh.is_main:  # rank 0 fills the cache; the others then read it
+        store = tokenize_to_cache(tokenizer, documents, ident, cache, num_proc=d.num_proc)
+    if mesh.world > 1:
+        dist.barrier()
+    if not mesh.is_main:
+        store = tokenize_to_cache(tokenizer, documents, ident, cache, num_proc=d.num_proc, progress=False)
+    n_docs = store.num_documents
+    order = np.random.default_rng([recipe.run.seed, 1]).permutation(n_docs)
+    n_eval = int(round(n_docs * d.eval_fraction))
+    if n_eval >= n_docs:
+        raise DataError(f"data.eval_fraction={d.eval_fraction}: leaves no training document of {n_docs}")
+    eval_docs, train_docs = np.sort(order[:n_eval]), np.sort(order[n_eval:])
+    eval_data = None
+    if n_eval:
+        eval_rows = PackedRows([store.document(i) for i in eval_docs], recipe.eval.seq_len or d.seq_len, seed=recipe.run.seed)
+        eval_data = PackedBatches(eval_rows, recipe.eval.batch_size, mesh.dp_rank, mesh.dp_world)
+    if d.batching == "pack":
+        rows = PackedRows([store.document(i) for i in train_docs], d.seq_len, seed=recipe.run.seed)
+        data = PackedBatches(rows, recipe.train.batch_size, mesh.dp_rank, mesh.dp_world)
+    else:
+        data = _decomposed(recipe, store, train_docs, tokenizer, mesh)
     if mesh.is_main:
-        log.info("data: %d documents, %d tokens (%.1fs to tokenize), %d train rows of %d",
-                 len(docs), sum(len(t) for t in tokens), time.time() - t0, len(rows.train_ids), recipe.data.seq_len)
-    tokenizer_dir = getattr(tokenizer, "folder", None)
-    return rows, tokenizer_dir
+        log.info("data: %d documents (%d held out), %d tokens (%.1fs), %s: %s", n_docs, n_eval,
+                 int(store.offsets[-1]), time.time() - t0, d.batching, data.describe())
+    return data, eval_data, getattr(tokenizer, "folder", None)
+
+
+def _decomposed(recipe: Recipe, store: TokenStore, docs: np.ndarray, tokenizer, mesh: mesh_lib.Mesh) -> DecomposedData:
+    d = recipe.data
+    buckets = decompose(store.offsets[docs], store.offsets[docs + 1], d.min_len, d.max_len, d.short_pieces,
+                        d.random_split, seed=recipe.run.seed)
+    weights = {int(k): float(v) for k, v in d.curriculum_weights.items()}
+    try:
+        sampler = CurriculumSampler(buckets.sizes, d.tokens_per_step, d.curriculum, mesh.dp_rank, mesh.dp_world,
+                                    seed=recipe.run.seed, cycles=d.cycles, weights=weights, fixed_len=d.fixed_len)
+    except SamplerError as e:
+        raise RecipeError(f"data: {e}") from None
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    return DecomposedData(store.tokens, buckets, sampler, pad_id if pad_id is not None else 0)
 
 
 def build(recipe: Recipe) -> Run:
@@ -179,12 +223,12 @@ def build(recipe: Recipe) -> Run:
     check_world(recipe, mesh.world)
     torch.manual_seed(recipe.run.seed)
     model, model_dir = build_model(recipe, mesh)
-    data, tokenizer_dir = build_data(recipe, model_dir, mesh, model.config.vocab_size)
+    data, eval_data, tokenizer_dir = build_data(recipe, model_dir, mesh, model.config.vocab_size)
     t = recipe.train
     optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
     scheduler = build_scheduler(optimizer, t.max_steps, t.warmup_steps, t.min_lr_ratio)
     run = Run(
-        recipe=recipe, mesh=mesh, model=model, optimizer=optimizer, scheduler=scheduler, data=data,
+        recipe=recipe, mesh=mesh, model=model, optimizer=optimizer, scheduler=scheduler, data=data, eval_data=eval_data,
         run_dir=recipe.run_dir, tokenizer_dir=tokenizer_dir,
         autocast_dtype=torch.bfloat16 if recipe.run.dtype == "bf16" else None,
     )
@@ -216,6 +260,12 @@ def _maybe_resume(run: Run) -> None:
     load_weights(run.model, folder)
     state = ckpt.load_training_state(folder, run.optimizer, run.scheduler)
     run.start_step, run.tokens_seen = state["step"], state["tokens"]
+    sampler = getattr(run.data, "sampler", None)
+    if sampler is not None and "sampler" in state:
+        try:
+            sampler.load_state_dict(state["sampler"])
+        except SamplerError as e:
+            raise CheckpointError(f"{folder}: {e}") from None
     torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
     if run.mesh.is_main:
         log.info("resumed from %s at step %d", folder, run.start_step)

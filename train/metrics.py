@@ -30,8 +30,12 @@ class Console:
             f"{record['tokens_per_second']:.0f} tok/s | lr {record['lr']:.2e} | "
             f"peak {record['peak_memory_bytes'] / 2**30:.2f} GiB | ETA {_format_seconds(eta)}"
         )
+        if "eval_loss_before" in record:
+            line += f" | eval before {record['eval_loss_before']:.4f}"
         if "eval_loss" in record:
             line += f" | eval {record['eval_loss']:.4f}"
+        if "seq_len" in record:
+            line += f" | {record['rows']}x{record['seq_len']}"
         print(line, file=self.stream or sys.stdout, flush=True)
 
     def close(self) -> None:

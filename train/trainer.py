@@ -41,9 +41,16 @@ def _sinks(run: Run) -> Metrics:
     return Metrics(sinks)
 
 
-def _to_batch(rows, device) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = torch.as_tensor(rows, dtype=torch.long, device=device)
-    return rows[:, :-1], rows[:, 1:]  # labels are shifted once here, before any splitting
+def _to_device(batch, device) -> tuple[torch.Tensor, torch.Tensor]:
+    inputs, labels = batch  # labels were shifted by the data source, before any splitting
+    return torch.as_tensor(inputs, device=device), torch.as_tensor(labels, device=device)
+
+
+def _micro_batches(r, inputs: torch.Tensor, labels: torch.Tensor):
+    if r.data.batching == "pack":
+        return zip(inputs.chunk(r.train.grad_accum), labels.chunk(r.train.grad_accum))
+    rows = len(inputs) if r.train.micro_batch_tokens is None else max(1, r.train.micro_batch_tokens // inputs.shape[1])
+    return zip(inputs.split(rows), labels.split(rows))
 
 
 def _autocast(run: Run):
@@ -54,13 +61,11 @@ def _autocast(run: Run):
 
 def train_step(run: Run, step: int) -> dict:
     r, mesh, model = run.recipe, run.mesh, run.model
-    rows = run.data.step_rows(step, r.train.batch_size, mesh.dp_rank, mesh.dp_world)
-    inputs, labels = _to_batch(rows, mesh.device)
-    micro_inputs, micro_labels = inputs.chunk(r.train.grad_accum), labels.chunk(r.train.grad_accum)
+    inputs, labels = _to_device(run.data.step_batch(step), mesh.device)
     valid = all_reduce_sum(torch.tensor([(labels != IGNORE_INDEX).sum().item()], dtype=torch.float64), mesh.dp_group)
     global_valid = valid.item()
     loss_sum = torch.zeros((), dtype=torch.float64)
-    for x, y in zip(micro_inputs, micro_labels):
+    for x, y in _micro_batches(r, inputs, labels):
         with _autocast(run):
             loss = model(x, labels=y)
         (loss / global_valid).backward()
@@ -83,7 +88,8 @@ def train_step(run: Run, step: int) -> dict:
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return {"loss": mean_loss, "grad_norm": grad_norm.item(), "lr": lr, "step_tokens": int(global_valid)}
+    return {"loss": mean_loss, "grad_norm": grad_norm.item(), "lr": lr, "step_tokens": int(global_valid),
+            "seq_len": int(inputs.shape[1]), "rows": int(inputs.shape[0]) * mesh.dp_world}
 
 
 @torch.no_grad()
@@ -91,7 +97,7 @@ def evaluate(run: Run) -> float:
     r, mesh = run.recipe, run.mesh
     total = torch.zeros(2, dtype=torch.float64)
     for i in range(r.eval.batches):
-        inputs, labels = _to_batch(run.data.eval_rows(i, r.train.batch_size, mesh.dp_rank, mesh.dp_world), mesh.device)
+        inputs, labels = _to_device(run.eval_data.step_batch(i), mesh.device)
         with _autocast(run):
             total[0] += run.model(inputs, labels=labels).double().cpu()
         total[1] += (labels != IGNORE_INDEX).sum().item()
@@ -102,6 +108,10 @@ def evaluate(run: Run) -> float:
 def save_checkpoint(run: Run, step: int) -> None:
     if run.mesh.is_main:
         state = {"step": step, "tokens": run.tokens_seen, "torch_rng": torch.get_rng_state().tolist()}
+        sampler = getattr(run.data, "sampler", None)
+        if sampler is not None:
+            sampler.step = step
+            state["sampler"] = sampler.state_dict()
         folder = run.run_dir / "checkpoints" / f"step-{step}"
         ckpt.save(folder, run.model, run.optimizer, run.scheduler, state, run.tokenizer_dir, run.recipe.train.keep_last)
     if run.mesh.world > 1:
@@ -116,6 +126,7 @@ def train(run: Run) -> dict:
         log.info("run: %s", run.describe)
     metrics = _sinks(run)
     history = []
+    eval_before = evaluate(run) if r.eval.every and run.start_step == 0 else None
     try:
         run.model.train()
         for step in range(run.start_step, r.train.max_steps):
@@ -127,7 +138,10 @@ def train(run: Run) -> dict:
                 "step": step + 1, "loss": out["loss"], "tokens": run.tokens_seen, "step_tokens": out["step_tokens"],
                 "tokens_per_second": out["step_tokens"] / seconds, "lr": out["lr"], "grad_norm": out["grad_norm"],
                 "step_seconds": seconds, "peak_memory_bytes": peak_memory_bytes(mesh.device),
+                "seq_len": out["seq_len"], "rows": out["rows"],
             }
+            if eval_before is not None:
+                record["eval_loss_before"], eval_before = eval_before, None
             if r.eval.every and (step + 1) % r.eval.every == 0:
                 record["eval_loss"] = evaluate(run)
                 run.model.train()

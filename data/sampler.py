@@ -1,0 +1,149 @@
+"""Variable sequence length curriculum over decomposition buckets (arXiv 2405.13226, §2.2-2.3).
+
+Every optimizer step draws one bucket (the same on every rank) and `tokens_per_step / L` rows of
+length L, so the token budget is fixed while length and batch vary. The order of buckets within
+an epoch follows a curriculum:
+  natural   buckets drawn in proportion to their remaining batches (a random interleave)
+  grow_p2   the paper's best: odds proportional to 2^(max-k) (short first), cycled `cycles` times
+  fixed     one bucket length only (`fixed_len`)
+  weights   user odds per length, cycled like grow_p2
+Each epoch a bucket's pieces are permuted from (seed, epoch, L); step s takes the next batch of
+that permutation, and data-parallel rank r takes every world-th row of it. The whole stream is a
+function of (seed, step), so `state_dict()` is the step and a resumed run continues with exactly
+the next batch.
+
+Sequence parallelism per bucket: a bucket too short to split over the sp group (it needs
+2*sp chunks of at least `min_tokens_per_sp_rank / 2` tokens) runs with the largest power-of-two sp'
+that fits, and the sp/sp' sub-groups take different rows (`row_group`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SCHEDULES = ("natural", "grow_p2", "fixed", "weights")
+
+
+class SamplerError(ValueError):
+    pass
+
+
+def sp_for_length(L: int, sp: int, min_tokens_per_sp_rank: int) -> int:
+    """Largest power-of-two sp' <= sp such that L splits into 2*sp' zigzag chunks with enough tokens."""
+    s = sp
+    while s > 1 and (L % (2 * s) or L // s < min_tokens_per_sp_rank):
+        s //= 2
+    return s
+
+
+def row_group(dp_rank: int, sp_rank: int, sp: int, sp_eff: int) -> int:
+    """Which row group a rank serves when the bucket runs at sp_eff <= sp: the sp group splits into sp/sp_eff."""
+    return dp_rank * (sp // sp_eff) + sp_rank // sp_eff
+
+
+class CurriculumSampler:
+    def __init__(self, buckets: dict[int, int], tokens_per_step: int, schedule: str = "grow_p2",
+                 rank: int = 0, world: int = 1, seed: int = 0, cycles: int = 8,
+                 weights: dict[int, float] | None = None, fixed_len: int | None = None,
+                 sp: int = 1, min_tokens_per_sp_rank: int = 1) -> None:
+        if schedule not in SCHEDULES:
+            raise SamplerError(f"schedule={schedule!r}: expected one of {SCHEDULES}")
+        self.sizes = {int(L): int(n) for L, n in sorted(buckets.items()) if n}
+        self.tokens_per_step, self.schedule, self.seed = tokens_per_step, schedule, seed
+        self.rank, self.world, self.cycles = rank, world, max(1, cycles)
+        self.sp, self.min_tokens_per_sp_rank = sp, min_tokens_per_sp_rank
+        if schedule == "fixed":
+            if fixed_len not in self.sizes:
+                raise SamplerError(f"fixed_len={fixed_len}: no bucket of that length (have {list(self.sizes)})")
+            self.sizes = {fixed_len: self.sizes[fixed_len]}
+        self.batches_per_epoch: dict[int, int] = {}
+        for L, n in self.sizes.items():
+            if tokens_per_step % L:
+                raise SamplerError(f"tokens_per_step={tokens_per_step}: not a multiple of bucket length {L}")
+            rows = tokens_per_step // L
+            groups = world * (sp // sp_for_length(L, sp, min_tokens_per_sp_rank))
+            if rows % groups:
+                raise SamplerError(
+                    f"tokens_per_step={tokens_per_step}: a step of length {L} has {rows} rows, which the "
+                    f"{groups} row groups cannot share evenly; use tokens_per_step >= max_len x dp ranks"
+                )
+            if n // rows:
+                self.batches_per_epoch[L] = n // rows
+        if not self.batches_per_epoch:
+            raise SamplerError(f"no bucket holds a full step of tokens_per_step={tokens_per_step} tokens")
+        log_max = max(self.sizes).bit_length() - 1
+        if schedule == "weights":
+            missing = set(self.batches_per_epoch) - set(weights or {})
+            if missing:
+                raise SamplerError(f"weights: no weight for bucket length(s) {sorted(missing)}")
+            self.odds = {L: float(weights[L]) for L in self.batches_per_epoch}
+        else:
+            self.odds = {L: 2.0 ** (log_max - (L.bit_length() - 1)) for L in self.batches_per_epoch}
+        self.steps_per_epoch = sum(self.batches_per_epoch.values())
+        self.step = 0
+        self._plans: dict[int, list[tuple[int, int]]] = {}
+
+    # --- the plan of one epoch -------------------------------------------------------------------
+    def _plan(self, epoch: int) -> list[tuple[int, int]]:
+        """[(L, batch index within the bucket's epoch permutation)] in step order."""
+        if epoch in self._plans:
+            return self._plans[epoch]
+        rng = np.random.default_rng([self.seed, epoch, 7])
+        lengths = list(self.batches_per_epoch)
+        cycles = 1 if self.schedule in ("natural", "fixed") else self.cycles
+        plan: list[tuple[int, int]] = []
+        next_batch = {L: 0 for L in lengths}
+        for cycle in range(cycles):
+            left = {L: len(np.array_split(np.arange(n), cycles)[cycle]) for L, n in self.batches_per_epoch.items()}
+            while any(left.values()):
+                live = [L for L in lengths if left[L]]
+                if self.schedule == "natural":
+                    w = np.array([left[L] for L in live], dtype=float)
+                elif self.schedule == "fixed":
+                    w = np.ones(len(live))
+                else:  # mix weights fixed per cycle: batches in the cycle x odds; exhausted buckets drop out
+                    w = np.array([self.odds[L] * len(np.array_split(np.arange(self.batches_per_epoch[L]), cycles)[cycle])
+                                  for L in live], dtype=float)
+                L = live[int(rng.choice(len(live), p=w / w.sum()))]
+                plan.append((L, next_batch[L]))
+                next_batch[L] += 1
+                left[L] -= 1
+        self._plans = {epoch: plan}  # keep one epoch cached
+        return plan
+
+    def _permutation(self, L: int, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch, L]).permutation(self.sizes[L])
+
+    # --- per step --------------------------------------------------------------------------------
+    def batch_at(self, step: int, dp_rank: int | None = None, sp_rank: int = 0) -> tuple[int, np.ndarray, int]:
+        """(L, piece indices of this rank's rows, sp_eff) for 0-based optimizer step `step`."""
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        L, b = self._plan(epoch)[pos]
+        rows_per_step = self.tokens_per_step // L
+        rows = self._permutation(L, epoch)[b * rows_per_step : (b + 1) * rows_per_step]
+        sp_eff = sp_for_length(L, self.sp, self.min_tokens_per_sp_rank)
+        groups = self.world * (self.sp // sp_eff)
+        group = row_group(self.rank if dp_rank is None else dp_rank, sp_rank, self.sp, sp_eff)
+        return L, rows[group::groups], sp_eff
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[int, np.ndarray, int]:
+        out = self.batch_at(self.step)
+        self.step += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "seed": self.seed, "schedule": self.schedule,
+                "tokens_per_step": self.tokens_per_step, "sizes": {str(k): v for k, v in self.sizes.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for key in ("seed", "schedule", "tokens_per_step", "sizes"):
+            if state.get(key) != mine[key]:
+                raise SamplerError(
+                    f"sampler state was saved with {key}={state.get(key)!r} but this run has {mine[key]!r}; "
+                    "resume with the same data settings"
+                )
+        self.step = int(state["step"])

@@ -1,0 +1,78 @@
+"""`longctx data inspect`: what dataset decomposition does to a recipe's data, before training.
+
+Length histogram, bucket sizes, tokens kept / dropped / padded, and causal-attention FLOPs per
+epoch of decomposition vs concat-and-chunk at data.max_len (the same tokens either way).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..data.decompose import attention_flops, decompose
+from ..data.sources import load_documents, source_identity
+from ..data.tokenize import load_tokenizer, tokenize_to_cache
+from ..models.config import ModelConfig
+from ..models.hf import load_model_folder
+from ..parallel.mesh import Mesh
+from ..recipes.schema import Recipe
+from .build import cache_dir, resolve_model_dir
+
+
+def inspect(recipe: Recipe) -> dict:
+    import torch
+
+    d = recipe.data
+    mesh = Mesh(0, 1, 0, 1, None, torch.device("cpu"))
+    model_dir = None if recipe.model.path is None else resolve_model_dir(recipe.model.path, mesh)
+    cfg = ModelConfig(**recipe.model.config) if model_dir is None else load_model_folder(model_dir)
+    tokenizer = load_tokenizer(recipe.model.tokenizer, model_dir)
+    store = tokenize_to_cache(
+        tokenizer, lambda: load_documents(d.source, d.text_field, d.split, d.max_documents),
+        source_identity(d.source, d.text_field, d.split, d.max_documents), cache_dir() if d.cache else None,
+        num_proc=d.num_proc,
+    )
+    lengths = np.diff(store.offsets)
+    histogram: dict[str, int] = {}
+    for n in lengths.tolist():
+        edge = 1 << max(0, (int(n) - 1).bit_length())
+        histogram[f"<={edge}"] = histogram.get(f"<={edge}", 0) + 1
+    b = decompose(store.offsets[:-1], store.offsets[1:], d.min_len, d.max_len, d.short_pieces, d.random_split,
+                  seed=recipe.run.seed)
+    per_token_dims = 2 * cfg.num_heads * cfg.head_dim * cfg.num_layers  # QK^T and PV, causal half
+    dd = attention_flops(b.sizes, per_token_dims)
+    concat_rows = b.transitions_kept // d.max_len
+    cc = attention_flops({d.max_len: concat_rows}, per_token_dims)
+    return {
+        "documents": store.num_documents,
+        "tokens": int(store.offsets[-1]),
+        "document_length_histogram": dict(sorted(histogram.items(), key=lambda kv: int(kv[0][2:]))),
+        "buckets": {str(L): {"pieces": n, "tokens": int(b.lengths[L].sum()), "rows_per_step": d.tokens_per_step // L}
+                    for L, n in b.sizes.items()},
+        "tokens_kept": b.transitions_kept, "tokens_dropped": b.transitions_dropped, "pad_tokens": b.pad_tokens,
+        "attention_flops_per_epoch": {"decomposition": dd, "concat_and_chunk": cc,
+                                      "concat_over_decomposition": round(cc / dd, 3) if dd else None},
+    }
+
+
+def save_png(report: dict, path: str | Path) -> Path:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("--png needs matplotlib: pip install matplotlib") from None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    hist = report["document_length_histogram"]
+    left.bar(range(len(hist)), list(hist.values()))
+    left.set_xticks(range(len(hist)), list(hist), rotation=60, fontsize=7)
+    left.set_title("documents by length (tokens)")
+    buckets = report["buckets"]
+    right.bar(range(len(buckets)), [v["tokens"] for v in buckets.values()])
+    right.set_xticks(range(len(buckets)), list(buckets), rotation=60, fontsize=7)
+    right.set_title("tokens per decomposition bucket")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return Path(path)
