@@ -45,7 +45,7 @@ def _case(impl: str, seq_len: int, checkpointing: bool, steps: int, loss_impl: s
 
         recipe = schema.load(None, [f"memory.activation_checkpointing={str(checkpointing).lower()}",
                                     f"loss.impl={loss_impl}"])
-        model, _ = build_model(recipe, Mesh(0, 1, 0, 1, None, torch.device("cpu")))
+        model, _, _ = build_model(recipe, Mesh(0, 1, 0, 1, None, torch.device("cpu")))
 
         def step(x, y):
             return model(x, labels=y) / y.numel()

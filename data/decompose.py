@@ -123,12 +123,14 @@ def attention_flops(lengths_and_counts: dict[int, int], heads_x_dim: int = 1) ->
 class DecomposedData:
     """Per-step batches for the trainer: the sampler picks (L, pieces), the index gives offsets."""
 
-    def __init__(self, tokens: np.ndarray, buckets: Buckets, sampler, pad_id: int) -> None:
-        self.tokens, self.buckets, self.sampler, self.pad_id = tokens, buckets, sampler, pad_id
+    def __init__(self, tokens: np.ndarray, buckets: Buckets, sampler, pad_id: int, sp_rank: int = 0) -> None:
+        self.tokens, self.buckets, self.sampler, self.pad_id, self.sp_rank = tokens, buckets, sampler, pad_id, sp_rank
 
-    def step_batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        L, pieces, _ = self.sampler.batch_at(step)
-        return gather_rows(self.tokens, self.buckets.starts[L][pieces], self.buckets.lengths[L][pieces], L, self.pad_id)
+    def step_batch(self, step: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """(inputs, labels, sp degree for this bucket) of this rank's rows."""
+        L, pieces, sp_eff = self.sampler.batch_at(step, sp_rank=self.sp_rank)
+        starts, lengths = self.buckets.starts[L][pieces], self.buckets.lengths[L][pieces]
+        return (*gather_rows(self.tokens, starts, lengths, L, self.pad_id), sp_eff)
 
     def describe(self) -> dict:
         b = self.buckets

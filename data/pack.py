@@ -52,11 +52,12 @@ class PackedRows:
 class PackedBatches:
     """PackedRows bound to a global batch size and this rank: the trainer's per-step source."""
 
-    def __init__(self, rows: PackedRows, batch_size: int, rank: int, world: int) -> None:
-        self.rows, self.batch_size, self.rank, self.world = rows, batch_size, rank, world
+    def __init__(self, rows: PackedRows, batch_size: int, rank: int, world: int, sp: int = 1) -> None:
+        self.rows, self.batch_size, self.rank, self.world, self.sp = rows, batch_size, rank, world, sp
 
-    def step_batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.rows.step_batch(step, self.batch_size, self.rank, self.world)
+    def step_batch(self, step: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """(inputs, labels, sp degree): every rank of an sp group gets the same rows."""
+        return (*self.rows.step_batch(step, self.batch_size, self.rank, self.world), self.sp)
 
     def describe(self) -> dict:
         return {"rows": len(self.rows.train_ids), "seq_len": self.rows.seq_len}

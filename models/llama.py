@@ -123,16 +123,22 @@ class CausalLM(nn.Module):
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
     # --- forward -----------------------------------------------------------------------------
-    def rope_cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype):
+    def rope_cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype, seq_len: int | None = None):
+        """`seq_len` is the whole sequence's length (dynamic RoPE depends on it); by default the
+        largest position + 1, which is wrong for a shard of a sequence, so sharded callers pass it."""
         cfg = self.config
-        seq_len = int(position_ids.max()) + 1 if cfg.rope.type == "dynamic" else 0
+        if cfg.rope.type != "dynamic":
+            seq_len = 0
+        elif seq_len is None:
+            seq_len = int(position_ids.max()) + 1
         inv_freq, scaling = inv_freq_and_scale(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, seq_len)
         return cos_sin(position_ids, inv_freq, scaling, dtype)
 
-    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                      seq_len: int | None = None) -> torch.Tensor:
         B, S = input_ids.shape
         window = self.config.sliding_window
-        if window is not None and S > window:
+        if window is not None and (seq_len or S) > window:
             raise ValueError(
                 f"sequence length {S} exceeds the model's sliding_window={window}; longctx trains full "
                 "causal attention: set sliding_window to null in the model's config.json"
@@ -140,7 +146,7 @@ class CausalLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rope_cos_sin(position_ids, x.dtype)
+        cos, sin = self.rope_cos_sin(position_ids, x.dtype, seq_len)
         for layer in self.model.layers:
             x = layer(x, cos, sin)
         return self.model.norm(x)
@@ -150,8 +156,9 @@ class CausalLM(nn.Module):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        seq_len: int | None = None,
     ) -> torch.Tensor:
-        hidden = self.hidden_states(input_ids, position_ids)
+        hidden = self.hidden_states(input_ids, position_ids, seq_len)
         if labels is None:
             return hidden
         return self.loss_fn(hidden.flatten(0, 1), self.output_weight, labels.flatten())

@@ -97,7 +97,14 @@ class DataRecipe:
 
 @dataclass(kw_only=True)
 class ParallelRecipe:
-    sp_degree: int = _f(1, "Sequence-parallel degree (ranks sharing one sequence).", ge=1)
+    sp_degree: int = _f(1, "Sequence-parallel degree (ranks sharing one sequence); world = dp x sp.", ge=1)
+    attention: Literal["auto", "token_ring", "ring", "bidir_kv", "ulysses"] = _f(
+        "auto", "Sequence-parallel attention schedule; auto = least modelled time for the heads, length and parallel.link."
+    )
+    link: Literal["cpu_gloo", "nvlink", "pcie", "infiniband"] = _f("cpu_gloo", "Link model for attention=auto.")
+    min_tokens_per_sp_rank: int = _f(
+        128, "decompose: a bucket whose rows give a rank fewer tokens runs at a smaller sp degree; spare ranks take other rows.", gt=0
+    )
     backend: Literal["auto", "gloo", "nccl"] = _f("auto", "auto = nccl on CUDA, gloo on CPU.")
     timeout_seconds: int = _f(600, "Collective timeout; a dead rank ends the job after this long.", gt=0)
 
@@ -281,10 +288,9 @@ def _describe(hint: Any) -> str:
 
 
 def _cross_checks(r: Recipe, problems: list[str]) -> None:
-    if r.parallel.sp_degree != 1:
-        problems.append(
-            f"parallel.sp_degree={r.parallel.sp_degree}: this build supports only 1 (sequence-parallel attention is not built yet)"
-        )
+    sp = r.parallel.sp_degree
+    if sp & (sp - 1):
+        problems.append(f"parallel.sp_degree={sp}: must be a power of two (zigzag layout, per-bucket sub-groups)")
     if r.model.path is None and not r.model.config:
         problems.append("model.config: a random-init model (model.path=null) needs its architecture here")
     if r.model.path is None and r.model.tokenizer == "auto":
@@ -339,10 +345,11 @@ def check_world(r: Recipe, world_size: int) -> None:
     if r.data.eval_fraction and r.eval.batch_size % dp:
         raise RecipeError(f"eval.batch_size={r.eval.batch_size}: must be a multiple of data-parallel ranks ({dp})")
     if r.data.batching == "decompose":
-        if r.data.tokens_per_step % (r.data.max_len * dp):
+        if r.data.tokens_per_step % (r.data.max_len * dp * r.parallel.sp_degree):
             raise RecipeError(
                 f"data.tokens_per_step={r.data.tokens_per_step}: must be a multiple of data.max_len ({r.data.max_len}) "
-                f"x data-parallel ranks ({dp}) so every bucket's rows split evenly"
+                f"x world size ({world_size}) so every bucket's rows split evenly, also when a short bucket runs "
+                "at a smaller sp degree"
             )
         return
     if r.train.batch_size % (dp * r.train.grad_accum):

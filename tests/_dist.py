@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 
@@ -20,7 +21,9 @@ def _worker(rank: int, world: int, port: int, fn, args, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
-        queue.put((rank, fn(rank, world, *args), None))
+        # plain pickle copies tensors into bytes: torch's queue pickler would share them through
+        # file descriptors that die with this process before the parent reads them
+        queue.put((rank, pickle.dumps(fn(rank, world, *args)), None))
     except Exception:
         queue.put((rank, None, traceback.format_exc()))
     finally:
@@ -43,7 +46,7 @@ def run(fn, world: int, *args) -> list:
             for p in procs:
                 p.kill()
             raise RuntimeError(f"rank {rank} failed:\n{error}")
-        results[rank] = value
+        results[rank] = pickle.loads(value)
     for p in procs:
         p.join(timeout=60)
     return [results[r] for r in range(world)]

@@ -144,8 +144,9 @@ def test_missing_data_file_fails_fast(tmp_path, capsys):
 def test_quickstart_path_end_to_end_short(tmp_path, smollm2_dir):
     """The quickstart recipe, shortened: default model, corpus, rope scaling, export that loads."""
     quick = TINY.parent / "quickstart.yaml"
-    code = main(["train", str(quick), f"run.dir={tmp_path / 'q'}", "data.seq_len=128", "train.max_steps=2",
-                 "train.batch_size=1", "log.wandb=false"])
+    code = main(["train", str(quick), f"run.dir={tmp_path / 'q'}", "data.min_len=64", "data.max_len=128",
+                 "data.tokens_per_step=256", "eval.seq_len=128", "train.max_steps=2", "eval.every=2",
+                 "log.wandb=false"])
     assert code == 0
     folder = tmp_path / "q" / "export"
     assert (folder / "tokenizer.json").is_file()
@@ -153,6 +154,8 @@ def test_quickstart_path_end_to_end_short(tmp_path, smollm2_dir):
     assert config["max_position_embeddings"] > 8192
     hf = AutoModelForCausalLM.from_pretrained(folder)
     assert hf.config.rope_parameters["rope_type"] != "default"
+    records = _metrics(tmp_path / "q")
+    assert "eval_loss_before" in records[0] and "eval_loss" in records[-1]
 
 
 def test_cce_loss_head_matches_reference_in_training(tmp_path):

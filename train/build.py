@@ -32,6 +32,7 @@ from ..models.config import ModelConfig, RopeConfig
 from ..models.hf import CheckpointError, convert_gguf, load_model_folder, load_weights
 from ..models.llama import CausalLM
 from ..parallel import mesh as mesh_lib
+from ..parallel.attention import SequenceParallelAttention
 from ..recipes.schema import Recipe, RecipeError, check_world
 from . import checkpoint as ckpt
 from .optim import build_optimizer, build_scheduler
@@ -54,6 +55,8 @@ class Run:
     run_dir: Path
     tokenizer_dir: Path | None
     autocast_dtype: torch.dtype | None
+    pad_id: int = 0
+    sp_attention: SequenceParallelAttention | None = None
     start_step: int = 0
     tokens_seen: int = 0
     describe: dict | None = None
@@ -134,7 +137,7 @@ def apply_rope_recipe(cfg: ModelConfig, recipe: Recipe) -> ModelConfig:
     return cfg.replace(rope=rope, max_position_embeddings=max(max_len, cfg.max_position_embeddings))
 
 
-def build_model(recipe: Recipe, mesh: mesh_lib.Mesh) -> tuple[CausalLM, Path | None]:
+def build_model(recipe: Recipe, mesh: mesh_lib.Mesh) -> tuple[CausalLM, Path | None, SequenceParallelAttention | None]:
     loss = partial(linear_cross_entropy, reduction="sum", z_loss=recipe.loss.z_loss, impl=recipe.loss.impl)
     if recipe.model.path is None:
         try:
@@ -148,7 +151,15 @@ def build_model(recipe: Recipe, mesh: mesh_lib.Mesh) -> tuple[CausalLM, Path | N
     cfg = apply_rope_recipe(cfg, recipe)
     # Features are applied in this fixed order (DESIGN.md "The step"): SP attention, token
     # elimination, offload/recompute, compile, FSDP/ZeRO. Only those built so far appear here.
-    model = CausalLM(cfg, attention=local_attention, loss=loss)
+    attention = local_attention
+    sp_attention = None
+    if mesh.sp_world > 1:
+        sp_attention = SequenceParallelAttention(
+            recipe.parallel.attention, mesh.sp_groups, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+            2 if recipe.run.dtype == "bf16" else 4, recipe.parallel.link, log_choices=mesh.is_main,
+        )
+        attention = sp_attention
+    model = CausalLM(cfg, attention=attention, loss=loss)
     if model_dir is None:
         model.init_weights(recipe.run.seed)
     else:
@@ -156,7 +167,7 @@ def build_model(recipe: Recipe, mesh: mesh_lib.Mesh) -> tuple[CausalLM, Path | N
     if recipe.memory.activation_checkpointing:
         for layer in model.model.layers:
             recompute.wrap(layer)
-    return model.to(mesh.device), model_dir
+    return model.to(mesh.device), model_dir, sp_attention
 
 
 def build_data(recipe: Recipe, model_dir: Path | None, mesh: mesh_lib.Mesh, vocab_size: int):
@@ -189,16 +200,21 @@ def build_data(recipe: Recipe, model_dir: Path | None, mesh: mesh_lib.Mesh, voca
     eval_data = None
     if n_eval:
         eval_rows = PackedRows([store.document(i) for i in eval_docs], recipe.eval.seq_len or d.seq_len, seed=recipe.run.seed)
-        eval_data = PackedBatches(eval_rows, recipe.eval.batch_size, mesh.dp_rank, mesh.dp_world)
+        eval_data = PackedBatches(eval_rows, recipe.eval.batch_size, mesh.dp_rank, mesh.dp_world, mesh.sp_world)
     if d.batching == "pack":
         rows = PackedRows([store.document(i) for i in train_docs], d.seq_len, seed=recipe.run.seed)
-        data = PackedBatches(rows, recipe.train.batch_size, mesh.dp_rank, mesh.dp_world)
+        data = PackedBatches(rows, recipe.train.batch_size, mesh.dp_rank, mesh.dp_world, mesh.sp_world)
     else:
         data = _decomposed(recipe, store, train_docs, tokenizer, mesh)
     if mesh.is_main:
         log.info("data: %d documents (%d held out), %d tokens (%.1fs), %s: %s", n_docs, n_eval,
                  int(store.offsets[-1]), time.time() - t0, d.batching, data.describe())
-    return data, eval_data, getattr(tokenizer, "folder", None)
+    return data, eval_data, getattr(tokenizer, "folder", None), _pad_id(tokenizer)
+
+
+def _pad_id(tokenizer) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return pad if pad is not None else 0
 
 
 def _decomposed(recipe: Recipe, store: TokenStore, docs: np.ndarray, tokenizer, mesh: mesh_lib.Mesh) -> DecomposedData:
@@ -208,11 +224,11 @@ def _decomposed(recipe: Recipe, store: TokenStore, docs: np.ndarray, tokenizer, 
     weights = {int(k): float(v) for k, v in d.curriculum_weights.items()}
     try:
         sampler = CurriculumSampler(buckets.sizes, d.tokens_per_step, d.curriculum, mesh.dp_rank, mesh.dp_world,
-                                    seed=recipe.run.seed, cycles=d.cycles, weights=weights, fixed_len=d.fixed_len)
+                                    seed=recipe.run.seed, cycles=d.cycles, weights=weights, fixed_len=d.fixed_len,
+                                    sp=mesh.sp_world, min_tokens_per_sp_rank=recipe.parallel.min_tokens_per_sp_rank)
     except SamplerError as e:
         raise RecipeError(f"data: {e}") from None
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    return DecomposedData(store.tokens, buckets, sampler, pad_id if pad_id is not None else 0)
+    return DecomposedData(store.tokens, buckets, sampler, _pad_id(tokenizer), mesh.sp_rank)
 
 
 def build(recipe: Recipe) -> Run:
@@ -222,20 +238,22 @@ def build(recipe: Recipe) -> Run:
     mesh = mesh_lib.init(device, recipe.parallel.backend, recipe.parallel.timeout_seconds, recipe.parallel.sp_degree)
     check_world(recipe, mesh.world)
     torch.manual_seed(recipe.run.seed)
-    model, model_dir = build_model(recipe, mesh)
-    data, eval_data, tokenizer_dir = build_data(recipe, model_dir, mesh, model.config.vocab_size)
+    model, model_dir, sp_attention = build_model(recipe, mesh)
+    data, eval_data, tokenizer_dir, pad_id = build_data(recipe, model_dir, mesh, model.config.vocab_size)
     t = recipe.train
     optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
     scheduler = build_scheduler(optimizer, t.max_steps, t.warmup_steps, t.min_lr_ratio)
     run = Run(
         recipe=recipe, mesh=mesh, model=model, optimizer=optimizer, scheduler=scheduler, data=data, eval_data=eval_data,
         run_dir=recipe.run_dir, tokenizer_dir=tokenizer_dir,
-        autocast_dtype=torch.bfloat16 if recipe.run.dtype == "bf16" else None,
+        autocast_dtype=torch.bfloat16 if recipe.run.dtype == "bf16" else None, pad_id=pad_id,
+        sp_attention=sp_attention,
     )
     _maybe_resume(run)
     run.describe = {
         "device": str(mesh.device), "world": mesh.world, "dp": mesh.dp_world,
-        "attention": "sdpa (local, sp=1)", "loss": resolve_impl(recipe.loss.impl, mesh.device),
+        "attention": "sdpa (local, sp=1)" if mesh.sp_world == 1 else f"{recipe.parallel.attention} (sp={mesh.sp_world})",
+        "loss": resolve_impl(recipe.loss.impl, mesh.device),
         "activation_checkpointing": recipe.memory.activation_checkpointing,
         "params": sum(p.numel() for p in model.parameters()), "model": str(model_dir or "random init"),
         "dtype": recipe.run.dtype,

@@ -16,7 +16,9 @@ import time
 import torch
 
 from ..kernels.capability import peak_memory_bytes
+from ..parallel import layout
 from ..parallel.data_parallel import all_reduce_gradients, all_reduce_sum
+from ..parallel.p2p import communicator
 from ..recipes import schema
 from . import checkpoint as ckpt
 from .build import Run
@@ -41,16 +43,32 @@ def _sinks(run: Run) -> Metrics:
     return Metrics(sinks)
 
 
-def _to_device(batch, device) -> tuple[torch.Tensor, torch.Tensor]:
-    inputs, labels = batch  # labels were shifted by the data source, before any splitting
-    return torch.as_tensor(inputs, device=device), torch.as_tensor(labels, device=device)
+def _shard(run: Run, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int | None]:
+    """This rank's (inputs, labels, position ids, whole padded length) of the step's rows.
+
+    Labels were shifted by the data source, before any splitting. Under sequence parallelism the
+    rows are split zigzag over the bucket's sp sub-group, positions stay global."""
+    inputs, labels, sp = batch
+    inputs = torch.as_tensor(inputs, device=run.mesh.device)
+    labels = torch.as_tensor(labels, device=run.mesh.device)
+    if run.sp_attention is None:
+        return inputs, labels, None, None
+    seq_len = layout.padded_length(inputs.shape[1], sp)
+    run.sp_attention.set_step(sp, seq_len)
+    if sp == 1:
+        return inputs, labels, None, None
+    inputs, positions, labels = layout.split_batch(inputs, labels, run.mesh.sp_rank % sp, sp, run.pad_id)
+    return inputs, labels, positions, seq_len
 
 
-def _micro_batches(r, inputs: torch.Tensor, labels: torch.Tensor):
+def _micro_batches(r, inputs: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None):
     if r.data.batching == "pack":
-        return zip(inputs.chunk(r.train.grad_accum), labels.chunk(r.train.grad_accum))
-    rows = len(inputs) if r.train.micro_batch_tokens is None else max(1, r.train.micro_batch_tokens // inputs.shape[1])
-    return zip(inputs.split(rows), labels.split(rows))
+        parts = r.train.grad_accum
+        rows = -(-len(inputs) // parts)
+    else:
+        rows = len(inputs) if r.train.micro_batch_tokens is None else max(1, r.train.micro_batch_tokens // inputs.shape[1])
+    pos = positions.split(rows) if positions is not None else [None] * len(inputs.split(rows))
+    return zip(inputs.split(rows), labels.split(rows), pos)
 
 
 def _autocast(run: Run):
@@ -61,16 +79,16 @@ def _autocast(run: Run):
 
 def train_step(run: Run, step: int) -> dict:
     r, mesh, model = run.recipe, run.mesh, run.model
-    inputs, labels = _to_device(run.data.step_batch(step), mesh.device)
-    valid = all_reduce_sum(torch.tensor([(labels != IGNORE_INDEX).sum().item()], dtype=torch.float64), mesh.dp_group)
+    inputs, labels, positions, seq_len = _shard(run, run.data.step_batch(step))
+    valid = all_reduce_sum(torch.tensor([(labels != IGNORE_INDEX).sum().item()], dtype=torch.float64), mesh.grad_group)
     global_valid = valid.item()
     loss_sum = torch.zeros((), dtype=torch.float64)
-    for x, y in _micro_batches(r, inputs, labels):
+    for x, y, pos in _micro_batches(r, inputs, labels, positions):
         with _autocast(run):
-            loss = model(x, labels=y)
+            loss = model(x, position_ids=pos, labels=y, seq_len=seq_len)
         (loss / global_valid).backward()
         loss_sum += loss.detach().double().cpu()
-    all_reduce_sum(loss_sum, mesh.dp_group)
+    all_reduce_sum(loss_sum, mesh.grad_group)
     mean_loss = (loss_sum / global_valid).item()
     if not math.isfinite(mean_loss):
         run.optimizer.zero_grad(set_to_none=True)
@@ -78,7 +96,7 @@ def train_step(run: Run, step: int) -> dict:
             f"step {step + 1}: loss is {mean_loss} (non-finite); the step was not applied. "
             f"Lower train.lr or check the data; resume from the last checkpoint in {run.run_dir / 'checkpoints'}"
         )
-    all_reduce_gradients(model.parameters(), mesh.dp_group)
+    all_reduce_gradients(model.parameters(), mesh.grad_group)
     clip = r.train.clip_grad_norm
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
     if not torch.isfinite(grad_norm):
@@ -88,8 +106,25 @@ def train_step(run: Run, step: int) -> dict:
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return {"loss": mean_loss, "grad_norm": grad_norm.item(), "lr": lr, "step_tokens": int(global_valid),
-            "seq_len": int(inputs.shape[1]), "rows": int(inputs.shape[0]) * mesh.dp_world}
+    out = {"loss": mean_loss, "grad_norm": grad_norm.item(), "lr": lr, "step_tokens": int(global_valid),
+           "seq_len": int(seq_len or inputs.shape[1]),
+           "rows": int(inputs.shape[0]) * mesh.world // (run.sp_attention.sp if run.sp_attention else 1)}
+    if run.sp_attention is not None:
+        out["sp_degree"], out["attention"] = run.sp_attention.sp, run.sp_attention.name
+        out.update(communicator_stats(run))
+    return out
+
+
+def communicator_stats(run: Run) -> dict:
+    """Bytes this rank sent for attention in the step (then reset), for metrics."""
+    group = run.mesh.sp_groups.get(run.sp_attention.sp)
+    if group is None:
+        return {}
+    comm = communicator(group)
+    stats = comm.stats()
+    comm.reset()
+    return {"attention_bytes_sent": stats["bytes_sent"],
+            "attention_max_bytes_per_link_direction": stats["max_bytes_per_link_direction"]}
 
 
 @torch.no_grad()
@@ -97,11 +132,11 @@ def evaluate(run: Run) -> float:
     r, mesh = run.recipe, run.mesh
     total = torch.zeros(2, dtype=torch.float64)
     for i in range(r.eval.batches):
-        inputs, labels = _to_device(run.eval_data.step_batch(i), mesh.device)
+        inputs, labels, positions, seq_len = _shard(run, run.eval_data.step_batch(i))
         with _autocast(run):
-            total[0] += run.model(inputs, labels=labels).double().cpu()
+            total[0] += run.model(inputs, position_ids=positions, labels=labels, seq_len=seq_len).double().cpu()
         total[1] += (labels != IGNORE_INDEX).sum().item()
-    all_reduce_sum(total, mesh.dp_group)
+    all_reduce_sum(total, mesh.grad_group)
     return (total[0] / total[1]).item()
 
 
@@ -140,6 +175,8 @@ def train(run: Run) -> dict:
                 "step_seconds": seconds, "peak_memory_bytes": peak_memory_bytes(mesh.device),
                 "seq_len": out["seq_len"], "rows": out["rows"],
             }
+            record.update({k: out[k] for k in ("sp_degree", "attention", "attention_bytes_sent",
+                                               "attention_max_bytes_per_link_direction") if k in out})
             if eval_before is not None:
                 record["eval_loss_before"], eval_before = eval_before, None
             if r.eval.every and (step + 1) % r.eval.every == 0:

@@ -1,0 +1,127 @@
+"""Bidirectional K/V ring: every rank receives K/V blocks from both neighbours at once, so the
+ring is covered in about P/2 steps and both directions of every link carry K/V (the KV-passing
+counterpart of TokenRing's two-direction idea; zigzag causal rule as in ring.py).
+
+Forward, step s: attend to the block of rank r-s (clockwise chain) and of rank r+s
+(counter-clockwise chain; skipped when P is even and s = P/2, where both chains meet).
+Backward: the blocks travel again; each rank sends its partial dK/dV (fp32) straight back to the
+block's owner one step later, overlapped with the next blocks; dQ accumulates locally.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .blocks import attend, attend_bwd, merge_rows, q_rows
+from .p2p import communicator
+
+
+def _sources(r: int, step: int, P: int) -> list[int]:
+    if step == 0:
+        return [r]
+    cw, ccw = (r - step) % P, (r + step) % P
+    return [cw] if cw == ccw else [cw, ccw]
+
+
+def _steps(P: int) -> int:
+    return P // 2
+
+
+def _post_blocks(comm, step: int, P: int, cw, ccw):
+    """Posts the K/V each chain needs for `step`; returns (pending, cw buffers, ccw buffers or None)."""
+    need_ccw = (comm.rank + step) % P != (comm.rank - step) % P
+    sends = [(cw[0], comm.next), (cw[1], comm.next)]
+    new_cw = (torch.empty_like(cw[0]), torch.empty_like(cw[1]))
+    recvs = [(new_cw[0], comm.prev), (new_cw[1], comm.prev)]
+    new_ccw = None
+    if need_ccw:
+        sends += [(ccw[0], comm.prev), (ccw[1], comm.prev)]
+        new_ccw = (torch.empty_like(ccw[0]), torch.empty_like(ccw[1]))
+        recvs += [(new_ccw[0], comm.next), (new_ccw[1], comm.next)]
+    return comm.exchange(sends, recvs), new_cw, new_ccw
+
+
+def forward(group: dist.ProcessGroup, q, k, v):
+    comm = communicator(group)
+    P, r, n = comm.world, comm.rank, q.shape[1]
+    cw = ccw = (k, v)
+    out = lse = None
+    for step in range(_steps(P) + 1):
+        pending = _post_blocks(comm, step + 1, P, cw, ccw) if step < _steps(P) else None
+        blocks = [cw] if step == 0 else [cw] + ([ccw] if ccw is not None else [])
+        for (bk, bv), src in zip(blocks, _sources(r, step, P)):
+            part_out, part_lse = attend(q, bk, bv, r, src)
+            if out is None:
+                out, lse = part_out.float(), part_lse.float()
+            else:
+                out, lse = merge_rows(out, lse, part_out, part_lse, q_rows(r, src, n))
+        if pending is not None:
+            work, cw, ccw = pending
+            work.wait()
+    return out.to(q.dtype), lse
+
+
+def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse):
+    comm = communicator(group)
+    P, r, n = comm.world, comm.rank, q.shape[1]
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    cw = ccw = (k, v)
+    returns: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # partial dK/dV for other owners
+    for step in range(_steps(P) + 1):
+        # last step's partials go home while this step computes; ours arrive from the same ranks
+        inbound = [(torch.empty_like(dk), torch.empty_like(dv), peer) for peer in _sources(r, step - 1, P)] \
+            if step > 1 else []
+        sends = [(t, peer) for pk, pv, peer in returns for t in (pk, pv)]
+        recvs = [(t, peer) for pk, pv, peer in inbound for t in (pk, pv)]
+        ret_pending = comm.exchange(sends, recvs) if sends else None
+        pending = _post_blocks(comm, step + 1, P, cw, ccw) if step < _steps(P) else None
+        blocks = [cw] if step == 0 else [cw] + ([ccw] if ccw is not None else [])
+        returns = []
+        for (bk, bv), src in zip(blocks, _sources(r, step, P)):
+            dq_part, dk_part, dv_part, ks = attend_bwd(dout, q, bk, bv, out, lse, r, src)
+            dq[:, q_rows(r, src, n)] += dq_part.float()
+            part_k = torch.zeros_like(dk)
+            part_v = torch.zeros_like(dv)
+            part_k[:, ks], part_v[:, ks] = dk_part.float(), dv_part.float()
+            if src == r:
+                dk += part_k
+                dv += part_v
+            else:
+                returns.append((part_k, part_v, src))
+        if ret_pending is not None:
+            ret_pending.wait()
+            for pk, pv, _ in inbound:
+                dk += pk
+                dv += pv
+        if pending is not None:
+            work, cw, ccw = pending
+            work.wait()
+    if returns:  # the last step's partials
+        inbound = [(torch.empty_like(dk), torch.empty_like(dv), peer) for peer in _sources(r, _steps(P), P)]
+        comm.exchange([(t, peer) for pk, pv, peer in returns for t in (pk, pv)],
+                      [(t, peer) for pk, pv, peer in inbound for t in (pk, pv)]).wait()
+        for pk, pv, _ in inbound:
+            dk += pk
+            dv += pv
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _BidirKVAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, group):
+        out, lse = forward(group, q, k, v)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.group = group
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        return (*backward(ctx.group, dout.contiguous(), *ctx.saved_tensors), None)
+
+
+def bidir_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Causal attention over a zigzag-sharded sequence; same contract as ring.ring_attention."""
+    return _BidirKVAttention.apply(q, k, v, group)

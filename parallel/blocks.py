@@ -1,0 +1,53 @@
+"""The zigzag causal block rule shared by every ring schedule.
+
+Rank r holds chunks (r, 2P-1-r) of queries and keys. For queries owned by rank `q_owner` and
+keys owned by rank `kv_owner`:
+  same rank          causal attention over the whole local 2c x 2c block
+  kv_owner < q_owner all 2c queries x the first c keys (chunk kv_owner), no mask
+  kv_owner > q_owner the last c queries (chunk 2P-1-q_owner) x all 2c keys, no mask
+so every step after the first costs 2c^2 on every rank (zhuzilin/ring-flash-attention's zigzag
+rule; TokenRing applies the same rule with queries travelling instead of keys).
+"""
+
+from __future__ import annotations
+
+from ..kernels.attention import block_attn, block_attn_bwd, merge
+
+
+def q_rows(q_owner: int, kv_owner: int, n: int) -> slice:
+    """Rows of the owner's local queries that see any of kv_owner's keys."""
+    return slice(n // 2, n) if kv_owner > q_owner else slice(0, n)
+
+
+def kv_rows(q_owner: int, kv_owner: int, n: int) -> slice:
+    return slice(0, n // 2) if kv_owner < q_owner else slice(0, n)
+
+
+def attend(q, k, v, q_owner: int, kv_owner: int):
+    """(out, lse) for q[:, q_rows] against the visible keys. q may already be just those rows."""
+    n = k.shape[1]
+    ks = kv_rows(q_owner, kv_owner, n)
+    if q.shape[1] == n:
+        q = q[:, q_rows(q_owner, kv_owner, n)]
+    return block_attn(q, k[:, ks], v[:, ks], causal=q_owner == kv_owner)
+
+
+def attend_bwd(dout, q, k, v, out, lse, q_owner: int, kv_owner: int):
+    """(dq, dk, dv, kv_slice) of one block: dq for the q rows given (or q_rows), dk/dv for kv_slice."""
+    n = k.shape[1]
+    ks = kv_rows(q_owner, kv_owner, n)
+    if q.shape[1] == n:
+        qs = q_rows(q_owner, kv_owner, n)
+        q, dout, out, lse = q[:, qs], dout[:, qs], out[:, qs], lse[:, :, qs]
+    dq, dk, dv = block_attn_bwd(dout, q, k[:, ks], v[:, ks], out, lse, causal=q_owner == kv_owner)
+    return dq, dk, dv, ks
+
+
+def merge_rows(out, lse, part_out, part_lse, rows: slice):
+    """Merges a partial result for q rows `rows` into the running fp32 accumulators."""
+    if rows.start == 0 and rows.stop == out.shape[1]:
+        return merge(out, lse, part_out, part_lse)
+    new_out, new_lse = merge(out[:, rows], lse[:, :, rows], part_out, part_lse)
+    out, lse = out.clone(), lse.clone()
+    out[:, rows], lse[:, :, rows] = new_out, new_lse
+    return out, lse

@@ -1,0 +1,90 @@
+"""Ring attention, the baseline: K and V rotate round the ring, queries stay (Liu et al., arXiv
+2310.01889), with the zigzag layout for causal balance.
+
+Forward, rank r, step s: attend local queries to the K/V block of rank (r - s) mod P while the
+next block is already in flight from rank r-1. Backward: K/V rotate again and a dK/dV
+accumulator (fp32) travels with them, gaining each rank's contribution; after P steps it is
+back at its owner. dQ accumulates locally.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .blocks import attend, attend_bwd, merge_rows, q_rows
+from .p2p import communicator
+
+
+def forward(group: dist.ProcessGroup, q, k, v):
+    comm = communicator(group)
+    P, r = comm.world, comm.rank
+    out = lse = None
+    cur_k, cur_v = k, v
+    for step in range(P):
+        src = (r - step) % P
+        if step < P - 1:
+            nxt_k, nxt_v = torch.empty_like(k), torch.empty_like(v)
+            pending = comm.exchange([(cur_k, comm.next), (cur_v, comm.next)], [(nxt_k, comm.prev), (nxt_v, comm.prev)])
+        part_out, part_lse = attend(q, cur_k, cur_v, r, src)
+        if out is None:
+            out, lse = part_out.float(), part_lse.float()
+        else:
+            out, lse = merge_rows(out, lse, part_out, part_lse, q_rows(r, src, q.shape[1]))
+        if step < P - 1:
+            pending.wait()
+            cur_k, cur_v = nxt_k, nxt_v
+    return out.to(q.dtype), lse
+
+
+def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse):
+    comm = communicator(group)
+    P, r, n = comm.world, comm.rank, q.shape[1]
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    cur_k, cur_v = k, v
+    acc_recv = None
+    for step in range(P):
+        src = (r - step) % P
+        if step < P - 1:
+            nxt_k, nxt_v = torch.empty_like(k), torch.empty_like(v)
+            kv_pending = comm.exchange([(cur_k, comm.next), (cur_v, comm.next)],
+                                       [(nxt_k, comm.prev), (nxt_v, comm.prev)])
+        dq_part, dk_part, dv_part, ks = attend_bwd(dout, q, cur_k, cur_v, out, lse, r, src)
+        dq[:, q_rows(r, src, n)] += dq_part.float()
+        dk_acc = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv_acc = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        dk_acc[:, ks] += dk_part.float()
+        dv_acc[:, ks] += dv_part.float()
+        if acc_recv is not None:  # the accumulator of this K/V block, from the ranks it visited
+            acc_pending, (in_k, in_v) = acc_recv
+            acc_pending.wait()
+            dk_acc += in_k
+            dv_acc += in_v
+        # pass the accumulator on with its block; after the last step it goes home (to r+1)
+        in_k, in_v = torch.empty_like(dk_acc), torch.empty_like(dv_acc)
+        acc_recv = (comm.exchange([(dk_acc, comm.next), (dv_acc, comm.next)], [(in_k, comm.prev), (in_v, comm.prev)]),
+                    (in_k, in_v))
+        if step < P - 1:
+            kv_pending.wait()
+            cur_k, cur_v = nxt_k, nxt_v
+    acc_pending, (dk, dv) = acc_recv
+    acc_pending.wait()
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, group):
+        out, lse = forward(group, q, k, v)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.group = group
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        return (*backward(ctx.group, dout.contiguous(), *ctx.saved_tensors), None)
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Causal attention over a zigzag-sharded sequence; q [B, 2c, Hq, D], k/v [B, 2c, Hkv, D]."""
+    return _RingAttention.apply(q, k, v, group)

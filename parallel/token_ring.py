@@ -1,0 +1,147 @@
+"""TokenRing: queries circulate one way, partial outputs return the other way (Wang et al.,
+"TokenRing: An Efficient Parallelism Framework for Infinite-Context LLMs via Bidirectional
+Communication", arXiv 2412.20501, §3; ACA-Lab-SJTU/token-ring, forward only).
+
+K and V never move. Rank r, step s holds the queries of owner o = (r + s) mod P (queries move to
+rank r-1 each step), attends them to its local K/V under the zigzag rule, and sends the partial
+(out, lse) straight back to o one step later, while the next queries arrive: the query channel
+and the return channel run in opposite directions at once. A query block visits the ranks that
+need all of it first and then those that need only its late half, so after the wrap only the
+half is forwarded.
+
+Backward (ours; the public code has none): the queries travel again with dO, O and LSE; each
+rank adds its block's dK/dV to local accumulators (no K/V traffic at all) and returns the
+partial dQ (fp32) to the owner the other way round, with the same one-step delay.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .blocks import attend, attend_bwd, merge_rows, q_rows
+from .p2p import communicator
+
+
+def _half(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    return x.narrow(dim, x.shape[dim] // 2, x.shape[dim] // 2)
+
+
+def _travel(comm, bundle: list[torch.Tensor], holder: int, step: int, P: int, n: int):
+    """Posts the query bundle held at `step` to the previous rank; returns (pending, received bundle).
+
+    The bundle's owner is (holder + step) mod P; the receiver (holder - 1) needs all rows if the
+    owner is ahead of it, else only the late half (dims: [B, S, ...] tensors, and lse [B, H, S])."""
+    receiver, owner = (holder - 1) % P, (holder + step) % P
+    full = owner > receiver
+    out_bundle = []
+    recv_bundle = []
+    for t in bundle:
+        dim = 2 if t.dim() == 3 else 1  # lse is [B, H, S]
+        send = t if (full or t.shape[dim] == n // 2) else _half(t, dim)
+        if t.shape[dim] != n and full:
+            raise AssertionError("a half query block cannot feed a rank that needs all of it")
+        out_bundle.append(send)
+    for t in bundle:
+        dim = 2 if t.dim() == 3 else 1
+        shape = list(t.shape)
+        # what we receive from holder+1: owner (holder + 1 + step) mod P, for us (holder) at step+1
+        recv_owner = (holder + step + 1) % P
+        shape[dim] = n if recv_owner > holder else n // 2
+        recv_bundle.append(torch.empty(shape, dtype=t.dtype, device=t.device))
+    pending = comm.exchange([(t, comm.prev) for t in out_bundle], [(t, comm.next) for t in recv_bundle])
+    return pending, recv_bundle
+
+
+def _return_shapes(r: int, sender: int, like: torch.Tensor, n: int, dim: int = 1):
+    shape = list(like.shape)
+    shape[dim] = n if r > sender else n // 2
+    return shape
+
+
+def forward(group: dist.ProcessGroup, q, k, v):
+    comm = communicator(group)
+    P, r, n = comm.world, comm.rank, q.shape[1]
+    out, lse = attend(q, k, v, r, r)
+    out, lse = out.float(), lse.float()
+    bundle = [q]
+    returning = None  # (partial out, lse, owner) computed last step
+    for step in range(1, P + 1):
+        recv_partial = None
+        sends, recvs = [], []
+        if returning is not None:  # the previous step's partial goes home; ours arrives
+            part_out, part_lse, owner = returning
+            sends += [(part_out, owner), (part_lse, owner)]
+            sender = (r - (step - 1)) % P  # computed our queries at step-1
+            o_shape = _return_shapes(r, sender, q, n)
+            l_shape = _return_shapes(r, sender, lse, n, dim=2)
+            recv_partial = (torch.empty(o_shape, dtype=q.dtype, device=q.device),
+                            torch.empty(l_shape, dtype=torch.float32, device=q.device))
+            recvs += [(recv_partial[0], sender), (recv_partial[1], sender)]
+        ret_pending = comm.exchange(sends, recvs) if sends else None
+        if step < P:
+            q_pending, nxt = _travel(comm, bundle, r, step - 1, P, n)
+            q_pending.wait()
+            bundle = nxt
+            owner = (r + step) % P
+            part_out, part_lse = attend(bundle[0], k, v, owner, r)
+            returning = (part_out, part_lse.float(), owner)
+        if ret_pending is not None:
+            ret_pending.wait()
+            sender = (r - (step - 1)) % P
+            out, lse = merge_rows(out, lse, recv_partial[0], recv_partial[1], q_rows(r, sender, n))
+    return out.to(q.dtype), lse
+
+
+def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse):
+    comm = communicator(group)
+    P, r, n = comm.world, comm.rank, q.shape[1]
+    dq0, dk_part, dv_part, ks = attend_bwd(dout, q, k, v, out, lse, r, r)
+    dq = dq0.float()
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    dk[:, ks] += dk_part.float()
+    dv[:, ks] += dv_part.float()
+    bundle = [q, dout, out, lse]
+    returning = None
+    for step in range(1, P + 1):
+        sends, recvs, recv_dq = [], [], None
+        if returning is not None:
+            part_dq, owner = returning
+            sends.append((part_dq, owner))
+            sender = (r - (step - 1)) % P
+            recv_dq = torch.empty(_return_shapes(r, sender, q, n), dtype=torch.float32, device=q.device)
+            recvs.append((recv_dq, sender))
+        ret_pending = comm.exchange(sends, recvs) if sends else None
+        if step < P:
+            q_pending, nxt = _travel(comm, bundle, r, step - 1, P, n)
+            q_pending.wait()
+            bundle = nxt
+            owner = (r + step) % P
+            part_dq, dk_part, dv_part, ks = attend_bwd(bundle[1], bundle[0], k, v, bundle[2], bundle[3], owner, r)
+            dk[:, ks] += dk_part.float()
+            dv[:, ks] += dv_part.float()
+            returning = (part_dq.float(), owner)
+        if ret_pending is not None:
+            ret_pending.wait()
+            sender = (r - (step - 1)) % P
+            dq[:, q_rows(r, sender, n)] += recv_dq
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _TokenRingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, group):
+        out, lse = forward(group, q, k, v)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.group = group
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        return (*backward(ctx.group, dout.contiguous(), *ctx.saved_tensors), None)
+
+
+def token_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Causal attention over a zigzag-sharded sequence; same contract as ring.ring_attention."""
+    return _TokenRingAttention.apply(q, k, v, group)

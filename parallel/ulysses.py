@@ -1,0 +1,78 @@
+"""DeepSpeed-Ulysses (Jacobs et al., arXiv 2309.14509): all-to-all from sequence shards to head
+shards, local causal attention on the whole sequence, all-to-all back. The peer baseline.
+
+Needs Hq divisible by P; when Hkv is not, K/V heads are repeated up to Hq (as peers do for
+GQA with P > Hkv). The zigzag shards are put back in natural order after the first all-to-all.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..kernels.attention import local_attention
+from . import layout
+from .p2p import communicator
+
+
+def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
+    """x [P, ...] -> y [P, ...] with y[j] = rank j's x[me]."""
+    comm = communicator(group)
+    x = x.contiguous()
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous, unlike empty_like of a view
+    dist.all_to_all_single(y, x, group=group)
+    per_peer = x[0].numel() * x.element_size()
+    for peer in range(comm.world):
+        if peer != comm.rank:
+            comm.count("direct", per_peer, peer)
+    return y
+
+
+def seq_to_heads(x: torch.Tensor, group) -> torch.Tensor:
+    """[B, n, H, D] zigzag shard -> [B, P*n, H/P, D] whole sequence (natural order), my head group."""
+    P = dist.get_world_size(group)
+    B, n, H, D = x.shape
+    parts = _all_to_all(x.view(B, n, P, H // P, D).permute(2, 0, 1, 3, 4), group)
+    return layout.unsplit(list(parts), P * n)
+
+
+def heads_to_seq(y: torch.Tensor, group) -> torch.Tensor:
+    """Inverse of seq_to_heads."""
+    P = dist.get_world_size(group)
+    B, S, h, D = y.shape
+    shards = torch.stack([layout.split(y, j, P) for j in range(P)])  # [P, B, n, h, D]
+    parts = _all_to_all(shards, group)  # parts[j] = my sequence shard, head group j
+    return parts.permute(1, 2, 0, 3, 4).reshape(B, S // P, P * h, D)
+
+
+class _SeqToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return seq_to_heads(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return heads_to_seq(grad.contiguous(), ctx.group), None
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, group):
+        ctx.group = group
+        return heads_to_seq(y, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return seq_to_heads(grad.contiguous(), ctx.group), None
+
+
+def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    P = dist.get_world_size(group)
+    Hq, Hkv = q.shape[2], k.shape[2]
+    if Hq % P:
+        raise ValueError(f"ulysses needs the query heads ({Hq}) divisible by the sp degree ({P}); use a ring schedule")
+    if Hkv % P:
+        k, v = k.repeat_interleave(Hq // Hkv, dim=2), v.repeat_interleave(Hq // Hkv, dim=2)
+    qh, kh, vh = (_SeqToHeads.apply(t, group) for t in (q, k, v))
+    return _HeadsToSeq.apply(local_attention(qh, kh, vh), group)
