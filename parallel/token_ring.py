@@ -9,9 +9,11 @@ and the return channel run in opposite directions at once. A query block visits 
 need all of it first and then those that need only its late half, so after the wrap only the
 half is forwarded.
 
-Backward (ours; the public code has none): the queries travel again with dO, O and LSE; each
-rank adds its block's dK/dV to local accumulators (no K/V traffic at all) and returns the
-partial dQ (fp32) to the owner the other way round, with the same one-step delay.
+Backward (ours; the public code has none): the queries travel again with dO, LSE and
+D = rowsum(dO * O) (FlashAttention-2's backward uses O only through D, so D [B, H, S] travels
+instead of O [B, S, H, d]); each rank adds its block's dK/dV to local accumulators (no K/V
+traffic at all) and returns the partial dQ (fp32) to the owner the other way round, with the
+same one-step delay.
 """
 
 from __future__ import annotations
@@ -51,6 +53,19 @@ def _travel(comm, bundle: list[torch.Tensor], holder: int, step: int, P: int, n:
         recv_bundle.append(torch.empty(shape, dtype=t.dtype, device=t.device))
     pending = comm.exchange([(t, comm.prev) for t in out_bundle], [(t, comm.next) for t in recv_bundle])
     return pending, recv_bundle
+
+
+def _delta(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """D = rowsum(dO * O) per (batch, head, row) in fp32: [B, H, S], laid out like the LSE."""
+    return (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
+
+
+def _stand_in_out(dout: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """An O' with rowsum(dO * O') == D, for kernels that take O rather than D (0 where dO is 0,
+    where D is 0 too)."""
+    norm = dout.float().pow(2).sum(-1)  # [B, S, H]
+    scale = torch.where(norm > 0, delta.transpose(1, 2) / norm.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+    return (dout.float() * scale[..., None]).to(dout.dtype)
 
 
 def _return_shapes(r: int, sender: int, like: torch.Tensor, n: int, dim: int = 1):
@@ -102,7 +117,7 @@ def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse):
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     dk[:, ks] += dk_part.float()
     dv[:, ks] += dv_part.float()
-    bundle = [q, dout, out, lse]
+    bundle = [q, dout, _delta(dout, out), lse]
     returning = None
     for step in range(1, P + 1):
         sends, recvs, recv_dq = [], [], None
@@ -118,7 +133,9 @@ def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse):
             q_pending.wait()
             bundle = nxt
             owner = (r + step) % P
-            part_dq, dk_part, dv_part, ks = attend_bwd(bundle[1], bundle[0], k, v, bundle[2], bundle[3], owner, r)
+            q_o, dout_o, delta_o, lse_o = bundle
+            stand_in = _stand_in_out(dout_o, delta_o)
+            part_dq, dk_part, dv_part, ks = attend_bwd(dout_o, q_o, k, v, stand_in, lse_o, owner, r)
             dk[:, ks] += dk_part.float()
             dv[:, ks] += dv_part.float()
             returning = (part_dq.float(), owner)
