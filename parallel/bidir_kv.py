@@ -10,10 +10,12 @@ block's owner one step later, overlapped with the next blocks; dQ accumulates lo
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.distributed as dist
 
-from .blocks import attend, attend_bwd, merge_rows, q_rows
+from .blocks import ScheduleAttention, attend, attend_bwd, merge_rows, q_rows
 from .p2p import communicator
 
 
@@ -109,19 +111,6 @@ def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-class _BidirKVAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, group):
-        out, lse = forward(group, q, k, v)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group = group
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        return (*backward(ctx.group, dout.contiguous(), *ctx.saved_tensors), None)
-
-
 def bidir_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """Causal attention over a zigzag-sharded sequence; same contract as ring.ring_attention."""
-    return _BidirKVAttention.apply(q, k, v, group)
+    return ScheduleAttention.apply(q, k, v, group, sys.modules[__name__])

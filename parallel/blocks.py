@@ -11,6 +11,8 @@ rule; TokenRing applies the same rule with queries travelling instead of keys).
 
 from __future__ import annotations
 
+import torch
+
 from ..kernels.attention import block_attn, block_attn_bwd, merge
 
 
@@ -51,3 +53,20 @@ def merge_rows(out, lse, part_out, part_lse, rows: slice):
     out, lse = out.clone(), lse.clone()
     out[:, rows], lse[:, :, rows] = new_out, new_lse
     return out, lse
+
+
+class ScheduleAttention(torch.autograd.Function):
+    """The one autograd Function of the ring schedules: `schedule.forward(group, q, k, v) ->
+    (out, lse)` in forward, `schedule.backward(group, dout, q, k, v, out, lse) -> (dq, dk, dv)` in
+    backward, where `schedule` is the module (ring, token_ring, bidir_kv) holding both."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, group, schedule):
+        out, lse = schedule.forward(group, q, k, v)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.group, ctx.schedule = group, schedule
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        return (*ctx.schedule.backward(ctx.group, dout.contiguous(), *ctx.saved_tensors), None, None)

@@ -9,10 +9,12 @@ back at its owner. dQ accumulates locally.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.distributed as dist
 
-from .blocks import attend, attend_bwd, merge_rows, q_rows
+from .blocks import ScheduleAttention, attend, attend_bwd, merge_rows, q_rows
 from .p2p import communicator
 
 
@@ -72,19 +74,6 @@ def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-class _RingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, group):
-        out, lse = forward(group, q, k, v)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group = group
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        return (*backward(ctx.group, dout.contiguous(), *ctx.saved_tensors), None)
-
-
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """Causal attention over a zigzag-sharded sequence; q [B, 2c, Hq, D], k/v [B, 2c, Hkv, D]."""
-    return _RingAttention.apply(q, k, v, group)
+    return ScheduleAttention.apply(q, k, v, group, sys.modules[__name__])

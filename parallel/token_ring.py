@@ -18,10 +18,12 @@ same one-step delay.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.distributed as dist
 
-from .blocks import attend, attend_bwd, merge_rows, q_rows
+from .blocks import ScheduleAttention, attend, attend_bwd, merge_rows, q_rows
 from .p2p import communicator
 
 
@@ -146,19 +148,6 @@ def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-class _TokenRingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, group):
-        out, lse = forward(group, q, k, v)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group = group
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        return (*backward(ctx.group, dout.contiguous(), *ctx.saved_tensors), None)
-
-
 def token_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """Causal attention over a zigzag-sharded sequence; same contract as ring.ring_attention."""
-    return _TokenRingAttention.apply(q, k, v, group)
+    return ScheduleAttention.apply(q, k, v, group, sys.modules[__name__])
