@@ -38,6 +38,9 @@ def test_tiny_run_loss_falls_and_logs_metrics(tmp_path, capsys):
     assert "step 8/8 | loss" in out and "tok/s" in out and "ETA" in out
 
 
+pytestmark = pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+
+
 def _first_step_grads(tmp_path, name, *overrides):
     run = build(schema.load(TINY, [f"run.dir={tmp_path / name}", "train.max_steps=1", "train.warmup_steps=0", *overrides]))
     captured = []
