@@ -48,7 +48,9 @@ def _case(impl: str, n: int, vocab: int, hidden: int, dtype_name: str, device: s
     if impl == "reference":
         from longctx.kernels.loss import reference_linear_cross_entropy as fn
     elif impl == "liger":
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+        from liger_kernel.transformers.functional import (
+            liger_fused_linear_cross_entropy,
+        )
 
         def fn(hh, ww, yy):
             return liger_fused_linear_cross_entropy(hh, ww, yy)

@@ -13,8 +13,10 @@ held-out documents) and prints one JSON object per batching, then a summary:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 from tempfile import mkdtemp
@@ -31,7 +33,8 @@ def _run(base: Path, overrides: list[str]) -> dict:
     recipe = schema.load(base, overrides)
     run = build(recipe)
     t0 = time.perf_counter()
-    history = train(run)["history"]
+    with contextlib.redirect_stdout(sys.stderr):  # progress lines to stderr: stdout is JSON only
+        history = train(run)["history"]
     seconds = time.perf_counter() - t0
     run.model.eval()
     eval_loss = evaluate(run)
@@ -63,11 +66,11 @@ def main(argv=None) -> int:
     common += [f"data.source={args.source}", f"train.max_steps={args.steps}", "train.warmup_steps=1", "train.lr=5e-5" if not args.tiny else "train.lr=3e-3",
                "data.eval_fraction=0.1", f"eval.seq_len={args.eval_len}", "eval.batches=2", "log.every=1",
                "train.checkpoint_every=0"]
-    from longctx.data.decompose import attention_flops, decompose
+    import torch
+    from longctx.data.decompose import attention_flops
+    from longctx.parallel.mesh import Mesh
     from longctx.recipes import schema
     from longctx.train.build import build_data
-    from longctx.parallel.mesh import Mesh
-    import torch
 
     rows = {}
     for batching in ("pack", "decompose"):

@@ -21,7 +21,6 @@ def _case(impl: str, seq_len: int, checkpointing: bool, steps: int, loss_impl: s
     import resource
 
     import torch
-
     from longctx.train.build import default_model_dir
 
     folder = default_model_dir()
@@ -39,9 +38,9 @@ def _case(impl: str, seq_len: int, checkpointing: bool, steps: int, loss_impl: s
             # transformers' own loss; shift_labels gives it exactly our (already shifted) targets
             return model(x, labels=y, shift_labels=y).loss
     else:
+        from longctx.parallel.mesh import Mesh
         from longctx.recipes import schema
         from longctx.train.build import build_model
-        from longctx.parallel.mesh import Mesh
 
         recipe = schema.load(None, [f"memory.activation_checkpointing={str(checkpointing).lower()}",
                                     f"loss.impl={loss_impl}"])

@@ -66,7 +66,9 @@ def block_attn(q, k, v, causal: bool, impl: str = "auto"):
         )
         return out.transpose(1, 2), lse
     if backend == "flash_attn":
-        from flash_attn.flash_attn_interface import _flash_attn_forward  # CUDA only; not exercised on CPU CI
+        from flash_attn.flash_attn_interface import (
+            _flash_attn_forward,  # CUDA only; not exercised on CPU CI
+        )
 
         out, lse, _, _ = _flash_attn_forward(q, k, v, 0.0, q.shape[-1] ** -0.5, causal, -1, -1, 0.0, None, False)
         return out, lse
@@ -77,13 +79,16 @@ def block_attn_bwd(dout, q, k, v, out, lse, causal: bool, impl: str = "auto"):
     """(dq, dk, dv) of one block given the global out and lse of these query rows."""
     backend = _backend(q, impl)
     if backend == "aten_cpu":
-        t = lambda x: x.transpose(1, 2)  # noqa: E731
+        def t(x):
+            return x.transpose(1, 2)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             t(dout), t(q), t(k), t(v), t(out), lse.contiguous(), 0.0, causal
         )
         return t(dq), t(dk), t(dv)
     if backend == "flash_attn":
-        from flash_attn.flash_attn_interface import _flash_attn_backward  # CUDA only; not exercised on CPU CI
+        from flash_attn.flash_attn_interface import (
+            _flash_attn_backward,  # CUDA only; not exercised on CPU CI
+        )
 
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         _flash_attn_backward(dout, q, k, v, out, lse, dq, dk, dv, 0.0, q.shape[-1] ** -0.5, causal, -1, -1, 0.0,

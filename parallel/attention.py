@@ -1,9 +1,15 @@
 """The sequence-parallel attention schedules by name (see parallel/choose.py for `auto`)."""
 
+import logging
+
+from ..kernels.attention import local_attention
 from .bidir_kv import bidir_kv_attention
+from .choose import LINKS, Shape, choose
 from .ring import ring_attention
 from .token_ring import token_ring_attention
 from .ulysses import ulysses_attention
+
+log = logging.getLogger("longctx")
 
 SCHEDULE_FUNCTIONS = {
     "ring": ring_attention,
@@ -11,14 +17,6 @@ SCHEDULE_FUNCTIONS = {
     "bidir_kv": bidir_kv_attention,
     "ulysses": ulysses_attention,
 }
-
-
-import logging  # noqa: E402
-
-from ..kernels.attention import local_attention  # noqa: E402
-from .choose import LINKS, Shape, choose  # noqa: E402
-
-log = logging.getLogger("longctx")
 
 
 class SequenceParallelAttention:

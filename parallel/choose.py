@@ -86,7 +86,8 @@ def estimate(schedule: str, s: Shape, link: LinkModel) -> dict:
         bwd_bytes = 0.75 * (2 * q + 2 * lse)
     else:
         raise ValueError(f"unknown schedule {schedule!r}")
-    per_step = lambda steps, nbytes: max(compute / 2 / steps, nbytes / link.bandwidth + link.latency)  # noqa: E731
+    def per_step(steps, nbytes):
+        return max(compute / 2 / steps, nbytes / link.bandwidth + link.latency)
     seconds = steps_fwd * per_step(steps_fwd, fwd_bytes) + steps_bwd * per_step(steps_bwd, bwd_bytes)
     seconds += (steps_fwd + steps_bwd) * (link.step_overhead + merge)
     links = (P - 1) * (fwd_bytes + bwd_bytes) if schedule != "bidir_kv" else (P // 2) * (fwd_bytes + bwd_bytes)

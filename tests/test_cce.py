@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from longctx.kernels.cce_torch import linear_cross_entropy as cce_torch
 from longctx.kernels.loss import reference_linear_cross_entropy as reference
 from longctx.kernels.loss import resolve_impl

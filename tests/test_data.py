@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-
 from longctx.data.pack import PackedRows
 from longctx.data.sources import DataError, default_corpus, load_documents
 from longctx.data.tokenize import ByteTokenizer, tokenize_documents
@@ -72,5 +71,5 @@ def test_packed_rows_shard_without_overlap_and_are_deterministic():
         assert len({tuple(x) for x in whole}) == 8
     again = PackedRows(docs, seq_len=15, seed=3)
     assert np.array_equal(rows.step_rows(7, 8, 1, 2), again.step_rows(7, 8, 1, 2))
-    with pytest.raises(DataError, match="cannot fill one row"):  # noqa: PT012
+    with pytest.raises(DataError, match="cannot fill one row"):
         PackedRows([np.arange(5, dtype=np.int32)], seq_len=15)

@@ -2,9 +2,13 @@
 
 import numpy as np
 import pytest
-
 from longctx.data.decompose import attention_flops, decompose, gather_rows
-from longctx.data.sampler import CurriculumSampler, SamplerError, row_group, sp_for_length
+from longctx.data.sampler import (
+    CurriculumSampler,
+    SamplerError,
+    row_group,
+    sp_for_length,
+)
 from longctx.data.tokenize import TokenStore
 
 

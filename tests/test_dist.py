@@ -6,10 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _dist
 import pytest
 import torch
-
-import _dist
 from longctx.parallel.data_parallel import all_reduce_gradients
 
 TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"

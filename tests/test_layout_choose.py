@@ -2,8 +2,13 @@
 
 import pytest
 import torch
-
-from longctx.kernels.attention import block_attn, block_attn_bwd, merge, reference_block_attn, reference_block_attn_bwd
+from longctx.kernels.attention import (
+    block_attn,
+    block_attn_bwd,
+    merge,
+    reference_block_attn,
+    reference_block_attn_bwd,
+)
 from longctx.parallel import layout
 from longctx.parallel.choose import LINKS, Shape, choose, estimate
 
@@ -48,10 +53,10 @@ def test_block_kernels_and_merge_match_reference(hq, hkv):
     # merging two key halves equals attention over all keys
     o1, l1 = block_attn(q, k[:, :20], v[:, :20], False)
     o2, l2 = block_attn(q, k[:, 20:], v[:, 20:], False)
-    o, l = merge(*merge(None, None, o1, l1), o2, l2)
+    o, lse_merged = merge(*merge(None, None, o1, l1), o2, l2)
     full_o, full_l = block_attn(q, k, v, False)
     torch.testing.assert_close(o, full_o, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(l, full_l, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse_merged, full_l, atol=1e-5, rtol=1e-5)
 
 
 def test_merge_ignores_rows_without_keys():
@@ -60,8 +65,8 @@ def test_merge_ignores_rows_without_keys():
     lse = torch.tensor([[[0.0, float("-inf"), 1.0]]])
     empty = torch.zeros(1, 3, 1, 2)
     for blank in (float("-inf"), float("inf")):  # kernels mark empty rows either way
-        o, l = merge(out, lse, empty, torch.full((1, 1, 3), blank))
-        assert torch.equal(o, out) and torch.equal(l, lse)
+        o, merged = merge(out, lse, empty, torch.full((1, 1, 3), blank))
+        assert torch.equal(o, out) and torch.equal(merged, lse)
 
 
 def test_auto_prefers_kv_rings_for_gqa_and_token_ring_for_mha_on_slow_links():

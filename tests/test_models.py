@@ -4,12 +4,11 @@ import json
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
-
 from longctx.kernels.attention import local_attention, reference_attention
 from longctx.models.config import ModelConfigError, load_hf_config
 from longctx.models.hf import CheckpointError, load_weights, save_folder
 from longctx.models.llama import CausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)

@@ -1,10 +1,10 @@
 """The flat layout's packaging rules and the import rules of DESIGN.md."""
 
 import ast
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 SUBPACKAGES = ("train", "parallel", "memory", "models", "data", "kernels", "recipes", "eval", "bench")

@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-
 from longctx.cli import main
 from longctx.recipes import schema
 from longctx.recipes.schema import RecipeError

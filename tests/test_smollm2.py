@@ -2,13 +2,12 @@
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaForCausalLM
-
 from longctx.cli import main
 from longctx.kernels.attention import local_attention
 from longctx.models.config import load_hf_config
 from longctx.models.hf import load_weights
 from longctx.models.llama import CausalLM
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 
 @pytest.fixture(scope="module")

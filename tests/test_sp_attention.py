@@ -2,10 +2,9 @@
 sequence: outputs and dq/dk/dv, 2 and 4 gloo processes, MHA and GQA, head dims 64 and 128,
 lengths that are and are not multiples of 2P."""
 
+import _dist
 import pytest
 import torch
-
-import _dist
 from longctx.kernels.attention import reference_block_attn
 from longctx.parallel import layout
 
@@ -31,8 +30,8 @@ def _worker(rank, world, name, shape, dtype):
     import torch.distributed as dist
 
     q, k, v, dout = _inputs(*shape, dtype)
-    S = q.shape[1]
-    shard = lambda x: layout.split(x, rank, world).clone().requires_grad_()  # noqa: E731
+    def shard(x):
+        return layout.split(x, rank, world).clone().requires_grad_()
     ql, kl, vl = shard(q), shard(k), shard(v)
     out = _schedule(name)(ql, kl, vl, dist.group.WORLD)
     out.backward(layout.split(dout, rank, world))

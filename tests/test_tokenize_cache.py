@@ -3,9 +3,13 @@
 import json
 
 import numpy as np
-
 from longctx.data.sources import source_identity
-from longctx.data.tokenize import ByteTokenizer, TokenStore, tokenize_documents, tokenize_to_cache
+from longctx.data.tokenize import (
+    ByteTokenizer,
+    TokenStore,
+    tokenize_documents,
+    tokenize_to_cache,
+)
 
 
 def test_cache_round_trip_and_reuse(tmp_path):

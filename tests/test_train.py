@@ -5,12 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
 from longctx.cli import main
 from longctx.recipes import schema
 from longctx.train.build import build
 from longctx.train.trainer import NonFiniteLossError, train
+from transformers import AutoModelForCausalLM
 
 TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
 

