@@ -87,7 +87,7 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
     # attention FLOPs per epoch over the same training documents
     recipe = schema.load(base, common + [f"data.max_len={args.max_len}", f"data.tokens_per_step={tps}", "data.min_len=64"])
-    data, _, _ = build_data(recipe, None if args.tiny else _model_dir(recipe), Mesh(0, 1, 0, 1, None, torch.device("cpu")),
+    data, _, _, _ = build_data(recipe, None if args.tiny else _model_dir(recipe), Mesh(0, 1, 0, 1, None, torch.device("cpu")),
                             10**9)
     b = data.buckets
     dd = attention_flops(b.sizes)
