@@ -76,6 +76,17 @@ def _return_shapes(r: int, sender: int, like: torch.Tensor, n: int, dim: int = 1
     return shape
 
 
+def _post_return(comm, partials, owner: int, step: int, n: int, likes):
+    """Sends last step's partials home to `owner` and posts the receive of ours from the rank that
+    computed them at step-1. `likes` = [(tensor like ours, sequence dim, dtype)] per partial."""
+    r, P = comm.rank, comm.world
+    sender = (r - (step - 1)) % P
+    received = [torch.empty(_return_shapes(r, sender, like, n, dim), dtype=dtype, device=like.device)
+                for like, dim, dtype in likes]
+    pending = comm.exchange([(t, owner) for t in partials], [(t, sender) for t in received])
+    return pending, received, sender
+
+
 def forward(group: dist.ProcessGroup, q, k, v):
     comm = communicator(group)
     P, r, n = comm.world, comm.rank, q.shape[1]
@@ -84,18 +95,10 @@ def forward(group: dist.ProcessGroup, q, k, v):
     bundle = [q]
     returning = None  # (partial out, lse, owner) computed last step
     for step in range(1, P + 1):
-        recv_partial = None
-        sends, recvs = [], []
+        ret = None
         if returning is not None:  # the previous step's partial goes home; ours arrives
-            part_out, part_lse, owner = returning
-            sends += [(part_out, owner), (part_lse, owner)]
-            sender = (r - (step - 1)) % P  # computed our queries at step-1
-            o_shape = _return_shapes(r, sender, q, n)
-            l_shape = _return_shapes(r, sender, lse, n, dim=2)
-            recv_partial = (torch.empty(o_shape, dtype=q.dtype, device=q.device),
-                            torch.empty(l_shape, dtype=torch.float32, device=q.device))
-            recvs += [(recv_partial[0], sender), (recv_partial[1], sender)]
-        ret_pending = comm.exchange(sends, recvs) if sends else None
+            *partials, owner = returning
+            ret = _post_return(comm, partials, owner, step, n, [(q, 1, q.dtype), (lse, 2, torch.float32)])
         if step < P:
             q_pending, nxt = _travel(comm, bundle, r, step - 1, P, n)
             q_pending.wait()
@@ -103,10 +106,10 @@ def forward(group: dist.ProcessGroup, q, k, v):
             owner = (r + step) % P
             part_out, part_lse = attend(bundle[0], k, v, owner, r)
             returning = (part_out, part_lse.float(), owner)
-        if ret_pending is not None:
-            ret_pending.wait()
-            sender = (r - (step - 1)) % P
-            out, lse = merge_rows(out, lse, recv_partial[0], recv_partial[1], q_rows(r, sender, n))
+        if ret is not None:
+            pending, (part_out, part_lse), sender = ret
+            pending.wait()
+            out, lse = merge_rows(out, lse, part_out, part_lse, q_rows(r, sender, n))
     return out.to(q.dtype), lse
 
 
@@ -122,14 +125,10 @@ def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse):
     bundle = [q, dout, _delta(dout, out), lse]
     returning = None
     for step in range(1, P + 1):
-        sends, recvs, recv_dq = [], [], None
+        ret = None
         if returning is not None:
-            part_dq, owner = returning
-            sends.append((part_dq, owner))
-            sender = (r - (step - 1)) % P
-            recv_dq = torch.empty(_return_shapes(r, sender, q, n), dtype=torch.float32, device=q.device)
-            recvs.append((recv_dq, sender))
-        ret_pending = comm.exchange(sends, recvs) if sends else None
+            *partials, owner = returning
+            ret = _post_return(comm, partials, owner, step, n, [(q, 1, torch.float32)])
         if step < P:
             q_pending, nxt = _travel(comm, bundle, r, step - 1, P, n)
             q_pending.wait()
@@ -141,10 +140,10 @@ def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse):
             dk[:, ks] += dk_part.float()
             dv[:, ks] += dv_part.float()
             returning = (part_dq.float(), owner)
-        if ret_pending is not None:
-            ret_pending.wait()
-            sender = (r - (step - 1)) % P
-            dq[:, q_rows(r, sender, n)] += recv_dq
+        if ret is not None:
+            pending, (part, ), sender = ret
+            pending.wait()
+            dq[:, q_rows(r, sender, n)] += part
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
