@@ -29,6 +29,28 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return out.transpose(1, 2)
 
 
+def autocast_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Under autocast, q/k/v in the autocast dtype (what SDPA's autocast rule does): RoPE leaves q
+    and k in fp32 while v comes out of a bf16 matmul, and the block kernels need one dtype."""
+    device = q.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return q.to(dtype), k.to(dtype), v.to(dtype)
+    return q, k, v
+
+
+def local_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """`local_attention` that also returns the lse, with no autograd graph: for callers that keep
+    (out, lse) and run the backward themselves (memory/offload.py)."""
+    return block_attn(*autocast_inputs(q, k, v), causal=True)
+
+
+def local_attention_bwd(dout, q, k, v, out, lse):
+    q2, k2, v2 = autocast_inputs(q, k, v)
+    dq, dk, dv = block_attn_bwd(dout.to(out.dtype), q2, k2, v2, out, lse, causal=True)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return reference_block_attn(q, k, v, causal=True)[0]
 

@@ -51,16 +51,19 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.attention_fn: AttentionFn | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Per-token projections to q [B, S, Hq, D], k/v [B, S, Hkv, D], RoPE applied."""
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = self.attention_fn(q, k, v)
-        return self.o_proj(out.reshape(B, S, self.num_heads * self.head_dim))
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        out = self.attention_fn(*self.qkv(x, cos, sin))
+        return self.o_proj(out.flatten(2))
 
 
 class MLP(nn.Module):
@@ -84,9 +87,23 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    # The block split at attention, for memory/offload.py (MEMO): both halves are per token.
+    @property
+    def attention_fn(self) -> AttentionFn:
+        return self.self_attn.attention_fn
+
+    def before_attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [B, S, hidden] -> (q, k, v) for the attention callable."""
+        return self.self_attn.qkv(self.input_layernorm(x), cos, sin)
+
+    def after_attention(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """The block's output from its input and the attention output [B, S, Hq, D]."""
+        x = x + self.self_attn.o_proj(attn_out.flatten(2))
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.before_attention(x, cos, sin)
+        return self.after_attention(x, self.self_attn.attention_fn(q, k, v))
 
 
 class Backbone(nn.Module):

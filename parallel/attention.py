@@ -2,7 +2,8 @@
 
 import logging
 
-from ..kernels.attention import local_attention
+from ..kernels.attention import autocast_inputs, local_attention, local_attention_bwd, local_attention_lse
+from . import bidir_kv, ring, token_ring, ulysses
 from .bidir_kv import bidir_kv_attention
 from .choose import LINKS, Shape, choose
 from .ring import ring_attention
@@ -17,6 +18,8 @@ SCHEDULE_FUNCTIONS = {
     "bidir_kv": bidir_kv_attention,
     "ulysses": ulysses_attention,
 }
+
+SCHEDULE_MODULES = {"ring": ring, "token_ring": token_ring, "bidir_kv": bidir_kv, "ulysses": ulysses}
 
 
 class SequenceParallelAttention:
@@ -57,4 +60,18 @@ class SequenceParallelAttention:
     def __call__(self, q, k, v):
         if self.sp == 1:
             return local_attention(q, k, v)
-        return SCHEDULE_FUNCTIONS[self.name](q, k, v, self.groups[self.sp])
+        return SCHEDULE_FUNCTIONS[self.name](*autocast_inputs(q, k, v), self.groups[self.sp])
+
+    # For memory/offload.py, which keeps (out, lse) and runs attention's backward itself.
+    def forward_lse(self, q, k, v):
+        if self.sp == 1:
+            return local_attention_lse(q, k, v)
+        return SCHEDULE_MODULES[self.name].forward(self.groups[self.sp], *autocast_inputs(q, k, v))
+
+    def backward_lse(self, dout, q, k, v, out, lse):
+        if self.sp == 1:
+            return local_attention_bwd(dout, q, k, v, out, lse)
+        q2, k2, v2 = autocast_inputs(q, k, v)
+        grads = SCHEDULE_MODULES[self.name].backward(self.groups[self.sp], dout.to(out.dtype).contiguous(),
+                                                     q2, k2, v2, out, lse)
+        return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))

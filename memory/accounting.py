@@ -1,0 +1,112 @@
+"""Bytes saved for backward, per layer and tier, measured with `saved_tensors_hooks`.
+
+`SavedBytes(layers)` is a context manager around a forward pass. Inside it:
+- tensors autograd saves outside a MEMO-wrapped block are counted as tier "device" (they stay
+  where they were made: on the accelerator, or in process memory on CPU);
+- MEMO-wrapped blocks (memory/offload.py) install their own hooks and report what they keep, per
+  tier ("device" or "host"), through `record`.
+Storages are counted once (a view of a counted storage adds nothing). Parameters, their
+autocast copies and the tensors a block receives besides its input (RoPE cos/sin, shared by all
+blocks) are not activations and are not counted. Layer names come from forward pre-hooks on the
+tracked blocks ("layers.3"); anything saved outside them (embedding, final norm, loss) is "other".
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+TIERS = ("device", "host")
+_ACTIVE: list[SavedBytes] = []
+
+
+def storage_key(t: torch.Tensor) -> tuple[str, int]:
+    return (t.device.type, t.untyped_storage().data_ptr())
+
+
+def is_weight(t: torch.Tensor, param_keys: set) -> bool:
+    """A parameter or autocast's cast of one (ToCopy straight from a leaf)."""
+    if storage_key(t) in param_keys:
+        return True
+    fn = t.grad_fn
+    if fn is not None and type(fn).__name__ == "ToCopyBackward0":
+        nxt = fn.next_functions[0][0] if fn.next_functions else None
+        return nxt is not None and type(nxt).__name__ == "AccumulateGrad"
+    return False
+
+
+class SavedBytes:
+    def __init__(self, model: nn.Module, layers: list[nn.Module]) -> None:
+        self.param_keys = {storage_key(p) for p in model.parameters()}
+        self.layers = layers
+        self.bytes: dict[tuple[str, str], int] = defaultdict(int)  # (layer, tier) -> bytes
+        self.tokens = 0  # tokens through the first tracked layer
+        self._seen: set = set()
+        self._layer = "other"
+        self._shared: set = set()
+        self._handles: list = []
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    # --- what wrapped blocks and the hooks report ------------------------------------------------
+    def record(self, tier: str, nbytes: int) -> None:
+        self.bytes[(self._layer, tier)] += nbytes
+
+    def _pack(self, t: torch.Tensor):
+        key = storage_key(t)
+        if key not in self._seen and key not in self._shared and not is_weight(t, self.param_keys):
+            self._seen.add(key)
+            self.record("device", t.untyped_storage().nbytes())
+        return t
+
+    # --- layer attribution -----------------------------------------------------------------------
+    def _enter(self, i: int):
+        def hook(module, args):
+            self._layer = f"layers.{i}"
+            self._shared = {storage_key(a) for a in args[1:] if isinstance(a, torch.Tensor)}
+            if i == 0:
+                self.tokens += args[0].shape[0] * args[0].shape[1]
+        return hook
+
+    def _leave(self, module, args, out):
+        self._layer, self._shared = "other", set()
+
+    def __enter__(self) -> SavedBytes:
+        for i, layer in enumerate(self.layers):
+            self._handles.append(layer.register_forward_pre_hook(self._enter(i)))
+            self._handles.append(layer.register_forward_hook(self._leave))
+        self._hooks.__enter__()
+        _ACTIVE.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _ACTIVE.remove(self)
+        self._hooks.__exit__(*exc)
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    # --- results ---------------------------------------------------------------------------------
+    def per_layer(self, tier: str) -> dict[str, int]:
+        return {layer: b for (layer, t), b in self.bytes.items() if t == tier}
+
+    def bytes_per_token_layer(self, tier: str) -> float:
+        """Mean over the tracked layers of the bytes each saves per token."""
+        if not self.tokens or not self.layers:
+            return 0.0
+        total = sum(b for (layer, t), b in self.bytes.items() if t == tier and layer != "other")
+        return total / len(self.layers) / self.tokens
+
+    def summary(self) -> dict:
+        return {
+            "tokens": self.tokens,
+            **{f"{tier}_bytes_per_token_layer": self.bytes_per_token_layer(tier) for tier in TIERS},
+            **{f"{tier}_bytes_other": self.bytes.get(("other", tier), 0) for tier in TIERS},
+        }
+
+
+def record(tier: str, nbytes: int) -> None:
+    """Called by memory/offload.py for what a wrapped block keeps; a no-op when not measuring."""
+    for meter in _ACTIVE:
+        meter.record(tier, nbytes)

@@ -1,0 +1,450 @@
+"""MEMO activation memory (Wu et al., "Efficiently Training 7B LLM with 1 Million Sequence Length
+on 8 GPUs", arXiv 2407.12117, SIGMOD 2025): token-wise swap + recompute around attention.
+
+A block is split at attention: `before_attention(x, cos, sin) -> (q, k, v)` and
+`after_attention(x, out) -> y` are per token; attention is not. Per wrapped block and step:
+- the attention output and its LSE are always kept (so attention is never recomputed), and so is
+  the block input of the recomputed tokens;
+- of the tokens' other saved activations, the first `alpha` fraction of tokens is kept (their
+  autograd graphs are built in forward and their saved tensors packed into the tier) and the
+  rest is recomputed token-wise in backward from the kept input and attention output;
+- "kept" means the layer's `tier`: "host" = copied into a `HostPool` and the device copy freed,
+  "device" = left where it is (the last layers, whose backward starts at once).
+`LayerPolicy(alpha=0, tier="device", keep_attention=False)` is classic full recomputation.
+
+Backward (per block): fetch the kept tensors (prefetched one layer ahead on CUDA), recompute
+the dropped tokens' per-token work, run attention's backward from the kept (out, lse), and
+back-propagate both token parts; parameter gradients are returned from the autograd Function,
+so recomputation is exact: the same ops on the same values, autocast state and RNG state.
+
+`HostPool` is the host tier. On CUDA: one pinned slab (grown only between steps, when a step
+needed more), a D2H and an H2D stream, and two device staging buffers used by alternating layers
+in backward, the next layer's copy issued while this one computes. On CPU the slab and staging
+buffers are ordinary tensors and copies are synchronous: the same code path, so logic, numbers
+and byte counts are tested for real.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..kernels.attention import local_attention, local_attention_bwd, local_attention_lse
+from . import accounting
+
+_ALIGN = 64  # bytes; every dtype's element size divides it
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _storage_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A uint8 view of t's whole storage."""
+    return torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
+
+
+@dataclass(frozen=True)
+class LayerPolicy:
+    alpha: float = 0.0  # fraction of tokens whose per-token activations are kept
+    tier: str = "host"  # where kept tensors live: host | device
+    keep_attention: bool = True  # keep attention out + lse (MEMO); False = recompute attention too
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha={self.alpha}: expected a fraction in [0, 1]")
+        if self.tier not in ("host", "device"):
+            raise ValueError(f"tier={self.tier!r}: expected host or device")
+
+
+FULL_RECOMPUTE = LayerPolicy(alpha=0.0, tier="device", keep_attention=False)
+
+
+# --- tiers -----------------------------------------------------------------------------------------
+class _Handle:
+    __slots__ = ("key", "dtype", "size", "stride", "offset")
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.key = accounting.storage_key(t)
+        self.dtype, self.size, self.stride, self.offset = t.dtype, t.shape, t.stride(), t.storage_offset()
+
+
+class DeviceRecord:
+    """What one block keeps on the device: references, counted once per storage."""
+
+    tier = "device"
+
+    def __init__(self) -> None:
+        self.nbytes = 0
+        self._keys: set = set()
+
+    def put(self, t: torch.Tensor):
+        key = accounting.storage_key(t)
+        if key not in self._keys:
+            self._keys.add(key)
+            n = t.untyped_storage().nbytes()
+            self.nbytes += n
+            accounting.record(self.tier, n)
+        return t
+
+    def get(self, handle):
+        return handle
+
+    def fetch(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+
+class HostRecord:
+    """What one block keeps in the host pool: storages copied into the slab at `offsets`, and
+    their places (`local`) in a staging buffer when fetched back."""
+
+    tier = "host"
+
+    def __init__(self, pool: HostPool, index: int) -> None:
+        self.pool, self.index = pool, index
+        self.offsets: dict = {}  # storage key -> (slab chunk, offset, nbytes, local offset)
+        self.nbytes = 0  # staging bytes (aligned)
+        self.sources: list[torch.Tensor] = []  # device tensors until their D2H copy is done
+        self.d2h_done = None
+        self.h2d_done = None
+        self.staging: torch.Tensor | None = None
+        self.released = False
+
+    def put(self, t: torch.Tensor) -> _Handle:
+        h = _Handle(t)
+        if h.key not in self.offsets:
+            src = _storage_bytes(t)
+            n = src.numel()
+            chunk, off = self.pool.alloc(n)
+            self.offsets[h.key] = (chunk, off, n, self.nbytes)
+            self.nbytes += _aligned(n)
+            self.pool.copy_out(chunk[off:off + n], src, self)
+            accounting.record(self.tier, n)
+        return h
+
+    def fetch(self) -> None:
+        self.pool.fetch(self)
+
+    def get(self, h: _Handle) -> torch.Tensor:
+        _, _, n, local = self.offsets[h.key]
+        base = self.staging[local:local + n].view(h.dtype)
+        return base.as_strided(h.size, h.stride, base.storage_offset() + h.offset)
+
+    def release(self) -> None:
+        self.pool.release(self)
+
+
+class HostPool:
+    """The host tier shared by all wrapped blocks of a model (see the module docstring)."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.chunks: list[torch.Tensor] = []
+        self.top = 0  # bytes used in the last chunk
+        self.high_water = 0  # bytes used by one step, for the next step's single slab
+        self.records: list[HostRecord] = []  # this step's, in forward order
+        self.staging: list[torch.Tensor | None] = [None, None]
+        self.regrows = 0
+        if self.cuda:
+            self.d2h, self.h2d = torch.cuda.Stream(self.device), torch.cuda.Stream(self.device)
+
+    # --- slab ------------------------------------------------------------------------------------
+    def _new_chunk(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda)
+
+    def reserve(self, nbytes: int) -> None:
+        """Allocate the slab up front (between steps only)."""
+        if not self.records and (not self.chunks or self.chunks[0].numel() < nbytes):
+            self.chunks, self.top = [self._new_chunk(_aligned(nbytes))], 0
+
+    def alloc(self, nbytes: int) -> tuple[torch.Tensor, int]:
+        need = _aligned(nbytes)
+        if not self.chunks or self.top + need > self.chunks[-1].numel():
+            # Over the reservation in the middle of a step: a further chunk; the next step gets
+            # one slab of this step's size.
+            self.chunks.append(self._new_chunk(max(need, 64 << 20)))
+            self.top = 0
+            self.regrows += 1
+        off = self.top
+        self.top += need
+        self.high_water += need
+        return self.chunks[-1], off
+
+    @property
+    def capacity_bytes(self) -> int:
+        return sum(c.numel() for c in self.chunks)
+
+    @property
+    def bytes_in_use(self) -> int:
+        return sum(r.nbytes for r in self.records if not r.released)
+
+    # --- forward: device -> host -----------------------------------------------------------------
+    def begin(self) -> HostRecord:
+        rec = HostRecord(self, len(self.records))
+        self.records.append(rec)
+        return rec
+
+    def copy_out(self, dst: torch.Tensor, src: torch.Tensor, rec: HostRecord) -> None:
+        # The source stays referenced until the block's forward ends (so its address, the dedupe
+        # key, cannot be reused by a later tensor of the block) and, on CUDA, until its copy is done.
+        rec.sources.append(src)
+        if not self.cuda:
+            dst.copy_(src)
+            return
+        self.d2h.wait_stream(torch.cuda.current_stream(self.device))  # src is ready on compute
+        with torch.cuda.stream(self.d2h):
+            dst.copy_(src, non_blocking=True)
+
+    def seal(self, rec: HostRecord) -> None:
+        """End of a block's forward: its copies are queued; free sources two blocks back (the
+        same rhythm as MEMO's two rounding buffers)."""
+        if not self.cuda:
+            rec.sources.clear()
+        else:
+            rec.d2h_done = torch.cuda.Event()
+            rec.d2h_done.record(self.d2h)
+            if rec.index >= 2:
+                old = self.records[rec.index - 2]
+                old.d2h_done.synchronize()
+                old.sources.clear()
+
+    # --- backward: host -> device, one block ahead -----------------------------------------------
+    def _staging_for(self, rec: HostRecord) -> torch.Tensor:
+        slot = rec.index % 2
+        buf = self.staging[slot]
+        if buf is None or buf.numel() < rec.nbytes:
+            buf = torch.empty(max(rec.nbytes, 1), dtype=torch.uint8, device=self.device)
+            self.staging[slot] = buf
+        return buf
+
+    def _copy_in(self, rec: HostRecord) -> None:
+        buf = self._staging_for(rec)
+        if self.cuda:
+            if rec.d2h_done is not None:
+                self.h2d.wait_event(rec.d2h_done)
+            self.h2d.wait_stream(torch.cuda.current_stream(self.device))  # the slot's last user is done
+            with torch.cuda.stream(self.h2d):
+                for chunk, off, n, local in rec.offsets.values():
+                    buf[local:local + n].copy_(chunk[off:off + n], non_blocking=True)
+            rec.h2d_done = torch.cuda.Event()
+            rec.h2d_done.record(self.h2d)
+        else:
+            for chunk, off, n, local in rec.offsets.values():
+                buf[local:local + n].copy_(chunk[off:off + n])
+        rec.staging = buf
+
+    def fetch(self, rec: HostRecord) -> None:
+        if rec.staging is None:
+            self._copy_in(rec)
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(rec.h2d_done)
+            rec.sources.clear()
+        # Prefetch the block before this one into the other staging buffer.
+        prev = next((r for r in reversed(self.records[:rec.index]) if not r.released), None)
+        if prev is not None and prev.staging is None:
+            self._copy_in(prev)
+
+    def release(self, rec: HostRecord) -> None:
+        rec.released, rec.staging = True, None
+        if all(r.released for r in self.records):  # the step's backward is done
+            self.records.clear()
+            if len(self.chunks) > 1:  # one slab of the size this step needed
+                self.chunks = [self._new_chunk(self.high_water)]
+            self.top = self.high_water = 0
+
+
+# --- the wrapped block ---------------------------------------------------------------------------
+def attention_pair(fn: Callable) -> tuple[Callable, Callable]:
+    """(forward -> (out, lse), backward(dout, q, k, v, out, lse)) for an attention callable."""
+    if hasattr(fn, "forward_lse"):
+        return fn.forward_lse, fn.backward_lse
+    if fn is local_attention:
+        return local_attention_lse, local_attention_bwd
+    raise TypeError(f"attention {fn!r} has no forward_lse/backward_lse; MEMO needs attention's (out, lse)")
+
+
+class _Layer:
+    """Per wrapped block: the block, its policy source, the host pool."""
+
+    def __init__(self, block: nn.Module, policy: Callable[[int], LayerPolicy], pool: HostPool | None) -> None:
+        self.block, self.policy, self.pool = block, policy, pool
+
+
+def _grad(outputs, inputs, grads):
+    return torch.autograd.grad(outputs, inputs, grads, allow_unused=True)
+
+
+def _add(a, b):
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+class _MemoBlock(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, lay: _Layer, x, cos, sin, *params):
+        block = lay.block
+        S = x.shape[1]
+        policy = lay.policy(S)
+        a = round(policy.alpha * S)
+        rec = lay.pool.begin() if policy.tier == "host" else DeviceRecord()
+        attn_fwd, _ = attention_pair(block.attention_fn)
+        weights = {accounting.storage_key(p) for p in params} | {accounting.storage_key(cos),
+                                                                  accounting.storage_key(sin)}
+
+        def pack(t):
+            return ("ref", t) if accounting.is_weight(t, weights) else ("kept", rec.put(t))
+
+        def unpack(packed):
+            kind, h = packed
+            return h if kind == "ref" else rec.get(h)
+
+        ctx.device = x.device.type
+        ctx.autocast = (torch.is_autocast_enabled(ctx.device), torch.get_autocast_dtype(ctx.device))
+        ctx.rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+        xa = xb = None
+        graphs = None
+        if a:  # kept tokens: build their graphs now, saved tensors packed into the tier
+            with torch.enable_grad(), hooks:
+                xa = x[:, :a].detach().clone().requires_grad_()
+                qa, ka, va = block.before_attention(xa, cos[:, :a], sin[:, :a])
+        with torch.no_grad():
+            if a < S:
+                qb, kb, vb = block.before_attention(x[:, a:], cos[:, a:], sin[:, a:])
+                if a:
+                    q, k, v = (torch.cat([p.detach(), r], 1) for p, r in zip((qa, ka, va), (qb, kb, vb)))
+                else:
+                    q, k, v = qb, kb, vb
+            else:
+                q, k, v = qa.detach(), ka.detach(), va.detach()
+            out, lse = attn_fwd(q, k, v)
+        if a:
+            with torch.enable_grad(), hooks:
+                oa = out[:, :a].detach().clone().requires_grad_()
+                ya = block.after_attention(xa, oa)
+            graphs = (xa, oa, (qa, ka, va), ya)
+        with torch.no_grad():
+            if a < S:
+                xb = x[:, a:].contiguous() if a else x
+                yb = block.after_attention(xb, out[:, a:])
+                y = torch.cat([ya.detach(), yb], 1) if a else yb
+            else:
+                y = ya.detach().clone()
+
+        # What backward needs besides the graphs: kept tokens' q/k/v, attention's (out, lse) or
+        # (full recompute) nothing of attention, and the input of the recomputed tokens.
+        keep = {}
+        if a:
+            keep["qkv_a"] = tuple(rec.put(t.detach()) for t in (qa, ka, va))
+        if policy.keep_attention:
+            if a:
+                keep["out_a"] = rec.put(oa.detach())
+            if a < S:
+                keep["out_b"] = rec.put(out[:, a:].contiguous() if a else out)
+            keep["lse"] = rec.put(lse)
+        if a < S:
+            keep["x_b"] = rec.put(xb)
+        if rec.tier == "host":
+            lay.pool.seal(rec)
+            if graphs is not None:  # their device memory now lives in the host pool
+                for t in (xa, oa, qa, ka, va, ya):
+                    t.untyped_storage().resize_(0)
+        ctx.lay, ctx.rec, ctx.keep, ctx.graphs, ctx.a, ctx.policy = lay, rec, keep, graphs, a, policy
+        ctx.cos, ctx.sin = cos, sin
+        ctx.n_params = len(params)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        lay, rec, keep, a, policy = ctx.lay, ctx.rec, ctx.keep, ctx.a, ctx.policy
+        block = lay.block
+        params = list(block.parameters())
+        _, attn_bwd = attention_pair(block.attention_fn)
+        attn_fwd, _ = attention_pair(block.attention_fn)
+        S = dy.shape[1]
+        cos, sin = ctx.cos, ctx.sin
+        rec.fetch()
+        enabled, dtype = ctx.autocast
+        devices = [dy.device] if ctx.cuda_rng is not None else []
+        with torch.random.fork_rng(devices=devices), torch.autocast(ctx.device, dtype=dtype, enabled=enabled):
+            torch.set_rng_state(ctx.rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, dy.device)
+            dx_parts, dparams = [], [None] * len(params)
+
+            # 1. recompute the dropped tokens' per-token work (before attention)
+            if a < S:
+                xb = rec.get(keep["x_b"]).detach().requires_grad_()
+                with torch.enable_grad():
+                    qkv_b = block.before_attention(xb, cos[:, a:], sin[:, a:])
+            qkv_a = tuple(rec.get(h) for h in keep["qkv_a"]) if a else None
+            with torch.no_grad():
+                if a and a < S:
+                    q, k, v = (torch.cat([p, r.detach()], 1) for p, r in zip(qkv_a, qkv_b))
+                else:
+                    q, k, v = qkv_a if a else tuple(t.detach() for t in qkv_b)
+                if policy.keep_attention:
+                    parts = ([rec.get(keep["out_a"])] if a else []) + ([rec.get(keep["out_b"])] if a < S else [])
+                    out = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+                    lse = rec.get(keep["lse"])
+                else:
+                    out, lse = attn_fwd(q, k, v)
+
+            # 2. after attention: kept graph and recomputed graph
+            douts = []
+            if a:
+                xa, oa, (qa, ka, va), ya = ctx.graphs
+                g = _grad([ya], [xa, oa, *params], [dy[:, :a]])
+                dx_a, douts = g[0], [g[1]]
+                dparams = [_add(p, n) for p, n in zip(dparams, g[2:])]
+            if a < S:
+                with torch.enable_grad():
+                    ob = out[:, a:].detach().requires_grad_()
+                    yb = block.after_attention(xb, ob)
+                g = _grad([yb], [xb, ob, *params], [dy[:, a:]])
+                dx_b = g[0]
+                douts.append(g[1])
+                dparams = [_add(p, n) for p, n in zip(dparams, g[2:])]
+            dout = torch.cat(douts, 1) if len(douts) > 1 else douts[0]
+
+            # 3. attention backward from the kept (out, lse), then before attention
+            dq, dk, dv = attn_bwd(dout, q, k, v, out, lse)
+            if a:
+                g = _grad([qa, ka, va], [xa, *params], [t[:, :a] for t in (dq, dk, dv)])
+                dx_parts.append(_add(dx_a, g[0]))
+                dparams = [_add(p, n) for p, n in zip(dparams, g[1:])]
+            if a < S:
+                g = _grad(list(qkv_b), [xb, *params], [t[:, a:] for t in (dq, dk, dv)])
+                dx_parts.append(_add(dx_b, g[0]))
+                dparams = [_add(p, n) for p, n in zip(dparams, g[1:])]
+        rec.release()
+        ctx.graphs = ctx.keep = None
+        dx = torch.cat(dx_parts, 1) if len(dx_parts) > 1 else dx_parts[0]
+        return (None, dx, None, None, *dparams)
+
+
+def wrap(block: nn.Module, policy: Callable[[int], LayerPolicy] | LayerPolicy, pool: HostPool | None) -> nn.Module:
+    """Wraps `block.forward` in place (parameter names unchanged). `policy` is a LayerPolicy or a
+    function of the block's sequence length giving one (alpha per bucket length); `pool` is the
+    host tier, needed when a policy says tier="host". Under no_grad the block runs as it is."""
+    inner = block.forward
+    source = policy if callable(policy) else (lambda seq_len: policy)
+    lay = _Layer(block, source, pool)
+
+    def forward(x, cos, sin):
+        if not torch.is_grad_enabled():
+            return inner(x, cos, sin)
+        return _MemoBlock.apply(lay, x, cos, sin, *block.parameters())
+
+    block.forward = forward
+    return block
