@@ -37,6 +37,19 @@ def _parser() -> argparse.ArgumentParser:
     di.add_argument("overrides", nargs="*")
     di.add_argument("--png", help="also write a histogram PNG here")
 
+    pl = sub.add_parser("plan", help="per-GPU memory, step time and the longest sequence that fits")
+    pl.add_argument("recipe")
+    pl.add_argument("overrides", nargs="*")
+    pl.add_argument("--gpus", type=int, default=8, help="GPUs in the job (default 8)")
+    pl.add_argument("--gpus-per-node", type=int, default=None, help="default min(gpus, 8)")
+    pl.add_argument("--gpu-mem", default="80GiB", help="memory per GPU (default 80GiB)")
+    pl.add_argument("--host-mem", default="1TiB", help="host memory per node for activations (default 1TiB)")
+    pl.add_argument("--sharding", default="fsdp2", choices=["none", "fsdp2", "zero1", "zero2", "zero3"])
+    pl.add_argument("--seq-len", type=int, default=None, help="default: the recipe's longest length")
+    pl.add_argument("--tflops", type=float, default=300.0, help="sustained TFLOP/s per GPU (default 300)")
+    pl.add_argument("--link-gbps", type=float, default=25.0, help="GPU<->host GB/s per GPU (default 25)")
+    pl.add_argument("--runtime-mem", default="1GiB", help="CUDA context / process baseline (default 1GiB)")
+    pl.add_argument("--json", action="store_true", help="print JSON instead of the table")
     r = sub.add_parser("recipe", help="validate / show a recipe, or print the reference table")
     rsub = r.add_subparsers(dest="action", required=True)
     show = rsub.add_parser("show", help="print the resolved recipe")
@@ -63,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
+    from .recipes.schema import RecipeError
+
     if args.command == "train":
         return _train(args)
     if args.command == "export":
@@ -88,6 +103,19 @@ def _dispatch(args) -> int:
         print(json.dumps(report, indent=2))
         if args.png:
             print(save_png(report, args.png))
+        return 0
+    if args.command == "plan":
+        import json
+
+        from .recipes import schema
+        from .train.plan_report import format_plan, parse_bytes, plan
+
+        if args.gpus < 1:
+            raise RecipeError(f"--gpus={args.gpus}: expected at least 1")
+        report = plan(schema.load(args.recipe, args.overrides), args.gpus, parse_bytes(args.gpu_mem, "--gpu-mem"),
+                      parse_bytes(args.host_mem, "--host-mem"), args.gpus_per_node, args.sharding,
+                      parse_bytes(args.runtime_mem, "--runtime-mem"), args.tflops, args.link_gbps, args.seq_len)
+        print(json.dumps(report, indent=2) if args.json else format_plan(report))
         return 0
     if args.command == "recipe":
         from omegaconf import OmegaConf

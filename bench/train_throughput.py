@@ -42,7 +42,7 @@ def _case(impl: str, seq_len: int, checkpointing: bool, steps: int, loss_impl: s
         from longctx.recipes import schema
         from longctx.train.build import build_model
 
-        recipe = schema.load(None, [f"memory.activation_checkpointing={str(checkpointing).lower()}",
+        recipe = schema.load(None, [f"memory.policy={'full' if checkpointing else 'none'}",
                                     f"loss.impl={loss_impl}"])
         model, _, _ = build_model(recipe, Mesh(0, 1, 0, 1, None, torch.device("cpu")))
 

@@ -26,15 +26,18 @@ def storage_key(t: torch.Tensor) -> tuple[str, int]:
     return (t.device.type, t.untyped_storage().data_ptr())
 
 
+_RESHAPES = {"ToCopyBackward0", "TBackward0", "ViewBackward0", "TransposeBackward0", "PermuteBackward0",
+             "ExpandBackward0", "UnsafeViewBackward0"}
+
+
 def is_weight(t: torch.Tensor, param_keys: set) -> bool:
-    """A parameter or autocast's cast of one (ToCopy straight from a leaf)."""
+    """A parameter, or a cast/view of one (autocast's bf16 weight copy, its transpose)."""
     if storage_key(t) in param_keys:
         return True
     fn = t.grad_fn
-    if fn is not None and type(fn).__name__ == "ToCopyBackward0":
-        nxt = fn.next_functions[0][0] if fn.next_functions else None
-        return nxt is not None and type(nxt).__name__ == "AccumulateGrad"
-    return False
+    while fn is not None and type(fn).__name__ in _RESHAPES and fn.next_functions:
+        fn = fn.next_functions[0][0]
+    return fn is not None and type(fn).__name__ == "AccumulateGrad" and storage_key(fn.variable) in param_keys
 
 
 class SavedBytes:

@@ -152,6 +152,7 @@ class HostPool:
         self.records: list[HostRecord] = []  # this step's, in forward order
         self.staging: list[torch.Tensor | None] = [None, None]
         self.regrows = 0
+        self.last_step_bytes = 0  # host bytes the last finished step kept
         if self.cuda:
             self.d2h, self.h2d = torch.cuda.Stream(self.device), torch.cuda.Stream(self.device)
 
@@ -255,6 +256,7 @@ class HostPool:
         rec.released, rec.staging = True, None
         if all(r.released for r in self.records):  # the step's backward is done
             self.records.clear()
+            self.last_step_bytes = self.high_water
             if len(self.chunks) > 1:  # one slab of the size this step needed
                 self.chunks = [self._new_chunk(self.high_water)]
             self.top = self.high_water = 0
@@ -274,6 +276,8 @@ class _Layer:
     """Per wrapped block: the block, its policy source, the host pool."""
 
     def __init__(self, block: nn.Module, policy: Callable[[int], LayerPolicy], pool: HostPool | None) -> None:
+        if pool is None and policy(1).tier == "host":
+            raise ValueError("a host-tier policy needs a HostPool")
         self.block, self.policy, self.pool = block, policy, pool
 
 
@@ -292,7 +296,7 @@ class _MemoBlock(torch.autograd.Function):
     def forward(ctx, lay: _Layer, x, cos, sin, *params):
         block = lay.block
         S = x.shape[1]
-        policy = lay.policy(S)
+        policy = lay.policy(x.shape[0] * S)
         a = round(policy.alpha * S)
         rec = lay.pool.begin() if policy.tier == "host" else DeviceRecord()
         attn_fwd, _ = attention_pair(block.attention_fn)
@@ -435,10 +439,10 @@ class _MemoBlock(torch.autograd.Function):
 
 def wrap(block: nn.Module, policy: Callable[[int], LayerPolicy] | LayerPolicy, pool: HostPool | None) -> nn.Module:
     """Wraps `block.forward` in place (parameter names unchanged). `policy` is a LayerPolicy or a
-    function of the block's sequence length giving one (alpha per bucket length); `pool` is the
+    function of the block's tokens (rows x length) giving one (alpha per bucket); `pool` is the
     host tier, needed when a policy says tier="host". Under no_grad the block runs as it is."""
     inner = block.forward
-    source = policy if callable(policy) else (lambda seq_len: policy)
+    source = policy if callable(policy) else (lambda tokens: policy)
     lay = _Layer(block, source, pool)
 
     def forward(x, cos, sin):

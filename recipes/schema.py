@@ -111,7 +111,18 @@ class ParallelRecipe:
 
 @dataclass(kw_only=True)
 class MemoryRecipe:
-    activation_checkpointing: bool = _f(False, "Recompute each block in backward (keep only block inputs).")
+    policy: Literal["none", "full", "memo"] = _f(
+        "none",
+        "Activations kept for backward: none = all; full = block inputs only, recompute the rest; memo = MEMO: attention output + LSE always kept, alpha of the tokens' other activations kept, the rest recomputed token-wise.",
+    )
+    alpha: float | Literal["auto"] = _f(
+        "auto", "memo: fraction of tokens whose activations are kept; auto = largest that the swap link hides and host memory holds, per bucket length.", ge=0.0, le=1.0
+    )
+    tier: Literal["host", "device"] = _f("host", "memo: where kept activations live (host = swapped to CPU memory; on a CPU run a separate pool).")
+    resident_layers: int = _f(2, "memo: the last layers keep everything on the device (their backward starts at once).", ge=0)
+    host_memory_gib: float | None = _f(None, "memo auto: host memory per node for activations (null = 80% of this machine's RAM).", gt=0)
+    link_gbps: float | None = _f(None, "memo auto: device<->host copy bandwidth in GB/s (null = 25 on CUDA, 5 on CPU).", gt=0)
+    device_tflops: float | None = _f(None, "memo auto: sustained TFLOP/s for a layer's time (null = 300 on CUDA, 0.05 on CPU).", gt=0)
 
 
 @dataclass(kw_only=True)

@@ -154,3 +154,85 @@ def test_memo_under_sequence_parallelism(schedule):
         assert abs(l0 - l1).item() <= 1e-6 * abs(l0).item()
         for a, b in zip(g0, g1):
             assert (a - b).abs().max().item() <= 1e-6 * max(a.abs().max().item(), 1e-3)
+
+
+# --- planner -----------------------------------------------------------------------------------
+def test_mip_layout_on_tiny_block_has_no_overlap_and_is_near_the_bound():
+    from longctx.memory import plan
+
+    model = tiny()
+    ids, _ = batch(B=1, S=64)
+    x = model.model.embed_tokens(ids).detach()
+    cos, sin = model.rope_cos_sin(torch.arange(64)[None], x.dtype)
+    sizes, lifetimes = plan.trace_block(model.model.layers[0], x, cos, sin, backward=False)
+    layout = plan.plan_layout(sizes, lifetimes, time_limit_s=30, method="milp")
+    assert layout.method == "milp"
+    plan.check_layout(sizes, lifetimes, layout.offsets)
+    assert layout.lower_bound <= layout.peak <= 1.05 * layout.lower_bound
+    # forward + backward trace: greedy (the fallback) is also valid
+    sizes, lifetimes = plan.trace_block(model.model.layers[0], x, cos, sin)
+    greedy = plan.plan_layout(sizes, lifetimes, method="greedy")
+    plan.check_layout(sizes, lifetimes, greedy.offsets)
+    assert greedy.peak >= greedy.lower_bound > 0
+
+
+def test_mip_beats_greedy_where_greedy_fragments():
+    from longctx.memory import plan
+
+    sizes = [5, 4, 4, 5, 5, 2, 2]
+    lifetimes = [(6, 10), (5, 7), (0, 4), (2, 4), (0, 1), (4, 8), (3, 5)]
+    greedy = plan.plan_layout(sizes, lifetimes, method="greedy")
+    best = plan.plan_layout(sizes, lifetimes, method="milp")
+    plan.check_layout(sizes, lifetimes, best.offsets)
+    assert (greedy.peak, best.peak, best.lower_bound) == (13, 11, 11)
+    with pytest.raises(AssertionError):
+        plan.check_layout([2, 2], [(0, 2), (1, 3)], [0, 1])
+
+
+def test_alpha_closed_form():
+    from longctx.memory.plan import LayerBytes, plan_alpha
+
+    lb = LayerBytes(inp=10.0, attn=10.0, other=100.0)
+    # link: 10000 tokens x (20 + a*100) <= 1e6 B/s * 1 s  ->  a = 0.8
+    p = plan_alpha(10000, lb, 1.0, 1e6, 1e12, 1, 10, 2)
+    assert p.alpha == pytest.approx(0.8) and p.binding == "bandwidth"
+    # host: 8 layers x 4 GPUs x 10000 x (20 + a*100) <= 1.6e7  ->  a = 0.3
+    p = plan_alpha(10000, lb, 1.0, 1e12, 1.6e7, 4, 10, 2)
+    assert p.alpha == pytest.approx(0.3) and p.binding == "host_memory"
+    assert plan_alpha(1000, lb, 1.0, 1e12, 1e12, 1, 10, 2).alpha == 1.0
+    assert plan_alpha(1000, lb, 1e-9, 1.0, 1e12, 1, 10, 2).alpha == 0.0
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_estimated_layer_bytes_equal_measured(family, autocast):
+    from longctx.memory.estimate import saved_bytes_per_token_layer
+    from longctx.train.build import model_shape
+
+    model = tiny(family)
+    shape = model_shape(model.config)
+    ids, labels = batch(S=64)
+    n = len(model.model.layers)
+    cases = [("none", 0.0, None), ("full", 0.0, [FULL_RECOMPUTE] * n)] + [
+        ("memo", a, [LayerPolicy(a)] * n) for a in (0.0, 0.5, 1.0)]
+    for policy, alpha, policies in cases:
+        m = model if policies is None else wrapped(model, policies)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            meter = measure(m, ids, labels)
+        tier = "host" if policy == "memo" else "device"
+        assert meter.bytes_per_token_layer(tier) == pytest.approx(
+            saved_bytes_per_token_layer(shape, autocast, policy, alpha), rel=0.01), (policy, alpha)
+
+
+def test_plan_cli_reports_terms_and_longest_length(capsys):
+    from longctx.cli import main
+
+    assert main(["plan", "recipes/llama3-8b-128k.yaml", "--gpus", "8", "--gpu-mem", "80GiB", "--host-mem", "1TiB",
+                 "--json"]) == 0
+    import json
+    report = json.loads(capsys.readouterr().out)
+    assert report["seq_len"] == 131072 and report["policy"] == "memo"
+    assert report["fits"] and report["longest_seq_len"] >= 131072
+    assert set(report["terms_bytes"]) >= {"params", "grads", "optimizer", "activations", "loss_head"}
+    assert main(["plan", "recipes/llama3-8b-128k.yaml", "--gpu-mem", "80 parsecs"]) == 2
+    assert "--gpu-mem" in capsys.readouterr().err

@@ -130,10 +130,15 @@ def test_bf16_run_trains(tmp_path):
     assert history[-1]["loss"] < history[0]["loss"]
 
 
-def test_activation_checkpointing_gives_same_loss(tmp_path):
+def test_memory_policies_give_same_loss(tmp_path):
     _, plain = _run(tmp_path, "train.max_steps=2", name="plain")
-    _, ckpt = _run(tmp_path, "train.max_steps=2", "memory.activation_checkpointing=true", name="ck")
-    assert [h["loss"] for h in plain] == pytest.approx([h["loss"] for h in ckpt], abs=1e-6)
+    for i, overrides in enumerate([("memory.policy=full",), ("memory.policy=memo", "memory.alpha=0.5", "memory.resident_layers=1"),
+                                   ("memory.policy=memo", "memory.resident_layers=0")]):
+        _, got = _run(tmp_path, "train.max_steps=2", *overrides, name=f"m{i}")
+        assert [h["loss"] for h in plain] == pytest.approx([h["loss"] for h in got], abs=1e-6)
+        if "memory.policy=memo" in overrides:
+            assert all(0.0 <= h["memory_alpha"] <= 1.0 for h in got)
+            assert all(h["memory_host_bytes"] > 0 for h in got)
 
 
 def test_missing_data_file_fails_fast(tmp_path, capsys):

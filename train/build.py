@@ -26,7 +26,10 @@ from ..data.tokenize import TokenStore, load_tokenizer, tokenize_to_cache
 from ..kernels.attention import local_attention
 from ..kernels.capability import default_device
 from ..kernels.loss import linear_cross_entropy, resolve_impl
-from ..memory import recompute
+from ..memory import offload
+from ..memory.estimate import GiB, ModelShape, layer_bytes
+from ..memory.offload import FULL_RECOMPUTE, HostPool
+from ..memory.plan import MemoPlanner
 from ..models.config import ModelConfig, RopeConfig
 from ..models.hf import CheckpointError, convert_gguf, load_model_folder, load_weights
 from ..models.llama import CausalLM
@@ -162,10 +165,54 @@ def build_model(recipe: Recipe, mesh: mesh_lib.Mesh) -> tuple[CausalLM, Path | N
         model.init_weights(recipe.run.seed)
     else:
         load_weights(model, model_dir)
-    if recipe.memory.activation_checkpointing:
-        for layer in model.model.layers:
-            recompute.wrap(layer)
-    return model.to(mesh.device), model_dir, sp_attention
+    model = model.to(mesh.device)
+    model.memory = apply_memory(model, recipe, mesh, sp_attention)
+    return model, model_dir, sp_attention
+
+
+def model_shape(cfg: ModelConfig) -> ModelShape:
+    return ModelShape(cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads,
+                      cfg.head_dim, cfg.vocab_size, cfg.qk_norm, cfg.qkv_bias, cfg.tie_word_embeddings)
+
+
+def memory_hardware(recipe: Recipe, device: torch.device) -> dict:
+    """The hardware figures memo's alpha=auto plans with: recipe values, else per-device defaults."""
+    m, cuda = recipe.memory, device.type == "cuda"
+    host = m.host_memory_gib * GiB if m.host_memory_gib else 0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {
+        "host_bytes_per_node": host,
+        "link_bytes_per_s": (m.link_gbps or (25.0 if cuda else 5.0)) * 1e9,
+        "flops_per_s": (m.device_tflops or (300.0 if cuda else 0.05)) * 1e12,
+        "gpus_per_node": int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+    }
+
+
+def apply_memory(model: CausalLM, recipe: Recipe, mesh: mesh_lib.Mesh,
+                 sp_attention: SequenceParallelAttention | None) -> MemoPlanner | None:
+    """memory.policy: full = every block keeps its input only; memo = MEMO on all but the last
+    `resident_layers` blocks, alpha fixed or planned per bucket (memory/plan.py)."""
+    m = recipe.memory
+    layers = model.model.layers
+    if m.policy == "none":
+        return None
+    if m.policy == "full":
+        for layer in layers:
+            offload.wrap(layer, FULL_RECOMPUTE, None)
+        return None
+    shape = model_shape(model.config)
+    _, lb = layer_bytes(shape, recipe.run.dtype == "bf16")
+    planner = MemoPlanner(
+        lb, shape.params_per_layer(), shape.heads * shape.head_dim, shape.layers, m.resident_layers,
+        None if m.alpha == "auto" else float(m.alpha), m.tier, sp_of=lambda: sp_attention.sp if sp_attention else 1,
+        **memory_hardware(recipe, mesh.device),
+    )
+    pool = HostPool(mesh.device) if m.tier == "host" else None
+    planner.pool = pool
+    resident = planner.resident()  # same alpha, kept on the device: no copy to wait for
+    for i, layer in enumerate(layers):
+        swapped = i < len(layers) - m.resident_layers
+        offload.wrap(layer, planner if swapped else resident, pool)
+    return planner
 
 
 def build_data(recipe: Recipe, model_dir: Path | None, mesh: mesh_lib.Mesh, vocab_size: int):
@@ -252,7 +299,8 @@ def build(recipe: Recipe) -> Run:
         "device": str(mesh.device), "world": mesh.world, "dp": mesh.dp_world,
         "attention": "sdpa (local, sp=1)" if mesh.sp_world == 1 else f"{recipe.parallel.attention} (sp={mesh.sp_world})",
         "loss": resolve_impl(recipe.loss.impl, mesh.device),
-        "activation_checkpointing": recipe.memory.activation_checkpointing,
+        "memory": recipe.memory.policy if recipe.memory.policy != "memo" else
+        f"memo (alpha {recipe.memory.alpha}, tier {recipe.memory.tier}, {recipe.memory.resident_layers} resident)",
         "params": sum(p.numel() for p in model.parameters()), "model": str(model_dir or "random init"),
         "dtype": recipe.run.dtype,
     }

@@ -77,6 +77,19 @@ def _autocast(run: Run):
     return torch.autocast(run.mesh.device.type, dtype=run.autocast_dtype)
 
 
+def memory_metrics(model) -> dict:
+    """MEMO's alpha for the last step's bucket, its kept bytes per layer and the host pool."""
+    planner = getattr(model, "memory", None)
+    if planner is None or planner.last is None:
+        return {}
+    out = {"memory_alpha": planner.last.alpha, "memory_alpha_binding": planner.last.binding,
+           "memory_swap_bytes_per_layer": planner.last.swap_bytes_per_layer}
+    if planner.pool is not None:
+        out["memory_host_bytes"] = planner.pool.last_step_bytes
+        out["memory_host_pool_bytes"] = planner.pool.capacity_bytes
+    return out
+
+
 def train_step(run: Run, step: int) -> dict:
     r, mesh, model = run.recipe, run.mesh, run.model
     inputs, labels, positions, seq_len = _shard(run, run.data.step_batch(step))
@@ -177,6 +190,7 @@ def train(run: Run) -> dict:
             }
             record.update({k: out[k] for k in ("sp_degree", "attention", "attention_bytes_sent",
                                                "attention_max_bytes_per_link_direction") if k in out})
+            record.update(memory_metrics(run.model))
             if eval_before is not None:
                 record["eval_loss_before"], eval_before = eval_before, None
             if r.eval.every and (step + 1) % r.eval.every == 0:

@@ -1,0 +1,128 @@
+"""The longest SmolLM2-135M context that trains one step on this machine: transformers with
+activation checkpointing vs longctx (CCE + block recomputation), predicted by the memory model
+behind `longctx plan` and checked against measured peak RSS.
+
+Each case is a fresh subprocess running one optimizer step (forward, backward, AdamW) at one
+length, batch 1, fp32, optionally with the model cut to its first `layers` blocks (so long lengths
+take minutes, not hours); it prints the measured peak RSS next to the prediction for the same
+model, length and process baseline (RSS after imports, measured in the case).
+
+  python -m longctx.bench.max_context [--cases hf:4096:30,longctx:8192:30,longctx:32768:1] [--budget-gib 24]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+GiB = 1 << 30
+
+
+def _shape(layers: int):
+    from longctx.models.hf import load_model_folder
+    from longctx.train.build import default_model_dir, model_shape
+
+    cfg = load_model_folder(default_model_dir())
+    return model_shape(cfg.replace(num_layers=layers))
+
+
+def _predict(impl: str, seq_len: int, layers: int, runtime: float):
+    from longctx.memory.estimate import Setting, estimate, hf_checkpointing_estimate
+
+    shape = _shape(layers)
+    if impl == "hf":
+        return hf_checkpointing_estimate(shape, seq_len, autocast=False, runtime_bytes=runtime)
+    return estimate(shape, Setting(seq_len=seq_len, autocast=False, policy="full", loss="cce", gpus_per_node=1,
+                                   sharding="none", runtime_bytes=runtime))
+
+
+def _case(impl: str, seq_len: int, layers: int) -> dict:
+    import torch
+    from longctx.train.build import default_model_dir
+
+    folder = default_model_dir()
+    runtime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # after imports
+    tokens = torch.randint(0, 49152, (1, seq_len + 1), generator=torch.Generator().manual_seed(0))
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    if impl == "hf":
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model.model.layers = model.model.layers[:layers]
+        model.config.num_hidden_layers = layers
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+
+        def loss_of(x, y):
+            return model(x, labels=y, shift_labels=y).loss
+    else:
+        from longctx.parallel.mesh import Mesh
+        from longctx.recipes import schema
+        from longctx.train.build import build_model
+
+        recipe = schema.load(None, ["memory.policy=full", "loss.impl=cce"])
+        model, _, _ = build_model(recipe, Mesh(0, 1, 0, 1, None, torch.device("cpu")))
+        model.model.layers = model.model.layers[:layers]
+
+        def loss_of(x, y):
+            return model(x, labels=y) / y.numel()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=False)
+    t0 = time.perf_counter()
+    loss = loss_of(inputs, labels)
+    loss.backward()
+    optimizer.step()
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    pred = _predict(impl, seq_len, layers, runtime)
+    return {
+        "impl": "transformers_ckpt" if impl == "hf" else "longctx_cce_recompute", "seq_len": seq_len,
+        "layers": layers, "dtype": "fp32", "measured_peak_bytes": peak, "predicted_peak_bytes": int(pred.total),
+        "prediction_error": round(pred.total / peak - 1, 4), "runtime_bytes": runtime,
+        "predicted_terms_gib": {k: round(v / GiB, 3) for k, v in pred.terms.items()},
+        "step_seconds": round(seconds, 1), "loss": round(loss.item(), 4), "threads": torch.get_num_threads(),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--cases", default="hf:4096:30,hf:8192:30,longctx:4096:30,longctx:8192:30,longctx:32768:1")
+    p.add_argument("--budget-gib", type=float, default=24.0, help="memory of the machine to fit in")
+    p.add_argument("--case", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.case:
+        impl, seq_len, layers = args.case.split(":")
+        print(json.dumps(_case(impl, int(seq_len), int(layers))))
+        return 0
+    rows = []
+    for case in args.cases.split(","):
+        out = subprocess.run([sys.executable, "-m", "longctx.bench.max_context", "--case", case],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            row = {"case": case, "error": out.stderr.strip().splitlines()[-1] if out.stderr else f"exit {out.returncode}"}
+        else:
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+        row["machine"] = f"{platform.machine()} {platform.processor() or ''}".strip()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    from longctx.memory.estimate import longest_fitting
+
+    runtime = min((r["runtime_bytes"] for r in rows if "runtime_bytes" in r), default=0.5 * GiB)
+    budget = args.budget_gib * GiB
+    hf = longest_fitting(lambda n: _predict("hf", n, 30, runtime), budget, lo=1024, step=1024)
+    ours = longest_fitting(lambda n: _predict("longctx", n, 30, runtime), budget, lo=1024, step=1024)
+    errors = [abs(r["prediction_error"]) for r in rows if "prediction_error" in r]
+    print(json.dumps({"summary": {
+        "budget_gib": args.budget_gib, "predicted_longest_transformers_ckpt": hf, "predicted_longest_longctx": ours,
+        "length_ratio": round(ours / hf, 2) if hf else None, "max_abs_prediction_error": max(errors, default=None),
+        "measured_cases": len(errors),
+    }}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,236 @@
+"""The model behind `longctx plan`: per-GPU memory and step time of a recipe, and the longest
+sequence that fits.
+
+Memory terms (bytes, per GPU):
+- params / grads / optimizer: fp32 master weights (autocast keeps them fp32), fp32 gradients, AdamW
+  m and v; divided over data parallelism as the sharding says (fsdp2 = ZeRO-3; ZeRO-1 shards the
+  optimizer, -2 also gradients, -3 also parameters);
+- activations: what each block saves per token under its policy (`layer_bytes`, exact counts of
+  our block's saved tensors, checked against memory/accounting.py in tests) x tokens on this GPU,
+  plus what is saved outside the blocks (embedding, final norm, loss inputs);
+- layer workspace: the transient peak inside one block's backward: its recomputed activations
+  plus gradient buffers (coefficients measured on CPU, see bench/max_context.py);
+- loss head: CCE's [T, V] slab (or the full N x V logits and their gradients for `reference`);
+- attention workspace: K/V (or Q) blocks in flight under sequence parallelism;
+- communication: FSDP's all-gathered layer (two in flight) and reduce-scatter buffer;
+- runtime: CUDA context / process baseline.
+Host memory: MEMO's kept activations (per node). Step time: 6 x params x tokens + attention FLOPs
+(+ recomputed forward work) at a sustained FLOP/s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .plan import LayerBytes, plan_alpha
+
+GiB = 1 << 30
+# Gradient temporaries of one block's backward, in fp32 values per token: the MLP's gate/up/
+# product gradients (3 x intermediate) and a few hidden-sized buffers (dx, residual, norm). Fitted
+# to measured CPU peaks of SmolLM2-135M (bench/max_context.py); see the docstring.
+WORKSPACE_INTERMEDIATE = 3.0
+WORKSPACE_HIDDEN = 4.0
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    qk_norm: bool = False
+    qkv_bias: bool = False
+    tied: bool = False
+
+    def params_per_layer(self) -> int:
+        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        p = h * (q + 2 * kv) + q * h + 3 * h * self.intermediate + 2 * h
+        if self.qkv_bias:
+            p += q + 2 * kv
+        if self.qk_norm:
+            p += 2 * self.head_dim
+        return p
+
+    def params(self) -> int:
+        embed = self.vocab * self.hidden * (1 if self.tied else 2)
+        return self.layers * self.params_per_layer() + embed + self.hidden
+
+
+def layer_bytes(m: ModelShape, autocast: bool) -> tuple[float, LayerBytes]:
+    """(bytes an unwrapped block saves per token, MEMO's split of what a kept token stores).
+
+    fp32: norms save input, rsqrt, normalised (x3 with the projections' input), attention q, k, v,
+    out (+ fp32 LSE), the MLP gate, silu, up and product. bf16 autocast: the residual stream and
+    norms stay fp32, each projection saves its own bf16 cast of its input, matmul outputs are bf16.
+    """
+    h, i, q, kv = m.hidden, m.intermediate, m.heads * m.head_dim, m.kv_heads * m.head_dim
+    lse = 4 * m.heads
+    if autocast:
+        base = 26 * h + 8 + 4 * q + 4 * kv + 8 * i + lse
+        qk = 6 * (q + kv) + 4 * (m.heads + m.kv_heads) if m.qk_norm else 0
+        act, kept_qk_extra = 2, 2 * (q + kv)  # MEMO keeps q, k after RoPE (fp32), SDPA their bf16 casts
+    else:
+        base = 4 * (6 * h + 2 + 2 * q + 2 * kv + 4 * i) + lse
+        qk = 4 * (2 * q + m.heads + 2 * kv + m.kv_heads) if m.qk_norm else 0
+        act, kept_qk_extra = 4, 0
+    base += qk
+    inp, attn = 4 * h, act * q + lse
+    return float(base), LayerBytes(float(inp), float(attn), float(base + kept_qk_extra - inp - attn))
+
+
+def saved_bytes_per_token_layer(m: ModelShape, autocast: bool, policy: str, alpha: float = 0.0) -> float:
+    base, lb = layer_bytes(m, autocast)
+    if policy == "none":
+        return base
+    if policy == "full":
+        return lb.inp
+    return lb.inp + lb.attn + alpha * lb.other
+
+
+def outside_bytes_per_token(m: ModelShape, autocast: bool) -> float:
+    """Saved outside the blocks: token ids, final norm (input, rsqrt, normalised), the loss's
+    hidden input and its gradient (CCE computes it in forward)."""
+    return 8 + (8 * m.hidden + 4) + 2 * 4 * m.hidden + 16
+
+
+@dataclass
+class Setting:
+    seq_len: int
+    rows: int = 1
+    sp: int = 1
+    dp: int = 1
+    gpus_per_node: int = 8
+    sharding: str = "none"  # none | fsdp2 | zero1 | zero2 | zero3
+    autocast: bool = True
+    policy: str = "memo"  # none | full | memo
+    alpha: float | str = "auto"
+    tier: str = "host"
+    resident_layers: int = 2
+    loss: str = "cce"  # cce | reference
+    device_bytes: float = 80 * GiB
+    host_bytes_per_node: float = 1024 * GiB
+    link_bytes_per_s: float = 25e9
+    flops_per_s: float = 300e12
+    runtime_bytes: float = 1.0 * GiB
+
+
+@dataclass
+class Estimate:
+    terms: dict[str, float]
+    host_bytes_per_node: float
+    alpha: float
+    alpha_binding: str
+    step_seconds: float
+    setting: dict = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        return sum(self.terms.values())
+
+    @property
+    def dominant(self) -> str:
+        return max(self.terms, key=self.terms.get)
+
+
+def layer_forward_flops(m: ModelShape, tokens: int, seq_len: int) -> float:
+    """2 x layer params per token + causal attention (QK and PV over seq_len/2 keys on average)."""
+    return 2.0 * m.params_per_layer() * tokens + 2.0 * tokens * seq_len * m.heads * m.head_dim
+
+
+def estimate(m: ModelShape, s: Setting) -> Estimate:
+    P = m.params()
+    world_dp = s.dp
+    shard = {"none": (1, 1, 1), "zero1": (1, 1, world_dp), "zero2": (1, world_dp, world_dp),
+             "zero3": (world_dp, world_dp, world_dp), "fsdp2": (world_dp, world_dp, world_dp)}[s.sharding]
+    tokens = s.rows * s.seq_len // s.sp  # on this GPU
+    base, lb = layer_bytes(m, s.autocast)
+    swapped = max(m.layers - s.resident_layers, 0) if s.policy == "memo" else 0
+    layer_s = layer_forward_flops(m, tokens, s.seq_len) / s.flops_per_s
+    if s.policy == "memo":
+        if s.alpha == "auto":
+            ap = plan_alpha(tokens, lb, layer_s, s.link_bytes_per_s, s.host_bytes_per_node, s.gpus_per_node,
+                            m.layers, s.resident_layers)
+            alpha, binding = ap.alpha, ap.binding
+        else:
+            alpha, binding = float(s.alpha), "fixed"
+        per_layer = saved_bytes_per_token_layer(m, s.autocast, "memo", alpha)
+        if s.tier == "host":  # the resident layers keep the same split on the device
+            device_act = (m.layers - swapped) * per_layer * tokens
+            host = swapped * per_layer * tokens * s.gpus_per_node
+            staging = 2 * per_layer * tokens  # the two staging buffers
+        else:
+            device_act = m.layers * per_layer * tokens
+            host, staging = 0.0, 0.0
+    else:
+        alpha, binding = (1.0 if s.policy == "none" else 0.0), s.policy
+        device_act = m.layers * saved_bytes_per_token_layer(m, s.autocast, s.policy) * tokens
+        host, staging = 0.0, 0.0
+    recomputes = s.policy != "none"
+    act = 2 if s.autocast else 4
+    grads_tmp = act * (WORKSPACE_INTERMEDIATE * m.intermediate + WORKSPACE_HIDDEN * m.hidden) * tokens
+    workspace = grads_tmp + (base * tokens if recomputes else 0.0)
+    if s.loss == "cce":
+        loss_ws = 3 * 4 * min(tokens * m.vocab, 1 << 24) + 4 * m.vocab * m.hidden  # slab + dW
+    else:  # logits, fp32 copy, log-softmax and their gradients
+        loss_ws = tokens * m.vocab * (2 if s.autocast else 4) + 4 * 4 * tokens * m.vocab
+    kv = m.kv_heads * m.head_dim * (2 if s.autocast else 4)
+    attn_ws = 4 * kv * tokens if s.sp > 1 else 0.0
+    layer_params = m.params_per_layer() * 4
+    comm = 3 * layer_params if s.sharding in ("fsdp2", "zero3") else 0.0
+    terms = {
+        "params": 4.0 * P / shard[0],
+        "grads": 4.0 * P / shard[1],
+        "optimizer": 8.0 * P / shard[2],
+        "activations": device_act + outside_bytes_per_token(m, s.autocast) * tokens,
+        "staging_buffers": staging,
+        "layer_workspace": workspace,
+        "loss_head": float(loss_ws),
+        "attention_workspace": float(attn_ws),
+        "communication": comm,
+        "runtime": s.runtime_bytes,
+    }
+    # step time: fwd (1) + bwd (2) + recomputed forward work
+    fwd = m.layers * layer_forward_flops(m, tokens, s.seq_len) + 2.0 * tokens * m.hidden * m.vocab
+    if s.policy == "full":
+        extra = m.layers * layer_forward_flops(m, tokens, s.seq_len)
+    elif s.policy == "memo":
+        extra = swapped * (1 - alpha) * 2.0 * m.params_per_layer() * tokens
+    else:
+        extra = 0.0
+    step = (3 * fwd + extra) / s.flops_per_s
+    return Estimate(terms, host, alpha, binding, step, asdict(s))
+
+
+def hf_checkpointing_estimate(m: ModelShape, seq_len: int, autocast: bool, runtime_bytes: float) -> Estimate:
+    """transformers' LlamaForCausalLM with gradient checkpointing, one process, no sharding:
+    block inputs kept, one block recomputed at a time, full logits and their gradients."""
+    s = Setting(seq_len=seq_len, autocast=autocast, policy="full", loss="reference", runtime_bytes=runtime_bytes,
+                gpus_per_node=1)
+    e = estimate(m, s)
+    # transformers upcasts the logits to fp32 and keeps more [N, V] buffers than our reference head
+    e.terms["loss_head"] = seq_len * m.vocab * HF_LOGIT_BYTES_PER_VOCAB_ENTRY
+    return e
+
+
+# [N, V] bytes per logit in transformers' loss path (logits, fp32 upcast, log-softmax, their
+# gradients): fitted to measured peaks of SmolLM2-135M on CPU (bench/max_context.py).
+HF_LOGIT_BYTES_PER_VOCAB_ENTRY = 10.0
+
+
+def longest_fitting(fn, budget: float, lo: int = 1024, hi: int = 1 << 24, step: int = 1024) -> int:
+    """The largest multiple of `step` in [lo, hi] with fn(seq_len).total <= budget (0 if none)."""
+    if fn(lo).total > budget:
+        return 0
+    while lo + step <= hi and fn(min(hi, lo * 2)).total <= budget and lo * 2 <= hi:
+        lo *= 2
+    top = min(hi, lo * 2)
+    while top - lo > step:
+        mid = (lo + top) // 2 // step * step
+        if fn(mid).total <= budget:
+            lo = mid
+        else:
+            top = mid
+    return lo

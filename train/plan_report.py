@@ -1,0 +1,104 @@
+"""`longctx plan <recipe> --gpus N --gpu-mem 80GiB --host-mem 1TiB`: will it fit, how fast, and the
+longest sequence that fits (memory/estimate.py is the model; this file reads the recipe)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ..memory.estimate import GiB, ModelShape, Setting, estimate, longest_fitting
+from ..models.config import ModelConfig, load_hf_config
+from ..recipes.schema import Recipe, RecipeError
+
+# Architectures of hub checkpoints a recipe may name, so planning works offline (facts from their
+# config.json files).
+KNOWN_SHAPES = {
+    "meta-llama/Llama-3.1-8B": ModelShape(4096, 14336, 32, 32, 8, 128, 128256),
+    "meta-llama/Llama-3.1-70B": ModelShape(8192, 28672, 80, 64, 8, 128, 128256),
+    "Qwen/Qwen2.5-7B": ModelShape(3584, 18944, 28, 28, 4, 128, 152064, qkv_bias=True),
+    "mistralai/Mistral-7B-v0.1": ModelShape(4096, 14336, 32, 32, 8, 128, 32000),
+}
+_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 1 << 10, "MIB": 1 << 20,
+          "GIB": 1 << 30, "TIB": 1 << 40}
+
+
+def parse_bytes(text: str, what: str) -> float:
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise RecipeError(f"{what}={text!r}: expected a size like 80GiB, 1TiB or 512GB")
+    return float(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+def shape_of(recipe: Recipe) -> ModelShape:
+    from .build import model_shape
+
+    path = recipe.model.path
+    if path is None:
+        return model_shape(ModelConfig(**recipe.model.config))
+    if path in KNOWN_SHAPES:
+        return KNOWN_SHAPES[path]
+    folder = Path(path)
+    if path == "default":
+        from .build import default_model_dir
+
+        folder = default_model_dir()
+    if (folder / "config.json").exists():
+        return model_shape(load_hf_config(folder))
+    raise RecipeError(f"model.path={path!r}: no local config.json and not one of {sorted(KNOWN_SHAPES)}; "
+                      "plan with a local folder or one of those names")
+
+
+def setting_for(recipe: Recipe, gpus: int, gpu_mem: float, host_mem: float, gpus_per_node: int, seq_len: int,
+                sharding: str, runtime_bytes: float, flops: float, link: float) -> Setting:
+    m = recipe.memory
+    sp = recipe.parallel.sp_degree
+    return Setting(
+        seq_len=seq_len, rows=1, sp=sp, dp=gpus, gpus_per_node=gpus_per_node, sharding=sharding,
+        autocast=recipe.run.dtype == "bf16", policy=m.policy, alpha=m.alpha, tier=m.tier,
+        resident_layers=m.resident_layers, loss="reference" if recipe.loss.impl == "reference" else "cce",
+        device_bytes=gpu_mem, host_bytes_per_node=host_mem, link_bytes_per_s=link, flops_per_s=flops,
+        runtime_bytes=runtime_bytes,
+    )
+
+
+def plan(recipe: Recipe, gpus: int, gpu_mem: float, host_mem: float, gpus_per_node: int | None = None,
+         sharding: str = "fsdp2", runtime_bytes: float = 1.0 * GiB, tflops: float = 300.0, link_gbps: float = 25.0,
+         seq_len: int | None = None) -> dict:
+    shape = shape_of(recipe)
+    per_node = gpus_per_node or min(gpus, 8)
+    length = seq_len or (recipe.data.max_len if recipe.data.batching == "decompose" else recipe.data.seq_len)
+
+    def at(n: int):
+        return estimate(shape, setting_for(recipe, gpus, gpu_mem, host_mem, per_node, n, sharding, runtime_bytes,
+                                           tflops * 1e12, link_gbps * 1e9))
+
+    e = at(length)
+    longest = longest_fitting(lambda n: at(n), gpu_mem, lo=1024 * recipe.parallel.sp_degree,
+                              step=1024 * recipe.parallel.sp_degree)
+    fits_host = e.host_bytes_per_node <= host_mem
+    return {
+        "model_params": shape.params(), "gpus": gpus, "gpus_per_node": per_node, "sharding": sharding,
+        "sp_degree": recipe.parallel.sp_degree, "seq_len": length, "policy": recipe.memory.policy,
+        "alpha": e.alpha, "alpha_binding": e.alpha_binding,
+        "terms_bytes": e.terms, "total_bytes": e.total, "gpu_bytes": gpu_mem, "fits": e.total <= gpu_mem and fits_host,
+        "dominant": e.dominant, "host_bytes_per_node": e.host_bytes_per_node, "host_limit_bytes": host_mem,
+        "step_seconds": e.step_seconds, "tokens_per_second_per_gpu": length / e.step_seconds / gpus,
+        "longest_seq_len": longest,
+    }
+
+
+def format_plan(p: dict) -> str:
+    lines = [f"{p['model_params'] / 1e9:.2f}B params, {p['gpus']} GPUs ({p['gpus_per_node']}/node), "
+             f"sharding {p['sharding']}, sp {p['sp_degree']}, policy {p['policy']}"
+             + (f" (alpha {p['alpha']:.2f}, limited by {p['alpha_binding']})" if p["policy"] == "memo" else ""),
+             f"sequence {p['seq_len']:,} tokens — per GPU:", ""]
+    lines.append(f"  {'term':<22}{'GiB':>10}")
+    for k, v in p["terms_bytes"].items():
+        lines.append(f"  {k:<22}{v / GiB:>10.2f}")
+    lines.append(f"  {'total':<22}{p['total_bytes'] / GiB:>10.2f}   of {p['gpu_bytes'] / GiB:.0f} GiB")
+    lines += ["", f"dominant term: {p['dominant']}",
+              f"host memory per node for activations: {p['host_bytes_per_node'] / GiB:.1f} GiB "
+              f"of {p['host_limit_bytes'] / GiB:.0f} GiB",
+              f"step time (modelled): {p['step_seconds']:.1f} s, {p['tokens_per_second_per_gpu']:.0f} tokens/s/GPU",
+              f"fits: {'yes' if p['fits'] else 'NO'}; longest sequence that fits: {p['longest_seq_len']:,} tokens"]
+    return "\n".join(lines)
