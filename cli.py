@@ -108,13 +108,19 @@ def _dispatch(args) -> int:
         import json
 
         from .recipes import schema
+        from .train.build import plan_inputs
         from .train.plan_report import format_plan, parse_bytes, plan
 
         if args.gpus < 1:
             raise RecipeError(f"--gpus={args.gpus}: expected at least 1")
-        report = plan(schema.load(args.recipe, args.overrides), args.gpus, parse_bytes(args.gpu_mem, "--gpu-mem"),
-                      parse_bytes(args.host_mem, "--host-mem"), args.gpus_per_node, args.sharding,
-                      parse_bytes(args.runtime_mem, "--runtime-mem"), args.tflops, args.link_gbps, args.seq_len)
+        try:
+            sizes = [parse_bytes(v, k) for k, v in (("--gpu-mem", args.gpu_mem), ("--host-mem", args.host_mem),
+                                                    ("--runtime-mem", args.runtime_mem))]
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
+        shape, inputs = plan_inputs(schema.load(args.recipe, args.overrides))
+        report = plan(shape, inputs, args.gpus, sizes[0], sizes[1], args.gpus_per_node, args.sharding, sizes[2],
+                      args.tflops, args.link_gbps, args.seq_len)
         print(json.dumps(report, indent=2) if args.json else format_plan(report))
         return 0
     if args.command == "recipe":

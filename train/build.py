@@ -38,6 +38,7 @@ from ..parallel.attention import SequenceParallelAttention
 from ..recipes.schema import Recipe, RecipeError, check_world
 from . import checkpoint as ckpt
 from .optim import build_optimizer, build_scheduler
+from .plan_report import KNOWN_SHAPES
 
 log = logging.getLogger("longctx")
 
@@ -333,3 +334,28 @@ def _maybe_resume(run: Run) -> None:
     torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
     if run.mesh.is_main:
         log.info("resumed from %s at step %d", folder, run.start_step)
+
+
+# --- `longctx plan`: the recipe's planning inputs (train/plan_report.py does the rest) -------------
+def shape_of(recipe: Recipe) -> ModelShape:
+    path = recipe.model.path
+    if path is None:
+        return model_shape(ModelConfig(**recipe.model.config))
+    if path in KNOWN_SHAPES:
+        return KNOWN_SHAPES[path]
+    folder = Path(path)
+    if path == "default":
+        folder = default_model_dir()
+    if (folder / "config.json").exists():
+        return model_shape(load_model_folder(folder))
+    raise RecipeError(f"model.path={path!r}: no local config.json and not one of {sorted(KNOWN_SHAPES)}; "
+                      "plan with a local folder or one of those names")
+
+
+def plan_inputs(recipe: Recipe) -> tuple[ModelShape, dict]:
+    d, m = recipe.data, recipe.memory
+    return shape_of(recipe), {
+        "seq_len": d.max_len if d.batching == "decompose" else d.seq_len, "sp_degree": recipe.parallel.sp_degree,
+        "autocast": recipe.run.dtype == "bf16", "policy": m.policy, "alpha": m.alpha, "tier": m.tier,
+        "resident_layers": m.resident_layers, "loss": "reference" if recipe.loss.impl == "reference" else "cce",
+    }

@@ -4,11 +4,8 @@ longest sequence that fits (memory/estimate.py is the model; this file reads the
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from ..memory.estimate import GiB, ModelShape, Setting, estimate, longest_fitting
-from ..models.config import ModelConfig, load_hf_config
-from ..recipes.schema import Recipe, RecipeError
 
 # Architectures of hub checkpoints a recipe may name, so planning works offline (facts from their
 # config.json files).
@@ -25,60 +22,37 @@ _UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 1 <
 def parse_bytes(text: str, what: str) -> float:
     m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
     if not m or m.group(2).upper() not in _UNITS:
-        raise RecipeError(f"{what}={text!r}: expected a size like 80GiB, 1TiB or 512GB")
+        raise ValueError(f"{what}={text!r}: expected a size like 80GiB, 1TiB or 512GB")
     return float(m.group(1)) * _UNITS[m.group(2).upper()]
 
 
-def shape_of(recipe: Recipe) -> ModelShape:
-    from .build import model_shape
-
-    path = recipe.model.path
-    if path is None:
-        return model_shape(ModelConfig(**recipe.model.config))
-    if path in KNOWN_SHAPES:
-        return KNOWN_SHAPES[path]
-    folder = Path(path)
-    if path == "default":
-        from .build import default_model_dir
-
-        folder = default_model_dir()
-    if (folder / "config.json").exists():
-        return model_shape(load_hf_config(folder))
-    raise RecipeError(f"model.path={path!r}: no local config.json and not one of {sorted(KNOWN_SHAPES)}; "
-                      "plan with a local folder or one of those names")
-
-
-def setting_for(recipe: Recipe, gpus: int, gpu_mem: float, host_mem: float, gpus_per_node: int, seq_len: int,
+def setting_for(r: dict, gpus: int, gpu_mem: float, host_mem: float, gpus_per_node: int, seq_len: int,
                 sharding: str, runtime_bytes: float, flops: float, link: float) -> Setting:
-    m = recipe.memory
-    sp = recipe.parallel.sp_degree
     return Setting(
-        seq_len=seq_len, rows=1, sp=sp, dp=gpus, gpus_per_node=gpus_per_node, sharding=sharding,
-        autocast=recipe.run.dtype == "bf16", policy=m.policy, alpha=m.alpha, tier=m.tier,
-        resident_layers=m.resident_layers, loss="reference" if recipe.loss.impl == "reference" else "cce",
-        device_bytes=gpu_mem, host_bytes_per_node=host_mem, link_bytes_per_s=link, flops_per_s=flops,
-        runtime_bytes=runtime_bytes,
+        seq_len=seq_len, rows=1, sp=r["sp_degree"], dp=gpus, gpus_per_node=gpus_per_node, sharding=sharding,
+        autocast=r["autocast"], policy=r["policy"], alpha=r["alpha"], tier=r["tier"],
+        resident_layers=r["resident_layers"], loss=r["loss"], device_bytes=gpu_mem, host_bytes_per_node=host_mem,
+        link_bytes_per_s=link, flops_per_s=flops, runtime_bytes=runtime_bytes,
     )
 
 
-def plan(recipe: Recipe, gpus: int, gpu_mem: float, host_mem: float, gpus_per_node: int | None = None,
+def plan(shape: ModelShape, r: dict, gpus: int, gpu_mem: float, host_mem: float, gpus_per_node: int | None = None,
          sharding: str = "fsdp2", runtime_bytes: float = 1.0 * GiB, tflops: float = 300.0, link_gbps: float = 25.0,
          seq_len: int | None = None) -> dict:
-    shape = shape_of(recipe)
+    """`r`: the recipe's planning inputs (train/build.py `plan_inputs`)."""
     per_node = gpus_per_node or min(gpus, 8)
-    length = seq_len or (recipe.data.max_len if recipe.data.batching == "decompose" else recipe.data.seq_len)
+    length = seq_len or r["seq_len"]
 
     def at(n: int):
-        return estimate(shape, setting_for(recipe, gpus, gpu_mem, host_mem, per_node, n, sharding, runtime_bytes,
+        return estimate(shape, setting_for(r, gpus, gpu_mem, host_mem, per_node, n, sharding, runtime_bytes,
                                            tflops * 1e12, link_gbps * 1e9))
 
     e = at(length)
-    longest = longest_fitting(lambda n: at(n), gpu_mem, lo=1024 * recipe.parallel.sp_degree,
-                              step=1024 * recipe.parallel.sp_degree)
+    longest = longest_fitting(lambda n: at(n), gpu_mem, lo=1024 * r["sp_degree"], step=1024 * r["sp_degree"])
     fits_host = e.host_bytes_per_node <= host_mem
     return {
         "model_params": shape.params(), "gpus": gpus, "gpus_per_node": per_node, "sharding": sharding,
-        "sp_degree": recipe.parallel.sp_degree, "seq_len": length, "policy": recipe.memory.policy,
+        "sp_degree": r["sp_degree"], "seq_len": length, "policy": r["policy"],
         "alpha": e.alpha, "alpha_binding": e.alpha_binding,
         "terms_bytes": e.terms, "total_bytes": e.total, "gpu_bytes": gpu_mem, "fits": e.total <= gpu_mem and fits_host,
         "dominant": e.dominant, "host_bytes_per_node": e.host_bytes_per_node, "host_limit_bytes": host_mem,
