@@ -365,7 +365,6 @@ class _MemoBlock(torch.autograd.Function):
                     t.untyped_storage().resize_(0)
         ctx.lay, ctx.rec, ctx.keep, ctx.graphs, ctx.a, ctx.policy = lay, rec, keep, graphs, a, policy
         ctx.cos, ctx.sin = cos, sin
-        ctx.n_params = len(params)
         return y
 
     @staticmethod
@@ -373,8 +372,7 @@ class _MemoBlock(torch.autograd.Function):
         lay, rec, keep, a, policy = ctx.lay, ctx.rec, ctx.keep, ctx.a, ctx.policy
         block = lay.block
         params = list(block.parameters())
-        _, attn_bwd = attention_pair(block.attention_fn)
-        attn_fwd, _ = attention_pair(block.attention_fn)
+        attn_fwd, attn_bwd = attention_pair(block.attention_fn)
         S = dy.shape[1]
         cos, sin = ctx.cos, ctx.sin
         rec.fetch()
