@@ -14,6 +14,11 @@ Memory terms (bytes, per GPU):
 - attention workspace: K/V (or Q) blocks in flight under sequence parallelism;
 - communication: FSDP's all-gathered layer (two in flight) and reduce-scatter buffer;
 - runtime: CUDA context / process baseline.
+The peak is not the sum of the terms: the loss head's slab and a block's backward workspace are
+never live together, and the blocks' gradients fill up as their saved activations are freed. So
+the peak is the persistent terms (params, optimizer, staging, communication, runtime) plus the
+largest of three phases: the loss (activations + loss head), the first block's backward
+(activations + the head's gradient + workspace) and the last block's (all gradients + workspace).
 Host memory: MEMO's kept activations (per node). Step time: 6 x params x tokens + attention FLOPs
 (+ recomputed forward work) at a sustained FLOP/s.
 """
@@ -125,10 +130,21 @@ class Estimate:
     alpha_binding: str
     step_seconds: float
     setting: dict = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)  # transient bytes on top of the persistent terms
+
+    @property
+    def persistent(self) -> float:
+        t = self.terms
+        return t["params"] + t["optimizer"] + t["staging_buffers"] + t["communication"] + t["runtime"]
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phases.get)
 
     @property
     def total(self) -> float:
-        return sum(self.terms.values())
+        """The modelled peak: persistent terms + the largest phase."""
+        return self.persistent + max(self.phases.values())
 
     @property
     def dominant(self) -> str:
@@ -192,6 +208,13 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
         "communication": comm,
         "runtime": s.runtime_bytes,
     }
+    head_grad = 4.0 * m.vocab * m.hidden * (1 if m.tied else 2) / shard[1]
+    outside = outside_bytes_per_token(m, s.autocast) * tokens
+    phases = {
+        "loss": terms["activations"] + terms["loss_head"],
+        "backward_first_block": terms["activations"] + head_grad + workspace + attn_ws,
+        "backward_last_block": terms["grads"] + outside + workspace + attn_ws,
+    }
     # step time: fwd (1) + bwd (2) + recomputed forward work
     fwd = m.layers * layer_forward_flops(m, tokens, s.seq_len) + 2.0 * tokens * m.hidden * m.vocab
     if s.policy == "full":
@@ -201,7 +224,7 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
     else:
         extra = 0.0
     step = (3 * fwd + extra) / s.flops_per_s
-    return Estimate(terms, host, alpha, binding, step, asdict(s))
+    return Estimate(terms, host, alpha, binding, step, asdict(s), phases)
 
 
 def hf_checkpointing_estimate(m: ModelShape, seq_len: int, autocast: bool, runtime_bytes: float) -> Estimate:
@@ -212,13 +235,14 @@ def hf_checkpointing_estimate(m: ModelShape, seq_len: int, autocast: bool, runti
     e = estimate(m, s)
     # transformers upcasts the logits to fp32 and keeps more [N, V] buffers than our reference head
     e.terms["loss_head"] = seq_len * m.vocab * HF_LOGIT_BYTES_PER_VOCAB_ENTRY
+    e.phases["loss"] = e.terms["activations"] + e.terms["loss_head"]
     return e
 
 
 # [N, V] bytes per logit in transformers' loss path (logits, fp32 upcast, log-softmax, their
 # gradients and the allocator's slack): fitted to the slope of measured peaks of SmolLM2-135M,
-# fp32, with checkpointing on CPU between 2K and 4K tokens (5.56 -> 10.07 GB; bench/max_context.py).
-HF_LOGIT_BYTES_PER_VOCAB_ENTRY = 42.0
+# fp32, with checkpointing on CPU at 2K and 4K tokens (6.19 and 10.15 GB; bench/max_context.py).
+HF_LOGIT_BYTES_PER_VOCAB_ENTRY = 40.0
 
 
 def longest_fitting(fn, budget: float, lo: int = 1024, hi: int = 1 << 24, step: int = 1024) -> int:

@@ -236,3 +236,20 @@ def test_plan_cli_reports_terms_and_longest_length(capsys):
     assert set(report["terms_bytes"]) >= {"params", "grads", "optimizer", "activations", "loss_head"}
     assert main(["plan", "recipes/llama3-8b-128k.yaml", "--gpu-mem", "80 parsecs"]) == 2
     assert "--gpu-mem" in capsys.readouterr().err
+
+
+def test_estimate_peak_is_persistent_terms_plus_the_largest_phase():
+    """The loss head's slab and a block's backward workspace are never live together: the peak
+    takes the larger phase, so growing the vocabulary moves the peak only once the loss phase binds."""
+    import dataclasses
+
+    from longctx.memory.estimate import ModelShape, Setting, estimate
+
+    shape = ModelShape(576, 1536, 30, 9, 3, 64, 49152, tied=True)
+    s = Setting(seq_len=8192, autocast=False, policy="full", loss="cce", gpus_per_node=1, runtime_bytes=0.0)
+    e = estimate(shape, s)
+    assert e.peak_phase == "backward_first_block"
+    assert e.total == pytest.approx(e.persistent + e.phases["backward_first_block"])
+    assert e.total < sum(e.terms.values()) - e.terms["loss_head"] + 1  # loss head not on top of the workspace
+    ref = estimate(shape, dataclasses.replace(s, loss="reference"))  # N x V logits: the loss phase binds
+    assert ref.peak_phase == "loss" and ref.total > e.total + 8192 * 49152 * 4

@@ -54,7 +54,7 @@ def plan(shape: ModelShape, r: dict, gpus: int, gpu_mem: float, host_mem: float,
         "model_params": shape.params(), "gpus": gpus, "gpus_per_node": per_node, "sharding": sharding,
         "sp_degree": r["sp_degree"], "seq_len": length, "policy": r["policy"],
         "alpha": e.alpha, "alpha_binding": e.alpha_binding,
-        "terms_bytes": e.terms, "total_bytes": e.total, "gpu_bytes": gpu_mem, "fits": e.total <= gpu_mem and fits_host,
+        "terms_bytes": e.terms, "phases_bytes": e.phases, "peak_phase": e.peak_phase, "total_bytes": e.total, "gpu_bytes": gpu_mem, "fits": e.total <= gpu_mem and fits_host,
         "dominant": e.dominant, "host_bytes_per_node": e.host_bytes_per_node, "host_limit_bytes": host_mem,
         "step_seconds": e.step_seconds, "tokens_per_second_per_gpu": length / e.step_seconds / gpus,
         "longest_seq_len": longest,
@@ -69,7 +69,8 @@ def format_plan(p: dict) -> str:
     lines.append(f"  {'term':<22}{'GiB':>10}")
     for k, v in p["terms_bytes"].items():
         lines.append(f"  {k:<22}{v / GiB:>10.2f}")
-    lines.append(f"  {'total':<22}{p['total_bytes'] / GiB:>10.2f}   of {p['gpu_bytes'] / GiB:.0f} GiB")
+    lines.append(f"  {'peak':<22}{p['total_bytes'] / GiB:>10.2f}   of {p['gpu_bytes'] / GiB:.0f} GiB "
+                 f"(params, optimizer, buffers and runtime + the {p['peak_phase'].replace('_', ' ')} phase)")
     lines += ["", f"dominant term: {p['dominant']}",
               f"host memory per node for activations: {p['host_bytes_per_node'] / GiB:.1f} GiB "
               f"of {p['host_limit_bytes'] / GiB:.0f} GiB",
