@@ -138,6 +138,7 @@ def _dispatch(args) -> int:
 
 def _train(args) -> int:
     from .parallel import mesh
+    from .parallel.health import RankFailure
     from .recipes import schema
     from .train.build import build
     from .train.trainer import NonFiniteLossError, train
@@ -145,13 +146,13 @@ def _train(args) -> int:
     recipe = schema.load(args.recipe, args.overrides)  # fails before any work starts
     try:
         run = build(recipe)
-        train(run)
-    except NonFiniteLossError as e:
+        stopped = train(run)["stopped"]
+    except (NonFiniteLossError, RankFailure) as e:
         print(f"longctx: error: {e}", file=sys.stderr)
         return 1
     finally:
         mesh.destroy()
-    return 0
+    return 128 + stopped if stopped else 0  # stopped by a signal: checkpoint saved, the job did not finish
 
 
 if __name__ == "__main__":

@@ -89,8 +89,10 @@ def save_folder(
     config: ModelConfig | None = None,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 5 * 2**30,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Writes an HF folder that `AutoModelForCausalLM.from_pretrained` loads offline.
+    """Writes an HF folder that `AutoModelForCausalLM.from_pretrained` loads offline: `model`'s
+    weights, or `state` (full tensors gathered from a sharded model) with `model`'s config.
 
     Written to `<out>.tmp` and renamed when complete, so a crash never leaves half a folder.
     """
@@ -101,7 +103,8 @@ def save_folder(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     state = {
-        k: (v.to(dtype) if dtype is not None else v).detach().contiguous().cpu() for k, v in model.state_dict().items()
+        k: (v.to(dtype) if dtype is not None else v).detach().contiguous().cpu()
+        for k, v in (model.state_dict() if state is None else state).items()
     }
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0

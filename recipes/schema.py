@@ -107,6 +107,12 @@ class ParallelRecipe:
     )
     backend: Literal["auto", "gloo", "nccl"] = _f("auto", "auto = nccl on CUDA, gloo on CPU.")
     timeout_seconds: int = _f(600, "Collective timeout; a dead rank ends the job after this long.", gt=0)
+    sharding: Literal["none", "fsdp2", "deepspeed"] = _f(
+        "none", "Parameter sharding over all ranks: none = replicated (gradients all-reduced); fsdp2 = torch FSDP2, one unit per block; deepspeed = DeepSpeed ZeRO (optional extra)."
+    )
+    zero_stage: Literal[1, 2, 3] = _f(3, "deepspeed: ZeRO stage (1 optimizer states, 2 + gradients, 3 + parameters).")
+    fsdp_param_dtype: Literal["fp32", "bf16"] = _f("fp32", "fsdp2: dtype parameters are gathered in (gradients reduce in fp32).")
+    cpu_offload: bool = _f(False, "fsdp2: keep sharded parameters, gradients and optimizer states in host memory (CUDA).")
 
 
 @dataclass(kw_only=True)
@@ -320,6 +326,19 @@ def _cross_checks(r: Recipe, problems: list[str]) -> None:
         problems.append(f"eval.every={r.eval.every}: needs data.eval_fraction > 0 to hold out documents")
     if r.run.device == "cpu" and r.parallel.backend == "nccl":
         problems.append("parallel.backend='nccl': needs run.device cuda (use gloo on CPU)")
+    if r.parallel.sharding == "deepspeed":
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            problems.append("parallel.sharding='deepspeed': DeepSpeed is not installed; "
+                            "install it with DS_BUILD_OPS=0 pip install deepspeed (or pip install -e '.[deepspeed]')")
+    if r.parallel.sharding == "deepspeed" and (r.train.checkpoint_every or r.train.resume != "none" or r.train.export):
+        problems.append("parallel.sharding='deepspeed': checkpoints, resume and export are written with "
+                        "torch.distributed.checkpoint, which needs parallel.sharding fsdp2 or none")
+    if r.parallel.cpu_offload and r.parallel.sharding != "fsdp2":
+        problems.append("parallel.cpu_offload: only with parallel.sharding=fsdp2")
+    if r.parallel.cpu_offload and r.run.device == "cpu":
+        problems.append("parallel.cpu_offload: needs run.device cuda (a CPU run keeps everything in host memory already)")
     if r.train.resume not in ("none", "auto") and not Path(r.train.resume).exists():
         problems.append(f"train.resume={r.train.resume!r}: no such checkpoint (allowed: none, auto, or a checkpoint path)")
     if r.model.max_seq_len is not None and r.data.seq_len > r.model.max_seq_len and r.data.batching == "pack":

@@ -107,13 +107,26 @@ def test_resume_same_schedule_is_bitwise(tmp_path):
     assert [h["loss"] for h in rest] == [h["loss"] for h in full[2:]]
 
 
-def test_truncated_checkpoint_is_not_resumed(tmp_path):
-    _run(tmp_path, "train.max_steps=2", "train.checkpoint_every=1", name="r")
-    step2 = tmp_path / "r" / "checkpoints" / "step-2"
-    data = (step2 / "optimizer.pt").read_bytes()
-    (step2 / "optimizer.pt").write_bytes(data[:100])
-    run = build(schema.load(TINY, [f"run.dir={tmp_path / 'r'}", "train.max_steps=3", "train.resume=auto"]))
+def test_damaged_checkpoints_are_skipped_by_auto_and_refused_by_path(tmp_path, caplog):
+    """step-3 truncated mid-write (shard shorter than its manifest says), step-2 corrupted in
+    place (same size, other bytes), a leftover step-4.tmp from a crash: auto takes step-1."""
+    from longctx.models.hf import CheckpointError
+
+    _run(tmp_path, "train.max_steps=3", "train.checkpoint_every=1", "train.keep_last=3", name="r")
+    ckpts = tmp_path / "r" / "checkpoints"
+    shard = ckpts / "step-3" / "dcp" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    shard2 = ckpts / "step-2" / "dcp" / "__0_0.distcp"
+    data = bytearray(shard2.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard2.write_bytes(bytes(data))
+    (ckpts / "step-4.tmp" / "dcp").mkdir(parents=True)
+    with caplog.at_level("WARNING", logger="longctx"):
+        run = build(schema.load(TINY, [f"run.dir={tmp_path / 'r'}", "train.max_steps=4", "train.resume=auto"]))
     assert run.start_step == 1
+    assert "step-3: dcp/__0_0.distcp has" in caplog.text and "step-2: dcp/__0_0.distcp does not match" in caplog.text
+    with pytest.raises(CheckpointError, match="truncated"):
+        build(schema.load(TINY, [f"run.dir={tmp_path / 'x'}", f"train.resume={ckpts / 'step-3'}"]))
 
 
 def test_wandb_offline_writes_a_local_run(tmp_path, monkeypatch):

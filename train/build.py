@@ -34,6 +34,7 @@ from ..models.config import ModelConfig, RopeConfig
 from ..models.hf import CheckpointError, convert_gguf, load_model_folder, load_weights
 from ..models.llama import CausalLM
 from ..parallel import mesh as mesh_lib
+from ..parallel import sharding
 from ..parallel.attention import SequenceParallelAttention
 from ..recipes.schema import Recipe, RecipeError, check_world
 from . import checkpoint as ckpt
@@ -59,6 +60,7 @@ class Run:
     autocast_dtype: torch.dtype | None
     pad_id: int = 0
     sp_attention: SequenceParallelAttention | None = None
+    engine: object | None = None  # the DeepSpeed engine under parallel.sharding=deepspeed
     start_step: int = 0
     tokens_seen: int = 0
     describe: dict | None = None
@@ -168,6 +170,14 @@ def build_model(recipe: Recipe, mesh: mesh_lib.Mesh) -> tuple[CausalLM, Path | N
         load_weights(model, model_dir)
     model = model.to(mesh.device)
     model.memory = apply_memory(model, recipe, mesh, sp_attention)
+    if recipe.parallel.sharding == "fsdp2":
+        try:
+            sharding.fully_shard_model(
+                model, model.model.layers, mesh.device,
+                param_dtype=torch.bfloat16 if recipe.parallel.fsdp_param_dtype == "bf16" else None,
+                reduce_dtype=torch.float32, cpu_offload=recipe.parallel.cpu_offload)
+        except sharding.ShardingError as e:
+            raise RecipeError(str(e)) from None
     return model, model_dir, sp_attention
 
 
@@ -295,6 +305,12 @@ def build(recipe: Recipe) -> Run:
         autocast_dtype=torch.bfloat16 if recipe.run.dtype == "bf16" else None, pad_id=pad_id,
         sp_attention=sp_attention,
     )
+    if recipe.parallel.sharding == "deepspeed":
+        try:
+            run.engine = sharding.deepspeed_engine(model, optimizer, recipe.parallel.zero_stage, t.clip_grad_norm,
+                                                   recipe.run.dtype == "bf16")
+        except sharding.ShardingError as e:
+            raise RecipeError(str(e)) from None
     _maybe_resume(run)
     run.describe = {
         "device": str(mesh.device), "world": mesh.world, "dp": mesh.dp_world,
@@ -309,21 +325,29 @@ def build(recipe: Recipe) -> Run:
 
 
 def _maybe_resume(run: Run) -> None:
+    """train.resume: auto = the newest checkpoint that verifies (others skipped with a warning);
+    a path = that checkpoint, or an error saying what is wrong with it. Rank 0 picks, all load."""
     resume = run.recipe.train.resume
     if resume == "none":
         return
-    root = run.run_dir / "checkpoints"
     if resume == "auto":
-        found = ckpt.complete_checkpoints(root)
-        if not found:
+        step = -1
+        if run.mesh.is_main:
+            found = ckpt.newest_valid(run.run_dir / "checkpoints")
+            step = int(found.name.removeprefix("step-")) if found else -1
+        if run.mesh.world > 1:  # every rank must load the same one
+            chosen = torch.tensor([step], dtype=torch.int64)
+            dist.broadcast(chosen, src=0)
+            step = int(chosen.item())
+        if step < 0:
             return
-        folder = found[-1]
+        folder = run.run_dir / "checkpoints" / f"step-{step}"
     else:
         folder = Path(resume)
-        if not ckpt.is_complete(folder):
-            raise CheckpointError(f"train.resume={resume!r}: not a complete checkpoint (no valid manifest.json)")
-    load_weights(run.model, folder)
-    state = ckpt.load_training_state(folder, run.optimizer, run.scheduler)
+        why = ckpt.problem(folder)
+        if why is not None:
+            raise CheckpointError(f"train.resume={resume!r}: not a usable checkpoint: {why}")
+    state = ckpt.load(folder, run.model, run.optimizer, run.scheduler)
     run.start_step, run.tokens_seen = state["step"], state["tokens"]
     sampler = getattr(run.data, "sampler", None)
     if sampler is not None and "sampler" in state:
@@ -331,7 +355,6 @@ def _maybe_resume(run: Run) -> None:
             sampler.load_state_dict(state["sampler"])
         except SamplerError as e:
             raise CheckpointError(f"{folder}: {e}") from None
-    torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
     if run.mesh.is_main:
         log.info("resumed from %s at step %d", folder, run.start_step)
 

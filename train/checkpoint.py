@@ -1,42 +1,143 @@
-"""Checkpoints of replicated (single-process or data-parallel) runs.
+"""Distributed checkpoints with exact resume (torch.distributed.checkpoint, DCP).
 
-A checkpoint folder is an HF model folder (config.json + model.safetensors + tokenizer files)
-plus optimizer.pt, trainer_state.json and manifest.json (sizes). It is written to
-`<name>.tmp` and renamed when complete, so a crash mid-save never damages the last good one;
-only folders with a manifest count as complete.
+    step-N/
+      dcp/                 model and optimizer tensors: `.metadata` + one `__<rank>_0.distcp` per rank;
+                           FSDP2's sharded parameters are saved as shards and resharded on load to
+                           whatever world size loads them (export reads them in one process)
+      config.json          the model's HF config (+ tokenizer files): what export needs
+      trainer_state.json   step, token count, world/dp/sp/sharding, scheduler, the optimizer's
+                           hyper-parameters, the sampler's state
+      rng/rank-<r>.pt      each rank's RNG states (tensors only)
+      manifest.json        every file's size and sha256, written last
+
+Every rank writes its shard into `step-N.tmp`; rank 0 writes the manifest and renames the folder
+when all ranks are done, so a crash mid-save never damages the last good checkpoint and a
+half-written folder is never taken for one. The folder must be on a filesystem every rank sees.
+
+Nothing is unpickled: DCP's own non-tensor path pickles, so only tensors go through DCP and the
+rest is JSON; `torch.load(weights_only=True)` reads the RNG files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from ..models.hf import save_folder
+from ..models.hf import CheckpointError, copy_tokenizer
 
+log = logging.getLogger("longctx")
 MANIFEST = "manifest.json"
+STATE = "trainer_state.json"
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
-class CheckpointError(ValueError):
-    pass
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
-def save(folder: Path, model, optimizer, scheduler, state: dict, tokenizer_dir: Path | None, keep_last: int) -> Path:
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def _split_optimizer(flat: dict) -> tuple[dict, dict]:
+    """(tensors for DCP, JSON-able hyper-parameters) of a flattened optimizer state dict."""
+    tensors = {k: v for k, v in flat.items() if isinstance(v, torch.Tensor)}
+    hparams = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flat.items() if k not in tensors}
+    return tensors, hparams
+
+
+def save(folder: Path, model, optimizer, scheduler, state: dict, keep_last: int,
+         tokenizer_dir: Path | None = None) -> Path:
+    """Collective: every rank calls it. `state` is JSON (step, tokens, sampler, ...)."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
-    save_folder(model, tmp, tokenizer_dir=tokenizer_dir)  # writes tmp.tmp, renames to tmp
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-    sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-    (tmp / MANIFEST).write_text(json.dumps({"files": sizes}, indent=2))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-    _prune(folder.parent, keep_last)
+    rank = _rank()
+    if rank == 0 and tmp.exists():
+        shutil.rmtree(tmp)  # a crashed earlier attempt
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
+    optim_tensors, hparams = _split_optimizer(optim_sd)
+    dcp.save({"model": model_sd, "optim": optim_tensors}, checkpoint_id=tmp / "dcp", no_dist=not _distributed())
+    (tmp / "rng").mkdir(parents=True, exist_ok=True)
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, tmp / "rng" / f"rank-{rank}.pt")
+    if rank == 0:
+        full = {**state, "scheduler": scheduler.state_dict(), "optimizer_hparams": hparams,
+                "world": dist.get_world_size() if _distributed() else 1}
+        (tmp / STATE).write_text(json.dumps(full, indent=1))
+        (tmp / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2) + "\n")
+        if tokenizer_dir is not None:
+            copy_tokenizer(tokenizer_dir, tmp)
+    _barrier()
+    if rank == 0:
+        _write_manifest(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+        _prune(folder.parent, keep_last)
+    _barrier()
     return folder
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_manifest(folder: Path) -> None:
+    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in _files(folder)}
+    part = folder / (MANIFEST + ".part")
+    part.write_text(json.dumps({"files": files}, indent=1))
+    os.replace(part, folder / MANIFEST)
+
+
+def problem(folder: Path, hashes: bool = True) -> str | None:
+    """Why `folder` is not a complete checkpoint (None when it is): no manifest, a file missing,
+    of the wrong size or (with hashes) with other contents than when it was written."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return f"no {MANIFEST} (an interrupted save?)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return f"{MANIFEST} is unreadable"
+    for name, meta in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != meta["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {meta['bytes']} (truncated?)"
+        if hashes and _sha256(path) != meta["sha256"]:
+            return f"{name} does not match its sha256 in the manifest (corrupt)"
+    return None
+
+
+def is_complete(folder: Path, hashes: bool = False) -> bool:
+    return problem(folder, hashes) is None
 
 
 def _step_of(path: Path) -> int:
@@ -46,22 +147,24 @@ def _step_of(path: Path) -> int:
         return -1
 
 
-def complete_checkpoints(root: Path) -> list[Path]:
-    if not root.is_dir():
+def step_folders(root: Path) -> list[Path]:
+    if not Path(root).is_dir():
         return []
-    found = [p for p in root.glob("step-*") if p.is_dir() and _step_of(p) >= 0 and is_complete(p)]
-    return sorted(found, key=_step_of)
+    return sorted((p for p in Path(root).glob("step-*") if p.is_dir() and _step_of(p) >= 0), key=_step_of)
 
 
-def is_complete(folder: Path) -> bool:
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
-        return False
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (json.JSONDecodeError, KeyError):
-        return False
-    return all((folder / n).is_file() and (folder / n).stat().st_size == s for n, s in files.items() if n != MANIFEST)
+def complete_checkpoints(root: Path) -> list[Path]:
+    return [p for p in step_folders(root) if is_complete(p)]
+
+
+def newest_valid(root: Path) -> Path | None:
+    """`resume: auto`: the newest checkpoint that verifies; the ones skipped get a warning."""
+    for folder in reversed(step_folders(root)):
+        why = problem(folder)
+        if why is None:
+            return folder
+        log.warning("resume: skipping %s: %s", folder, why)
+    return None
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -69,10 +172,30 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_training_state(folder: Path, optimizer, scheduler) -> dict:
-    if not is_complete(folder):
-        raise CheckpointError(f"{folder}: not a complete checkpoint (missing or mismatched {MANIFEST})")
-    blob = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
-    return json.loads((folder / "trainer_state.json").read_text())
+def load(folder: Path, model, optimizer, scheduler) -> dict:
+    """Collective: restores model, optimizer and scheduler in place (resharding model and
+    optimizer to this run's world size) and this rank's RNG; returns the trainer state."""
+    folder = Path(folder)
+    state = json.loads((folder / STATE).read_text())
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
+    optim_tensors, _ = _split_optimizer(optim_sd)
+    try:
+        dcp.load({"model": model_sd, "optim": optim_tensors}, checkpoint_id=folder / "dcp", no_dist=not _distributed())
+    except Exception as e:  # noqa: BLE001 - DCP raises CheckpointException, RuntimeError, KeyError, ...
+        raise CheckpointError(f"{folder}: the model/optimizer do not match this checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:300]})") from None
+    hparams = {k: (tuple(v) if isinstance(v, list) else v) for k, v in state["optimizer_hparams"].items()}
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict={**optim_tensors, **hparams},
+                   options=_OPTIONS)
+    scheduler.load_state_dict(state["scheduler"])
+    rng_file = folder / "rng" / f"rank-{_rank()}.pt"
+    world = dist.get_world_size() if _distributed() else 1
+    if rng_file.is_file() and state.get("world") == world:
+        rng = torch.load(rng_file, map_location="cpu", weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    elif _rank() == 0:
+        log.warning("resume: %s was written by %s ranks, this run has %d: weights and optimizer resharded, "
+                    "RNG states not restored", folder, state.get("world"), world)
+    return state

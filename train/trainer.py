@@ -11,18 +11,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import signal
+import threading
 import time
+from pathlib import Path
 
 import torch
 
 from ..kernels.capability import peak_memory_bytes
 from ..parallel import layout
 from ..parallel.data_parallel import all_reduce_gradients, all_reduce_sum
+from ..parallel.health import Heartbeat, RankFailure
 from ..parallel.p2p import communicator
+from ..parallel.sharding import clip_grad_norm
 from ..recipes import schema
 from . import checkpoint as ckpt
 from .build import Run
-from .export import save_folder
+from .export import full_state_dict, save_folder
 from .metrics import Console, Jsonl, Metrics, WandB
 
 log = logging.getLogger("longctx")
@@ -96,22 +102,29 @@ def train_step(run: Run, step: int) -> dict:
     valid = all_reduce_sum(torch.tensor([(labels != IGNORE_INDEX).sum().item()], dtype=torch.float64), mesh.grad_group)
     global_valid = valid.item()
     loss_sum = torch.zeros((), dtype=torch.float64)
-    for x, y, pos in _micro_batches(r, inputs, labels, positions):
+    parts = list(_micro_batches(r, inputs, labels, positions))
+    for i, (x, y, pos) in enumerate(parts):
         with _autocast(run):
-            loss = model(x, position_ids=pos, labels=y, seq_len=seq_len)
-        (loss / global_valid).backward()
+            loss = (run.engine or model)(x, position_ids=pos, labels=y, seq_len=seq_len)
+        if run.engine is None:
+            (loss / global_valid).backward()
+        else:  # DeepSpeed averages over ranks: scale to a sum; reduce at the last micro-batch
+            run.engine.set_gradient_accumulation_boundary(i == len(parts) - 1)
+            run.engine.backward(loss * (mesh.world / global_valid), scale_wrt_gas=False)
         loss_sum += loss.detach().double().cpu()
     all_reduce_sum(loss_sum, mesh.grad_group)
     mean_loss = (loss_sum / global_valid).item()
     if not math.isfinite(mean_loss):
-        run.optimizer.zero_grad(set_to_none=True)
+        (run.engine or run.optimizer).zero_grad()
         raise NonFiniteLossError(
             f"step {step + 1}: loss is {mean_loss} (non-finite); the step was not applied. "
             f"Lower train.lr or check the data; resume from the last checkpoint in {run.run_dir / 'checkpoints'}"
         )
-    all_reduce_gradients(model.parameters(), mesh.grad_group)
-    clip = r.train.clip_grad_norm
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
+    if run.engine is not None:
+        return _deepspeed_step(run, step, mean_loss, global_valid, seq_len, inputs)
+    if r.parallel.sharding == "none":  # FSDP2 reduce-scattered them in backward
+        all_reduce_gradients(model.parameters(), mesh.grad_group)
+    grad_norm = clip_grad_norm(model.parameters(), r.train.clip_grad_norm)
     if not torch.isfinite(grad_norm):
         run.optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLossError(f"step {step + 1}: gradient norm is {grad_norm.item()}; the step was not applied")
@@ -119,7 +132,24 @@ def train_step(run: Run, step: int) -> dict:
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    out = {"loss": mean_loss, "grad_norm": grad_norm.item(), "lr": lr, "step_tokens": int(global_valid),
+    return _step_record(run, mean_loss, grad_norm.item(), lr, global_valid, seq_len, inputs)
+
+
+def _deepspeed_step(run: Run, step: int, mean_loss: float, global_valid: float, seq_len, inputs) -> dict:
+    """engine.step clips (gradient_clipping), steps ZeRO's optimizer and zeroes the gradients."""
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.engine.step()
+    grad_norm = run.engine.get_global_grad_norm()
+    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+    if not math.isfinite(grad_norm):
+        raise NonFiniteLossError(f"step {step + 1}: gradient norm is {grad_norm}; DeepSpeed skipped the step")
+    run.scheduler.step()
+    return _step_record(run, mean_loss, grad_norm, lr, global_valid, seq_len, inputs)
+
+
+def _step_record(run: Run, mean_loss: float, grad_norm: float, lr: float, global_valid: float, seq_len, inputs) -> dict:
+    mesh = run.mesh
+    out = {"loss": mean_loss, "grad_norm": grad_norm, "lr": lr, "step_tokens": int(global_valid),
            "seq_len": int(seq_len or inputs.shape[1]),
            "rows": int(inputs.shape[0]) * mesh.world // (run.sp_attention.sp if run.sp_attention else 1)}
     if run.sp_attention is not None:
@@ -153,20 +183,62 @@ def evaluate(run: Run) -> float:
     return (total[0] / total[1]).item()
 
 
-def save_checkpoint(run: Run, step: int) -> None:
-    if run.mesh.is_main:
-        state = {"step": step, "tokens": run.tokens_seen, "torch_rng": torch.get_rng_state().tolist()}
-        sampler = getattr(run.data, "sampler", None)
-        if sampler is not None:
-            sampler.step = step
-            state["sampler"] = sampler.state_dict()
-        folder = run.run_dir / "checkpoints" / f"step-{step}"
-        ckpt.save(folder, run.model, run.optimizer, run.scheduler, state, run.tokenizer_dir, run.recipe.train.keep_last)
-    if run.mesh.world > 1:
-        torch.distributed.barrier()
+def save_checkpoint(run: Run, step: int) -> Path:
+    """Collective (every rank writes its shard): model, optimizer, scheduler, sampler, RNG, counters."""
+    state = {"step": step, "tokens": run.tokens_seen, "dp": run.mesh.dp_world, "sp": run.mesh.sp_world,
+             "sharding": run.recipe.parallel.sharding}
+    sampler = getattr(run.data, "sampler", None)
+    if sampler is not None:
+        sampler.step = step
+        state["sampler"] = sampler.state_dict()
+    folder = run.run_dir / "checkpoints" / f"step-{step}"
+    return ckpt.save(folder, run.model, run.optimizer, run.scheduler, state, run.recipe.train.keep_last,
+                     tokenizer_dir=run.tokenizer_dir)
+
+
+class StopSignal:
+    """SIGTERM/SIGINT ask the run to stop after the current step with a checkpoint (a second
+    SIGINT interrupts at once). Ranks agree on stopping through a max all-reduce of the flag."""
+
+    def __init__(self):
+        self.signum = 0
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def agreed(self, group) -> int:
+        flag = torch.tensor([self.signum], dtype=torch.int64)
+        if group is not None:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+        return int(flag.item())
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _guarded(run: Run, heartbeat: Heartbeat | None, step: int, fn, *args):
+    """Runs fn; a failed collective becomes a RankFailure naming the rank that is gone."""
+    try:
+        return fn(*args)
+    except RuntimeError as e:
+        if heartbeat is None:
+            raise
+        why = heartbeat.diagnose(step)
+        if not why:
+            raise
+        raise RankFailure(f"rank {run.mesh.rank}: step {step} failed in a collective: {why} "
+                          f"(first error: {str(e).splitlines()[0][:200]})") from e
 
 
 def train(run: Run) -> dict:
+    """The loop. Returns {"history": [...], "stopped": signal number or 0}."""
     r, mesh = run.recipe, run.mesh
     run.run_dir.mkdir(parents=True, exist_ok=True)
     if mesh.is_main:
@@ -174,12 +246,17 @@ def train(run: Run) -> dict:
         log.info("run: %s", run.describe)
     metrics = _sinks(run)
     history = []
+    stop = StopSignal()
+    heartbeat = Heartbeat(mesh.rank, mesh.world) if mesh.world > 1 and "MASTER_ADDR" in os.environ else None
     eval_before = evaluate(run) if r.eval.every and run.start_step == 0 else None
+    stopped = 0
     try:
         run.model.train()
         for step in range(run.start_step, r.train.max_steps):
+            if heartbeat is not None:
+                heartbeat.step(step + 1)
             t0 = time.perf_counter()
-            out = train_step(run, step)
+            out = _guarded(run, heartbeat, step + 1, train_step, run, step)
             seconds = time.perf_counter() - t0
             run.tokens_seen += out["step_tokens"]
             record = {
@@ -199,18 +276,31 @@ def train(run: Run) -> dict:
             history.append(record)
             if (step + 1) % r.log.every == 0 or step + 1 == r.train.max_steps:
                 metrics.log(record)
-            if r.train.checkpoint_every and (step + 1) % r.train.checkpoint_every == 0:
-                save_checkpoint(run, step + 1)
-        if r.train.export:
+            saved = bool(r.train.checkpoint_every and (step + 1) % r.train.checkpoint_every == 0)
+            if saved:
+                _guarded(run, heartbeat, step + 1, save_checkpoint, run, step + 1)
+            stopped = _guarded(run, heartbeat, step + 1, stop.agreed, mesh.grad_group)
+            if stopped:
+                if not saved:
+                    _guarded(run, heartbeat, step + 1, save_checkpoint, run, step + 1)
+                if mesh.is_main:
+                    log.warning("stopped by %s after step %d; checkpoint saved in %s", signal.Signals(stopped).name,
+                                step + 1, run.run_dir / "checkpoints" / f"step-{step + 1}")
+                break
+        if r.train.export and not stopped:
             export(run)
     finally:
+        stop.restore()
+        if heartbeat is not None:
+            heartbeat.stop()
         metrics.close()
-    return {"history": history}
+    return {"history": history, "stopped": stopped}
 
 
 def export(run: Run) -> None:
+    state = full_state_dict(run.model)  # collective under FSDP2
     if run.mesh.is_main:
-        out = save_folder(run.model, run.run_dir / "export", tokenizer_dir=run.tokenizer_dir)
+        out = save_folder(run.model, run.run_dir / "export", tokenizer_dir=run.tokenizer_dir, state=state)
         log.info("exported HF model to %s", out)
     if run.mesh.world > 1:
         torch.distributed.barrier()
