@@ -43,10 +43,9 @@ def _model(name: str):
 
 
 def _tiny_config() -> dict:
-    from omegaconf import OmegaConf
+    from longctx.recipes import schema
 
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
-    return OmegaConf.to_container(OmegaConf.load(recipe).model.config)
+    return schema.load(Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml", []).model.config
 
 
 def _case(name: str, repeats: int) -> dict:

@@ -58,10 +58,6 @@ def fully_shard_model(model: torch.nn.Module, blocks, device: torch.device, para
     return model
 
 
-def is_sharded(model: torch.nn.Module) -> bool:
-    return any(isinstance(p, _dtensor_type()) for p in model.parameters())
-
-
 def _dtensor_type():
     from torch.distributed.tensor import DTensor
 

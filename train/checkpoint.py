@@ -136,10 +136,6 @@ def problem(folder: Path, hashes: bool = True) -> str | None:
     return None
 
 
-def is_complete(folder: Path, hashes: bool = False) -> bool:
-    return problem(folder, hashes) is None
-
-
 def _step_of(path: Path) -> int:
     try:
         return int(path.name.removeprefix("step-"))
@@ -154,7 +150,7 @@ def step_folders(root: Path) -> list[Path]:
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
-    return [p for p in step_folders(root) if is_complete(p)]
+    return [p for p in step_folders(root) if problem(p, hashes=False) is None]
 
 
 def newest_valid(root: Path) -> Path | None:
