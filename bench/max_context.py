@@ -3,9 +3,15 @@ activation checkpointing vs longctx (CCE + block recomputation), predicted by th
 behind `longctx plan` and checked against measured peak RSS.
 
 Each case is a fresh subprocess running a warm-up step at 256 tokens (so AdamW's states exist,
-as in every later step) and then one optimizer step (forward, backward, AdamW) at one length, batch 1, fp32, optionally with the model cut to its first `layers` blocks (so long lengths
-take minutes, not hours); it prints the measured peak RSS next to the prediction for the same
-model, length and process baseline (RSS after imports, measured in the case).
+as in every later step) and then one optimizer step (forward, backward, AdamW) at one length,
+batch 1, fp32, optionally with the model cut to its first `layers` blocks (so long lengths take
+minutes, not hours); it prints the measured peak RSS next to the prediction for the same
+model, length and process baseline. The baseline (`runtime_bytes`) is the RSS right before the
+step less the parameters and AdamW's states counted from the live tensors (which the row also
+gives next to the model's count): the interpreter, torch, transformers, their scratch buffers and
+pages the allocator kept from the warm-up (~110 MB beyond the tensors on this machine). The peak
+is the step's: the kernel's peak-RSS mark (VmHWM) is reset right before it, so loading the full
+model before cutting it does not count.
 
 Cases run with glibc's mmap threshold fixed at 1 MiB (MALLOC_MMAP_THRESHOLD_): by default the
 threshold grows with each freed block up to 32 MiB, so the [tokens, hidden] tensors of an 8K
@@ -31,6 +37,25 @@ GiB = 1 << 30
 MMAP_THRESHOLD = 1 << 20
 
 
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak() -> int:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS and return it, so the measured
+    peak is the step's, not model loading's (the full model is loaded before it is cut)."""
+    import gc
+
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_bytes("VmRSS")
+
+
 def _shape(layers: int):
     from longctx.models.hf import load_model_folder
     from longctx.train.build import default_model_dir, model_shape
@@ -54,7 +79,6 @@ def _case(impl: str, seq_len: int, layers: int) -> dict:
     from longctx.train.build import default_model_dir
 
     folder = default_model_dir()
-    runtime = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # after imports
     tokens = torch.randint(0, 49152, (1, seq_len + 1), generator=torch.Generator().manual_seed(0))
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     if impl == "hf":
@@ -65,6 +89,7 @@ def _case(impl: str, seq_len: int, layers: int) -> dict:
         model.config.num_hidden_layers = layers
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+        model.train()  # from_pretrained returns eval mode, where transformers skips checkpointing
 
         def loss_of(x, y):
             return model(x, labels=y, shift_labels=y).loss
@@ -84,17 +109,26 @@ def _case(impl: str, seq_len: int, layers: int) -> dict:
     loss_of(inputs[:, :256], labels[:, :256]).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    before = _reset_peak()
+    # the process baseline: what is resident before the step besides parameters and AdamW's states
+    # (interpreter, libraries, their scratch and the allocator's retained pages after a step)
+    state = [p for p in model.parameters()] + [t for st in optimizer.state.values() for t in st.values()]
+    state_bytes = sum(t.numel() * t.element_size() for t in state if isinstance(t, torch.Tensor))
+    runtime = before - state_bytes
     t0 = time.perf_counter()
     loss = loss_of(inputs, labels)
     loss.backward()
     optimizer.step()
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status_bytes("VmHWM")
     pred = _predict(impl, seq_len, layers, runtime)
     return {
         "impl": "transformers_ckpt" if impl == "hf" else "longctx_cce_recompute", "seq_len": seq_len,
         "layers": layers, "dtype": "fp32", "measured_peak_bytes": peak, "predicted_peak_bytes": int(pred.total),
         "prediction_error": round(pred.total / peak - 1, 4), "runtime_bytes": runtime,
+        "rss_before_step_bytes": before, "params_optimizer_bytes": state_bytes,
+        "predicted_params_optimizer_bytes": int(pred.terms["params"] + pred.terms["optimizer"]),
+        "process_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "predicted_terms_gib": {k: round(v / GiB, 3) for k, v in pred.terms.items()},
         "predicted_peak_phase": pred.peak_phase,
         "step_seconds": round(seconds, 1), "loss": round(loss.item(), 4), "threads": torch.get_num_threads(),
@@ -126,10 +160,13 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
     from longctx.memory.estimate import longest_fitting
 
-    runtime = min((r["runtime_bytes"] for r in rows if "runtime_bytes" in r), default=0.5 * GiB)
+    def baseline(impl: str) -> float:  # the measured process baseline of that implementation
+        return max((r["runtime_bytes"] for r in rows if r.get("impl", "").startswith(impl)), default=0.6 * GiB)
+
     budget = args.budget_gib * GiB
-    hf = longest_fitting(lambda n: _predict("hf", n, 30, runtime), budget, lo=1024, step=1024)
-    ours = longest_fitting(lambda n: _predict("longctx", n, 30, runtime), budget, lo=1024, step=1024)
+    hf_base, our_base = baseline("transformers"), baseline("longctx")
+    hf = longest_fitting(lambda n: _predict("hf", n, 30, hf_base), budget, lo=1024, step=1024)
+    ours = longest_fitting(lambda n: _predict("longctx", n, 30, our_base), budget, lo=1024, step=1024)
     errors = [abs(r["prediction_error"]) for r in rows if "prediction_error" in r]
     print(json.dumps({"summary": {
         "budget_gib": args.budget_gib, "predicted_longest_transformers_ckpt": hf, "predicted_longest_longctx": ours,

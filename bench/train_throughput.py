@@ -33,6 +33,7 @@ def _case(impl: str, seq_len: int, checkpointing: bool, steps: int, loss_impl: s
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+        model.train()  # from_pretrained returns eval mode, where transformers skips checkpointing
 
         def step(x, y):
             # transformers' own loss; shift_labels gives it exactly our (already shifted) targets

@@ -30,11 +30,12 @@ from dataclasses import asdict, dataclass, field
 from .plan import LayerBytes, plan_alpha
 
 GiB = 1 << 30
-# Gradient temporaries of one block's backward, in fp32 values per token: the MLP's gate/up/
-# product gradients (3 x intermediate) and a few hidden-sized buffers (dx, residual, norm). Fitted
-# to measured CPU peaks of SmolLM2-135M (bench/max_context.py); see the docstring.
-WORKSPACE_INTERMEDIATE = 3.0
-WORKSPACE_HIDDEN = 4.0
+# Gradient temporaries live at the peak of one block's backward (on top of its recomputed saved
+# tensors), in values per token: one intermediate-sized buffer. Fitted to the slope of measured
+# CPU step peaks of SmolLM2-135M cut to one block at 8K-156K tokens (62.0 KB/token, of which 44.6
+# KB are the recomputed tensors; bench/max_context.py).
+WORKSPACE_INTERMEDIATE = 1.0
+WORKSPACE_HIDDEN = 0.0
 
 
 @dataclass(frozen=True)
@@ -239,10 +240,11 @@ def hf_checkpointing_estimate(m: ModelShape, seq_len: int, autocast: bool, runti
     return e
 
 
-# [N, V] bytes per logit in transformers' loss path (logits, fp32 upcast, log-softmax, their
-# gradients and the allocator's slack): fitted to the slope of measured peaks of SmolLM2-135M,
-# fp32, with checkpointing on CPU at 2K and 4K tokens (6.19 and 10.15 GB; bench/max_context.py).
-HF_LOGIT_BYTES_PER_VOCAB_ENTRY = 40.0
+# [N, V] bytes per logit in transformers' loss path (logits, log-softmax, their gradients and the
+# allocator's slack): fitted to the slope of measured step peaks of SmolLM2-135M, fp32, with
+# checkpointing on CPU at 2K and 4K tokens (3.95 and 7.93 GB above the process baseline,
+# parameters and AdamW states; bench/max_context.py).
+HF_LOGIT_BYTES_PER_VOCAB_ENTRY = 12.0
 
 
 def longest_fitting(fn, budget: float, lo: int = 1024, hi: int = 1 << 24, step: int = 1024) -> int:

@@ -238,6 +238,25 @@ def test_plan_cli_reports_terms_and_longest_length(capsys):
     assert "--gpu-mem" in capsys.readouterr().err
 
 
+def test_plan_lowers_alpha_where_auto_overflows_the_gpu():
+    """With ample host memory, alpha auto (bandwidth and host bounds only) overflows 80 GiB at 1M
+    tokens; the plan lowers it to the largest alpha that fits, and says so."""
+    from longctx.memory.estimate import GiB, Setting, estimate
+    from longctx.train.plan_report import KNOWN_SHAPES, format_plan, plan
+
+    shape = KNOWN_SHAPES["meta-llama/Llama-3.1-8B"]
+    r = {"sp_degree": 8, "autocast": True, "policy": "memo", "alpha": "auto", "tier": "host", "resident_layers": 2,
+         "loss": "cce", "seq_len": 1 << 20}
+    auto = estimate(shape, Setting(seq_len=1 << 20, sp=8, dp=8, sharding="fsdp2", host_bytes_per_node=2048 * GiB,
+                                   device_bytes=80 * GiB))
+    assert auto.total > 80 * GiB
+    p = plan(shape, r, 8, 80 * GiB, 2048 * GiB)
+    assert p["alpha_binding"] == "device_memory" and 0 < p["alpha"] < auto.alpha
+    assert p["fits"] and p["total_bytes"] <= 80 * GiB
+    assert plan(shape, r, 8, 80 * GiB, 2048 * GiB, seq_len=1 << 17)["alpha_binding"] != "device_memory"
+    assert f"memory.alpha: {p['alpha']:.2f}" in format_plan(p)
+
+
 def test_estimate_peak_is_persistent_terms_plus_the_largest_phase():
     """The loss head's slab and a block's backward workspace are never live together: the peak
     takes the larger phase, so growing the vocabulary moves the peak only once the loss phase binds."""

@@ -43,12 +43,27 @@ def plan(shape: ModelShape, r: dict, gpus: int, gpu_mem: float, host_mem: float,
     per_node = gpus_per_node or min(gpus, 8)
     length = seq_len or r["seq_len"]
 
-    def at(n: int):
-        return estimate(shape, setting_for(r, gpus, gpu_mem, host_mem, per_node, n, sharding, runtime_bytes,
-                                           tflops * 1e12, link_gbps * 1e9))
+    def at(n: int, alpha=r["alpha"]):
+        return estimate(shape, setting_for(dict(r, alpha=alpha), gpus, gpu_mem, host_mem, per_node, n, sharding,
+                                           runtime_bytes, tflops * 1e12, link_gbps * 1e9))
 
-    e = at(length)
-    longest = longest_fitting(lambda n: at(n), gpu_mem, lo=1024 * r["sp_degree"], step=1024 * r["sp_degree"])
+    def fitted(n: int):
+        """MEMO's alpha bounds (bandwidth, host memory) say nothing of the GPU, yet a larger alpha
+        grows its staging buffers and resident layers: where `auto` overflows the GPU, lower alpha to
+        the largest that fits (the recipe must then set it: the trainer plans only the two bounds)."""
+        e = at(n)
+        if r["policy"] != "memo" or r["alpha"] != "auto" or e.total <= gpu_mem or at(n, 0.0).total > gpu_mem:
+            return e
+        lo, hi = 0.0, e.alpha
+        while hi - lo > 1e-3:
+            lo, hi = ((lo + hi) / 2, hi) if at(n, (lo + hi) / 2).total <= gpu_mem else (lo, (lo + hi) / 2)
+        lo = int(lo * 100) / 100  # a value to write in the recipe, rounded down
+        e = at(n, lo)
+        e.alpha_binding = "device_memory"
+        return e
+
+    e = fitted(length)
+    longest = longest_fitting(fitted, gpu_mem, lo=1024 * r["sp_degree"], step=1024 * r["sp_degree"])
     fits_host = e.host_bytes_per_node <= host_mem
     return {
         "model_params": shape.params(), "gpus": gpus, "gpus_per_node": per_node, "sharding": sharding,
@@ -76,4 +91,6 @@ def format_plan(p: dict) -> str:
               f"of {p['host_limit_bytes'] / GiB:.0f} GiB",
               f"step time (modelled): {p['step_seconds']:.1f} s, {p['tokens_per_second_per_gpu']:.0f} tokens/s/GPU",
               f"fits: {'yes' if p['fits'] else 'NO'}; longest sequence that fits: {p['longest_seq_len']:,} tokens"]
+    if p["alpha_binding"] == "device_memory":
+        lines.append(f"alpha auto overflows the GPU at this length: set memory.alpha: {p['alpha']:.2f} in the recipe")
     return "\n".join(lines)
