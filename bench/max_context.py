@@ -112,7 +112,7 @@ def _case(impl: str, seq_len: int, layers: int) -> dict:
     before = _reset_peak()
     # the process baseline: what is resident before the step besides parameters and AdamW's states
     # (interpreter, libraries, their scratch and the allocator's retained pages after a step)
-    state = [p for p in model.parameters()] + [t for st in optimizer.state.values() for t in st.values()]
+    state = list(model.parameters()) + [t for st in optimizer.state.values() for t in st.values()]
     state_bytes = sum(t.numel() * t.element_size() for t in state if isinstance(t, torch.Tensor))
     runtime = before - state_bytes
     t0 = time.perf_counter()
@@ -137,7 +137,7 @@ def _case(impl: str, seq_len: int, layers: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--cases", default="hf:2048:30,hf:4096:30,longctx:4096:30,longctx:8192:30,longctx:32768:1")
+    p.add_argument("--cases", default="hf:2048:30,hf:4096:30,hf:8192:30,longctx:4096:30,longctx:8192:30,longctx:8192:4,longctx:32768:1")
     p.add_argument("--budget-gib", type=float, default=24.0, help="memory of the machine to fit in")
     p.add_argument("--case", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

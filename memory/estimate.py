@@ -35,7 +35,6 @@ GiB = 1 << 30
 # CPU step peaks of SmolLM2-135M cut to one block at 8K-156K tokens (62.0 KB/token, of which 44.6
 # KB are the recomputed tensors; bench/max_context.py).
 WORKSPACE_INTERMEDIATE = 1.0
-WORKSPACE_HIDDEN = 0.0
 
 
 @dataclass(frozen=True)
@@ -187,7 +186,7 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
         host, staging = 0.0, 0.0
     recomputes = s.policy != "none"
     act = 2 if s.autocast else 4
-    grads_tmp = act * (WORKSPACE_INTERMEDIATE * m.intermediate + WORKSPACE_HIDDEN * m.hidden) * tokens
+    grads_tmp = act * WORKSPACE_INTERMEDIATE * m.intermediate * tokens
     workspace = grads_tmp + (base * tokens if recomputes else 0.0)
     if s.loss == "cce":
         loss_ws = 3 * 4 * min(tokens * m.vocab, 1 << 24) + 4 * m.vocab * m.hidden  # slab + dW
@@ -242,7 +241,7 @@ def hf_checkpointing_estimate(m: ModelShape, seq_len: int, autocast: bool, runti
 
 # [N, V] bytes per logit in transformers' loss path (logits, log-softmax, their gradients and the
 # allocator's slack): fitted to the slope of measured step peaks of SmolLM2-135M, fp32, with
-# checkpointing on CPU at 2K and 4K tokens (3.95 and 7.93 GB above the process baseline,
+# checkpointing on CPU at 4K and 8K tokens (2.74 and 5.47 GB above the process baseline,
 # parameters and AdamW states; bench/max_context.py).
 HF_LOGIT_BYTES_PER_VOCAB_ENTRY = 12.0
 
