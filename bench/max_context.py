@@ -1,6 +1,7 @@
 """The longest SmolLM2-135M context that trains one step on this machine: transformers with
-activation checkpointing vs longctx (CCE + block recomputation), predicted by the memory model
-behind `longctx plan` and checked against measured peak RSS.
+activation checkpointing vs longctx (CCE, blocks recomputed in 4K-token chunks, segments of
+`SEGMENT` blocks recomputed from their input), predicted by the memory model behind `longctx
+plan` and checked against measured peak RSS.
 
 Each case is a fresh subprocess running a warm-up step at 256 tokens (so AdamW's states exist,
 as in every later step) and then one optimizer step (forward, backward, AdamW) at one length,
@@ -19,7 +20,9 @@ step come from the heap, where freed blocks fragment it and peak RSS measures th
 the tensors (6.0 GB vs 3.3 GB for the same 8K step). It plays the part of PyTorch's CUDA caching
 allocator with expandable segments; both implementations run under it.
 
-  python -m longctx.bench.max_context [--cases hf:4096:30,longctx:8192:30,longctx:32768:1] [--budget-gib 24]
+  python -m longctx.bench.max_context [--cases hf:4096:30,longctx:8192:30,longctx:8192:4:2] [--budget-gib 24]
+
+A case is impl:length:blocks[:blocks per recomputed segment, longctx only, default SEGMENT].
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ import time
 
 GiB = 1 << 30
 MMAP_THRESHOLD = 1 << 20
+# longctx's blocks per recomputed segment (memory.recompute_num_layers) for the 30-block model:
+# 6 segments of 5 or 5 of 6 both leave 10 block inputs live at the peak; 6 recomputes one segment less.
+SEGMENT = 6
 
 
 def _status_bytes(field: str) -> int:
@@ -64,17 +70,17 @@ def _shape(layers: int):
     return model_shape(cfg.replace(num_layers=layers))
 
 
-def _predict(impl: str, seq_len: int, layers: int, runtime: float):
+def _predict(impl: str, seq_len: int, layers: int, runtime: float, per_segment: int = SEGMENT):
     from longctx.memory.estimate import Setting, estimate, hf_checkpointing_estimate
 
     shape = _shape(layers)
     if impl == "hf":
         return hf_checkpointing_estimate(shape, seq_len, autocast=False, runtime_bytes=runtime)
     return estimate(shape, Setting(seq_len=seq_len, autocast=False, policy="full", loss="cce", gpus_per_node=1,
-                                   sharding="none", runtime_bytes=runtime))
+                                   sharding="none", runtime_bytes=runtime, recompute_num_layers=per_segment))
 
 
-def _case(impl: str, seq_len: int, layers: int) -> dict:
+def _case(impl: str, seq_len: int, layers: int, per_segment: int = SEGMENT) -> dict:
     import torch
     from longctx.train.build import default_model_dir
 
@@ -94,6 +100,7 @@ def _case(impl: str, seq_len: int, layers: int) -> dict:
         def loss_of(x, y):
             return model(x, labels=y, shift_labels=y).loss
     else:
+        from longctx.memory import offload
         from longctx.parallel.mesh import Mesh
         from longctx.recipes import schema
         from longctx.train.build import build_model
@@ -101,6 +108,7 @@ def _case(impl: str, seq_len: int, layers: int) -> dict:
         recipe = schema.load(None, ["memory.policy=full", "loss.impl=cce"])
         model, _, _ = build_model(recipe, Mesh(0, 1, 0, 1, None, torch.device("cpu")))
         model.model.layers = model.model.layers[:layers]
+        offload.segment(model, per_segment)  # what memory.recompute_num_layers does, on the cut model
 
         def loss_of(x, y):
             return model(x, labels=y) / y.numel()
@@ -121,10 +129,10 @@ def _case(impl: str, seq_len: int, layers: int) -> dict:
     optimizer.step()
     seconds = time.perf_counter() - t0
     peak = _status_bytes("VmHWM")
-    pred = _predict(impl, seq_len, layers, runtime)
+    pred = _predict(impl, seq_len, layers, runtime, per_segment)
     return {
         "impl": "transformers_ckpt" if impl == "hf" else "longctx_cce_recompute", "seq_len": seq_len,
-        "layers": layers, "dtype": "fp32", "measured_peak_bytes": peak, "predicted_peak_bytes": int(pred.total),
+        "layers": layers, **({} if impl == "hf" else {"recompute_num_layers": per_segment}), "dtype": "fp32", "measured_peak_bytes": peak, "predicted_peak_bytes": int(pred.total),
         "prediction_error": round(pred.total / peak - 1, 4), "runtime_bytes": runtime,
         "rss_before_step_bytes": before, "params_optimizer_bytes": state_bytes,
         "predicted_params_optimizer_bytes": int(pred.terms["params"] + pred.terms["optimizer"]),
@@ -137,13 +145,13 @@ def _case(impl: str, seq_len: int, layers: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--cases", default="hf:2048:30,hf:4096:30,hf:8192:30,longctx:4096:30,longctx:8192:30,longctx:8192:4,longctx:32768:1")
+    p.add_argument("--cases", default="hf:2048:30,hf:4096:30,hf:8192:30,longctx:4096:30,longctx:8192:30,longctx:8192:4:2,longctx:16384:1,longctx:65536:1")
     p.add_argument("--budget-gib", type=float, default=24.0, help="memory of the machine to fit in")
     p.add_argument("--case", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.case:
-        impl, seq_len, layers = args.case.split(":")
-        print(json.dumps(_case(impl, int(seq_len), int(layers))))
+        impl, seq_len, layers, *per_segment = args.case.split(":")
+        print(json.dumps(_case(impl, int(seq_len), int(layers), *map(int, per_segment))))
         return 0
     rows = []
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))}

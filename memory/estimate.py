@@ -30,11 +30,16 @@ from dataclasses import asdict, dataclass, field
 from .plan import LayerBytes, plan_alpha
 
 GiB = 1 << 30
-# Gradient temporaries live at the peak of one block's backward (on top of its recomputed saved
-# tensors), in values per token: one intermediate-sized buffer. Fitted to the slope of measured
-# CPU step peaks of SmolLM2-135M cut to one block at 8K-156K tokens (62.0 KB/token, of which 44.6
-# KB are the recomputed tensors; bench/max_context.py).
+# Gradient temporaries live at the peak of one block's backward on top of its saved (or, for a
+# chunk, recomputed) tensors, in values per token: one intermediate-sized buffer. Fitted to the
+# slope of measured CPU step peaks of SmolLM2-135M cut to one block at 8K-156K tokens before
+# backward recomputed in chunks (62.0 KB/token, of which 44.6 KB are the recomputed tensors;
+# bench/max_context.py).
 WORKSPACE_INTERMEDIATE = 1.0
+# Scratch of attention's backward beyond its inputs and gradients, bytes per token: fitted to the
+# slope of measured step peaks of SmolLM2-135M cut to one block, fp32, at 16K and 64K tokens
+# (31.1 KB/token, of which 11.5 KB are saved activations; bench/max_context.py).
+ATTENTION_BACKWARD_BYTES_PER_TOKEN = 2600.0
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,8 @@ class Setting:
     sharding: str = "none"  # none | fsdp2 | zero1 | zero2 | zero3
     autocast: bool = True
     policy: str = "memo"  # none | full | memo
+    recompute_num_layers: int = 1  # blocks per recomputed segment (offload.segment)
+    recompute_chunk_tokens: int | None = 4096  # per chunk of a block's recomputed work; None = whole block
     alpha: float | str = "auto"
     tier: str = "host"
     resident_layers: int = 2
@@ -151,6 +158,49 @@ class Estimate:
         return max(self.terms, key=self.terms.get)
 
 
+def segment_sizes(layers: int, per_segment: int) -> list[int]:
+    per_segment = max(1, min(per_segment, layers))
+    return [min(per_segment, layers - i) for i in range(0, layers, per_segment)]
+
+
+def segment_peaks(layers: int, per_segment: int) -> list[tuple[int, int]]:
+    """The candidates for (segment inputs kept, blocks holding their saved activations) at the
+    peak under offload.segment: forward keeps each segment's input, and one segment's blocks hold
+    theirs at a time: the last segment's from forward on, or the one before it while it is
+    recomputed (its input is then its first block's). Without segments: all blocks."""
+    sizes = segment_sizes(layers, per_segment)
+    if per_segment <= 1 or len(sizes) < 2:
+        return [(0, layers)]
+    n = len(sizes)
+    return [(n - 1, sizes[-1]), (n - 2, sizes[0])]
+
+
+def backward_workspace(m: ModelShape, tokens: int, autocast: bool, recomputes: bool, chunk_tokens: int | None) -> float:
+    """Transient bytes at the peak of one block's backward. Without recompute: gradient
+    temporaries only; recomputing the whole block at once (chunk_tokens None, as transformers'
+    checkpointing does): also its saved tensors. Recomputing in chunks (offload.py), the larger of
+    - attention's backward: the whole sequence's q, k, v, attention output (+ LSE) and their
+      gradients, the incoming and outgoing gradient of the residual stream (fp32 under autocast
+      too) and the kernel's scratch;
+    - a chunk's backward before attention: the gradients of q, k, v and of the residual stream,
+      and one chunk's recomputed activations (at most a block's saved bytes per token) and
+      gradient temporaries. (After attention the chunk also meets q, k, v, the output and its
+      gradient; measured peaks at 16K-64K tokens with 4K-token chunks show attention's backward
+      as the peak there, bench/max_context.py.)"""
+    act = 2 if autocast else 4
+    grads_tmp = act * WORKSPACE_INTERMEDIATE * m.intermediate
+    if not recomputes:
+        return grads_tmp * tokens
+    base, _ = layer_bytes(m, autocast)
+    if chunk_tokens is None:
+        return (base + grads_tmp) * tokens
+    q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
+    residual_grads, qkv = 2 * 4 * m.hidden, act * (q + 2 * kv)
+    attention = residual_grads + 2 * qkv + 2 * act * q + 4 * m.heads + ATTENTION_BACKWARD_BYTES_PER_TOKEN
+    chunk = min(tokens, chunk_tokens) * (base + grads_tmp)
+    return max(attention * tokens, (residual_grads + qkv) * tokens + chunk)
+
+
 def layer_forward_flops(m: ModelShape, tokens: int, seq_len: int) -> float:
     """2 x layer params per token + causal attention (QK and PV over seq_len/2 keys on average)."""
     return 2.0 * m.params_per_layer() * tokens + 2.0 * tokens * seq_len * m.heads * m.head_dim
@@ -173,21 +223,20 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
         else:
             alpha, binding = float(s.alpha), "fixed"
         per_layer = saved_bytes_per_token_layer(m, s.autocast, "memo", alpha)
-        if s.tier == "host":  # the resident layers keep the same split on the device
-            device_act = (m.layers - swapped) * per_layer * tokens
-            host = swapped * per_layer * tokens * s.gpus_per_node
-            staging = 2 * per_layer * tokens  # the two staging buffers
-        else:
-            device_act = m.layers * per_layer * tokens
-            host, staging = 0.0, 0.0
     else:
         alpha, binding = (1.0 if s.policy == "none" else 0.0), s.policy
-        device_act = m.layers * saved_bytes_per_token_layer(m, s.autocast, s.policy) * tokens
-        host, staging = 0.0, 0.0
+        per_layer = saved_bytes_per_token_layer(m, s.autocast, s.policy)
+    host_tier = s.policy == "memo" and s.tier == "host"
+    # Blocks whose saved activations are live at the peak, and segment inputs kept besides them
+    # (offload.segment): all blocks without segments.
+    device_act, host = 0.0, 0.0
+    for seg_inputs, live_blocks in segment_peaks(m.layers, s.recompute_num_layers):
+        live_swapped = max(live_blocks - s.resident_layers, 0) if host_tier else 0
+        device_act = max(device_act, ((live_blocks - live_swapped) * per_layer + seg_inputs * lb.inp) * tokens)
+        host = max(host, live_swapped * per_layer * tokens * s.gpus_per_node)
+    staging = 2 * per_layer * tokens if host_tier else 0.0  # the two staging buffers
     recomputes = s.policy != "none"
-    act = 2 if s.autocast else 4
-    grads_tmp = act * WORKSPACE_INTERMEDIATE * m.intermediate * tokens
-    workspace = grads_tmp + (base * tokens if recomputes else 0.0)
+    workspace = backward_workspace(m, tokens, s.autocast, recomputes, s.recompute_chunk_tokens)
     if s.loss == "cce":
         loss_ws = 3 * 4 * min(tokens * m.vocab, 1 << 24) + 4 * m.vocab * m.hidden  # slab + dW
     else:  # logits, fp32 copy, log-softmax and their gradients
@@ -223,6 +272,9 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
         extra = swapped * (1 - alpha) * 2.0 * m.params_per_layer() * tokens
     else:
         extra = 0.0
+    sizes = segment_sizes(m.layers, s.recompute_num_layers)
+    if s.recompute_num_layers > 1 and len(sizes) > 1:  # segments but the last run forward twice
+        extra += (m.layers - sizes[-1]) * layer_forward_flops(m, tokens, s.seq_len)
     step = (3 * fwd + extra) / s.flops_per_s
     return Estimate(terms, host, alpha, binding, step, asdict(s), phases)
 
@@ -231,7 +283,7 @@ def hf_checkpointing_estimate(m: ModelShape, seq_len: int, autocast: bool, runti
     """transformers' LlamaForCausalLM with gradient checkpointing, one process, no sharding:
     block inputs kept, one block recomputed at a time, full logits and their gradients."""
     s = Setting(seq_len=seq_len, autocast=autocast, policy="full", loss="reference", runtime_bytes=runtime_bytes,
-                gpus_per_node=1)
+                gpus_per_node=1, recompute_chunk_tokens=None)
     e = estimate(m, s)
     # transformers upcasts the logits to fp32 and keeps more [N, V] buffers than our reference head
     e.terms["loss_head"] = seq_len * m.vocab * HF_LOGIT_BYTES_PER_VOCAB_ENTRY

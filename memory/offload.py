@@ -13,9 +13,17 @@ A block is split at attention: `before_attention(x, cos, sin) -> (q, k, v)` and
 `LayerPolicy(alpha=0, tier="device", keep_attention=False)` is classic full recomputation.
 
 Backward (per block): fetch the kept tensors (prefetched one layer ahead on CUDA), recompute
-the dropped tokens' per-token work, run attention's backward from the kept (out, lse), and
-back-propagate both token parts; parameter gradients are returned from the autograd Function,
-so recomputation is exact: the same ops on the same values, autocast state and RNG state.
+the dropped tokens' q, k, v (no graph), run their work after attention forward and backward
+chunk by chunk (`chunk_tokens` tokens at a time), attention's backward from the kept (out, lse),
+then their work before attention chunk by chunk; the kept tokens back-propagate through their
+stored graphs. So a block's backward holds the whole sequence's q, k, v, out and their gradients
+but only one chunk's other activations. Parameter gradients are returned from the autograd
+Function, so recomputation is exact: the same ops on the same values, autocast state and RNG
+state (chunked sums differ from the unchunked ones by rounding only).
+
+`segment` recomputes segments of blocks (Megatron-LM's uniform `recompute_num_layers`): fewer
+block inputs kept, one more forward; for when the host tier cannot hold more (e.g. on a CPU run,
+where it is the same memory).
 
 `HostPool` is the host tier. On CUDA: one pinned slab (grown only between steps, when a step
 needed more), a D2H and an H2D stream, and two device staging buffers used by alternating layers
@@ -36,6 +44,9 @@ from ..kernels.attention import local_attention, local_attention_bwd, local_atte
 from . import accounting
 
 _ALIGN = 64  # bytes; every dtype's element size divides it
+# Tokens per chunk when backward recomputes and back-propagates the per-token work: the chunk's
+# activations (one block's saved tensors for these tokens) are the only ones live at a time.
+DEFAULT_CHUNK_TOKENS = 4096
 
 
 def _aligned(n: int) -> int:
@@ -273,12 +284,21 @@ def attention_pair(fn: Callable) -> tuple[Callable, Callable]:
 
 
 class _Layer:
-    """Per wrapped block: the block, its policy source, the host pool."""
+    """Per wrapped block: the block, its policy source, the host pool, the recompute chunk."""
 
-    def __init__(self, block: nn.Module, policy: Callable[[int], LayerPolicy], pool: HostPool | None) -> None:
+    def __init__(self, block: nn.Module, policy: Callable[[int], LayerPolicy], pool: HostPool | None,
+                 chunk_tokens: int) -> None:
         if pool is None and policy(1).tier == "host":
             raise ValueError("a host-tier policy needs a HostPool")
-        self.block, self.policy, self.pool = block, policy, pool
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens={chunk_tokens}: expected a positive number of tokens")
+        self.block, self.policy, self.pool, self.chunk_tokens = block, policy, pool, chunk_tokens
+
+
+def _chunks(length: int, rows: int, chunk_tokens: int) -> list[slice]:
+    """Slices of the sequence axis holding about `chunk_tokens` tokens (rows x positions) each."""
+    step = max(1, chunk_tokens // max(rows, 1))
+    return [slice(i, min(i + step, length)) for i in range(0, length, step)]
 
 
 def _grad(outputs, inputs, grads):
@@ -384,17 +404,20 @@ class _MemoBlock(torch.autograd.Function):
                 torch.cuda.set_rng_state(ctx.cuda_rng, dy.device)
             dx_parts, dparams = [], [None] * len(params)
 
-            # 1. recompute the dropped tokens' per-token work (before attention)
+            # 1. q, k, v of the dropped tokens, recomputed without a graph (rebuilt chunk by chunk
+            #    in step 4), next to the kept tokens' q, k, v
+            qkv_b = None
             if a < S:
-                xb = rec.get(keep["x_b"]).detach().requires_grad_()
-                with torch.enable_grad():
+                xb = rec.get(keep["x_b"]).detach()
+                with torch.no_grad():
                     qkv_b = block.before_attention(xb, cos[:, a:], sin[:, a:])
             qkv_a = tuple(rec.get(h) for h in keep["qkv_a"]) if a else None
             with torch.no_grad():
                 if a and a < S:
-                    q, k, v = (torch.cat([p, r.detach()], 1) for p, r in zip(qkv_a, qkv_b))
+                    q, k, v = (torch.cat([p, r], 1) for p, r in zip(qkv_a, qkv_b))
                 else:
-                    q, k, v = qkv_a if a else tuple(t.detach() for t in qkv_b)
+                    q, k, v = qkv_a if a else qkv_b
+                del qkv_b
                 if policy.keep_attention:
                     parts = ([rec.get(keep["out_a"])] if a else []) + ([rec.get(keep["out_b"])] if a < S else [])
                     out = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
@@ -402,7 +425,8 @@ class _MemoBlock(torch.autograd.Function):
                 else:
                     out, lse = attn_fwd(q, k, v)
 
-            # 2. after attention: kept graph and recomputed graph
+            # 2. after attention: the kept graph, and the dropped tokens' work recomputed and
+            #    back-propagated chunk by chunk (only one chunk's activations live at a time)
             douts = []
             if a:
                 xa, oa, (qa, ka, va), ya = ctx.graphs
@@ -410,38 +434,55 @@ class _MemoBlock(torch.autograd.Function):
                 dx_a, douts = g[0], [g[1]]
                 dparams = [_add(p, n) for p, n in zip(dparams, g[2:])]
             if a < S:
-                with torch.enable_grad():
-                    ob = out[:, a:].detach().requires_grad_()
-                    yb = block.after_attention(xb, ob)
-                g = _grad([yb], [xb, ob, *params], [dy[:, a:]])
-                dx_b = g[0]
-                douts.append(g[1])
-                dparams = [_add(p, n) for p, n in zip(dparams, g[2:])]
+                chunks = _chunks(S - a, dy.shape[0], lay.chunk_tokens)
+                dx_b = torch.empty_like(xb)
+                dout_b = torch.empty_like(out[:, a:])
+                for c in chunks:
+                    with torch.enable_grad():
+                        xc = xb[:, c].detach().requires_grad_()
+                        oc = out[:, a:][:, c].detach().requires_grad_()
+                        yc = block.after_attention(xc, oc)
+                    g = _grad([yc], [xc, oc, *params], [dy[:, a:][:, c]])
+                    dx_b[:, c], dout_b[:, c] = g[0], g[1]
+                    dparams = [_add(p, n) for p, n in zip(dparams, g[2:])]
+                    del xc, oc, yc, g
+                douts.append(dout_b)
             dout = torch.cat(douts, 1) if len(douts) > 1 else douts[0]
+            del douts
 
             # 3. attention backward from the kept (out, lse), then before attention
             dq, dk, dv = attn_bwd(dout, q, k, v, out, lse)
+            del dout, q, k, v, out, lse
             if a:
                 g = _grad([qa, ka, va], [xa, *params], [t[:, :a] for t in (dq, dk, dv)])
                 dx_parts.append(_add(dx_a, g[0]))
                 dparams = [_add(p, n) for p, n in zip(dparams, g[1:])]
             if a < S:
-                g = _grad(list(qkv_b), [xb, *params], [t[:, a:] for t in (dq, dk, dv)])
-                dx_parts.append(_add(dx_b, g[0]))
-                dparams = [_add(p, n) for p, n in zip(dparams, g[1:])]
+                # 4. the dropped tokens' work before attention, chunk by chunk
+                for c in chunks:
+                    with torch.enable_grad():
+                        xc = xb[:, c].detach().requires_grad_()
+                        qkv_c = block.before_attention(xc, cos[:, a:][:, c], sin[:, a:][:, c])
+                    g = _grad(list(qkv_c), [xc, *params], [t[:, a:][:, c] for t in (dq, dk, dv)])
+                    dx_b[:, c] += g[0]
+                    dparams = [_add(p, n) for p, n in zip(dparams, g[1:])]
+                    del xc, qkv_c, g
+                dx_parts.append(dx_b)
         rec.release()
         ctx.graphs = ctx.keep = None
         dx = torch.cat(dx_parts, 1) if len(dx_parts) > 1 else dx_parts[0]
         return (None, dx, None, None, *dparams)
 
 
-def wrap(block: nn.Module, policy: Callable[[int], LayerPolicy] | LayerPolicy, pool: HostPool | None) -> nn.Module:
+def wrap(block: nn.Module, policy: Callable[[int], LayerPolicy] | LayerPolicy, pool: HostPool | None,
+         chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> nn.Module:
     """Wraps `block.forward` in place (parameter names unchanged). `policy` is a LayerPolicy or a
     function of the block's tokens (rows x length) giving one (alpha per bucket); `pool` is the
-    host tier, needed when a policy says tier="host". Under no_grad the block runs as it is."""
+    host tier, needed when a policy says tier="host"; backward recomputes the dropped tokens'
+    per-token work `chunk_tokens` tokens at a time. Under no_grad the block runs as it is."""
     inner = block.forward
     source = policy if callable(policy) else (lambda tokens: policy)
-    lay = _Layer(block, source, pool)
+    lay = _Layer(block, source, pool, chunk_tokens)
 
     def forward(x, cos, sin):
         if not torch.is_grad_enabled():
@@ -450,3 +491,39 @@ def wrap(block: nn.Module, policy: Callable[[int], LayerPolicy] | LayerPolicy, p
 
     block.forward = forward
     return block
+
+
+# --- segments of blocks ----------------------------------------------------------------------------
+def _run_blocks(blocks, x, cos, sin):
+    for block in blocks:
+        x = block(x, cos, sin)
+    return x
+
+
+def segment(model: nn.Module, layers_per_segment: int) -> None:
+    """Recompute whole segments of `layers_per_segment` blocks (Megatron-LM's uniform
+    `recompute_num_layers`; Chen et al., arXiv 1604.06174): forward keeps only each segment's
+    input; backward reruns the segment's forward, attention included, with its blocks under their
+    own policies (so they keep their inputs, or MEMO's share, for that segment only), then
+    back-propagates it. The last segment is not recomputed: its backward starts at once. Peak
+    block inputs: (segments - 1) + blocks per segment, instead of one per block, for one more
+    forward of all but the last segment. Uses torch's reentrant checkpoint (RNG state restored,
+    so recomputation is exact); gradients reach parameters through `.backward()`, which every
+    trainer path uses (not `torch.autograd.grad`). Replaces `model.run_layers` on the instance."""
+    from torch.utils.checkpoint import checkpoint
+
+    if layers_per_segment < 1:
+        raise ValueError(f"layers_per_segment={layers_per_segment}: expected a positive number of blocks")
+    layers = list(model.model.layers)
+    segments = [tuple(layers[i:i + layers_per_segment]) for i in range(0, len(layers), layers_per_segment)]
+    if layers_per_segment == 1 or len(segments) < 2:
+        return
+
+    def run_layers(x, cos, sin):
+        if not torch.is_grad_enabled():
+            return _run_blocks(layers, x, cos, sin)
+        for blocks in segments[:-1]:
+            x = checkpoint(_run_blocks, blocks, x, cos, sin, use_reentrant=True, preserve_rng_state=True)
+        return _run_blocks(segments[-1], x, cos, sin)
+
+    model.run_layers = run_layers

@@ -126,6 +126,10 @@ class MemoryRecipe:
     )
     tier: Literal["host", "device"] = _f("host", "memo: where kept activations live (host = swapped to CPU memory; on a CPU run a separate pool).")
     resident_layers: int = _f(2, "memo: the last layers keep everything on the device (their backward starts at once).", ge=0)
+    recompute_num_layers: int = _f(
+        1, "Blocks per recomputed segment (Megatron's uniform recompute): > 1 keeps only each segment's input and reruns the segment's forward, attention included, in backward; fewer block inputs live, one more forward.", ge=1
+    )
+    recompute_chunk_tokens: int = _f(4096, "full/memo: tokens per chunk when backward recomputes a block's per-token work (bounds its workspace).", ge=1)
     host_memory_gib: float | None = _f(None, "memo auto: host memory per node for activations (null = 80% of this machine's RAM).", gt=0)
     link_gbps: float | None = _f(None, "memo auto: device<->host copy bandwidth in GB/s (null = 25 on CUDA, 5 on CPU).", gt=0)
     device_tflops: float | None = _f(None, "memo auto: sustained TFLOP/s for a layer's time (null = 300 on CUDA, 0.05 on CPU).", gt=0)
@@ -335,6 +339,9 @@ def _cross_checks(r: Recipe, problems: list[str]) -> None:
     if r.parallel.sharding == "deepspeed" and (r.train.checkpoint_every or r.train.resume != "none" or r.train.export):
         problems.append("parallel.sharding='deepspeed': checkpoints, resume and export are written with "
                         "torch.distributed.checkpoint, which needs parallel.sharding fsdp2 or none")
+    if r.memory.recompute_num_layers > 1 and r.parallel.sharding != "none":
+        problems.append(f"memory.recompute_num_layers={r.memory.recompute_num_layers}: segments are recomputed with "
+                        "torch's reentrant checkpoint, tested with parallel.sharding none only")
     if r.parallel.cpu_offload and r.parallel.sharding != "fsdp2":
         problems.append("parallel.cpu_offload: only with parallel.sharding=fsdp2")
     if r.parallel.cpu_offload and r.run.device == "cpu":

@@ -1,6 +1,7 @@
 """MEMO swap + recompute against the unwrapped model; byte accounting; planner."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -46,12 +47,12 @@ def run(model, ids, labels, steps=1):
     return out
 
 
-def wrapped(model, policies, pool=None):
+def wrapped(model, policies, pool=None, chunk_tokens=offload.DEFAULT_CHUNK_TOKENS):
     m = copy.deepcopy(model)
     pool = pool or HostPool("cpu")
     for layer, pol in zip(m.model.layers, policies):
         if pol is not None:
-            offload.wrap(layer, pol, pool)
+            offload.wrap(layer, pol, pool, chunk_tokens)
     return m, pool
 
 
@@ -82,6 +83,53 @@ def test_full_recompute_and_odd_split_qwen3():
     ref = run(model, ids, labels)
     m, _ = wrapped(model, [FULL_RECOMPUTE, LayerPolicy(0.3), LayerPolicy(0.7, "device"), LayerPolicy(1.0)])
     assert_same(ref, run(m, ids, labels))
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 10, 64])
+def test_backward_recomputes_in_token_chunks_exactly(chunk_tokens):
+    # 2 rows x 37 positions: chunks of 1 position, of 5 (uneven tail), and one chunk
+    model = tiny()
+    ids, labels = batch(B=2, S=37)
+    ref = run(model, ids, labels)
+    policies = [FULL_RECOMPUTE, LayerPolicy(0.3), LayerPolicy(0.0, "device"), LayerPolicy(1.0)]
+    m, pool = wrapped(model, policies, chunk_tokens=chunk_tokens)
+    assert_same(ref * 2, run(m, ids, labels, steps=2))
+    assert not pool.records
+    with pytest.raises(ValueError, match="chunk_tokens=0"):
+        offload.wrap(tiny().model.layers[0], FULL_RECOMPUTE, None, chunk_tokens=0)
+
+
+@pytest.mark.parametrize("per_segment", [2, 3])
+def test_segments_of_blocks_recompute_exactly(per_segment):
+    # 4 blocks: segments [0,1][2,3] (the last not recomputed) and [0,1,2][3]; blocks wrapped with
+    # mixed policies, or not at all (plain segment checkpointing)
+    model = tiny()
+    ids, labels = batch(B=2, S=37)
+    ref = run(model, ids, labels)
+    policies = [FULL_RECOMPUTE, LayerPolicy(0.3), LayerPolicy(0.0, "device"), LayerPolicy(1.0)]
+    for pols in (policies, [None] * 4):
+        m, pool = wrapped(model, pols, chunk_tokens=10)
+        offload.segment(m, per_segment)
+        assert_same(ref * 2, run(m, ids, labels, steps=2))
+        assert not pool.records
+        with torch.no_grad():
+            assert torch.equal(m(ids), model(ids))
+
+
+def test_segments_keep_fewer_block_inputs():
+    model = tiny(num_layers=6)
+    ids, labels = batch(S=64)
+    live = {}
+    for per_segment in (1, 3):
+        m, _ = wrapped(model, [FULL_RECOMPUTE] * 6)
+        offload.segment(m, per_segment)
+        with accounting.SavedBytes(m, list(m.model.layers)) as meter:
+            loss = m(ids, labels=labels)
+        live[per_segment] = meter.bytes_per_token_layer("device")
+        loss.backward()
+    # forward keeps the inputs of the last segment's blocks only: 3 of 6
+    assert live[1] == pytest.approx(64 * 4)
+    assert live[3] == pytest.approx(64 * 4 / 2)
 
 
 def test_memo_under_bf16_autocast_matches_unwrapped_bf16():
@@ -129,10 +177,12 @@ def _sp_worker(rank, world, schedule):
     ids, labels = batch(B=1, S=64)
     inputs, positions, targets = layout.split_batch(ids, labels, rank, world)
     results = []
-    for policies in (None, [LayerPolicy(0.5), LayerPolicy(0.0), FULL_RECOMPUTE, LayerPolicy(1.0, "device")]):
+    mixed = [LayerPolicy(0.5), LayerPolicy(0.0), FULL_RECOMPUTE, LayerPolicy(1.0, "device")]
+    for policies, per_segment in ((None, 1), (mixed, 1), (mixed, 2)):
         model = tiny()
         if policies:
-            model, _ = wrapped(model, policies)
+            model, _ = wrapped(model, policies, chunk_tokens=24)
+            offload.segment(model, per_segment)  # segments rerun attention's collectives in backward
         attn = SequenceParallelAttention(schedule, {world: dist.group.WORLD}, 4, 2, 16, 4, log_choices=False)
         attn.set_step(world, 64)
         model.set_attention(attn)
@@ -150,10 +200,12 @@ def _sp_worker(rank, world, schedule):
 def test_memo_under_sequence_parallelism(schedule):
     from _dist import run as spawn
 
-    for (l0, g0), (l1, g1) in spawn(_sp_worker, 2, schedule):
-        assert abs(l0 - l1).item() <= 1e-6 * abs(l0).item()
-        for a, b in zip(g0, g1):
-            assert (a - b).abs().max().item() <= 1e-6 * max(a.abs().max().item(), 1e-3)
+    for (l0, g0), *others in spawn(_sp_worker, 2, schedule):  # per rank: unwrapped, then wrapped ones
+        assert len(others) == 2
+        for l1, g1 in others:
+            assert abs(l0 - l1).item() <= 1e-6 * abs(l0).item()
+            for a, b in zip(g0, g1):
+                assert (a - b).abs().max().item() <= 1e-6 * max(a.abs().max().item(), 1e-3)
 
 
 # --- planner -----------------------------------------------------------------------------------
@@ -239,21 +291,22 @@ def test_plan_cli_reports_terms_and_longest_length(capsys):
 
 
 def test_plan_lowers_alpha_where_auto_overflows_the_gpu():
-    """With ample host memory, alpha auto (bandwidth and host bounds only) overflows 80 GiB at 1M
-    tokens; the plan lowers it to the largest alpha that fits, and says so."""
+    """With ample host memory, alpha auto (bandwidth and host bounds only) overflows a 64 GiB GPU
+    at 1M tokens; the plan lowers it to the largest alpha that fits, and says so."""
     from longctx.memory.estimate import GiB, Setting, estimate
     from longctx.train.plan_report import KNOWN_SHAPES, format_plan, plan
 
     shape = KNOWN_SHAPES["meta-llama/Llama-3.1-8B"]
     r = {"sp_degree": 8, "autocast": True, "policy": "memo", "alpha": "auto", "tier": "host", "resident_layers": 2,
+         "recompute_num_layers": 1, "recompute_chunk_tokens": 4096,
          "loss": "cce", "seq_len": 1 << 20}
     auto = estimate(shape, Setting(seq_len=1 << 20, sp=8, dp=8, sharding="fsdp2", host_bytes_per_node=2048 * GiB,
-                                   device_bytes=80 * GiB))
-    assert auto.total > 80 * GiB
-    p = plan(shape, r, 8, 80 * GiB, 2048 * GiB)
+                                   device_bytes=64 * GiB))
+    assert auto.total > 64 * GiB
+    p = plan(shape, r, 8, 64 * GiB, 2048 * GiB)
     assert p["alpha_binding"] == "device_memory" and 0 < p["alpha"] < auto.alpha
-    assert p["fits"] and p["total_bytes"] <= 80 * GiB
-    assert plan(shape, r, 8, 80 * GiB, 2048 * GiB, seq_len=1 << 17)["alpha_binding"] != "device_memory"
+    assert p["fits"] and p["total_bytes"] <= 64 * GiB
+    assert plan(shape, r, 8, 64 * GiB, 2048 * GiB, seq_len=1 << 17)["alpha_binding"] != "device_memory"
     assert f"memory.alpha: {p['alpha']:.2f}" in format_plan(p)
 
 
@@ -272,3 +325,27 @@ def test_estimate_peak_is_persistent_terms_plus_the_largest_phase():
     assert e.total < sum(e.terms.values()) - e.terms["loss_head"] + 1  # loss head not on top of the workspace
     ref = estimate(shape, dataclasses.replace(s, loss="reference"))  # N x V logits: the loss phase binds
     assert ref.peak_phase == "loss" and ref.total > e.total + 8192 * 49152 * 4
+
+
+def test_estimate_counts_segments_and_chunked_recompute():
+    from longctx.memory.estimate import ModelShape, Setting, backward_workspace, estimate, segment_peaks
+
+    # 30 blocks in 5 segments of 6: 4 segment inputs + the last segment's 6 blocks, or 3 + the
+    # 6 blocks of the segment before it while it is recomputed
+    assert segment_peaks(30, 6) == [(4, 6), (3, 6)]
+    assert segment_peaks(30, 7) == [(4, 2), (3, 7)]  # 7+7+7+7+2
+    assert segment_peaks(30, 1) == segment_peaks(30, 30) == [(0, 30)]
+    shape = ModelShape(576, 1536, 30, 9, 3, 64, 49152, tied=True)
+    tokens = 1 << 16
+    s = Setting(seq_len=tokens, autocast=False, policy="full", loss="cce", gpus_per_node=1, runtime_bytes=0.0)
+    outside = estimate(shape, s).terms["activations"] - 30 * 4 * 576 * tokens
+    for k, kept in ((1, 30), (6, 10), (7, 10)):
+        e = estimate(shape, dataclasses.replace(s, recompute_num_layers=k))
+        assert e.terms["activations"] - outside == pytest.approx(kept * 4 * 576 * tokens)
+    # a segment's forward runs twice: more modelled time
+    assert estimate(shape, dataclasses.replace(s, recompute_num_layers=6)).step_seconds > estimate(shape, s).step_seconds
+    # chunked recompute: the workspace no longer holds a block's saved tensors for every token
+    whole = backward_workspace(shape, tokens, False, True, None)
+    chunked = backward_workspace(shape, tokens, False, True, 4096)
+    assert chunked < whole / 2
+    assert backward_workspace(shape, tokens, False, True, 1 << 20) > chunked  # one chunk of all tokens

@@ -59,6 +59,8 @@ def test_impossible_combinations(tmp_path):
         _load(tmp_path, "model:\n  rope:\n    type: yarn\n")
     with pytest.raises(RecipeError, match=r"eval\.every=5: needs data\.eval_fraction > 0"):
         _load(tmp_path, "eval:\n  every: 5\n")
+    with pytest.raises(RecipeError, match=r"memory\.recompute_num_layers=4: segments are recomputed .*parallel\.sharding none only"):
+        _load(tmp_path, "memory:\n  policy: full\n  recompute_num_layers: 4\nparallel:\n  sharding: fsdp2\n")
 
 
 def test_decomposition_settings(tmp_path):

@@ -146,7 +146,8 @@ def test_bf16_run_trains(tmp_path):
 def test_memory_policies_give_same_loss(tmp_path):
     _, plain = _run(tmp_path, "train.max_steps=2", name="plain")
     for i, overrides in enumerate([("memory.policy=full",), ("memory.policy=memo", "memory.alpha=0.5", "memory.resident_layers=1"),
-                                   ("memory.policy=memo", "memory.resident_layers=0")]):
+                                   ("memory.policy=memo", "memory.resident_layers=0"),
+                                   ("memory.policy=full", "memory.recompute_num_layers=2", "memory.recompute_chunk_tokens=40")]):
         _, got = _run(tmp_path, "train.max_steps=2", *overrides, name=f"m{i}")
         assert [h["loss"] for h in plain] == pytest.approx([h["loss"] for h in got], abs=1e-6)
         if "memory.policy=memo" in overrides:

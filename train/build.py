@@ -201,14 +201,16 @@ def memory_hardware(recipe: Recipe, device: torch.device) -> dict:
 def apply_memory(model: CausalLM, recipe: Recipe, mesh: mesh_lib.Mesh,
                  sp_attention: SequenceParallelAttention | None) -> MemoPlanner | None:
     """memory.policy: full = every block keeps its input only; memo = MEMO on all but the last
-    `resident_layers` blocks, alpha fixed or planned per bucket (memory/plan.py)."""
+    `resident_layers` blocks, alpha fixed or planned per bucket (memory/plan.py);
+    memory.recompute_num_layers > 1 recomputes segments of blocks (offload.segment)."""
     m = recipe.memory
     layers = model.model.layers
+    offload.segment(model, m.recompute_num_layers)
     if m.policy == "none":
         return None
     if m.policy == "full":
         for layer in layers:
-            offload.wrap(layer, FULL_RECOMPUTE, None)
+            offload.wrap(layer, FULL_RECOMPUTE, None, m.recompute_chunk_tokens)
         return None
     shape = model_shape(model.config)
     _, lb = layer_bytes(shape, recipe.run.dtype == "bf16")
@@ -222,7 +224,7 @@ def apply_memory(model: CausalLM, recipe: Recipe, mesh: mesh_lib.Mesh,
     resident = planner.resident()  # same alpha, kept on the device: no copy to wait for
     for i, layer in enumerate(layers):
         swapped = i < len(layers) - m.resident_layers
-        offload.wrap(layer, planner if swapped else resident, pool)
+        offload.wrap(layer, planner if swapped else resident, pool, m.recompute_chunk_tokens)
     return planner
 
 
@@ -380,5 +382,6 @@ def plan_inputs(recipe: Recipe) -> tuple[ModelShape, dict]:
     return shape_of(recipe), {
         "seq_len": d.max_len if d.batching == "decompose" else d.seq_len, "sp_degree": recipe.parallel.sp_degree,
         "autocast": recipe.run.dtype == "bf16", "policy": m.policy, "alpha": m.alpha, "tier": m.tier,
-        "resident_layers": m.resident_layers, "loss": "reference" if recipe.loss.impl == "reference" else "cce",
+        "resident_layers": m.resident_layers, "recompute_num_layers": m.recompute_num_layers,
+        "recompute_chunk_tokens": m.recompute_chunk_tokens, "loss": "reference" if recipe.loss.impl == "reference" else "cce",
     }

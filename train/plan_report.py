@@ -31,7 +31,8 @@ def setting_for(r: dict, gpus: int, gpu_mem: float, host_mem: float, gpus_per_no
     return Setting(
         seq_len=seq_len, rows=1, sp=r["sp_degree"], dp=gpus, gpus_per_node=gpus_per_node, sharding=sharding,
         autocast=r["autocast"], policy=r["policy"], alpha=r["alpha"], tier=r["tier"],
-        resident_layers=r["resident_layers"], loss=r["loss"], device_bytes=gpu_mem, host_bytes_per_node=host_mem,
+        resident_layers=r["resident_layers"], recompute_num_layers=r["recompute_num_layers"],
+        recompute_chunk_tokens=r["recompute_chunk_tokens"], loss=r["loss"], device_bytes=gpu_mem, host_bytes_per_node=host_mem,
         link_bytes_per_s=link, flops_per_s=flops, runtime_bytes=runtime_bytes,
     )
 
