@@ -159,7 +159,9 @@ class Estimate:
 
 
 def segment_sizes(layers: int, per_segment: int) -> list[int]:
-    per_segment = max(1, min(per_segment, layers))
+    """Blocks per segment under offload.segment; one segment of all blocks when there are none."""
+    if per_segment <= 1 or per_segment >= layers:
+        return [layers]
     return [min(per_segment, layers - i) for i in range(0, layers, per_segment)]
 
 
@@ -169,7 +171,7 @@ def segment_peaks(layers: int, per_segment: int) -> list[tuple[int, int]]:
     theirs at a time: the last segment's from forward on, or the one before it while it is
     recomputed (its input is then its first block's). Without segments: all blocks."""
     sizes = segment_sizes(layers, per_segment)
-    if per_segment <= 1 or len(sizes) < 2:
+    if len(sizes) == 1:
         return [(0, layers)]
     n = len(sizes)
     return [(n - 1, sizes[-1]), (n - 2, sizes[0])]
@@ -272,9 +274,8 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
         extra = swapped * (1 - alpha) * 2.0 * m.params_per_layer() * tokens
     else:
         extra = 0.0
-    sizes = segment_sizes(m.layers, s.recompute_num_layers)
-    if s.recompute_num_layers > 1 and len(sizes) > 1:  # segments but the last run forward twice
-        extra += (m.layers - sizes[-1]) * layer_forward_flops(m, tokens, s.seq_len)
+    # segments but the last run their forward twice (nothing without segments)
+    extra += (m.layers - segment_sizes(m.layers, s.recompute_num_layers)[-1]) * layer_forward_flops(m, tokens, s.seq_len)
     step = (3 * fwd + extra) / s.flops_per_s
     return Estimate(terms, host, alpha, binding, step, asdict(s), phases)
 
