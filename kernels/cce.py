@@ -6,15 +6,23 @@ into an online log-sum-exp, and the target logit is picked out of the tile it fa
 indexed dot). Only LSE (fp32, per token) is written; when gradients are needed the same pass
 adds each vocabulary column's logit sum (for vocabulary sorting).
 
-Backward (`_cce_bwd`): one program per (token block, vocabulary block) recomputes its logit tile,
-forms dz = softmax * (g + dLSE) - onehot * g from the saved LSE, skips the tile when every
-|dz| < eps (gradient filtering, §4.3: 2^-12 for bf16), and otherwise adds dz W into dH and
-dz^T H into dW with fp32 atomics. Vocabulary blocks follow the columns sorted by average logit
-(§4.3), so the few non-negligible columns cluster into few tiles.
+Backward (`_cce_bwd`): one program per (token block, vocabulary block) recomputes its logit tile
+and forms the unscaled logit gradient u = softmax * (1 + 2 z_loss LSE) - onehot from the saved
+LSE (times the softcap derivative when capped). It skips the tile when every |u| < eps (gradient
+filtering, §4.3: 2^-12 for bf16), and only then scales by the per-token upstream gradient,
+dz = u * g, and adds dz W into dH and dz^T H into dW with fp32 atomics. Filtering the unscaled u,
+as the paper's kernel does, matters: the trainer backpropagates sum / (valid tokens in the step),
+so g is 2^-13 or smaller and a test on dz would skip every tile, the target's too. Vocabulary
+blocks follow the columns sorted by average logit (§4.3), so the few non-negligible columns
+cluster into few tiles.
 
 Ignored tokens are compacted into an index list first, so they cost nothing. Offsets are int64
-(N*D > 2^31 works). Under TRITON_INTERPRET=1 (CPU) bf16 arithmetic is wrong in the interpreter,
-so every load is cast to fp32 before use (DOT_FP32); on GPU bf16 tiles go to tl.dot directly.
+(N*D > 2^31 works). Both inputs reach the kernels in one dtype: the autocast dtype when autocast
+is on (as Apple's ml-cross-entropy does; autograd casts the gradients back), else the promoted
+one. On GPU bf16 tiles go to tl.dot directly and fp32 tiles use TF32 when PyTorch allows it for
+matmuls (torch.backends.cuda.matmul.allow_tf32 / fp32_precision="tf32"), else IEEE fp32. Under
+TRITON_INTERPRET=1 (CPU) bf16 arithmetic is wrong in the interpreter, so every load is cast to
+fp32 before use and every dot is IEEE fp32 (DOT_FP32).
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .loss import resolve_filter_eps
+
 
 @triton.jit
 def _tanh(x):
@@ -33,7 +43,8 @@ def _tanh(x):
 
 @triton.jit
 def _logit_tile(H, W, rows64, row_mask, cols64, col_mask, D, stride_h, stride_w,
-                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
@@ -41,7 +52,7 @@ def _logit_tile(H, W, rows64, row_mask, cols64, col_mask, D, stride_h, stride_w,
         h = tl.load(H + rows64[:, None] * stride_h + ds[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
         w = tl.load(W + cols64[:, None] * stride_w + ds[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
         if DOT_FP32:
-            acc += tl.dot(h.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+            acc += tl.dot(h.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=DOT_PRECISION)
         else:
             acc += tl.dot(h, tl.trans(w))
     return acc
@@ -50,7 +61,7 @@ def _logit_tile(H, W, rows64, row_mask, cols64, col_mask, D, stride_h, stride_w,
 @triton.jit
 def _cce_fwd(H, W, ROWS, Y, LSE, TARGET, COLSUM, N, V, D, stride_h, stride_w, softcap,
              HAS_SOFTCAP: tl.constexpr, COLLECT_COLSUM: tl.constexpr, DOT_FP32: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+             DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     local = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = local < N
@@ -63,7 +74,7 @@ def _cce_fwd(H, W, ROWS, Y, LSE, TARGET, COLSUM, N, V, D, stride_h, stride_w, so
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
         z = _logit_tile(H, W, rows64, row_mask, cols.to(tl.int64), col_mask, D, stride_h, stride_w,
-                        BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32)
+                        BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, DOT_PRECISION)
         if HAS_SOFTCAP:
             z = softcap * _tanh(z / softcap)
         if COLLECT_COLSUM:
@@ -78,8 +89,8 @@ def _cce_fwd(H, W, ROWS, Y, LSE, TARGET, COLSUM, N, V, D, stride_h, stride_w, so
 
 
 @triton.jit
-def _cce_bwd(H, W, ROWS, Y, ORDER, LSE, G_NLL, G_LSE, DH, DW, N, V, D, stride_h, stride_w, softcap, eps,
-             HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
+def _cce_bwd(H, W, ROWS, Y, ORDER, LSE, G, DH, DW, N, V, D, stride_h, stride_w, softcap, z_loss, eps,
+             HAS_SOFTCAP: tl.constexpr, FILTER: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_n, pid_v = tl.program_id(0), tl.program_id(1)
     local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -90,44 +101,54 @@ def _cce_bwd(H, W, ROWS, Y, ORDER, LSE, G_NLL, G_LSE, DH, DW, N, V, D, stride_h,
     cols = tl.load(ORDER + sorted_cols, mask=col_mask, other=0)  # vocabulary sorted by average logit
     cols64 = cols.to(tl.int64)
     z = _logit_tile(H, W, rows64, row_mask, cols64, col_mask, D, stride_h, stride_w,
-                    BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32)
+                    BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, DOT_PRECISION)
     if HAS_SOFTCAP:
         t = _tanh(z / softcap)
         z = softcap * t
     lse = tl.load(LSE + local, mask=row_mask, other=0.0)
-    g_nll = tl.load(G_NLL + local, mask=row_mask, other=0.0)
-    g_lse = tl.load(G_LSE + local, mask=row_mask, other=0.0)
     y = tl.load(Y + local, mask=row_mask, other=-1)
-    dz = tl.exp(z - lse[:, None]) * g_lse[:, None] - tl.where(cols[None, :] == y[:, None], g_nll[:, None], 0.0)
+    # d(LSE + z_loss LSE^2 - z_y)/dz = softmax * (1 + 2 z_loss LSE) - onehot: the unscaled gradient
+    u = tl.exp(z - lse[:, None]) * (1.0 + 2.0 * z_loss * lse)[:, None]
+    u = u - tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
     if HAS_SOFTCAP:
-        dz = dz * (1.0 - t * t)
-    dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
-    # eps = 0 when filtering is off: every tile passes
-    if tl.max(tl.abs(dz)) >= eps:
-        local64 = local.to(tl.int64)
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            d_mask = ds < D
-            w = tl.load(W + cols64[:, None] * stride_w + ds[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-            h = tl.load(H + rows64[:, None] * stride_h + ds[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-            if DOT_FP32:
-                dh = tl.dot(dz, w.to(tl.float32), input_precision="ieee")
-                dw = tl.dot(tl.trans(dz), h.to(tl.float32), input_precision="ieee")
-            else:
-                dh = tl.dot(dz.to(w.dtype), w)
-                dw = tl.dot(tl.trans(dz).to(h.dtype), h)
-            tl.atomic_add(DH + local64[:, None] * D + ds[None, :], dh, mask=row_mask[:, None] & d_mask[None, :])
-            tl.atomic_add(DW + cols64[:, None] * D + ds[None, :], dw, mask=col_mask[:, None] & d_mask[None, :])
+        u = u * (1.0 - t * t)
+    u = tl.where(row_mask[:, None] & col_mask[None, :], u, 0.0)  # padding rows and columns add nothing
+    # Filter before scaling by the upstream gradient (§4.3): eps is relative to |softmax - onehot| <= 1.
+    # Every |u| < eps, tested as "all below" so that a NaN tile is never skipped.
+    if FILTER:
+        if tl.min((tl.abs(u) < eps).to(tl.int32)) == 1:
+            return
+    g = tl.load(G + local, mask=row_mask, other=0.0)
+    dz = u * g[:, None]
+    local64 = local.to(tl.int64)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        d_mask = ds < D
+        w = tl.load(W + cols64[:, None] * stride_w + ds[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+        h = tl.load(H + rows64[:, None] * stride_h + ds[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        if DOT_FP32:
+            dh = tl.dot(dz, w.to(tl.float32), input_precision=DOT_PRECISION)
+            dw = tl.dot(tl.trans(dz), h.to(tl.float32), input_precision=DOT_PRECISION)
+        else:
+            dh = tl.dot(dz.to(w.dtype), w)
+            dw = tl.dot(tl.trans(dz).to(h.dtype), h)
+        tl.atomic_add(DH + local64[:, None] * D + ds[None, :], dh, mask=row_mask[:, None] & d_mask[None, :])
+        tl.atomic_add(DW + cols64[:, None] * D + ds[None, :], dw, mask=col_mask[:, None] & d_mask[None, :])
 
 
 def _dot_fp32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _filter_eps(filter_eps, dtype: torch.dtype) -> float | None:
-    if filter_eps == "auto":
-        return torch.finfo(dtype).eps / 32  # 2^-12 for bf16 (paper §4.3)
-    return filter_eps
+def _dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input_precision for fp32 tiles: tf32 when PyTorch allows it for matmuls, on a real GPU only."""
+    if dtype != torch.float32 or os.environ.get("TRITON_INTERPRET") == "1":
+        return "ieee"
+    matmul = torch.backends.cuda.matmul
+    # torch >= 2.9 keeps fp32_precision in step with allow_tf32, and reading allow_tf32 raises once
+    # the new API has been used, so read the new flag where it exists.
+    allowed = matmul.fp32_precision == "tf32" if hasattr(matmul, "fp32_precision") else matmul.allow_tf32
+    return "tf32" if allowed else "ieee"
 
 
 class _CCE(torch.autograd.Function):
@@ -149,14 +170,15 @@ class _CCE(torch.autograd.Function):
             _cce_fwd[(triton.cdiv(n, BN),)](
                 hidden, weight, rows, y, lse, target, colsum, n, V, D, hidden.stride(0), weight.stride(0),
                 float(softcap or 1.0), HAS_SOFTCAP=softcap is not None, COLLECT_COLSUM=needs_grad and sort_vocab,
-                DOT_FP32=_dot_fp32(hidden.dtype), BLOCK_N=BN, BLOCK_V=BV, BLOCK_D=BD,
+                DOT_FP32=_dot_fp32(hidden.dtype), DOT_PRECISION=_dot_precision(hidden.dtype),
+                BLOCK_N=BN, BLOCK_V=BV, BLOCK_D=BD,
             )
         nll = lse - target
         per_token = nll + z_loss * lse * lse if z_loss else nll
         if needs_grad:
             order = torch.argsort(colsum, descending=True) if sort_vocab else torch.arange(V, device=hidden.device)
             ctx.save_for_backward(hidden, weight, rows, y, lse, order.to(torch.int32))
-        ctx.meta = (N, V, D, n, softcap, z_loss, reduction, _filter_eps(filter_eps, hidden.dtype), blocks)
+        ctx.meta = (N, V, D, n, softcap, z_loss, reduction, filter_eps, blocks)
         if reduction == "none":
             out = torch.zeros(N, dtype=torch.float32, device=hidden.device)
             return out.index_copy_(0, rows, per_token)
@@ -168,19 +190,18 @@ class _CCE(torch.autograd.Function):
         hidden, weight, rows, y, lse, order = ctx.saved_tensors
         N, V, D, n, softcap, z_loss, reduction, eps, (BN, BV, BD) = ctx.meta
         if reduction == "none":
-            g_nll = grad_out[rows].float()
+            g = grad_out[rows].float().contiguous()
         else:
             scale = grad_out.float() / max(n, 1) if reduction == "mean" else grad_out.float()
-            g_nll = scale.expand(n).contiguous()
-        g_lse = g_nll * (1 + 2 * z_loss * lse) if z_loss else g_nll
+            g = scale.expand(n).contiguous()
         dh = torch.zeros((n, D), dtype=torch.float32, device=hidden.device)
         dw = torch.zeros((V, D), dtype=torch.float32, device=hidden.device)
         if n:
             _cce_bwd[(triton.cdiv(n, BN), triton.cdiv(V, BV))](
-                hidden, weight, rows, y, order, lse, g_nll.contiguous(), g_lse.contiguous(), dh, dw, n, V, D,
-                hidden.stride(0), weight.stride(0), float(softcap or 1.0), float(eps or 0.0),
-                HAS_SOFTCAP=softcap is not None, DOT_FP32=_dot_fp32(hidden.dtype),
-                BLOCK_N=BN, BLOCK_V=BV, BLOCK_D=BD,
+                hidden, weight, rows, y, order, lse, g, dh, dw, n, V, D,
+                hidden.stride(0), weight.stride(0), float(softcap or 1.0), float(z_loss), float(eps or 0.0),
+                HAS_SOFTCAP=softcap is not None, FILTER=eps is not None, DOT_FP32=_dot_fp32(hidden.dtype),
+                DOT_PRECISION=_dot_precision(hidden.dtype), BLOCK_N=BN, BLOCK_V=BV, BLOCK_D=BD,
             )
         dhidden = torch.zeros((N, D), dtype=torch.float32, device=hidden.device).index_copy_(0, rows, dh)
         return dhidden.to(hidden.dtype), dw.to(weight.dtype), None, None, None, None, None, None
@@ -202,10 +223,19 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """Cut Cross-Entropy with Triton kernels; same contract as kernels.cce_torch.linear_cross_entropy.
 
-    filter_eps: "auto" (finfo(dtype).eps / 32), a float, or None to compute every tile (exact).
-    Gradients accumulate in fp32 buffers (atomics) and are cast to the input dtype at the end.
+    filter_eps: skip a backward tile when every |softmax - onehot| in it is below this (before the
+    upstream gradient scales it): "auto" (finfo(dtype).eps / 32: 2^-12 for bf16, 2^-28 for fp32),
+    a number >= 0, or "off" / None to compute every tile (exact).
+    Under autocast both inputs are cast to the autocast dtype; otherwise mixed dtypes are promoted.
+    Gradients accumulate in fp32 buffers (atomics) and are cast to the input dtypes at the end.
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction={reduction!r}: expected mean, sum or none")
-    opts = (filter_eps, sort_vocab, (block_n, block_v, block_d))
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)  # no-op when already there; autograd casts grads back
+    opts = (resolve_filter_eps(filter_eps, dtype), sort_vocab, (block_n, block_v, block_d))
     return _CCE.apply(hidden, weight, labels, ignore_index, softcap, z_loss, reduction, opts)

@@ -6,6 +6,8 @@ run log can say it. Implementations:
   cce        Cut Cross-Entropy: the Triton kernels on CUDA, else the chunked torch path
   cce_torch  the chunked torch path (kernels/cce_torch.py), on any device
   cce_triton the Triton kernels (kernels/cce.py); on CPU only under TRITON_INTERPRET=1
+`filter_eps` (CCE gradient filtering, see `resolve_filter_eps`) is checked on every path; only the
+Triton kernels filter: the reference and the chunked torch path compute every logit exactly.
 """
 
 from __future__ import annotations
@@ -43,6 +45,21 @@ def reference_linear_cross_entropy(
     return loss.sum() / (labels != ignore_index).sum().clamp(min=1)
 
 
+def resolve_filter_eps(filter_eps: float | str | bool | None, dtype: torch.dtype) -> float | None:
+    """CCE gradient filtering threshold on |softmax - onehot| (Wijmans et al. §4.3), or None for off.
+
+    "auto" = finfo(dtype).eps / 32 (2^-12 for bf16, 2^-28 for fp32); a number >= 0 as given;
+    "off", None or False (YAML reads a bare `off` as false) = no filtering.
+    """
+    if filter_eps is None or filter_eps is False or filter_eps == "off":
+        return None
+    if filter_eps == "auto":
+        return torch.finfo(dtype).eps / 32
+    if isinstance(filter_eps, (int, float)) and not isinstance(filter_eps, bool) and 0 <= filter_eps < float("inf"):
+        return float(filter_eps)
+    raise ValueError(f"filter_eps={filter_eps!r}: expected 'auto', 'off' (or None) or a finite number >= 0")
+
+
 def resolve_impl(impl: str, device: torch.device) -> str:
     if impl not in IMPLS:
         raise ValueError(f"loss impl {impl!r} is not one of {IMPLS}")
@@ -62,8 +79,10 @@ def linear_cross_entropy(
     softcap: float | None = None,
     z_loss: float = 0.0,
     impl: str = "reference",
+    filter_eps: float | str | None = "auto",
 ) -> torch.Tensor:
     impl = resolve_impl(impl, hidden.device)
+    resolve_filter_eps(filter_eps, hidden.dtype)  # a bad value fails on every path, not only on CUDA
     if impl == "reference":
         return reference_linear_cross_entropy(hidden, weight, labels, ignore_index, reduction, softcap, z_loss)
     if impl == "cce_torch":
@@ -72,4 +91,4 @@ def linear_cross_entropy(
         return cce_torch(hidden, weight, labels, ignore_index, reduction, softcap, z_loss)
     from .cce import linear_cross_entropy as cce_triton
 
-    return cce_triton(hidden, weight, labels, ignore_index, reduction, softcap, z_loss)
+    return cce_triton(hidden, weight, labels, ignore_index, reduction, softcap, z_loss, filter_eps=filter_eps)

@@ -113,26 +113,127 @@ def test_triton_matches_reference_fp32_exact(options):
                        _value_and_grads(reference, hidden, weight, labels, **options))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("options", [dict(reduction="sum"), dict(reduction="mean", softcap=30.0)])
 def test_triton_bf16_with_filtering_within_twice_reference_error(options):
     _bf16_within_twice_reference_error(lambda *a, **k: _triton(*a, filter_eps="auto", **k), (90, 257, 48), **options)
 
 
-@pytest.mark.slow
-def test_triton_filtering_skips_only_negligible_tiles():
+def _trainer_step_grads(fn, hidden, weight, labels, n_global, **kw):
+    """The trainer's step: reduction='sum', divided by the global count of valid tokens, then backward."""
+    loss = fn(hidden, weight, labels, reduction="sum", **kw) / n_global
+    return torch.autograd.grad(loss, (hidden, weight))
+
+
+@pytest.mark.parametrize("n_global", [8192, 65536])
+@pytest.mark.parametrize("filter_eps", ["auto", "off", None])
+@pytest.mark.parametrize("options", [dict(), dict(softcap=30.0, z_loss=1e-4)])
+def test_triton_bf16_in_the_trainer_regime(options, filter_eps, n_global):
+    # The upstream gradient is 1/n_global (<= 2^-13): filtering must look at the unscaled
+    # softmax - onehot, else every tile, the target's too, falls under eps and nothing flows back.
+    hidden, weight, labels = _inputs(96, 283, 48, dtype=torch.bfloat16)
+    exact_h = hidden.detach().float().requires_grad_()
+    exact_w = weight.detach().float().requires_grad_()
+    gold = _trainer_step_grads(reference, exact_h, exact_w, labels, n_global, **options)
+    naive = _trainer_step_grads(reference, hidden, weight, labels, n_global, **options)
+    got = _trainer_step_grads(_triton, hidden, weight, labels, n_global, filter_eps=filter_eps, **options)
+    for name, g, r, x in zip(("dhidden", "dweight"), got, naive, gold):
+        assert g.dtype == torch.bfloat16
+        err, ref_err = (g.float() - x).abs(), (r.float() - x).abs()
+        relative = (err.norm() / x.norm()).item()
+        assert relative < 0.02, f"{name}: relative error {relative:.3g} (all zero: {not g.any().item()})"
+        assert err.max().item() <= 2 * ref_err.max().item(), (
+            f"{name}: max error {err.max().item():.3g} vs naive bf16 error {ref_err.max().item():.3g}")
+
+
+@pytest.mark.parametrize("n_global", [1, 8192])
+def test_triton_filtering_skips_only_negligible_tiles(n_global):
     # Labels in a few columns and hidden states pointing at their label rows: a peaked softmax,
-    # so most (token block, vocab block) tiles have every |dz| < eps and are skipped.
+    # so many (token block, vocab block) tiles have every |softmax - onehot| < eps and are skipped.
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(512, 32, generator=g).requires_grad_()
     labels = torch.randint(0, 64, (64,), generator=g)
-    hidden = (2 * weight.detach()[labels] + 0.1 * torch.randn(64, 32, generator=g)).requires_grad_()
-    exact = _value_and_grads(_triton, hidden, weight, labels, reduction="sum", filter_eps=None)
-    filtered = _value_and_grads(_triton, hidden, weight, labels, reduction="sum", filter_eps=2.0**-12)
-    want = _value_and_grads(reference, hidden, weight, labels, reduction="sum")
-    _assert_fp32_close(exact, want)
-    assert not torch.equal(filtered[2], exact[2]), "filtering skipped no tile"
-    # each skipped entry of dz is below eps, so the error is bounded by eps * (rows summed) * |values|
-    bound = 64 * 2.0**-12 * max(hidden.abs().max().item(), weight.abs().max().item())
-    for f, w in zip(filtered, want):
-        assert (f - w).abs().max().item() <= bound
+    hidden = (weight.detach()[labels] + 0.1 * torch.randn(64, 32, generator=g)).requires_grad_()
+    eps = 2.0**-12
+    exact = _trainer_step_grads(_triton, hidden, weight, labels, n_global, filter_eps="off")
+    filtered = _trainer_step_grads(_triton, hidden, weight, labels, n_global, filter_eps=eps)
+    gold = _trainer_step_grads(reference, hidden.detach().double().requires_grad_(),
+                               weight.detach().double().requires_grad_(), labels, n_global)
+    # Not fp32-tight: LSE (~60 here) is saved in fp32, so every softmax entry p is off by up to
+    # p * lse_err; dH[t] moves by at most lse_err/n_global * max_v |W[v]|, dW[v] by lse_err/n_global * sum_t |H[t]|.
+    lse_err = torch.finfo(torch.float32).eps * (hidden @ weight.T).abs().max().item()
+    for e, x, bound in zip(exact, gold, (weight.detach().abs().amax(0), hidden.detach().abs().sum(0))):
+        assert torch.all((e - x).abs() <= 2 * lse_err / n_global * bound)
+    assert not torch.equal(filtered[1], exact[1]), "filtering skipped no tile"
+    # A skipped entry of dz is below eps / n_global, so dH[t] moves by at most eps/n_global * sum_v |W[v]|
+    # and dW[v] by at most eps/n_global * sum_t |H[t]| (elementwise over D).
+    for f, e, other in zip(filtered, exact, (weight, hidden)):
+        bound = eps / n_global * other.detach().abs().sum(0)
+        assert torch.all((f - e).abs() <= bound), "filtering dropped more than negligible entries"
+
+
+@pytest.mark.parametrize("filter_eps", ["auto", "off"])
+def test_triton_under_cpu_autocast_runs_in_bf16_and_returns_grads_in_input_dtypes(filter_eps):
+    # bf16 activations with an fp32 master weight, as in an autocast run: the kernels get one dtype.
+    hidden, weight, labels = _inputs(96, 283, 48, dtype=torch.bfloat16)
+    weight = weight.detach().float().requires_grad_()
+    n_global = 8192
+    gold = _trainer_step_grads(reference, hidden.detach().float().requires_grad_(), weight, labels, n_global)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_sum = _triton(hidden, weight, labels, reduction="sum", filter_eps=filter_eps)
+        naive = _trainer_step_grads(reference, hidden, weight, labels, n_global)
+    assert [t.dtype for t in loss_sum.grad_fn.saved_tensors[:2]] == [torch.bfloat16, torch.bfloat16]
+    got = torch.autograd.grad(loss_sum / n_global, (hidden, weight))
+    for name, g, r, x, dtype in zip(("dhidden", "dweight"), got, naive, gold, (torch.bfloat16, torch.float32)):
+        assert g.dtype == r.dtype == dtype
+        err, ref_err = (g.float() - x).abs().max().item(), (r.float() - x).abs().max().item()
+        assert err <= 2 * ref_err, f"{name}: max error {err:.3g} vs naive bf16 autocast error {ref_err:.3g}"
+
+
+def test_triton_promotes_mixed_dtypes_without_autocast():
+    hidden, weight, labels = _inputs(96, 283, 48)
+    loss_sum = _triton(hidden.detach().bfloat16().requires_grad_(), weight, labels, reduction="sum")
+    assert [t.dtype for t in loss_sum.grad_fn.saved_tensors[:2]] == [torch.float32, torch.float32]
+    exact_h = hidden.detach().bfloat16().float().requires_grad_()
+    got = _value_and_grads(_triton, hidden.detach().bfloat16().requires_grad_(), weight, labels, reduction="sum")
+    want = _value_and_grads(reference, exact_h, weight, labels, reduction="sum")
+    assert got[1].dtype == torch.bfloat16 and got[2].dtype == torch.float32
+    _assert_fp32_close((got[0], got[2]), (want[0], want[2]))
+    torch.testing.assert_close(got[1], want[1].bfloat16())
+
+
+def test_filter_eps_values_and_errors():
+    from longctx.kernels.loss import linear_cross_entropy, resolve_filter_eps
+    from longctx.recipes.schema import RecipeError, build
+
+    assert resolve_filter_eps("auto", torch.bfloat16) == 2.0**-12
+    assert resolve_filter_eps("auto", torch.float32) == 2.0**-28
+    assert resolve_filter_eps(1e-3, torch.bfloat16) == 1e-3 and resolve_filter_eps(0, torch.float32) == 0.0
+    assert all(resolve_filter_eps(off, torch.bfloat16) is None for off in ("off", None, False))
+    for bad in ("sometimes", -1e-3, float("nan"), True):
+        with pytest.raises(ValueError, match=r"filter_eps=.*: expected 'auto', 'off'"):
+            resolve_filter_eps(bad, torch.float32)
+    hidden, weight, labels = _inputs(8, 11, 4)
+    with pytest.raises(ValueError, match="filter_eps='sometimes'"):  # also where nothing filters
+        linear_cross_entropy(hidden, weight, labels, impl="cce_torch", filter_eps="sometimes")
+    assert build({"loss": {"filter_eps": False}}).loss.filter_eps == "off"  # YAML reads `off` as false
+    assert build({"loss": {"filter_eps": 1e-4}}).loss.filter_eps == 1e-4
+    with pytest.raises(RecipeError, match=r"loss\.filter_eps='sometimes': expected float or one of 'auto', 'off'"):
+        build({"loss": {"filter_eps": "sometimes"}})
+    with pytest.raises(RecipeError, match=r"loss\.filter_eps=-1: must be >= 0"):
+        build({"loss": {"filter_eps": -1}})
+
+
+def test_dot_precision_contract(monkeypatch):
+    # tl.dot input_precision for fp32 tiles: tf32 only on a real GPU and only when torch allows it.
+    from types import SimpleNamespace
+
+    from longctx.kernels.cce import _dot_precision
+
+    assert _dot_precision(torch.float32) == "ieee"  # the interpreter: IEEE fp32 always
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for flags, want in ((dict(fp32_precision="tf32"), "tf32"), (dict(fp32_precision="ieee"), "ieee"),
+                        (dict(fp32_precision="none"), "ieee"), (dict(allow_tf32=True), "tf32"),
+                        (dict(allow_tf32=False), "ieee")):
+        monkeypatch.setattr(torch.backends.cuda, "matmul", SimpleNamespace(**flags))
+        assert _dot_precision(torch.float32) == want, flags
+        assert _dot_precision(torch.bfloat16) == "ieee"  # bf16 tiles go to tl.dot as they are
