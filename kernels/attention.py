@@ -1,13 +1,28 @@
-"""Single-device attention, q/k/v as [B, S, H, D], GQA when Hq % Hkv == 0 (K/V never repeated).
+"""Single-device attention, q/k/v as [B, S, H, D], GQA when Hq % Hkv == 0.
 
-- `local_attention(q, k, v)`: causal attention for an unsharded sequence (sp = 1), PyTorch SDPA.
-- `block_attn(q, k, v, causal) -> (out, lse)` and `block_attn_bwd(dout, q, k, v, out, lse, causal)`:
-  one block of a sequence-parallel schedule. `lse` [B, H, S] is fp32 natural-log log-sum-exp of
-  the scaled scores. Causal masking with Sq != Sk is top-left aligned (query i sees keys <= i).
-  Backends: flash-attn on CUDA when installed, aten's CPU flash op, and `reference` (naive fp32).
+- `local_attention(q, k, v)`: causal attention for an unsharded sequence (sp = 1), PyTorch SDPA
+  (on CUDA restricted to its fused kernels: the O(S^2) math fallback never runs silently).
+- `block_attn(q, k, v, causal, impl) -> (out, lse)` and `block_attn_bwd(dout, q, k, v, out, lse,
+  causal, impl)`: one block of a sequence-parallel schedule or of MEMO's kept-(out, lse) path.
+  `lse` [B, H, S] is fp32 natural-log log-sum-exp of the scaled scores. Causal masking with
+  Sq != Sk is top-left aligned (query i sees keys <= i).
 - `merge(out, lse, out_i, lse_i)`: combine two partial results over disjoint key sets in fp32:
   lse = logaddexp(lse, lse_i), out = out*exp(lse_old - lse) + out_i*exp(lse_i - lse). A row that
   saw no key has lse = -inf (or +inf from some kernels): it contributes nothing.
+
+Block kernels (`KERNELS`; `auto` picks per device and dtype, `resolve_kernel` names the pick):
+  aten_flash      CUDA: PyTorch's own flash kernel, `aten._scaled_dot_product_flash_attention`
+                  and its backward (fp16/bf16, sm80+); GQA natively. The default on CUDA.
+  aten_efficient  CUDA: `aten._scaled_dot_product_efficient_attention` and its backward (fp32 too);
+                  K/V heads expanded for GQA, their gradients summed back.
+  flash_attn      CUDA, optional: flash-attn >= 2.7's forward/backward, preferred when installed
+                  and its signature checks out (kernels.capability.flash_attn_status).
+  aten_cpu        CPU: aten's flash op for CPU, which returns the lse and has a backward.
+  reference       naive fp32 (O(Sq*Sk) memory): tests, and only when a recipe asks for it.
+Every external call goes through `aten_ops` (torch.ops.aten) or `flash_attn_api()`, so tests swap
+in strict stand-ins that check what the real APIs require (tests/_standins.py). Calls pass
+contiguous tensors: flash-attn's backward reads the lse as a dense [B, H, Sq] array, and a
+schedule's row slice of it is strided.
 
 The backward of a block given the *global* out and lse is that block's exact share of dq, dk, dv
 (the FlashAttention-2 backward only needs P = exp(s - lse) and D = rowsum(dO * O)), so blocks can
@@ -16,16 +31,84 @@ be computed anywhere and summed.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.nn.functional as F
 
-from .capability import has_flash_attn
+from . import capability
+
+KERNELS = ("auto", "aten_flash", "aten_efficient", "flash_attn", "aten_cpu", "reference")
+CUDA_KERNELS = ("aten_flash", "aten_efficient", "flash_attn")
+_EFFICIENT_LSE_ALIGN = 32  # the memory-efficient kernel pads its lse rows to a multiple of 32
+
+aten_ops = torch.ops.aten  # the seam for PyTorch's fused attention ops (tests swap in stand-ins)
 
 
-def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=q.shape[2] != k.shape[2]
-    )
+def flash_attn_api():
+    """flash-attn's private interface module (the seam; tests put a stand-in in sys.modules)."""
+    return importlib.import_module("flash_attn.flash_attn_interface")
+
+
+def resolve_kernel(kernel: str, device: torch.device | str, dtype: torch.dtype, head_dim: int) -> str:
+    """The block kernel `kernel` means on this device for this dtype; `auto` never picks reference."""
+    if kernel not in KERNELS:
+        raise ValueError(f"attention kernel {kernel!r}: expected one of {', '.join(KERNELS)}")
+    if kernel != "auto":
+        return kernel
+    device_type = torch.device(device).type
+    if device_type == "cuda":
+        if dtype in (torch.float16, torch.bfloat16) and head_dim <= 256 and capability.has_flash_attn():
+            return "flash_attn"
+        return "aten_flash" if capability.aten_flash_supports(dtype, head_dim) else "aten_efficient"
+    if device_type == "cpu":
+        return "aten_cpu"
+    raise ValueError(f"no fused attention kernel for device {device_type!r}; set the kernel to reference explicitly")
+
+
+def check_kernel_available(kernel: str, device: torch.device | str, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why `kernel` cannot run here (None when it can): for the recipe's validation."""
+    device_type = torch.device(device).type
+    if kernel in CUDA_KERNELS and device_type != "cuda":
+        return f"{kernel} runs on CUDA only (this run is on {device_type})"
+    if kernel == "aten_cpu" and device_type != "cpu":
+        return "aten_cpu runs on CPU only"
+    if kernel == "flash_attn":
+        ok, why = capability.flash_attn_status()
+        if not ok:
+            return why
+        if dtype not in (torch.float16, torch.bfloat16):
+            return f"flash_attn needs fp16/bf16 (this run computes attention in {dtype})"
+    if kernel == "aten_flash" and not capability.aten_flash_supports(dtype, head_dim):
+        return f"aten_flash needs fp16/bf16, head_dim <= 256 (multiple of 8) and an sm80+ GPU (dtype {dtype}, head_dim {head_dim})"
+    return None
+
+
+# --- sp = 1 ------------------------------------------------------------------------------------
+def _expand_kv(x: torch.Tensor, heads_q: int) -> torch.Tensor:
+    return x if x.shape[2] == heads_q else x.repeat_interleave(heads_q // x.shape[2], dim=2)
+
+
+def _sum_kv(grad: torch.Tensor, heads_kv: int) -> torch.Tensor:
+    B, S, Hq, D = grad.shape
+    return grad if Hq == heads_kv else grad.reshape(B, S, heads_kv, Hq // heads_kv, D).sum(3)
+
+
+def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal SDPA with autograd. On CUDA only the fused kernels may run (flash, memory-efficient,
+    cuDNN): a shape none of them takes fails loudly instead of materialising S x S scores."""
+    gqa = q.shape[2] != k.shape[2]
+    if not q.is_cuda:
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True, enable_gqa=gqa)
+        return out.transpose(1, 2)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if gqa and not capability.aten_flash_supports(q.dtype, q.shape[-1]):
+        k, v, gqa = _expand_kv(k, q.shape[2]), _expand_kv(v, q.shape[2]), False  # efficient takes no GQA
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True, enable_gqa=gqa)
     return out.transpose(1, 2)
 
 
@@ -39,16 +122,55 @@ def autocast_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     return q, k, v
 
 
-def local_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """`local_attention` that also returns the lse, with no autograd graph: for callers that keep
-    (out, lse) and run the backward themselves (memory/offload.py)."""
-    return block_attn(*autocast_inputs(q, k, v), causal=True)
+class BlockAttention(torch.autograd.Function):
+    """block_attn / block_attn_bwd of one kernel as an autograd Function (causal or not)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool, kernel: str):
+        out, lse = block_attn(q, k, v, causal, kernel)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.kernel = causal, kernel
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        return (*block_attn_bwd(dout.to(out.dtype), q, k, v, out, lse, ctx.causal, ctx.kernel), None, None)
 
 
-def local_attention_bwd(dout, q, k, v, out, lse):
-    q2, k2, v2 = autocast_inputs(q, k, v)
-    dq, dk, dv = block_attn_bwd(dout.to(out.dtype), q2, k2, v2, out, lse, causal=True)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+class LocalAttention:
+    """The model's attention callable at sp = 1. `auto` runs SDPA (fused kernels only on CUDA);
+    any other kernel runs that block kernel through `BlockAttention`. `forward_lse`/`backward_lse`
+    are what memory/offload.py calls when it keeps (out, lse) and runs attention's backward itself."""
+
+    def __init__(self, kernel: str = "auto") -> None:
+        if kernel not in KERNELS:
+            raise ValueError(f"attention kernel {kernel!r}: expected one of {', '.join(KERNELS)}")
+        self.kernel = kernel
+
+    def __call__(self, q, k, v):
+        if self.kernel == "auto":
+            return sdpa_causal(q, k, v)
+        return BlockAttention.apply(*autocast_inputs(q, k, v), True, self.kernel)
+
+    def forward_lse(self, q, k, v):
+        return block_attn(*autocast_inputs(q, k, v), causal=True, impl=self.kernel)
+
+    def backward_lse(self, dout, q, k, v, out, lse):
+        q2, k2, v2 = autocast_inputs(q, k, v)
+        dq, dk, dv = block_attn_bwd(dout.to(out.dtype), q2, k2, v2, out, lse, causal=True, impl=self.kernel)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+    def describe(self, device, dtype: torch.dtype, head_dim: int) -> str:
+        """What runs, for the run log: `sdpa` or the block kernel (and the kernel MEMO's path uses)."""
+        block = resolve_kernel(self.kernel, device, dtype, head_dim)
+        if self.kernel != "auto":
+            return block
+        fused = " fused-only" if torch.device(device).type == "cuda" else ""
+        return f"sdpa{fused}"
+
+
+local_attention = LocalAttention("auto")
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -56,14 +178,6 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
 
 
 # --- blocks ------------------------------------------------------------------------------------
-def _backend(q: torch.Tensor, impl: str) -> str:
-    if impl != "auto":
-        return impl
-    if q.is_cuda:
-        return "flash_attn" if has_flash_attn() else "reference"
-    return "aten_cpu"
-
-
 def reference_block_attn(q, k, v, causal: bool):
     """Naive fp32 attention returning (out in q's dtype, lse fp32 [B, H, Sq])."""
     groups = q.shape[2] // k.shape[2]
@@ -78,45 +192,6 @@ def reference_block_attn(q, k, v, causal: bool):
     probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
     out = torch.einsum("bhqk,bkhd->bqhd", probs, vf)
     return out.to(q.dtype), lse
-
-
-def block_attn(q, k, v, causal: bool, impl: str = "auto"):
-    backend = _backend(q, impl)
-    if backend == "aten_cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal
-        )
-        return out.transpose(1, 2), lse
-    if backend == "flash_attn":
-        from flash_attn.flash_attn_interface import (
-            _flash_attn_forward,  # CUDA only; not exercised on CPU CI
-        )
-
-        out, lse, _, _ = _flash_attn_forward(q, k, v, 0.0, q.shape[-1] ** -0.5, causal, -1, -1, 0.0, None, False)
-        return out, lse
-    return reference_block_attn(q, k, v, causal)
-
-
-def block_attn_bwd(dout, q, k, v, out, lse, causal: bool, impl: str = "auto"):
-    """(dq, dk, dv) of one block given the global out and lse of these query rows."""
-    backend = _backend(q, impl)
-    if backend == "aten_cpu":
-        def t(x):
-            return x.transpose(1, 2)
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            t(dout), t(q), t(k), t(v), t(out), lse.contiguous(), 0.0, causal
-        )
-        return t(dq), t(dk), t(dv)
-    if backend == "flash_attn":
-        from flash_attn.flash_attn_interface import (
-            _flash_attn_backward,  # CUDA only; not exercised on CPU CI
-        )
-
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        _flash_attn_backward(dout, q, k, v, out, lse, dq, dk, dv, 0.0, q.shape[-1] ** -0.5, causal, -1, -1, 0.0,
-                             None, False)
-        return dq, dk, dv
-    return reference_block_attn_bwd(dout, q, k, v, out, lse, causal)
 
 
 def reference_block_attn_bwd(dout, q, k, v, out, lse, causal: bool):
@@ -141,6 +216,120 @@ def reference_block_attn_bwd(dout, q, k, v, out, lse, causal: bool):
     dk = dk.view(B, Sk, Hkv, groups, D).sum(3)
     dv = dv.view(B, Sk, Hkv, groups, D).sum(3)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _bhsd(x: torch.Tensor) -> torch.Tensor:
+    """[B, S, H, D] -> the [B, H, S, D] view PyTorch's fused ops take, over contiguous memory."""
+    return x.contiguous().transpose(1, 2)
+
+
+def _bshd(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2)
+
+
+def _visible_keys(q, k, v, causal: bool, kernel: str):
+    """FA2-style kernels align a causal mask to the bottom right when Sq != Sk; ours is top-left
+    (query i sees keys <= i), so keys at or past Sq are never seen: drop them."""
+    Sq, Sk = q.shape[1], k.shape[1]
+    if not causal or Sq == Sk:
+        return k, v
+    if Sq < Sk:
+        return k[:, :Sq], v[:, :Sq]
+    raise ValueError(f"{kernel}: causal block with more queries ({Sq}) than keys ({Sk}) is not supported")
+
+
+def _pad_keys(grad: torch.Tensor, Sk: int) -> torch.Tensor:
+    if grad.shape[1] == Sk:
+        return grad
+    return torch.cat([grad, grad.new_zeros(grad.shape[0], Sk - grad.shape[1], *grad.shape[2:])], 1)
+
+
+def _no_philox() -> torch.Tensor:
+    # dropout is 0, so the kernels never read their RNG state; this is what they return for it then
+    return torch.empty((), dtype=torch.long)
+
+
+def _fwd_aten_cpu(q, k, v, causal):
+    out, lse = aten_ops._scaled_dot_product_flash_attention_for_cpu(_bshd(q), _bshd(k), _bshd(v), 0.0, causal)
+    return _bshd(out), lse
+
+
+def _bwd_aten_cpu(dout, q, k, v, out, lse, causal):
+    dq, dk, dv = aten_ops._scaled_dot_product_flash_attention_for_cpu_backward(
+        _bshd(dout), _bshd(q), _bshd(k), _bshd(v), _bshd(out), lse.contiguous(), 0.0, causal)
+    return _bshd(dq), _bshd(dk), _bshd(dv)
+
+
+def _fwd_aten_flash(q, k, v, causal):
+    k, v = _visible_keys(q, k, v, causal, "aten_flash")
+    out, lse, *_ = aten_ops._scaled_dot_product_flash_attention(
+        _bhsd(q), _bhsd(k), _bhsd(v), 0.0, causal, False, scale=q.shape[-1] ** -0.5)
+    return _bshd(out), lse
+
+
+def _bwd_aten_flash(dout, q, k, v, out, lse, causal):
+    Sk = k.shape[1]
+    k, v = _visible_keys(q, k, v, causal, "aten_flash")
+    dq, dk, dv = aten_ops._scaled_dot_product_flash_attention_backward(
+        _bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), lse.contiguous(), None, None, q.shape[1], k.shape[1],
+        0.0, causal, _no_philox(), _no_philox(), scale=q.shape[-1] ** -0.5)
+    return _bshd(dq), _pad_keys(_bshd(dk), Sk), _pad_keys(_bshd(dv), Sk)
+
+
+def _fwd_aten_efficient(q, k, v, causal):
+    Hq, Sq = q.shape[2], q.shape[1]
+    out, lse, _, _ = aten_ops._scaled_dot_product_efficient_attention(
+        _bhsd(q), _bhsd(_expand_kv(k, Hq)), _bhsd(_expand_kv(v, Hq)), None, True, 0.0, causal,
+        scale=q.shape[-1] ** -0.5)
+    return _bshd(out), lse[:, :, :Sq]
+
+
+def _bwd_aten_efficient(dout, q, k, v, out, lse, causal):
+    B, Sq, Hq, _ = q.shape
+    padded = -(-Sq // _EFFICIENT_LSE_ALIGN) * _EFFICIENT_LSE_ALIGN
+    lse_padded = torch.zeros(B, Hq, padded, dtype=torch.float32, device=q.device)
+    lse_padded[:, :, :Sq] = lse
+    dq, dk, dv, _ = aten_ops._scaled_dot_product_efficient_attention_backward(
+        _bhsd(dout), _bhsd(q), _bhsd(_expand_kv(k, Hq)), _bhsd(_expand_kv(v, Hq)), None, _bhsd(out), lse_padded,
+        _no_philox(), _no_philox(), 0.0, [True, True, True, False], causal, scale=q.shape[-1] ** -0.5)
+    return _bshd(dq), _sum_kv(_bshd(dk), k.shape[2]), _sum_kv(_bshd(dv), v.shape[2])
+
+
+def _fwd_flash_attn(q, k, v, causal):
+    k, v = _visible_keys(q, k, v, causal, "flash_attn")
+    out, lse, _, _ = flash_attn_api()._flash_attn_forward(
+        q.contiguous(), k.contiguous(), v.contiguous(), 0.0, q.shape[-1] ** -0.5, causal, -1, -1, 0.0, None, False)
+    return out, lse
+
+
+def _bwd_flash_attn(dout, q, k, v, out, lse, causal):
+    Sk = k.shape[1]
+    k, v = _visible_keys(q, k, v, causal, "flash_attn")
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    flash_attn_api()._flash_attn_backward(
+        dout.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), dq, dk, dv, 0.0, q.shape[-1] ** -0.5, causal,
+        -1, -1, 0.0, None, False, None)
+    return dq, _pad_keys(dk, Sk), _pad_keys(dv, Sk)
+
+
+_FORWARD = {"aten_cpu": _fwd_aten_cpu, "aten_flash": _fwd_aten_flash, "aten_efficient": _fwd_aten_efficient,
+            "flash_attn": _fwd_flash_attn, "reference": reference_block_attn}
+_BACKWARD = {"aten_cpu": _bwd_aten_cpu, "aten_flash": _bwd_aten_flash, "aten_efficient": _bwd_aten_efficient,
+             "flash_attn": _bwd_flash_attn, "reference": reference_block_attn_bwd}
+
+
+def block_attn(q, k, v, causal: bool, impl: str = "auto"):
+    """(out [B, Sq, Hq, D] in q's dtype, lse [B, Hq, Sq] fp32) of q against k/v. Autocast is off
+    inside: the inputs carry the dtype (autocast_inputs), and the lse stays fp32 on every kernel."""
+    with torch.autocast(q.device.type, enabled=False):
+        return _FORWARD[resolve_kernel(impl, q.device, q.dtype, q.shape[-1])](q, k, v, causal)
+
+
+def block_attn_bwd(dout, q, k, v, out, lse, causal: bool, impl: str = "auto"):
+    """(dq, dk, dv) of one block given the global out and lse of these query rows."""
+    with torch.autocast(q.device.type, enabled=False):
+        return _BACKWARD[resolve_kernel(impl, q.device, q.dtype, q.shape[-1])](dout, q, k, v, out, lse, causal)
 
 
 def merge(out: torch.Tensor | None, lse: torch.Tensor | None, out_i: torch.Tensor, lse_i: torch.Tensor):

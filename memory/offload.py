@@ -40,7 +40,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..kernels.attention import local_attention, local_attention_bwd, local_attention_lse
 from . import accounting
 
 _ALIGN = 64  # bytes; every dtype's element size divides it
@@ -278,8 +277,6 @@ def attention_pair(fn: Callable) -> tuple[Callable, Callable]:
     """(forward -> (out, lse), backward(dout, q, k, v, out, lse)) for an attention callable."""
     if hasattr(fn, "forward_lse"):
         return fn.forward_lse, fn.backward_lse
-    if fn is local_attention:
-        return local_attention_lse, local_attention_bwd
     raise TypeError(f"attention {fn!r} has no forward_lse/backward_lse; MEMO needs attention's (out, lse)")
 
 

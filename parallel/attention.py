@@ -2,7 +2,7 @@
 
 import logging
 
-from ..kernels.attention import autocast_inputs, local_attention, local_attention_bwd, local_attention_lse
+from ..kernels.attention import LocalAttention, autocast_inputs
 from . import bidir_kv, ring, token_ring, ulysses
 from .bidir_kv import bidir_kv_attention
 from .choose import LINKS, Shape, choose
@@ -31,12 +31,13 @@ class SequenceParallelAttention:
     """
 
     def __init__(self, schedule: str, groups: dict, heads_q: int, heads_kv: int, head_dim: int,
-                 dtype_bytes: int, link: str = "cpu_gloo", log_choices: bool = True) -> None:
+                 dtype_bytes: int, link: str = "cpu_gloo", log_choices: bool = True, kernel: str = "auto") -> None:
         if schedule != "auto" and schedule not in SCHEDULE_FUNCTIONS:
             raise ValueError(f"parallel.attention={schedule!r}: expected auto or one of {sorted(SCHEDULE_FUNCTIONS)}")
         self.schedule, self.groups, self.link = schedule, groups, LINKS[link]
         self.heads = (heads_q, heads_kv, head_dim, dtype_bytes)
         self.log_choices = log_choices
+        self.kernel, self.local = kernel, LocalAttention(kernel)  # the block kernel every schedule runs
         self.sp, self.name = 1, "local"
         self._chosen: dict[tuple[int, int], str] = {}
 
@@ -59,19 +60,19 @@ class SequenceParallelAttention:
 
     def __call__(self, q, k, v):
         if self.sp == 1:
-            return local_attention(q, k, v)
-        return SCHEDULE_FUNCTIONS[self.name](*autocast_inputs(q, k, v), self.groups[self.sp])
+            return self.local(q, k, v)
+        return SCHEDULE_FUNCTIONS[self.name](*autocast_inputs(q, k, v), self.groups[self.sp], kernel=self.kernel)
 
     # For memory/offload.py, which keeps (out, lse) and runs attention's backward itself.
     def forward_lse(self, q, k, v):
         if self.sp == 1:
-            return local_attention_lse(q, k, v)
-        return SCHEDULE_MODULES[self.name].forward(self.groups[self.sp], *autocast_inputs(q, k, v))
+            return self.local.forward_lse(q, k, v)
+        return SCHEDULE_MODULES[self.name].forward(self.groups[self.sp], *autocast_inputs(q, k, v), kernel=self.kernel)
 
     def backward_lse(self, dout, q, k, v, out, lse):
         if self.sp == 1:
-            return local_attention_bwd(dout, q, k, v, out, lse)
+            return self.local.backward_lse(dout, q, k, v, out, lse)
         q2, k2, v2 = autocast_inputs(q, k, v)
         grads = SCHEDULE_MODULES[self.name].backward(self.groups[self.sp], dout.to(out.dtype).contiguous(),
-                                                     q2, k2, v2, out, lse)
+                                                     q2, k2, v2, out, lse, kernel=self.kernel)
         return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))

@@ -44,7 +44,7 @@ def _post_blocks(comm, step: int, P: int, cw, ccw):
     return comm.exchange(sends, recvs), new_cw, new_ccw
 
 
-def forward(group: dist.ProcessGroup, q, k, v):
+def forward(group: dist.ProcessGroup, q, k, v, kernel: str = "auto"):
     comm = communicator(group)
     P, r, n = comm.world, comm.rank, q.shape[1]
     cw = ccw = (k, v)
@@ -53,7 +53,7 @@ def forward(group: dist.ProcessGroup, q, k, v):
         pending = _post_blocks(comm, step + 1, P, cw, ccw) if step < _steps(P) else None
         blocks = [cw] if step == 0 else [cw] + ([ccw] if ccw is not None else [])
         for (bk, bv), src in zip(blocks, _sources(r, step, P)):
-            part_out, part_lse = attend(q, bk, bv, r, src)
+            part_out, part_lse = attend(q, bk, bv, r, src, kernel=kernel)
             if out is None:
                 out, lse = part_out.float(), part_lse.float()
             else:
@@ -64,7 +64,7 @@ def forward(group: dist.ProcessGroup, q, k, v):
     return out.to(q.dtype), lse
 
 
-def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse):
+def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "auto"):
     comm = communicator(group)
     P, r, n = comm.world, comm.rank, q.shape[1]
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -83,7 +83,7 @@ def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse):
         blocks = [cw] if step == 0 else [cw] + ([ccw] if ccw is not None else [])
         returns = []
         for (bk, bv), src in zip(blocks, _sources(r, step, P)):
-            dq_part, dk_part, dv_part, ks = attend_bwd(dout, q, bk, bv, out, lse, r, src)
+            dq_part, dk_part, dv_part, ks = attend_bwd(dout, q, bk, bv, out, lse, r, src, kernel=kernel)
             dq[:, q_rows(r, src, n)] += dq_part.float()
             part_k = torch.zeros_like(dk)
             part_v = torch.zeros_like(dv)
@@ -111,6 +111,7 @@ def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def bidir_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+def bidir_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup,
+        kernel: str = "auto") -> torch.Tensor:
     """Causal attention over a zigzag-sharded sequence; same contract as ring.ring_attention."""
-    return ScheduleAttention.apply(q, k, v, group, sys.modules[__name__])
+    return ScheduleAttention.apply(q, k, v, group, sys.modules[__name__], kernel)

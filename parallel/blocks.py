@@ -25,23 +25,24 @@ def kv_rows(q_owner: int, kv_owner: int, n: int) -> slice:
     return slice(0, n // 2) if kv_owner < q_owner else slice(0, n)
 
 
-def attend(q, k, v, q_owner: int, kv_owner: int):
+def attend(q, k, v, q_owner: int, kv_owner: int, kernel: str = "auto"):
     """(out, lse) for q[:, q_rows] against the visible keys. q may already be just those rows."""
     n = k.shape[1]
     ks = kv_rows(q_owner, kv_owner, n)
     if q.shape[1] == n:
         q = q[:, q_rows(q_owner, kv_owner, n)]
-    return block_attn(q, k[:, ks], v[:, ks], causal=q_owner == kv_owner)
+    return block_attn(q, k[:, ks], v[:, ks], causal=q_owner == kv_owner, impl=kernel)
 
 
-def attend_bwd(dout, q, k, v, out, lse, q_owner: int, kv_owner: int):
+def attend_bwd(dout, q, k, v, out, lse, q_owner: int, kv_owner: int, kernel: str = "auto"):
     """(dq, dk, dv, kv_slice) of one block: dq for the q rows given (or q_rows), dk/dv for kv_slice."""
     n = k.shape[1]
     ks = kv_rows(q_owner, kv_owner, n)
     if q.shape[1] == n:
         qs = q_rows(q_owner, kv_owner, n)
         q, dout, out, lse = q[:, qs], dout[:, qs], out[:, qs], lse[:, :, qs]
-    dq, dk, dv = block_attn_bwd(dout, q, k[:, ks], v[:, ks], out, lse, causal=q_owner == kv_owner)
+    # lse[:, :, qs] is a strided view: block_attn_bwd hands every kernel contiguous tensors
+    dq, dk, dv = block_attn_bwd(dout, q, k[:, ks], v[:, ks], out, lse, causal=q_owner == kv_owner, impl=kernel)
     return dq, dk, dv, ks
 
 
@@ -58,15 +59,17 @@ def merge_rows(out, lse, part_out, part_lse, rows: slice):
 class ScheduleAttention(torch.autograd.Function):
     """The one autograd Function of the ring schedules: `schedule.forward(group, q, k, v) ->
     (out, lse)` in forward, `schedule.backward(group, dout, q, k, v, out, lse) -> (dq, dk, dv)` in
-    backward, where `schedule` is the module (ring, token_ring, bidir_kv) holding both."""
+    backward, where `schedule` is the module (ring, token_ring, bidir_kv) holding both, and
+    `kernel` the block kernel (kernels.attention.KERNELS) every block runs with."""
 
     @staticmethod
-    def forward(ctx, q, k, v, group, schedule):
-        out, lse = schedule.forward(group, q, k, v)
+    def forward(ctx, q, k, v, group, schedule, kernel="auto"):
+        out, lse = schedule.forward(group, q, k, v, kernel=kernel)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.schedule = group, schedule
+        ctx.group, ctx.schedule, ctx.kernel = group, schedule, kernel
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        return (*ctx.schedule.backward(ctx.group, dout.contiguous(), *ctx.saved_tensors), None, None)
+        grads = ctx.schedule.backward(ctx.group, dout.contiguous(), *ctx.saved_tensors, kernel=ctx.kernel)
+        return (*grads, None, None, None)

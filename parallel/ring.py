@@ -18,7 +18,7 @@ from .blocks import ScheduleAttention, attend, attend_bwd, merge_rows, q_rows
 from .p2p import communicator
 
 
-def forward(group: dist.ProcessGroup, q, k, v):
+def forward(group: dist.ProcessGroup, q, k, v, kernel: str = "auto"):
     comm = communicator(group)
     P, r = comm.world, comm.rank
     out = lse = None
@@ -28,7 +28,7 @@ def forward(group: dist.ProcessGroup, q, k, v):
         if step < P - 1:
             nxt_k, nxt_v = torch.empty_like(k), torch.empty_like(v)
             pending = comm.exchange([(cur_k, comm.next), (cur_v, comm.next)], [(nxt_k, comm.prev), (nxt_v, comm.prev)])
-        part_out, part_lse = attend(q, cur_k, cur_v, r, src)
+        part_out, part_lse = attend(q, cur_k, cur_v, r, src, kernel=kernel)
         if out is None:
             out, lse = part_out.float(), part_lse.float()
         else:
@@ -39,7 +39,7 @@ def forward(group: dist.ProcessGroup, q, k, v):
     return out.to(q.dtype), lse
 
 
-def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse):
+def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "auto"):
     comm = communicator(group)
     P, r, n = comm.world, comm.rank, q.shape[1]
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -51,7 +51,7 @@ def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse):
             nxt_k, nxt_v = torch.empty_like(k), torch.empty_like(v)
             kv_pending = comm.exchange([(cur_k, comm.next), (cur_v, comm.next)],
                                        [(nxt_k, comm.prev), (nxt_v, comm.prev)])
-        dq_part, dk_part, dv_part, ks = attend_bwd(dout, q, cur_k, cur_v, out, lse, r, src)
+        dq_part, dk_part, dv_part, ks = attend_bwd(dout, q, cur_k, cur_v, out, lse, r, src, kernel=kernel)
         dq[:, q_rows(r, src, n)] += dq_part.float()
         dk_acc = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv_acc = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
@@ -74,6 +74,7 @@ def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup,
+        kernel: str = "auto") -> torch.Tensor:
     """Causal attention over a zigzag-sharded sequence; q [B, 2c, Hq, D], k/v [B, 2c, Hkv, D]."""
-    return ScheduleAttention.apply(q, k, v, group, sys.modules[__name__])
+    return ScheduleAttention.apply(q, k, v, group, sys.modules[__name__], kernel)

@@ -87,10 +87,10 @@ def _post_return(comm, partials, owner: int, step: int, n: int, likes):
     return pending, received, sender
 
 
-def forward(group: dist.ProcessGroup, q, k, v):
+def forward(group: dist.ProcessGroup, q, k, v, kernel: str = "auto"):
     comm = communicator(group)
     P, r, n = comm.world, comm.rank, q.shape[1]
-    out, lse = attend(q, k, v, r, r)
+    out, lse = attend(q, k, v, r, r, kernel=kernel)
     out, lse = out.float(), lse.float()
     bundle = [q]
     returning = None  # (partial out, lse, owner) computed last step
@@ -104,7 +104,7 @@ def forward(group: dist.ProcessGroup, q, k, v):
             q_pending.wait()
             bundle = nxt
             owner = (r + step) % P
-            part_out, part_lse = attend(bundle[0], k, v, owner, r)
+            part_out, part_lse = attend(bundle[0], k, v, owner, r, kernel=kernel)
             returning = (part_out, part_lse.float(), owner)
         if ret is not None:
             pending, (part_out, part_lse), sender = ret
@@ -113,10 +113,10 @@ def forward(group: dist.ProcessGroup, q, k, v):
     return out.to(q.dtype), lse
 
 
-def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse):
+def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "auto"):
     comm = communicator(group)
     P, r, n = comm.world, comm.rank, q.shape[1]
-    dq0, dk_part, dv_part, ks = attend_bwd(dout, q, k, v, out, lse, r, r)
+    dq0, dk_part, dv_part, ks = attend_bwd(dout, q, k, v, out, lse, r, r, kernel=kernel)
     dq = dq0.float()
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
@@ -136,7 +136,7 @@ def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse):
             owner = (r + step) % P
             q_o, dout_o, delta_o, lse_o = bundle
             stand_in = _stand_in_out(dout_o, delta_o)
-            part_dq, dk_part, dv_part, ks = attend_bwd(dout_o, q_o, k, v, stand_in, lse_o, owner, r)
+            part_dq, dk_part, dv_part, ks = attend_bwd(dout_o, q_o, k, v, stand_in, lse_o, owner, r, kernel=kernel)
             dk[:, ks] += dk_part.float()
             dv[:, ks] += dv_part.float()
             returning = (part_dq.float(), owner)
@@ -147,6 +147,7 @@ def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def token_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+def token_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup,
+        kernel: str = "auto") -> torch.Tensor:
     """Causal attention over a zigzag-sharded sequence; same contract as ring.ring_attention."""
-    return ScheduleAttention.apply(q, k, v, group, sys.modules[__name__])
+    return ScheduleAttention.apply(q, k, v, group, sys.modules[__name__], kernel)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..kernels.attention import block_attn, block_attn_bwd, local_attention
+from ..kernels.attention import BlockAttention, block_attn, block_attn_bwd, local_attention
 from . import layout
 from .p2p import communicator
 
@@ -71,21 +71,21 @@ def _heads_for(k: torch.Tensor, Hq: int, P: int) -> torch.Tensor:
     return k if k.shape[2] % P == 0 else k.repeat_interleave(Hq // k.shape[2], dim=2)
 
 
-def forward(group: dist.ProcessGroup, q, k, v):
+def forward(group: dist.ProcessGroup, q, k, v, kernel: str = "auto"):
     """(out, lse) without autograd; lse stays in the head-sharded layout [B, Hq/P, S] (only
     `backward` reads it)."""
     P, Hq = dist.get_world_size(group), q.shape[2]
     qh, kh, vh = (seq_to_heads(t, group) for t in (q, _heads_for(k, Hq, P), _heads_for(v, Hq, P)))
-    out_h, lse_h = block_attn(qh, kh, vh, causal=True)
+    out_h, lse_h = block_attn(qh, kh, vh, causal=True, impl=kernel)
     return heads_to_seq(out_h.contiguous(), group), lse_h
 
 
-def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse):
+def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "auto"):
     """Gradients from the kept (out, lse): q, k, v, out and dout go to the head layout again."""
     P, Hq, Hkv = dist.get_world_size(group), q.shape[2], k.shape[2]
     kr, vr = _heads_for(k, Hq, P), _heads_for(v, Hq, P)
     qh, kh, vh, out_h, dout_h = (seq_to_heads(t.contiguous(), group) for t in (q, kr, vr, out, dout))
-    dqh, dkh, dvh = block_attn_bwd(dout_h, qh, kh, vh, out_h, lse, causal=True)
+    dqh, dkh, dvh = block_attn_bwd(dout_h, qh, kh, vh, out_h, lse, causal=True, impl=kernel)
     dq, dk, dv = (heads_to_seq(t.contiguous(), group) for t in (dqh, dkh, dvh))
     if kr is not k:  # sum the repeated heads back onto their K/V head
         B, n = k.shape[:2]
@@ -94,7 +94,8 @@ def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse):
     return dq, dk, dv
 
 
-def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup,
+                      kernel: str = "auto") -> torch.Tensor:
     P = dist.get_world_size(group)
     Hq, Hkv = q.shape[2], k.shape[2]
     if Hq % P:
@@ -102,4 +103,5 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: 
     if Hkv % P:
         k, v = k.repeat_interleave(Hq // Hkv, dim=2), v.repeat_interleave(Hq // Hkv, dim=2)
     qh, kh, vh = (_SeqToHeads.apply(t, group) for t in (q, k, v))
-    return _HeadsToSeq.apply(local_attention(qh, kh, vh), group)
+    out_h = local_attention(qh, kh, vh) if kernel == "auto" else BlockAttention.apply(qh, kh, vh, True, kernel)
+    return _HeadsToSeq.apply(out_h, group)

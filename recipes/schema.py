@@ -102,6 +102,9 @@ class ParallelRecipe:
         "auto", "Sequence-parallel attention schedule; auto = least modelled time for the heads, length and parallel.link."
     )
     link: Literal["cpu_gloo", "nvlink", "pcie", "infiniband"] = _f("cpu_gloo", "Link model for attention=auto.")
+    attention_kernel: Literal["auto", "aten_flash", "aten_efficient", "flash_attn", "aten_cpu", "reference"] = _f(
+        "auto", "Attention kernel inside every schedule (and at sp=1): auto = flash-attn >= 2.7 when installed, else PyTorch's fused CUDA ops (aten_flash for bf16/fp16, aten_efficient for fp32); aten_cpu on CPU; reference = naive O(S^2) fp32, only when asked."
+    )
     min_tokens_per_sp_rank: int = _f(
         128, "decompose: a bucket whose rows give a rank fewer tokens runs at a smaller sp degree; spare ranks take other rows.", gt=0
     )
@@ -142,6 +145,15 @@ class LossRecipe:
         "Loss head: cce = Cut Cross-Entropy (Triton on CUDA, chunked torch elsewhere; never N x V logits); reference = logits then cross-entropy.",
     )
     z_loss: float = _f(0.0, "z-loss weight (adds z_loss * logsumexp^2 per token).", ge=0.0)
+    filter_eps: float | Literal["auto", "off", False] = _f(
+        "auto",
+        "CCE gradient filtering (Triton kernels only): skip a backward tile when every entry of softmax - onehot in it is smaller in magnitude than this; auto = finfo(dtype).eps/32 (2^-12 for bf16); off (or false, as YAML reads a bare off) = compute every tile (exact).",
+        ge=0.0,
+    )
+
+    def __post_init__(self) -> None:
+        if self.filter_eps is False:  # YAML and `key=off` overrides read a bare off as false
+            self.filter_eps = "off"
 
 
 @dataclass(kw_only=True)

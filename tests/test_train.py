@@ -182,9 +182,30 @@ def test_quickstart_path_end_to_end_short(tmp_path, smollm2_dir):
 def test_cce_loss_head_matches_reference_in_training(tmp_path):
     _, ref = _run(tmp_path, "train.max_steps=3", "loss.impl=reference", name="ref")
     run, cce = _run(tmp_path, "train.max_steps=3", "loss.impl=cce", name="cce")
-    assert run.describe["loss"] == "cce_torch"
+    assert run.describe["loss_impl"] == "cce_torch"
+    first = _metrics(tmp_path / "cce")[0]
+    assert first["loss_impl"] == "cce_torch" and first["attention_kernel"] == "sdpa"
+    assert _metrics(tmp_path / "ref")[0]["loss_impl"] == "reference"
     assert [h["loss"] for h in cce] == pytest.approx([h["loss"] for h in ref], abs=1e-5)
     assert [h["grad_norm"] for h in cce] == pytest.approx([h["grad_norm"] for h in ref], abs=1e-5)
+
+
+def test_run_log_and_first_record_name_the_kernels(tmp_path, caplog):
+    caplog.set_level("INFO", logger="longctx")
+    _, ref = _run(tmp_path, "train.max_steps=2", "parallel.attention_kernel=reference", name="refattn")
+    _, memo = _run(tmp_path, "train.max_steps=2", "memory.policy=memo", "memory.alpha=0.5", name="memo")
+    first, second = _metrics(tmp_path / "refattn")
+    assert first["attention_kernel"] == "reference" and "attention_kernel" not in second
+    assert _metrics(tmp_path / "memo")[0]["attention_kernel"] == "aten_cpu"  # MEMO keeps (out, lse): block kernel
+    assert "'attention_kernel': 'reference'" in caplog.text and "'loss_impl': 'cce_torch'" in caplog.text
+    # the naive kernel is only what was asked for; both runs train the same model
+    assert [h["loss"] for h in ref] == pytest.approx([h["loss"] for h in memo], abs=1e-4)
+
+
+def test_cuda_only_attention_kernel_on_cpu_is_a_recipe_error(tmp_path):
+    recipe = schema.load(TINY, [f"run.dir={tmp_path / 'k'}", "parallel.attention_kernel=aten_flash"])
+    with pytest.raises(schema.RecipeError, match="parallel.attention_kernel='aten_flash': aten_flash runs on CUDA only"):
+        build(recipe)
 
 
 def test_decomposed_micro_batches_equal_one_batch(tmp_path):

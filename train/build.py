@@ -23,7 +23,7 @@ from ..data.pack import PackedBatches, PackedRows
 from ..data.sampler import CurriculumSampler, SamplerError
 from ..data.sources import DataError, load_documents, source_identity
 from ..data.tokenize import TokenStore, load_tokenizer, tokenize_to_cache
-from ..kernels.attention import local_attention
+from ..kernels.attention import LocalAttention, check_kernel_available, resolve_kernel
 from ..kernels.capability import default_device
 from ..kernels.loss import linear_cross_entropy, resolve_impl
 from ..memory import offload
@@ -142,7 +142,8 @@ def apply_rope_recipe(cfg: ModelConfig, recipe: Recipe) -> ModelConfig:
 
 
 def build_model(recipe: Recipe, mesh: mesh_lib.Mesh) -> tuple[CausalLM, Path | None, SequenceParallelAttention | None]:
-    loss = partial(linear_cross_entropy, reduction="sum", z_loss=recipe.loss.z_loss, impl=recipe.loss.impl)
+    loss = partial(linear_cross_entropy, reduction="sum", z_loss=recipe.loss.z_loss, impl=recipe.loss.impl,
+                   filter_eps=recipe.loss.filter_eps)
     if recipe.model.path is None:
         try:
             cfg = ModelConfig(**recipe.model.config)
@@ -153,14 +154,18 @@ def build_model(recipe: Recipe, mesh: mesh_lib.Mesh) -> tuple[CausalLM, Path | N
         model_dir = resolve_model_dir(recipe.model.path, mesh)
         cfg = load_model_folder(model_dir)
     cfg = apply_rope_recipe(cfg, recipe)
+    kernel = recipe.parallel.attention_kernel
+    why_not = check_kernel_available(kernel, mesh.device, _attention_dtype(recipe), cfg.head_dim)
+    if why_not:
+        raise RecipeError(f"parallel.attention_kernel={kernel!r}: {why_not}; use auto")
     # Features are applied in this fixed order (DESIGN.md "The step"): SP attention, token
     # elimination, offload/recompute, compile, FSDP/ZeRO. Only those built so far appear here.
-    attention = local_attention
+    attention = LocalAttention(kernel)
     sp_attention = None
     if mesh.sp_world > 1:
         sp_attention = SequenceParallelAttention(
             recipe.parallel.attention, mesh.sp_groups, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-            2 if recipe.run.dtype == "bf16" else 4, recipe.parallel.link, log_choices=mesh.is_main,
+            2 if recipe.run.dtype == "bf16" else 4, recipe.parallel.link, log_choices=mesh.is_main, kernel=kernel,
         )
         attention = sp_attention
     model = CausalLM(cfg, attention=attention, loss=loss)
@@ -179,6 +184,21 @@ def build_model(recipe: Recipe, mesh: mesh_lib.Mesh) -> tuple[CausalLM, Path | N
         except sharding.ShardingError as e:
             raise RecipeError(str(e)) from None
     return model, model_dir, sp_attention
+
+
+def _attention_dtype(recipe: Recipe) -> torch.dtype:
+    return torch.bfloat16 if recipe.run.dtype == "bf16" else torch.float32  # bf16 runs autocast attention
+
+
+def attention_kernel_name(recipe: Recipe, device: torch.device, head_dim: int, sp_world: int) -> str:
+    """The attention kernel(s) a run uses, for the run log and metrics: `sdpa` where the plain
+    sp = 1 path runs PyTorch's SDPA, else the block kernel the schedules and MEMO call."""
+    kernel, dtype = recipe.parallel.attention_kernel, _attention_dtype(recipe)
+    block = resolve_kernel(kernel, device, dtype, head_dim)
+    local = block if recipe.memory.policy != "none" else LocalAttention(kernel).describe(device, dtype, head_dim)
+    if sp_world == 1 or local == block:
+        return local if sp_world == 1 else block
+    return f"{block} ({local} for buckets at sp=1)"
 
 
 def model_shape(cfg: ModelConfig) -> ModelShape:
@@ -317,7 +337,8 @@ def build(recipe: Recipe) -> Run:
     run.describe = {
         "device": str(mesh.device), "world": mesh.world, "dp": mesh.dp_world,
         "attention": "sdpa (local, sp=1)" if mesh.sp_world == 1 else f"{recipe.parallel.attention} (sp={mesh.sp_world})",
-        "loss": resolve_impl(recipe.loss.impl, mesh.device),
+        "attention_kernel": attention_kernel_name(recipe, mesh.device, model.config.head_dim, mesh.sp_world),
+        "loss_impl": resolve_impl(recipe.loss.impl, mesh.device),
         "memory": recipe.memory.policy if recipe.memory.policy != "memo" else
         f"memo (alpha {recipe.memory.alpha}, tier {recipe.memory.tier}, {recipe.memory.resident_layers} resident)",
         "params": sum(p.numel() for p in model.parameters()), "model": str(model_dir or "random init"),

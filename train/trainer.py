@@ -268,6 +268,8 @@ def train(run: Run) -> dict:
             record.update({k: out[k] for k in ("sp_degree", "attention", "attention_bytes_sent",
                                                "attention_max_bytes_per_link_direction") if k in out})
             record.update(memory_metrics(run.model))
+            if not history:  # the first record of this run names the kernels that ran
+                record.update({k: v for k, v in (run.describe or {}).items() if k in ("attention_kernel", "loss_impl")})
             if eval_before is not None:
                 record["eval_loss_before"], eval_before = eval_before, None
             if r.eval.every and (step + 1) % r.eval.every == 0:
