@@ -113,3 +113,9 @@ def record(tier: str, nbytes: int) -> None:
     """Called by memory/offload.py for what a wrapped block keeps; a no-op when not measuring."""
     for meter in _ACTIVE:
         meter.record(tier, nbytes)
+
+
+def pinned_bytes(nbytes: int) -> int:
+    """Host bytes a pinned allocation of `nbytes` really takes: PyTorch's CUDA caching host
+    allocator rounds every request up to the next power of two (so it can reuse blocks)."""
+    return 1 << max(int(nbytes) - 1, 0).bit_length()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .accounting import pinned_bytes
 from .plan import LayerBytes, plan_alpha
 
 GiB = 1 << 30
@@ -235,8 +236,10 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
     for seg_inputs, live_blocks in segment_peaks(m.layers, s.recompute_num_layers):
         live_swapped = max(live_blocks - s.resident_layers, 0) if host_tier else 0
         device_act = max(device_act, ((live_blocks - live_swapped) * per_layer + seg_inputs * lb.inp) * tokens)
-        host = max(host, live_swapped * per_layer * tokens * s.gpus_per_node)
-    staging = 2 * per_layer * tokens if host_tier else 0.0  # the two staging buffers
+        host = max(host, pinned_bytes(int(live_swapped * per_layer * tokens)) * s.gpus_per_node)  # pinned slabs
+    # Two blocks' kept bytes: the two staging buffers in backward; in forward, the device copies
+    # of the blocks whose D2H copies may still run (freed only once copied; offload.HostPool.seal).
+    staging = 2 * per_layer * tokens if host_tier else 0.0
     recomputes = s.policy != "none"
     workspace = backward_workspace(m, tokens, s.autocast, recomputes, s.recompute_chunk_tokens)
     if s.loss == "cce":

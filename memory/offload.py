@@ -121,6 +121,7 @@ class HostRecord:
         self.offsets: dict = {}  # storage key -> (slab chunk, offset, nbytes, local offset)
         self.nbytes = 0  # staging bytes (aligned)
         self.sources: list[torch.Tensor] = []  # device tensors until their D2H copy is done
+        self.free_after_copy: list[torch.Tensor] = []  # graph tensors whose memory goes once copied
         self.d2h_done = None
         self.h2d_done = None
         self.staging: torch.Tensor | None = None
@@ -168,7 +169,9 @@ class HostPool:
 
     # --- slab ------------------------------------------------------------------------------------
     def _new_chunk(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda)
+        if self.cuda:  # the pinned allocator takes a power of two anyway: ask for it, and use it
+            return torch.empty(accounting.pinned_bytes(nbytes), dtype=torch.uint8, pin_memory=True)
+        return torch.empty(nbytes, dtype=torch.uint8)
 
     def reserve(self, nbytes: int) -> None:
         """Allocate the slab up front (between steps only)."""
@@ -213,18 +216,30 @@ class HostPool:
         with torch.cuda.stream(self.d2h):
             dst.copy_(src, non_blocking=True)
 
-    def seal(self, rec: HostRecord) -> None:
-        """End of a block's forward: its copies are queued; free sources two blocks back (the
-        same rhythm as MEMO's two rounding buffers)."""
-        if not self.cuda:
-            rec.sources.clear()
-        else:
-            rec.d2h_done = torch.cuda.Event()
-            rec.d2h_done.record(self.d2h)
-            if rec.index >= 2:
-                old = self.records[rec.index - 2]
+    def seal(self, rec: HostRecord, free_after_copy=()) -> None:
+        """End of a block's forward: its copies are queued. `free_after_copy` are device tensors
+        whose memory is released once their copies are done, never before: on CUDA the copy runs
+        on the D2H stream, and memory freed while it is queued goes back to the caching allocator,
+        which hands it to the next block while the copy still reads it. Copies finished by now
+        are released; the block two back is waited for (MEMO's two rounding buffers' rhythm)."""
+        rec.free_after_copy.extend(free_after_copy)
+        if not self.cuda:  # copies were synchronous
+            self._copied(rec)
+            return
+        rec.d2h_done = torch.cuda.Event()
+        rec.d2h_done.record(self.d2h)
+        for old in self.records[:rec.index]:
+            if old.d2h_done is not None and (old.index <= rec.index - 2 or old.d2h_done.query()):
                 old.d2h_done.synchronize()
-                old.sources.clear()
+                self._copied(old)
+
+    @staticmethod
+    def _copied(rec: HostRecord) -> None:
+        """rec's device->host copies are done: drop its sources, release its graph tensors."""
+        rec.sources.clear()
+        for t in rec.free_after_copy:
+            t.untyped_storage().resize_(0)
+        rec.free_after_copy.clear()
 
     # --- backward: host -> device, one block ahead -----------------------------------------------
     def _staging_for(self, rec: HostRecord) -> torch.Tensor:
@@ -252,11 +267,15 @@ class HostPool:
         rec.staging = buf
 
     def fetch(self, rec: HostRecord) -> None:
+        if self.cuda:  # backward has begun: the forward's copies are all queued; release them
+            for old in self.records:
+                if old.d2h_done is not None and (old.sources or old.free_after_copy):
+                    old.d2h_done.synchronize()
+                    self._copied(old)
         if rec.staging is None:
             self._copy_in(rec)
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(rec.h2d_done)
-            rec.sources.clear()
         # Prefetch the block before this one into the other staging buffer.
         prev = next((r for r in reversed(self.records[:rec.index]) if not r.released), None)
         if prev is not None and prev.staging is None:
@@ -375,11 +394,8 @@ class _MemoBlock(torch.autograd.Function):
             keep["lse"] = rec.put(lse)
         if a < S:
             keep["x_b"] = rec.put(xb)
-        if rec.tier == "host":
-            lay.pool.seal(rec)
-            if graphs is not None:  # their device memory now lives in the host pool
-                for t in (xa, oa, qa, ka, va, ya):
-                    t.untyped_storage().resize_(0)
+        if rec.tier == "host":  # the graphs' device memory now lives in the host pool
+            lay.pool.seal(rec, (xa, oa, qa, ka, va, ya) if graphs is not None else ())
         ctx.lay, ctx.rec, ctx.keep, ctx.graphs, ctx.a, ctx.policy = lay, rec, keep, graphs, a, policy
         ctx.cos, ctx.sin = cos, sin
         return y

@@ -5,7 +5,9 @@ static buffer layouts that cannot fragment.
     LSE) + S_oth (everything else) bytes, MEMO swaps S_in + S_attn + alpha * S_oth and picks the
     largest alpha with
       (i)  swap bytes / link bandwidth <= one layer's forward time     (the copy hides), and
-      (ii) (n - resident) * swap bytes * GPUs per node <= host memory   (host RAM is per node);
+      (ii) (n - resident) * swap bytes * GPUs per node <= host memory   (host RAM is per node),
+           where each GPU's pinned slab counts as the CUDA host allocator takes it: rounded up to
+           a power of two, so a GPU's share M/g holds at most the largest power of two <= M/g;
     the last `resident` layers are kept on the device (their backward starts right away).
     Closed form: alpha = clip(min((B*T - S_in - S_attn) / S_oth, (M / (g*(n-r)) - S_in - S_attn) / S_oth), 0, 1).
     It depends on the length, so it is planned per bucket length.
@@ -24,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy.optimize import Bounds, LinearConstraint, milp
+
+from .accounting import pinned_bytes
 
 
 # --- (a) alpha -----------------------------------------------------------------------------------
@@ -51,13 +55,19 @@ def plan_alpha(tokens_per_gpu: int, layer: LayerBytes, layer_seconds: float, lin
     other = layer.other * tokens_per_gpu
     by_link = (link_bytes_per_s * layer_seconds - fixed) / other if other else 1.0
     if swapped_layers:
-        by_host = (host_bytes_per_node / (gpus_per_node * swapped_layers) - fixed) / other if other else 1.0
+        slab = pinned_slab_limit(host_bytes_per_node / gpus_per_node)
+        by_host = (slab / swapped_layers - fixed) / other if other else 1.0
     else:
         by_host = 1.0
     alpha = float(min(max(min(by_link, by_host), 0.0), 1.0))
     binding = "none" if min(by_link, by_host) >= 1.0 else ("bandwidth" if by_link <= by_host else "host_memory")
     swap = fixed + alpha * other
-    return AlphaPlan(alpha, binding, swap, swap * swapped_layers * gpus_per_node)
+    return AlphaPlan(alpha, binding, swap, pinned_bytes(int(swap * swapped_layers)) * gpus_per_node)
+
+
+def pinned_slab_limit(host_bytes_per_gpu: float) -> float:
+    """The largest pinned slab whose power-of-two rounding fits in a GPU's share of host memory."""
+    return float(pinned_bytes(int(host_bytes_per_gpu) + 1) // 2) if host_bytes_per_gpu >= 1 else 0.0
 
 
 class MemoPlanner:

@@ -248,9 +248,12 @@ def test_alpha_closed_form():
     # link: 10000 tokens x (20 + a*100) <= 1e6 B/s * 1 s  ->  a = 0.8
     p = plan_alpha(10000, lb, 1.0, 1e6, 1e12, 1, 10, 2)
     assert p.alpha == pytest.approx(0.8) and p.binding == "bandwidth"
-    # host: 8 layers x 4 GPUs x 10000 x (20 + a*100) <= 1.6e7  ->  a = 0.3
-    p = plan_alpha(10000, lb, 1.0, 1e12, 1.6e7, 4, 10, 2)
-    assert p.alpha == pytest.approx(0.3) and p.binding == "host_memory"
+    # host: 8 layers x 16384 tokens x (20 + a*100) <= the pinned slab per GPU, 2^24 / 4 GPUs = 2^22
+    #   ->  a = 0.12; with 1.6e7 per node a GPU's 4e6 holds a 2^21 slab only (pinned sizes are
+    #   powers of two): (16 - 20) / 100 < 0  ->  a = 0
+    p = plan_alpha(16384, lb, 1.0, 1e12, 2.0**24, 4, 10, 2)
+    assert p.alpha == pytest.approx(0.12) and p.binding == "host_memory"
+    assert plan_alpha(16384, lb, 1.0, 1e12, 1.6e7, 4, 10, 2).alpha == 0.0
     assert plan_alpha(1000, lb, 1.0, 1e12, 1e12, 1, 10, 2).alpha == 1.0
     assert plan_alpha(1000, lb, 1e-9, 1.0, 1e12, 1, 10, 2).alpha == 0.0
 
