@@ -23,12 +23,15 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint")
     e.add_argument("out")
     e.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="cast weights (default: as saved)")
+    e.add_argument("--force", action="store_true",
+                   help="replace a non-empty OUT (never the checkpoint, its run folder or a folder holding them)")
 
     c = sub.add_parser("convert", help="convert model files")
     csub = c.add_subparsers(dest="format", required=True)
     g = csub.add_parser("gguf", help="a Llama-family GGUF file -> HF safetensors folder + tokenizer")
     g.add_argument("file")
     g.add_argument("out")
+    g.add_argument("--force", action="store_true", help="replace a non-empty OUT (never one holding FILE)")
 
     d = sub.add_parser("data", help="inspect a recipe's data")
     dsub = d.add_subparsers(dest="action", required=True)
@@ -86,12 +89,12 @@ def _dispatch(args) -> int:
         from .train.export import export_checkpoint
 
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.dtype)
-        print(export_checkpoint(args.checkpoint, args.out, dtype=dtype))
+        print(export_checkpoint(args.checkpoint, args.out, dtype=dtype, force=args.force))
         return 0
     if args.command == "convert":
         from .models.hf import convert_gguf
 
-        print(convert_gguf(args.file, args.out))
+        print(convert_gguf(args.file, args.out, force=args.force))
         return 0
     if args.command == "data":
         import json

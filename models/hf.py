@@ -82,6 +82,22 @@ def load_weights(model: torch.nn.Module, folder: str | Path) -> None:
             tensor.copy_(state[key])
 
 
+def check_destination(out: str | Path, force: bool = False, protected: tuple = ()) -> Path:
+    """Refuses a destination whose replacement would lose what we did not write: a file, a
+    non-empty folder (unless `force`), and with or without `force` any `protected` path (a source
+    checkpoint, a run folder, an input file) or a folder holding one."""
+    out = Path(out).absolute()
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a folder; choose another destination")
+    for path in protected:
+        path = Path(path).absolute()
+        if out.resolve() == path.resolve() or out.resolve() in path.resolve().parents:
+            raise CheckpointError(f"{out}: replacing it would delete {path}; choose a destination outside it")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise CheckpointError(f"{out}: exists and is not empty; choose another destination or pass --force to replace it")
+    return out
+
+
 def save_folder(
     model: torch.nn.Module,
     out: str | Path,
@@ -90,18 +106,33 @@ def save_folder(
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 5 * 2**30,
     state: dict[str, torch.Tensor] | None = None,
+    force: bool = False,
+    protected: tuple = (),
 ) -> Path:
     """Writes an HF folder that `AutoModelForCausalLM.from_pretrained` loads offline: `model`'s
     weights, or `state` (full tensors gathered from a sharded model) with `model`'s config.
 
-    Written to `<out>.tmp` and renamed when complete, so a crash never leaves half a folder.
+    `out` must be new or empty (or `force`), and never holds a `protected` path (check_destination).
+    Written to a hidden temporary folder beside `out` and swapped in only when complete, so a
+    crash never leaves half a folder and never loses the old one.
     """
-    out = Path(out)
+    out = check_destination(out, force, protected)
+    try:
+        _write_folder(model, out, tokenizer_dir, config, dtype, max_shard_bytes, state)
+    except BaseException:
+        for leftover in out.parent.glob(f".{out.name}.*.tmp"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_folder(model, out: Path, tokenizer_dir, config, dtype, max_shard_bytes, state) -> None:
+    import tempfile
+    import uuid
+
     cfg = config or model.config
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     state = {
         k: (v.to(dtype) if dtype is not None else v).detach().contiguous().cpu()
         for k, v in (model.state_dict() if state is None else state).items()
@@ -132,10 +163,13 @@ def save_folder(
     (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     if tokenizer_dir is not None:
         copy_tokenizer(tokenizer_dir, tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    if out.exists():  # empty, or replaced with --force: keep the old one until the new is in place
+        old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old.tmp")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
 
 
 def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
@@ -145,7 +179,7 @@ def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
-def convert_gguf(gguf_path: str | Path, out: str | Path) -> Path:
+def convert_gguf(gguf_path: str | Path, out: str | Path, force: bool = False) -> Path:
     """Dequantises a Llama-family GGUF file into an HF folder (fp32 safetensors + tokenizer)."""
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
@@ -153,6 +187,7 @@ def convert_gguf(gguf_path: str | Path, out: str | Path) -> Path:
     with open(gguf_path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise CheckpointError(f"{gguf_path}: not a GGUF file (bad magic bytes)")
+    check_destination(out, force, (gguf_path,))  # before the slow part
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .llama import CausalLM
@@ -175,14 +210,11 @@ def convert_gguf(gguf_path: str | Path, out: str | Path) -> Path:
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     model.load_state_dict(state, strict=True)
-    out = Path(out)
-    tok_tmp = out.with_name(out.name + ".tokenizer.tmp")
-    tokenizer.save_pretrained(str(tok_tmp))
-    try:
-        save_folder(model, out, tokenizer_dir=tok_tmp)
-    finally:
-        shutil.rmtree(tok_tmp, ignore_errors=True)
-    return out
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="longctx-tokenizer-") as tok_tmp:
+        tokenizer.save_pretrained(tok_tmp)
+        return save_folder(model, out, tokenizer_dir=tok_tmp, force=force, protected=(gguf_path,))
 
 
 def load_model_folder(folder: str | Path) -> ModelConfig:

@@ -14,8 +14,13 @@ Every rank writes its shard into `step-N.tmp`; rank 0 writes the manifest and re
 when all ranks are done, so a crash mid-save never damages the last good checkpoint and a
 half-written folder is never taken for one. The folder must be on a filesystem every rank sees.
 
-Nothing is unpickled: DCP's own non-tensor path pickles, so only tensors go through DCP and the
-rest is JSON; `torch.load(weights_only=True)` reads the RNG files.
+No code runs from checkpoint files. The trust boundary: a checkpoint is data, even one from
+someone else. Only tensors go through DCP and the rest is JSON; `torch.load(weights_only=True)`
+reads the RNG files and DCP's tensor data. DCP's `.metadata` is a pickle: it is read by an
+unpickler that admits only the metadata classes DCP writes (anything else is an error naming the
+file and the class, before any of it runs), and every entry we load must be tensor metadata (a
+"bytes" entry would go through DCP's unrestricted torch.load). The sha256 manifest proves a
+file is what was written, not who wrote it: it is checked, and it is not the boundary.
 """
 
 from __future__ import annotations
@@ -24,12 +29,14 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from ..models.hf import CheckpointError, copy_tokenizer
@@ -93,6 +100,82 @@ def save(folder: Path, model, optimizer, scheduler, state: dict, keep_last: int,
         _prune(folder.parent, keep_last)
     _barrier()
     return folder
+
+
+# --- reading DCP without running code -----------------------------------------------------------
+# What DCP's metadata pickle references (torch 2.4-2.13): its dataclasses, torch.Size, dtypes,
+# layouts (by name) and the path type of the storage info. Constructing any of these runs no code
+# of the file's choosing.
+_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "ChunkStorageMetadata", "MetadataIndex", "StorageMeta",
+                                              "TensorProperties", "TensorStorageMetadata", "BytesStorageMetadata",
+                                              "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath", "Path"},
+    "collections": {"OrderedDict"},
+}
+
+
+class UnsafeCheckpoint(CheckpointError):
+    pass
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file, path: Path) -> None:
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if name in _METADATA_CLASSES.get(module, ()) or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                         torch.dtype)):
+            return super().find_class(module, name)
+        raise UnsafeCheckpoint(f"{self.path}: refers to {module}.{name}, which is not DCP checkpoint metadata; "
+                               "refusing to load it (a checkpoint never needs to run code)")
+
+
+class SafeReader(dcp.FileSystemReader):
+    """DCP's filesystem reader with its metadata read by the restricted unpickler."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        rank = kwargs.get("rank")
+        path = Path(self.path) / (".metadata" if rank is None else f"__{rank}.metadata")
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f, path).load()
+        except UnsafeCheckpoint:
+            raise
+        except Exception as e:  # noqa: BLE001 - a damaged pickle raises many types
+            raise CheckpointError(f"{path}: unreadable checkpoint metadata ({type(e).__name__}: {e})") from None
+        if not isinstance(metadata, Metadata):
+            raise UnsafeCheckpoint(f"{path}: holds a {type(metadata).__name__}, not DCP metadata")
+        for key, entry in metadata.state_dict_metadata.items():
+            if not isinstance(entry, TensorStorageMetadata):  # DCP would torch.load it without weights_only
+                raise UnsafeCheckpoint(f"{path}: entry {key!r} is {type(entry).__name__}, not a tensor; "
+                                       "longctx checkpoints hold tensors only")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def dcp_load(state: dict, folder: Path, what: str) -> None:
+    """dcp.load through SafeReader; a mismatch is a CheckpointError naming `folder` (DCP's
+    CheckpointException is a BaseException, so `except Exception` alone misses it)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.load(state, storage_reader=SafeReader(folder / "dcp"), no_dist=not _distributed())
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP raises several types for a mismatch
+        failures = list(e.failures.values()) if isinstance(e, CheckpointException) else []
+        for inner in failures:  # a rank's own error, e.g. UnsafeCheckpoint from read_metadata
+            if isinstance(inner, CheckpointError):
+                raise inner from None
+        first = (str(failures[0]) if failures else str(e)).strip().splitlines() or [""]
+        raise CheckpointError(f"{folder}: {what} ({type(e).__name__}: {first[0][:300]})") from None
 
 
 def _files(folder: Path) -> list[Path]:
@@ -175,11 +258,7 @@ def load(folder: Path, model, optimizer, scheduler) -> dict:
     state = json.loads((folder / STATE).read_text())
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
     optim_tensors, _ = _split_optimizer(optim_sd)
-    try:
-        dcp.load({"model": model_sd, "optim": optim_tensors}, checkpoint_id=folder / "dcp", no_dist=not _distributed())
-    except Exception as e:  # noqa: BLE001 - DCP raises CheckpointException, RuntimeError, KeyError, ...
-        raise CheckpointError(f"{folder}: the model/optimizer do not match this checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:300]})") from None
+    dcp_load({"model": model_sd, "optim": optim_tensors}, folder, "the model/optimizer do not match this checkpoint")
     hparams = {k: (tuple(v) if isinstance(v, list) else v) for k, v in state["optimizer_hparams"].items()}
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict={**optim_tensors, **hparams},
                    options=_OPTIONS)

@@ -302,7 +302,8 @@ def train(run: Run) -> dict:
 def export(run: Run) -> None:
     state = full_state_dict(run.model)  # collective under FSDP2
     if run.mesh.is_main:
-        out = save_folder(run.model, run.run_dir / "export", tokenizer_dir=run.tokenizer_dir, state=state)
+        out = save_folder(run.model, run.run_dir / "export", tokenizer_dir=run.tokenizer_dir, state=state,
+                          force=True, protected=(run.run_dir / "checkpoints",))  # the run's own export
         log.info("exported HF model to %s", out)
     if run.mesh.world > 1:
         torch.distributed.barrier()
