@@ -37,6 +37,7 @@ def _f(default: Any, help: str, **limits: Any) -> Any:
 class RunConfig:
     name: str = _f("run", "Run name; also the default run folder runs/<name>.")
     dir: str | None = _f(None, "Run folder (resolved recipe, metrics.jsonl, checkpoints, wandb, export).")
+    overwrite: bool = _f(False, "A fresh run (train.resume=none) into a folder that holds an earlier run's checkpoints or metrics is refused; true deletes that run's checkpoints, metrics and export first.")
     seed: int = _f(0, "Seed for model init, data order and dropout-free RNG streams.", ge=0)
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto = CUDA when available, else CPU.")
     dtype: Literal["fp32", "bf16"] = _f("fp32", "Parameter and activation dtype (optimizer math stays fp32 in bf16 runs).")
@@ -170,8 +171,8 @@ class TrainRecipe:
     beta2: float = _f(0.95, "AdamW beta2.", ge=0.0, lt=1.0)
     eps: float = _f(1e-8, "AdamW epsilon.", gt=0)
     clip_grad_norm: float = _f(1.0, "Clip the global gradient norm to this (0 = off).", ge=0.0)
-    checkpoint_every: int = _f(0, "Save a checkpoint every N steps (0 = only at the end if export or resume needs it).", ge=0)
-    keep_last: int = _f(2, "Checkpoints to keep.", gt=0)
+    checkpoint_every: int = _f(0, "Save a checkpoint every N steps; one is always saved at the end (0 = only at the end).", ge=0)
+    keep_last: int = _f(2, "Checkpoints of this run to keep (the newest; the one just written is never deleted).", gt=0)
     resume: str = _f("none", "none, auto (newest complete checkpoint in the run folder) or a checkpoint path.")
     export: bool = _f(False, "Export an HF folder to <run.dir>/export at the end.")
 

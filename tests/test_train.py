@@ -43,7 +43,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)
 def _first_step_grads(tmp_path, name, *overrides):
     run = build(schema.load(TINY, [f"run.dir={tmp_path / name}", "train.max_steps=1", "train.warmup_steps=0", *overrides]))
     captured = []
-    run.optimizer.step = lambda: captured.append([p.grad.clone() for p in run.model.parameters()])
+    run.optimizer.step = lambda *a, **k: captured.append([p.grad.clone() for p in run.model.parameters()])
     history = train(run)["history"]
     return history[0]["loss"], captured[0]
 

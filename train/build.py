@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import json
 import logging
 import os
+import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -64,6 +67,7 @@ class Run:
     start_step: int = 0
     tokens_seen: int = 0
     describe: dict | None = None
+    run_id: str = ""  # the run that owns run_dir (run.json): checkpoints, metrics and W&B carry it
 
 
 # --- the default model ---------------------------------------------------------------------------
@@ -309,12 +313,54 @@ def _decomposed(recipe: Recipe, store: TokenStore, docs: np.ndarray, tokenizer, 
     return DecomposedData(store.tokens, buckets, sampler, _pad_id(tokenizer), mesh.sp_rank)
 
 
+RUN_FILE = "run.json"
+
+
+def _earlier_run(run_dir: Path) -> list[str]:
+    found = ["checkpoints/"] if ckpt.step_folders(run_dir / "checkpoints") else []
+    metrics = run_dir / "metrics.jsonl"
+    return found + (["metrics.jsonl"] if metrics.is_file() and metrics.stat().st_size else [])
+
+
+def claim_run_folder(recipe: Recipe, mesh: mesh_lib.Mesh) -> str:
+    """The run id that owns the run folder. A fresh run (train.resume=none) into a folder holding
+    an earlier run is refused unless run.overwrite, which first deletes that run's checkpoints,
+    metrics and export; a resumed run keeps the folder's id. Checked on every rank (one answer),
+    written by rank 0."""
+    run_dir, fresh = recipe.run_dir, recipe.train.resume == "none"
+    earlier = _earlier_run(run_dir)
+    if fresh and earlier:
+        if not recipe.run.overwrite:
+            raise RecipeError(f"run.dir={str(run_dir)!r}: holds an earlier run ({', '.join(earlier)}); resume it with "
+                              "train.resume=auto, choose another run.dir (or run.name), or set run.overwrite=true "
+                              "to replace it")
+        if mesh.is_main:
+            for name in ("checkpoints", "export"):
+                shutil.rmtree(run_dir / name, ignore_errors=True)
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            log.warning("run.overwrite: deleted the earlier run's checkpoints, metrics and export in %s", run_dir)
+    run_file = run_dir / RUN_FILE
+    if mesh.is_main and (fresh or not run_file.is_file()):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        part = run_file.with_suffix(".part")
+        part.write_text(json.dumps({"run_id": uuid.uuid4().hex, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+        os.replace(part, run_file)
+    if mesh.world > 1:
+        dist.barrier()
+    try:
+        return json.loads(run_file.read_text())["run_id"]
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"{run_file}: unreadable ({type(e).__name__}); it names the run that owns "
+                              f"{run_dir}") from None
+
+
 def build(recipe: Recipe) -> Run:
     device = default_device(recipe.run.device)
     if recipe.run.threads:
         torch.set_num_threads(recipe.run.threads)
     mesh = mesh_lib.init(device, recipe.parallel.backend, recipe.parallel.timeout_seconds, recipe.parallel.sp_degree)
     check_world(recipe, mesh.world)
+    run_id = claim_run_folder(recipe, mesh)
     torch.manual_seed(recipe.run.seed)
     model, model_dir, sp_attention = build_model(recipe, mesh)
     data, eval_data, tokenizer_dir, pad_id = build_data(recipe, model_dir, mesh, model.config.vocab_size)
@@ -325,7 +371,7 @@ def build(recipe: Recipe) -> Run:
         recipe=recipe, mesh=mesh, model=model, optimizer=optimizer, scheduler=scheduler, data=data, eval_data=eval_data,
         run_dir=recipe.run_dir, tokenizer_dir=tokenizer_dir,
         autocast_dtype=torch.bfloat16 if recipe.run.dtype == "bf16" else None, pad_id=pad_id,
-        sp_attention=sp_attention,
+        sp_attention=sp_attention, run_id=run_id,
     )
     if recipe.parallel.sharding == "deepspeed":
         try:
@@ -356,7 +402,7 @@ def _maybe_resume(run: Run) -> None:
     if resume == "auto":
         step = -1
         if run.mesh.is_main:
-            found = ckpt.newest_valid(run.run_dir / "checkpoints")
+            found = ckpt.newest_valid(run.run_dir / "checkpoints", run.run_id)
             step = int(found.name.removeprefix("step-")) if found else -1
         if run.mesh.world > 1:  # every rank must load the same one
             chosen = torch.tensor([step], dtype=torch.int64)

@@ -67,9 +67,36 @@ def _split_optimizer(flat: dict) -> tuple[dict, dict]:
     return tensors, hparams
 
 
+def _kill_point(point: str, folder: Path) -> None:
+    """Tests only: LONGCTX_KILL_DURING_SAVE=<point>:<step folder name> SIGKILLs this process at
+    that point of that save (dcp, manifest, rename, prune), to show what a crash there leaves."""
+    want = os.environ.get("LONGCTX_KILL_DURING_SAVE")
+    if want and want == f"{point}:{folder.name}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Every file and folder under `folder`, and `folder` itself, on disk."""
+    for path in sorted(folder.rglob("*"), key=lambda p: -len(p.parts)):
+        _fsync(path)
+    _fsync(folder)
+
+
 def save(folder: Path, model, optimizer, scheduler, state: dict, keep_last: int,
          tokenizer_dir: Path | None = None) -> Path:
-    """Collective: every rank calls it. `state` is JSON (step, tokens, sampler, ...)."""
+    """Collective: every rank calls it. `state` is JSON (step, tokens, sampler, run_id, ...).
+    Files are fsynced before the manifest, the folder before the rename, the rename before
+    pruning; pruning touches only this run's (state["run_id"]) other checkpoints."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     rank = _rank()
@@ -93,11 +120,19 @@ def save(folder: Path, model, optimizer, scheduler, state: dict, keep_last: int,
             copy_tokenizer(tokenizer_dir, tmp)
     _barrier()
     if rank == 0:
+        _kill_point("dcp", folder)
+        _fsync_tree(tmp)
         _write_manifest(tmp)
+        _fsync(tmp / MANIFEST)
+        _fsync(tmp)
+        _kill_point("manifest", folder)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
-        _prune(folder.parent, keep_last)
+        _fsync(folder.parent)
+        _kill_point("rename", folder)
+        _prune(folder, keep_last, state.get("run_id"))
+        _kill_point("prune", folder)
     _barrier()
     return folder
 
@@ -236,18 +271,30 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return [p for p in step_folders(root) if problem(p, hashes=False) is None]
 
 
-def newest_valid(root: Path) -> Path | None:
-    """`resume: auto`: the newest checkpoint that verifies; the ones skipped get a warning."""
+def newest_valid(root: Path, run_id: str | None = None) -> Path | None:
+    """`resume: auto`: the newest checkpoint that verifies and (given `run_id`) belongs to this
+    run; the ones skipped get a warning."""
     for folder in reversed(step_folders(root)):
-        why = problem(folder)
+        owner = run_id_of(folder) if run_id else None
+        why = problem(folder) if not owner or owner == run_id else f"written by another run ({owner})"
         if why is None:
             return folder
         log.warning("resume: skipping %s: %s", folder, why)
     return None
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    for old in complete_checkpoints(root)[:-keep_last]:
+def run_id_of(folder: Path) -> str | None:
+    try:
+        return json.loads((Path(folder) / STATE).read_text()).get("run_id")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def _prune(written: Path, keep_last: int, run_id: str | None) -> None:
+    """Keeps this run's newest `keep_last` checkpoints, `written` always; other runs' (and ones
+    that name no run) are never touched."""
+    ours = [p for p in complete_checkpoints(written.parent) if p != written and run_id and run_id_of(p) == run_id]
+    for old in ours[:max(len(ours) - (keep_last - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
 
 

@@ -43,7 +43,15 @@ class Console:
 
 
 class Jsonl:
-    def __init__(self, path: Path) -> None:
+    """metrics.jsonl: one run's records. `after_step` (a resumed run) drops records past it, so
+    a resumed run appends without repeating the steps it redoes."""
+
+    def __init__(self, path: Path, after_step: int | None = None) -> None:
+        if after_step is not None and path.is_file():
+            kept = [line for line in path.read_text().splitlines() if line.strip() and _step(line) <= after_step]
+            part = path.with_suffix(".part")
+            part.write_text("".join(line + "\n" for line in kept))
+            os.replace(part, path)
         self.file = open(path, "a", buffering=1)
 
     def log(self, record: dict) -> None:
@@ -51,6 +59,13 @@ class Jsonl:
 
     def close(self) -> None:
         self.file.close()
+
+
+def _step(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return 0
 
 
 def wandb_mode() -> str:
@@ -66,13 +81,14 @@ def wandb_mode() -> str:
 
 
 class WandB:
-    def __init__(self, run_dir: Path, project: str, name: str, config: dict) -> None:
+    def __init__(self, run_dir: Path, project: str, name: str, config: dict, run_id: str | None = None) -> None:
         import wandb
 
         self.mode = wandb_mode()
+        # one W&B run per run folder: a resumed run continues it (same id) instead of starting another
         self.run = wandb.init(
-            project=project, name=name, dir=str(run_dir), config=config, mode=self.mode,
-            settings=wandb.Settings(silent=True, console="off"),
+            project=project, name=name, dir=str(run_dir), config=config, mode=self.mode, id=run_id,
+            resume="allow" if run_id else None, settings=wandb.Settings(silent=True, console="off"),
         )
 
     def log(self, record: dict) -> None:

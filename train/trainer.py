@@ -43,9 +43,10 @@ def _sinks(run: Run) -> Metrics:
     if not run.mesh.is_main:
         return Metrics([])
     r = run.recipe
-    sinks = [Console(r.train.max_steps), Jsonl(run.run_dir / "metrics.jsonl")]
+    after = run.start_step if r.train.resume != "none" else None  # a resumed run redoes the steps after it
+    sinks = [Console(r.train.max_steps), Jsonl(run.run_dir / "metrics.jsonl", after_step=after)]
     if r.log.wandb:
-        sinks.append(WandB(run.run_dir, r.log.wandb_project, r.run.name, r.to_dict()))
+        sinks.append(WandB(run.run_dir, r.log.wandb_project, r.run.name, r.to_dict(), run_id=run.run_id or None))
     return Metrics(sinks)
 
 
@@ -186,7 +187,7 @@ def evaluate(run: Run) -> float:
 def save_checkpoint(run: Run, step: int) -> Path:
     """Collective (every rank writes its shard): model, optimizer, scheduler, sampler, RNG, counters."""
     state = {"step": step, "tokens": run.tokens_seen, "dp": run.mesh.dp_world, "sp": run.mesh.sp_world,
-             "sharding": run.recipe.parallel.sharding}
+             "sharding": run.recipe.parallel.sharding, "run_id": run.run_id}
     sampler = getattr(run.data, "sampler", None)
     if sampler is not None:
         sampler.step = step
@@ -289,6 +290,8 @@ def train(run: Run) -> dict:
                     log.warning("stopped by %s after step %d; checkpoint saved in %s", signal.Signals(stopped).name,
                                 step + 1, run.run_dir / "checkpoints" / f"step-{step + 1}")
                 break
+        if not stopped and history and not saved and r.parallel.sharding != "deepspeed":
+            _guarded(run, heartbeat, r.train.max_steps, save_checkpoint, run, r.train.max_steps)  # the final one
         if r.train.export and not stopped:
             export(run)
     finally:
