@@ -91,3 +91,22 @@ def test_a_kill_inside_a_save_leaves_the_previous_checkpoint_for_auto_resume(tmp
     assert f"resumed from {run_dir / 'checkpoints' / survivor}" in done.stderr
     assert _steps(run_dir) == [1, 2, 3, 4]
     assert [p.name for p in ckpt.step_folders(run_dir / "checkpoints")] == ["step-4"]
+
+
+def test_resume_applies_a_changed_learning_rate_and_says_so(tmp_path, caplog):
+    """Issue 16: resume restored the checkpoint's lr while recipe.yaml said the new one."""
+    from longctx.train.optim import lr_at
+
+    caplog.set_level("WARNING", logger="longctx")
+    run_dir = tmp_path / "run"
+    assert _train(run_dir, "train.max_steps=2", "train.lr=3e-3") == 0
+    assert _train(run_dir, "train.max_steps=4", "train.lr=1e-3", "train.beta2=0.9", "train.resume=auto") == 0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    min_ratio = 0.1
+    for r in records[2:]:
+        assert r["lr"] == pytest.approx(1e-3 * lr_at(r["step"] - 1, 4, 0, min_ratio)), r
+    assert "train.lr 0.003 -> 0.001" in caplog.text and "train.beta2 0.95 -> 0.9" in caplog.text
+    assert "train.max_steps 2 -> 4" in caplog.text
+    recipe = (run_dir / "recipe.yaml").read_text()
+    assert "lr: 0.001" in recipe and "beta2: 0.9" in recipe

@@ -418,6 +418,7 @@ def _maybe_resume(run: Run) -> None:
             raise CheckpointError(f"train.resume={resume!r}: not a usable checkpoint: {why}")
     state = ckpt.load(folder, run.model, run.optimizer, run.scheduler)
     run.start_step, run.tokens_seen = state["step"], state["tokens"]
+    _apply_recipe_hparams(run, state)
     sampler = getattr(run.data, "sampler", None)
     if sampler is not None and "sampler" in state:
         try:
@@ -426,6 +427,39 @@ def _maybe_resume(run: Run) -> None:
             raise CheckpointError(f"{folder}: {e}") from None
     if run.mesh.is_main:
         log.info("resumed from %s at step %d", folder, run.start_step)
+
+
+def train_hparams(recipe: Recipe) -> dict:
+    """The optimizer and schedule keys a checkpoint records, to tell a resumed run what changed."""
+    t = recipe.train
+    return {"lr": t.lr, "weight_decay": t.weight_decay, "beta1": t.beta1, "beta2": t.beta2, "eps": t.eps,
+            "warmup_steps": t.warmup_steps, "min_lr_ratio": t.min_lr_ratio, "max_steps": t.max_steps}
+
+
+def _apply_recipe_hparams(run: Run, state: dict) -> None:
+    """Resume runs the recipe as written (recipe.yaml says what runs): the checkpoint restored the
+    optimizer's moments and its old hyper-parameters; the recipe's lr, betas, eps and weight decay
+    replace those, the schedule follows the recipe's max_steps/warmup/min_lr_ratio from the
+    resumed step, and each changed key is logged old -> new."""
+    now = train_hparams(run.recipe)
+    opt, sched = run.optimizer, run.scheduler
+    groups = opt.param_groups
+    before = state.get("train_hparams") or {  # checkpoints written before the keys were recorded
+        "lr": sched.base_lrs[0], "weight_decay": groups[0]["weight_decay"], "beta1": groups[0]["betas"][0],
+        "beta2": groups[0]["betas"][1], "eps": groups[0]["eps"]}
+    for i, group in enumerate(groups):
+        group["betas"], group["eps"], group["initial_lr"] = (now["beta1"], now["beta2"]), now["eps"], now["lr"]
+        if i == 0:  # the decayed group (build_optimizer); norms and biases stay at 0
+            group["weight_decay"] = now["weight_decay"]
+    sched.base_lrs = [now["lr"]] * len(groups)
+    for group, factor in zip(groups, sched.lr_lambdas):
+        group["lr"] = now["lr"] * factor(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in groups]
+    if run.mesh.is_main:
+        for key, old in before.items():
+            if key in now and old != now[key]:
+                log.warning("resume: train.%s %s -> %s (the recipe's value applies from step %d)", key, old, now[key],
+                            run.start_step + 1)
 
 
 # --- `longctx plan`: the recipe's planning inputs (train/plan_report.py does the rest) -------------

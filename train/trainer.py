@@ -27,7 +27,7 @@ from ..parallel.p2p import communicator
 from ..parallel.sharding import clip_grad_norm
 from ..recipes import schema
 from . import checkpoint as ckpt
-from .build import Run
+from .build import Run, train_hparams
 from .export import full_state_dict, save_folder
 from .metrics import Console, Jsonl, Metrics, WandB
 
@@ -187,7 +187,7 @@ def evaluate(run: Run) -> float:
 def save_checkpoint(run: Run, step: int) -> Path:
     """Collective (every rank writes its shard): model, optimizer, scheduler, sampler, RNG, counters."""
     state = {"step": step, "tokens": run.tokens_seen, "dp": run.mesh.dp_world, "sp": run.mesh.sp_world,
-             "sharding": run.recipe.parallel.sharding, "run_id": run.run_id}
+             "sharding": run.recipe.parallel.sharding, "run_id": run.run_id, "train_hparams": train_hparams(run.recipe)}
     sampler = getattr(run.data, "sampler", None)
     if sampler is not None:
         sampler.step = step
