@@ -118,4 +118,4 @@ def record(tier: str, nbytes: int) -> None:
 def pinned_bytes(nbytes: int) -> int:
     """Host bytes a pinned allocation of `nbytes` really takes: PyTorch's CUDA caching host
     allocator rounds every request up to the next power of two (so it can reuse blocks)."""
-    return 1 << max(int(nbytes) - 1, 0).bit_length()
+    return 0 if nbytes <= 0 else 1 << (int(nbytes) - 1).bit_length()

@@ -201,7 +201,7 @@ def test_pinned_slab_is_sized_as_the_allocator_rounds_it():
     for the rounded size (so it can use it) and the alpha plan budgets host memory with it."""
     from longctx.memory.plan import LayerBytes, plan_alpha
 
-    assert [pinned_bytes(n) for n in (1, 4096, 4097, 5 << 30)] == [1, 4096, 8192, 8 << 30]
+    assert [pinned_bytes(n) for n in (0, 1, 4096, 4097, 5 << 30)] == [0, 1, 4096, 8192, 8 << 30]
     layer = LayerBytes(inp=10.0, attn=10.0, other=100.0)
     # 6 GiB of host per GPU, 4 swapped layers of 320 MiB + alpha * 1600 MiB each: without the
     # rounding alpha would be 0.76 (a 6 GiB slab, pinned as 8 GiB: over the budget)
