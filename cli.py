@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--tflops", type=float, default=300.0, help="sustained TFLOP/s per GPU (default 300)")
     pl.add_argument("--link-gbps", type=float, default=25.0, help="GPU<->host GB/s per GPU (default 25)")
     pl.add_argument("--runtime-mem", default="1GiB", help="CUDA context / process baseline (default 1GiB)")
-    pl.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    pl.add_argument("--json", action="store_true", help="print JSON instead of the table (exit 1 when it does not fit)")
     r = sub.add_parser("recipe", help="validate / show a recipe, or print the reference table")
     rsub = r.add_subparsers(dest="action", required=True)
     show = rsub.add_parser("show", help="print the resolved recipe")
@@ -125,7 +125,7 @@ def _dispatch(args) -> int:
         report = plan(shape, inputs, args.gpus, sizes[0], sizes[1], args.gpus_per_node, args.sharding, sizes[2],
                       args.tflops, args.link_gbps, args.seq_len)
         print(json.dumps(report, indent=2) if args.json else format_plan(report))
-        return 0
+        return 0 if report["fits"] else 1  # scripts can ask "does it fit?" by the exit status
     if args.command == "recipe":
         from omegaconf import OmegaConf
 

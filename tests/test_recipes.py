@@ -106,3 +106,20 @@ def test_resolved_recipe_round_trips(tmp_path):
     recipe = schema.load(RECIPES[0])
     schema.save(recipe, tmp_path / "resolved.yaml")
     assert schema.load(tmp_path / "resolved.yaml") == recipe
+
+
+@pytest.mark.parametrize("name", ["llama3-8b-128k", "qwen2.5-7b-256k"])
+def test_shipped_recipes_train_at_the_length_in_their_name(repo, name, capsys):
+    """`longctx plan --json` on each shipped hub recipe (offline: known shapes) plans the length its
+    name promises, and it fits 8 x 80 GiB (exit 0); qwen2.5-7b-256k planned 2,048 tokens before."""
+    import json
+    import re
+
+    from longctx.cli import main
+
+    promised = int(re.search(r"(\d+)k$", name).group(1)) * 1024
+    code = main(["plan", str(repo / "recipes" / f"{name}.yaml"), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["seq_len"] == promised and report["fits"] and code == 0, report
+    assert {"sp_degree", "peak_bytes_per_gpu", "longest_tokens"} <= report.keys()
+    assert main(["plan", str(repo / "recipes" / f"{name}.yaml"), "--json", "--gpu-mem", "8GiB"]) == 1

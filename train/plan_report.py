@@ -74,6 +74,8 @@ def plan(shape: ModelShape, r: dict, gpus: int, gpu_mem: float, host_mem: float,
         "dominant": e.dominant, "host_bytes_per_node": e.host_bytes_per_node, "host_limit_bytes": host_mem,
         "step_seconds": e.step_seconds, "tokens_per_second_per_gpu": length / e.step_seconds / gpus,
         "longest_seq_len": longest,
+        # the same figures under the names scripts check (issue 16): per GPU, longest in tokens
+        "peak_bytes_per_gpu": e.total, "longest_tokens": longest,
     }
 
 
