@@ -1,7 +1,13 @@
 import os
 
-# Triton reads this when kernels are decorated, so it must be set before any kernel import.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Triton reads this when kernels are decorated, so it must be set before any kernel import. The
+# interpreter is the default only without a CUDA device: on a GPU the compiled kernels run (what
+# tests/gpu checks). An explicit TRITON_INTERPRET in the environment always wins, and a process
+# has one setting: on a GPU machine run the CPU interpreter tests separately, with TRITON_INTERPRET=1.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
