@@ -46,9 +46,10 @@ def _inputs(B, Sq, Sk, Hq, Hkv, D, dtype, seed=0, strided=False):
     g = torch.Generator().manual_seed(seed)
     def make(S, H):
         if strided:  # a view with a gap between heads, as a schedule's slices and transposes give
-            return torch.randn(B, S, H, D + 8, generator=g)[..., :D].to(dtype)
+            return torch.randn(B, S, H, D + 8, generator=g).to(dtype)[..., :D]
         return torch.randn(B, S, H, D, generator=g).to(dtype)
     q, k, v = make(Sq, Hq), make(Sk, Hkv), make(Sk, Hkv)
+    assert strided == (not q.is_contiguous())
     return q, k, v, make(Sq, Hq)
 
 

@@ -1,5 +1,7 @@
 """Cut Cross-Entropy: torch path and Triton kernels against the naive reference, values and gradients."""
 
+import os
+
 import pytest
 import torch
 from longctx.kernels.cce_torch import linear_cross_entropy as cce_torch
@@ -101,6 +103,8 @@ BLOCKS = dict(block_n=32, block_v=64, block_d=32)  # big blocks, small grid: the
 
 
 def _triton(*args, **kw):
+    if os.environ.get("TRITON_INTERPRET") != "1":  # a CUDA machine: tests/gpu runs the real kernels
+        pytest.skip("the Triton interpreter tests run where TRITON_INTERPRET=1 (CPU machines)")
     from longctx.kernels.cce import linear_cross_entropy
 
     return linear_cross_entropy(*args, **kw, **BLOCKS)

@@ -256,6 +256,8 @@ def train(run: Run) -> dict:
         for step in range(run.start_step, r.train.max_steps):
             if heartbeat is not None:
                 heartbeat.step(step + 1)
+            if mesh.device.type == "cuda":  # peak_memory_bytes is this step's
+                torch.cuda.reset_peak_memory_stats(mesh.device)
             t0 = time.perf_counter()
             out = _guarded(run, heartbeat, step + 1, train_step, run, step)
             seconds = time.perf_counter() - t0
