@@ -36,7 +36,13 @@ class CheckpointError(ValueError):
 def weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index (expected JSON with a weight_map of tensor "
+                                  f"name -> shard file; {type(e).__name__})") from None
+        if not all(isinstance(name, str) and "/" not in name and name.endswith(".safetensors") for name in shards):
+            raise CheckpointError(f"{index}: weight_map must name .safetensors files in {folder}")
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise CheckpointError(f"{index}: lists shard(s) {missing} that are not in {folder}")

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -223,8 +224,12 @@ def load(path: str | os.PathLike | None, overrides: list[str] = ()) -> Recipe:
             raise RecipeError(f"recipe file {path} not found")
         try:
             base = OmegaConf.load(path)
-        except (OmegaConfBaseException, ValueError, OSError) as e:
-            raise RecipeError(f"recipe file {path}: not valid YAML ({e})") from None
+        except (OmegaConfBaseException, ValueError, OSError, yaml.YAMLError) as e:
+            where = " ".join(str(e).split())  # one line: YAML errors span several
+            raise RecipeError(f"recipe file {path}: not valid YAML ({where})") from None
+        if not isinstance(base, DictConfig):
+            raise RecipeError(f"recipe file {path}: expected a mapping of sections (run:, model:, ...) at the top "
+                              f"level, found a {type(base).__name__.removesuffix('Config').lower()}")
     for item in overrides:
         if "=" not in item:
             problems.append(f"override {item!r}: expected key.path=value")
@@ -246,7 +251,9 @@ def build(data: dict) -> Recipe:
     if not problems:
         _cross_checks(recipe, problems)
     if problems:
-        raise RecipeError("invalid recipe:\n  " + "\n  ".join(problems))
+        # one line per problem, each naming its key: a single mistake is a single line
+        raise RecipeError(problems[0] if len(problems) == 1 else
+                          f"{len(problems)} problems in the recipe:\n  " + "\n  ".join(problems))
     return recipe
 
 

@@ -322,14 +322,17 @@ def _earlier_run(run_dir: Path) -> list[str]:
     return found + (["metrics.jsonl"] if metrics.is_file() and metrics.stat().st_size else [])
 
 
-def claim_run_folder(recipe: Recipe, mesh: mesh_lib.Mesh) -> str:
-    """The run id that owns the run folder. A fresh run (train.resume=none) into a folder holding
-    an earlier run is refused unless run.overwrite, which first deletes that run's checkpoints,
-    metrics and export; a resumed run keeps the folder's id. Checked on every rank (one answer),
-    written by rank 0."""
-    run_dir, fresh = recipe.run_dir, recipe.train.resume == "none"
+def check_run_folder(recipe: Recipe, mesh: mesh_lib.Mesh) -> None:
+    """Before any work: a fresh run (train.resume=none) into a folder holding an earlier run is
+    refused unless run.overwrite, which deletes that run's checkpoints, metrics and export.
+    Checked on every rank (one answer); deleting is rank 0's."""
+    run_dir, resume = recipe.run_dir, recipe.train.resume
+    if resume not in ("none", "auto"):
+        why = ckpt.problem(Path(resume))
+        if why is not None:
+            raise CheckpointError(f"train.resume={resume!r}: not a usable checkpoint: {why}")
     earlier = _earlier_run(run_dir)
-    if fresh and earlier:
+    if resume == "none" and earlier:
         if not recipe.run.overwrite:
             raise RecipeError(f"run.dir={str(run_dir)!r}: holds an earlier run ({', '.join(earlier)}); resume it with "
                               "train.resume=auto, choose another run.dir (or run.name), or set run.overwrite=true "
@@ -339,8 +342,14 @@ def claim_run_folder(recipe: Recipe, mesh: mesh_lib.Mesh) -> str:
                 shutil.rmtree(run_dir / name, ignore_errors=True)
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
             log.warning("run.overwrite: deleted the earlier run's checkpoints, metrics and export in %s", run_dir)
+
+
+def claim_run_folder(recipe: Recipe, mesh: mesh_lib.Mesh) -> str:
+    """The run id that owns the run folder, written once the run is built (a run that fails to
+    build leaves the folder as it was): new for a fresh run, the folder's own when resuming."""
+    run_dir = recipe.run_dir
     run_file = run_dir / RUN_FILE
-    if mesh.is_main and (fresh or not run_file.is_file()):
+    if mesh.is_main and (recipe.train.resume == "none" or not run_file.is_file()):
         run_dir.mkdir(parents=True, exist_ok=True)
         part = run_file.with_suffix(".part")
         part.write_text(json.dumps({"run_id": uuid.uuid4().hex, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}))
@@ -349,18 +358,25 @@ def claim_run_folder(recipe: Recipe, mesh: mesh_lib.Mesh) -> str:
         dist.barrier()
     try:
         return json.loads(run_file.read_text())["run_id"]
-    except (OSError, json.JSONDecodeError, KeyError) as e:
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{run_file}: unreadable ({type(e).__name__}); it names the run that owns "
-                              f"{run_dir}") from None
+                              f"{run_dir}: delete it to start a new run id") from None
 
 
 def build(recipe: Recipe) -> Run:
-    device = default_device(recipe.run.device)
+    try:
+        device = default_device(recipe.run.device)
+    except RuntimeError as e:
+        raise RecipeError(str(e)) from None
     if recipe.run.threads:
         torch.set_num_threads(recipe.run.threads)
-    mesh = mesh_lib.init(device, recipe.parallel.backend, recipe.parallel.timeout_seconds, recipe.parallel.sp_degree)
+    try:
+        mesh = mesh_lib.init(device, recipe.parallel.backend, recipe.parallel.timeout_seconds,
+                             recipe.parallel.sp_degree)
+    except mesh_lib.MeshError as e:
+        raise RecipeError(f"parallel.sp_degree={recipe.parallel.sp_degree}: {e}") from None
     check_world(recipe, mesh.world)
-    run_id = claim_run_folder(recipe, mesh)
+    check_run_folder(recipe, mesh)
     torch.manual_seed(recipe.run.seed)
     model, model_dir, sp_attention = build_model(recipe, mesh)
     data, eval_data, tokenizer_dir, pad_id = build_data(recipe, model_dir, mesh, model.config.vocab_size)
@@ -371,7 +387,7 @@ def build(recipe: Recipe) -> Run:
         recipe=recipe, mesh=mesh, model=model, optimizer=optimizer, scheduler=scheduler, data=data, eval_data=eval_data,
         run_dir=recipe.run_dir, tokenizer_dir=tokenizer_dir,
         autocast_dtype=torch.bfloat16 if recipe.run.dtype == "bf16" else None, pad_id=pad_id,
-        sp_attention=sp_attention, run_id=run_id,
+        sp_attention=sp_attention, run_id=claim_run_folder(recipe, mesh),
     )
     if recipe.parallel.sharding == "deepspeed":
         try:
