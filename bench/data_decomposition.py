@@ -62,7 +62,8 @@ def main(argv=None) -> int:
         common = ["data.max_documents=null", "model.config.max_position_embeddings=" + str(args.max_len), "run.threads=0"]
     else:
         base = RECIPES / "quickstart.yaml"
-        common = ["model.rope.type=keep", "model.max_seq_len=null", "train.export=false", "log.wandb=false"]
+        common = ["model.rope.type=keep", "~model.rope.factor", "model.max_seq_len=null", "train.export=false",
+                  "log.wandb=false"]
     common += [f"data.source={args.source}", f"train.max_steps={args.steps}", "train.warmup_steps=1", "train.lr=5e-5" if not args.tiny else "train.lr=3e-3",
                "data.eval_fraction=0.1", f"eval.seq_len={args.eval_len}", "eval.batches=2", "log.every=1",
                "train.checkpoint_every=0"]
@@ -76,7 +77,9 @@ def main(argv=None) -> int:
     for batching in ("pack", "decompose"):
         extra = [f"data.batching={batching}", f"run.dir={out / batching}"]
         if batching == "pack":
-            extra += [f"data.seq_len={args.max_len}", f"train.batch_size={tps // args.max_len}"]
+            # the base recipe's decomposition keys have no effect here (and are refused as such)
+            extra += [f"data.seq_len={args.max_len}", f"train.batch_size={tps // args.max_len}", "~data.min_len",
+                      "~data.max_len", "~data.tokens_per_step"] + (["~data.curriculum"] if not args.tiny else [])
         else:
             extra += [f"data.max_len={args.max_len}", f"data.tokens_per_step={tps}", "data.min_len=64",
                       "data.curriculum=grow_p2"]

@@ -230,9 +230,18 @@ def load(path: str | os.PathLike | None, overrides: list[str] = ()) -> Recipe:
         if not isinstance(base, DictConfig):
             raise RecipeError(f"recipe file {path}: expected a mapping of sections (run:, model:, ...) at the top "
                               f"level, found a {type(base).__name__.removesuffix('Config').lower()}")
+    removals = [item[1:] for item in overrides if item.startswith("~")]  # ~a.b: drop a key the file sets
+    overrides = [item for item in overrides if not item.startswith("~")]
     for item in overrides:
         if "=" not in item:
-            problems.append(f"override {item!r}: expected key.path=value")
+            problems.append(f"override {item!r}: expected key.path=value (or ~key.path to remove a key)")
+    for key in removals:
+        parent_key, _, leaf = key.rpartition(".")
+        parent = OmegaConf.select(base, parent_key) if parent_key else base
+        if not isinstance(parent, DictConfig) or leaf not in parent:
+            problems.append(f"override '~{key}': the recipe file sets no {key}")
+        else:
+            del parent[leaf]
     if problems:
         raise RecipeError("\n".join(problems))
     try:
@@ -328,7 +337,38 @@ def _describe(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
+_DECOMPOSE_ONLY = ("min_len", "max_len", "tokens_per_step", "curriculum", "cycles", "curriculum_weights", "fixed_len",
+                   "short_pieces", "random_split")
+_ROPE_ONLY = {"factor": ("linear", "dynamic", "yarn", "llama3"), "original_max_position_embeddings": ("yarn", "llama3"),
+              "low_freq_factor": ("llama3",), "high_freq_factor": ("llama3",), "beta_fast": ("yarn",),
+              "beta_slow": ("yarn",)}
+
+
+def _no_effect(r: Recipe, problems: list[str]) -> None:
+    """Keys set (away from their defaults) where nothing reads them: a silent no-op is how a
+    256K recipe ends up training at 2K."""
+    data, train, rope = DataRecipe(), TrainRecipe(), RopeRecipe()
+    if r.data.batching == "decompose":
+        if r.train.batch_size != train.batch_size:
+            problems.append(f"train.batch_size={r.train.batch_size}: has no effect with data.batching=decompose (a step "
+                            "is data.tokens_per_step tokens in rows of the bucket's length); remove it")
+        if r.data.seq_len != data.seq_len and not (r.data.eval_fraction and r.eval.seq_len is None):
+            problems.append(f"data.seq_len={r.data.seq_len}: has no effect with data.batching=decompose (rows are at "
+                            "most data.max_len); set data.max_len, or eval.seq_len for held-out rows")
+    else:
+        for key in _DECOMPOSE_ONLY:
+            if getattr(r.data, key) != getattr(data, key):
+                problems.append(f"data.{key}={getattr(r.data, key)!r}: has no effect with data.batching=pack; remove it")
+        if r.train.micro_batch_tokens is not None:
+            problems.append("train.micro_batch_tokens: has no effect with data.batching=pack (use train.grad_accum)")
+    for key, rope_types in _ROPE_ONLY.items():
+        if getattr(r.model.rope, key) != getattr(rope, key) and r.model.rope.type not in rope_types:
+            problems.append(f"model.rope.{key}={getattr(r.model.rope, key)!r}: has no effect with "
+                            f"model.rope.type={r.model.rope.type!r} (only with {', '.join(rope_types)})")
+
+
 def _cross_checks(r: Recipe, problems: list[str]) -> None:
+    _no_effect(r, problems)
     sp = r.parallel.sp_degree
     if sp & (sp - 1):
         problems.append(f"parallel.sp_degree={sp}: must be a power of two (zigzag layout, per-bucket sub-groups)")

@@ -62,6 +62,13 @@ def _cases():
         ([*train, "loss.filter_eps=-1"], "loss.filter_eps"),
         ([*train, "loss.filter_eps=sometimes"], "loss.filter_eps"),
         ([*train, "data.tokens_per_step=100"], "data.tokens_per_step=100"),
+        # keys that would be silently ignored in the chosen mode
+        ([*train, "data.seq_len=4096"], "data.seq_len=4096: has no effect with data.batching=decompose"),
+        ([*train, "train.batch_size=4"], "train.batch_size=4: has no effect with data.batching=decompose"),
+        ([*train, "data.batching=pack", "~data.min_len", "~data.max_len"],
+         "data.tokens_per_step=512: has no effect with data.batching=pack"),
+        ([*train, "model.rope.factor=4"], "model.rope.factor=4.0: has no effect with model.rope.type='keep'"),
+        ([*train, "~train.nothing"], "the recipe file sets no train.nothing"),
         # the launch: world size, device, kernels
         ([*train, "parallel.sp_degree=2"], "parallel.sp_degree=2"),
         ([*train, "run.device=cuda"], "run.device='cuda'"),
