@@ -149,7 +149,10 @@ if [[ ! -d tests/gpu ]]; then
 elif [[ $MODE == dry ]]; then
   run_step pytest "$DEST/$PREFIX-pytest.log" "$PY" -m pytest -q --collect-only -m gpu tests/gpu
 else
-  run_step pytest "$DEST/$PREFIX-pytest.log" "$PY" -m pytest -q -m gpu tests/gpu
+  # slowest tests listed at the end; with pytest-timeout (in the GPU image) one stuck test cannot eat the step
+  TIMEOUT_ARGS=()
+  "$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_ARGS=(--timeout=120)
+  run_step pytest "$DEST/$PREFIX-pytest.log" "$PY" -m pytest -q -rs --durations=15 ${TIMEOUT_ARGS[@]+"${TIMEOUT_ARGS[@]}"} -m gpu tests/gpu
 fi
 
 if [[ $MODE == dry ]]; then

@@ -1,7 +1,7 @@
 """Single-device attention, q/k/v as [B, S, H, D], GQA when Hq % Hkv == 0.
 
 - `local_attention(q, k, v)`: causal attention for an unsharded sequence (sp = 1), PyTorch SDPA
-  (on CUDA restricted to its fused kernels: the O(S^2) math fallback never runs silently).
+  (on CUDA restricted to the one fused kernel `auto` picks: the O(S^2) math fallback never runs).
 - `block_attn(q, k, v, causal, impl) -> (out, lse)` and `block_attn_bwd(dout, q, k, v, out, lse,
   causal, impl)`: one block of a sequence-parallel schedule or of MEMO's kept-(out, lse) path.
   `lse` [B, H, S] is fp32 natural-log log-sum-exp of the scaled scores. Causal masking with
@@ -94,9 +94,21 @@ def _sum_kv(grad: torch.Tensor, heads_kv: int) -> torch.Tensor:
     return grad if Hq == heads_kv else grad.reshape(B, S, heads_kv, Hq // heads_kv, D).sum(3)
 
 
+# On CUDA, SDPA runs exactly the kernel `auto` resolves to (so the run log can name it); the
+# flash-attn package has no SDPA backend and runs through BlockAttention instead.
+_SDPA_BACKENDS = {"aten_flash": "FLASH_ATTENTION", "aten_efficient": "EFFICIENT_ATTENTION"}
+
+
+def sdpa_plan(dtype: torch.dtype, head_dim: int, gqa: bool) -> tuple[str, str | None, bool]:
+    """On CUDA: (block kernel, SDPA backend name or None for BlockAttention, expand K/V heads)."""
+    kernel = resolve_kernel("auto", "cuda", dtype, head_dim)
+    backend = _SDPA_BACKENDS.get(kernel)
+    return kernel, backend, gqa and kernel == "aten_efficient"  # the efficient kernel takes no GQA
+
+
 def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal SDPA with autograd. On CUDA only the fused kernels may run (flash, memory-efficient,
-    cuDNN): a shape none of them takes fails loudly instead of materialising S x S scores."""
+    """Causal SDPA with autograd. On CUDA only the one fused kernel `auto` picks may run: a shape
+    it does not take fails loudly instead of falling back to the math kernel's S x S scores."""
     gqa = q.shape[2] != k.shape[2]
     if not q.is_cuda:
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -104,9 +116,13 @@ def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
         return out.transpose(1, 2)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    if gqa and not capability.aten_flash_supports(q.dtype, q.shape[-1]):
-        k, v, gqa = _expand_kv(k, q.shape[2]), _expand_kv(v, q.shape[2]), False  # efficient takes no GQA
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else q.dtype
+    kernel, backend, expand = sdpa_plan(dtype, q.shape[-1], gqa)
+    if backend is None:
+        return BlockAttention.apply(*autocast_inputs(q, k, v), True, kernel)
+    if expand:
+        k, v, gqa = _expand_kv(k, q.shape[2]), _expand_kv(v, q.shape[2]), False
+    with sdpa_kernel([getattr(SDPBackend, backend)]):
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              is_causal=True, enable_gqa=gqa)
     return out.transpose(1, 2)
@@ -162,12 +178,14 @@ class LocalAttention:
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
     def describe(self, device, dtype: torch.dtype, head_dim: int) -> str:
-        """What runs, for the run log: `sdpa` or the block kernel (and the kernel MEMO's path uses)."""
+        """What runs, for the run log: the block kernel, `sdpa:<kernel>` for SDPA restricted to
+        that kernel on CUDA, or `sdpa` on CPU (PyTorch's CPU flash kernel)."""
         block = resolve_kernel(self.kernel, device, dtype, head_dim)
         if self.kernel != "auto":
             return block
-        fused = " fused-only" if torch.device(device).type == "cuda" else ""
-        return f"sdpa{fused}"
+        if torch.device(device).type != "cuda":
+            return "sdpa"
+        return f"sdpa:{block}" if block in _SDPA_BACKENDS else block
 
 
 local_attention = LocalAttention("auto")

@@ -120,7 +120,6 @@ def _cce_bwd(H, W, ROWS, Y, ORDER, LSE, G, DH, DW, N, V, D, stride_h, stride_w, 
             return
     g = tl.load(G + local, mask=row_mask, other=0.0)
     dz = u * g[:, None]
-    local64 = local.to(tl.int64)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         d_mask = ds < D
@@ -132,7 +131,8 @@ def _cce_bwd(H, W, ROWS, Y, ORDER, LSE, G, DH, DW, N, V, D, stride_h, stride_w, 
         else:
             dh = tl.dot(dz.to(w.dtype), w)
             dw = tl.dot(tl.trans(dz).to(h.dtype), h)
-        tl.atomic_add(DH + local64[:, None] * D + ds[None, :], dh, mask=row_mask[:, None] & d_mask[None, :])
+        # straight into the token's row of the full [N, D] gradient: no [n, D] copy to scatter later
+        tl.atomic_add(DH + rows64[:, None] * D + ds[None, :], dh, mask=row_mask[:, None] & d_mask[None, :])
         tl.atomic_add(DW + cols64[:, None] * D + ds[None, :], dw, mask=col_mask[:, None] & d_mask[None, :])
 
 
@@ -194,7 +194,7 @@ class _CCE(torch.autograd.Function):
         else:
             scale = grad_out.float() / max(n, 1) if reduction == "mean" else grad_out.float()
             g = scale.expand(n).contiguous()
-        dh = torch.zeros((n, D), dtype=torch.float32, device=hidden.device)
+        dh = torch.zeros((N, D), dtype=torch.float32, device=hidden.device)  # ignored rows stay 0
         dw = torch.zeros((V, D), dtype=torch.float32, device=hidden.device)
         if n:
             _cce_bwd[(triton.cdiv(n, BN), triton.cdiv(V, BV))](
@@ -203,8 +203,7 @@ class _CCE(torch.autograd.Function):
                 HAS_SOFTCAP=softcap is not None, FILTER=eps is not None, DOT_FP32=_dot_fp32(hidden.dtype),
                 DOT_PRECISION=_dot_precision(hidden.dtype), BLOCK_N=BN, BLOCK_V=BV, BLOCK_D=BD,
             )
-        dhidden = torch.zeros((N, D), dtype=torch.float32, device=hidden.device).index_copy_(0, rows, dh)
-        return dhidden.to(hidden.dtype), dw.to(weight.dtype), None, None, None, None, None, None
+        return dh.to(hidden.dtype), dw.to(weight.dtype), None, None, None, None, None, None
 
 
 def linear_cross_entropy(

@@ -48,16 +48,17 @@ def reference_linear_cross_entropy(
 def resolve_filter_eps(filter_eps: float | str | bool | None, dtype: torch.dtype) -> float | None:
     """CCE gradient filtering threshold on |softmax - onehot| (Wijmans et al. §4.3), or None for off.
 
-    "auto" = finfo(dtype).eps / 32 (2^-12 for bf16, 2^-28 for fp32); a number >= 0 as given;
+    "auto" = finfo(dtype).eps / 32 (2^-12 for bf16, 2^-28 for fp32); a number in [0, 1) as given
+    (|softmax - onehot| <= 1, so 1 or more would skip every tile: every gradient zero);
     "off", None or False (YAML reads a bare `off` as false) = no filtering.
     """
     if filter_eps is None or filter_eps is False or filter_eps == "off":
         return None
     if filter_eps == "auto":
         return torch.finfo(dtype).eps / 32
-    if isinstance(filter_eps, (int, float)) and not isinstance(filter_eps, bool) and 0 <= filter_eps < float("inf"):
+    if isinstance(filter_eps, (int, float)) and not isinstance(filter_eps, bool) and 0 <= filter_eps < 1:
         return float(filter_eps)
-    raise ValueError(f"filter_eps={filter_eps!r}: expected 'auto', 'off' (or None) or a finite number >= 0")
+    raise ValueError(f"filter_eps={filter_eps!r}: expected 'auto', 'off' (or None) or a number in [0, 1)")
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:

@@ -288,7 +288,18 @@ class HostPool:
             self.last_step_bytes = self.high_water
             if len(self.chunks) > 1:  # one slab of the size this step needed
                 self.chunks = [self._new_chunk(self.high_water)]
+                if self.cuda:
+                    _empty_host_cache()
             self.top = self.high_water = 0
+
+
+def _empty_host_cache() -> None:
+    """Return the replaced pinned chunks to the OS: PyTorch's host allocator keeps freed pinned
+    blocks cached, so without this the process would hold the old chunks beside the new slab."""
+    empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)  # torch >= 2.9
+    empty = empty or getattr(torch._C, "_host_emptyCache", None)  # older CUDA builds
+    if empty is not None:
+        empty()
 
 
 # --- the wrapped block ---------------------------------------------------------------------------

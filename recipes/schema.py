@@ -149,8 +149,8 @@ class LossRecipe:
     z_loss: float = _f(0.0, "z-loss weight (adds z_loss * logsumexp^2 per token).", ge=0.0)
     filter_eps: float | Literal["auto", "off", False] = _f(
         "auto",
-        "CCE gradient filtering (Triton kernels only): skip a backward tile when every entry of softmax - onehot in it is smaller in magnitude than this; auto = finfo(dtype).eps/32 (2^-12 for bf16); off (or false, as YAML reads a bare off) = compute every tile (exact).",
-        ge=0.0,
+        "CCE gradient filtering (Triton kernels only): skip a backward tile when every entry of softmax - onehot in it is smaller in magnitude than this; auto = finfo(dtype).eps/32 (2^-12 for bf16); off (or false, as YAML reads a bare off) = compute every tile (exact). Below 1: |softmax - onehot| <= 1, so 1 or more would skip every tile.",
+        ge=0.0, lt=1.0,
     )
 
     def __post_init__(self) -> None:

@@ -93,6 +93,11 @@ def _reference_bwd(dout, q, k, v, out, lse, causal: bool, align: str):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def _check_scale(scale, head_dim: int, name: str) -> None:
+    # the kernels default to 1/sqrt(head_dim); ours always pass it, and it must be that
+    _require(scale is not None and abs(scale - head_dim ** -0.5) < 1e-12, f"{name}: scale {scale}")
+
+
 def _dense(t: torch.Tensor) -> torch.Tensor:
     """What a kernel that indexes `t` as a dense array reads: the storage from t's offset with
     contiguous strides (a strided view gives other numbers, as on the GPU)."""
@@ -108,7 +113,7 @@ def sdpa_flash(query, key, value, dropout_p=0.0, is_causal=False, return_debug_m
     calls["aten_flash.fwd"] += 1
     _check_qkv(query, key, value, 1, HALF, True, "aten flash fwd")
     _require(dropout_p == 0.0 and not return_debug_mask, "aten flash fwd: dropout 0, no debug mask")
-    _require(scale is None or abs(scale - query.shape[-1] ** -0.5) < 1e-12, f"aten flash fwd: scale {scale}")
+    _check_scale(scale, query.shape[-1], "aten flash fwd")
     out, lse = _reference(_t(query), _t(key), _t(value), is_causal, "bottom_right")
     Sq, Sk = query.shape[2], key.shape[2]
     seed = torch.empty((), dtype=torch.long)
@@ -120,6 +125,7 @@ def sdpa_flash_backward(grad_out, query, key, value, out, logsumexp, cum_seq_q, 
                         is_causal, philox_seed, philox_offset, *, scale=None):
     calls["aten_flash.bwd"] += 1
     _check_qkv(query, key, value, 1, HALF, True, "aten flash bwd")
+    _check_scale(scale, query.shape[-1], "aten flash bwd")
     for t, n in ((grad_out, "grad_out"), (out, "out")):
         _require(t.shape == query.shape and t.dtype == query.dtype and t.stride(-1) == 1, f"aten flash bwd: {n}")
     B, H, Sq, _ = query.shape
@@ -138,6 +144,7 @@ def sdpa_flash_backward(grad_out, query, key, value, out, logsumexp, cum_seq_q, 
 def sdpa_efficient(query, key, value, attn_bias, compute_log_sumexp, dropout_p=0.0, is_causal=False, *, scale=None):
     calls["aten_efficient.fwd"] += 1
     _check_qkv(query, key, value, 1, HALF + (torch.float32,), False, "aten efficient fwd")
+    _check_scale(scale, query.shape[-1], "aten efficient fwd")
     _require(attn_bias is None and compute_log_sumexp and dropout_p == 0.0, "aten efficient fwd: arguments")
     out, lse = _reference(_t(query), _t(key), _t(value), is_causal, "top_left")
     B, H, Sq, _ = query.shape
@@ -151,6 +158,9 @@ def sdpa_efficient_backward(grad_out_, query, key, value, attn_bias, out, logsum
                             dropout_p, grad_input_mask, is_causal=False, *, scale=None):
     calls["aten_efficient.bwd"] += 1
     _check_qkv(query, key, value, 1, HALF + (torch.float32,), False, "aten efficient bwd")
+    _check_scale(scale, query.shape[-1], "aten efficient bwd")
+    for t, n in ((grad_out_, "grad_out_"), (out, "out")):
+        _require(t.shape == query.shape and t.dtype == query.dtype and t.stride(-1) == 1, f"aten efficient bwd: {n}")
     B, H, Sq, _ = query.shape
     _require(tuple(logsumexp.shape) == (B, H, -(-Sq // 32) * 32) and logsumexp.is_contiguous()
              and logsumexp.dtype == torch.float32, f"aten efficient bwd: logsumexp {tuple(logsumexp.shape)} "
@@ -198,7 +208,9 @@ def _flash_attn_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p,
     B, Sq, H, _ = q.shape
     _require(tuple(softmax_lse.shape) == (B, H, Sq) and softmax_lse.dtype == torch.float32,
              f"flash_attn bwd: softmax_lse {tuple(softmax_lse.shape)} {softmax_lse.dtype}")
-    _require(dropout_p == 0.0 and softcap == 0.0 and alibi_slopes is None, "flash_attn bwd: arguments")
+    _require(dropout_p == 0.0 and softcap == 0.0 and alibi_slopes is None and not deterministic
+             and (window_size_left, window_size_right) == (-1, -1), "flash_attn bwd: arguments")
+    _check_scale(softmax_scale, q.shape[-1], "flash_attn bwd")
     # The real kernel does not check the lse's strides: it reads it densely. Read it that way.
     grads = _reference_bwd(dout, q, k, v, out, _dense(softmax_lse), causal, "bottom_right")
     for buf, g in zip((dq, dk, dv), grads):

@@ -144,6 +144,20 @@ def test_auto_on_cuda_never_picks_the_naive_reference(monkeypatch, flash_attn):
     assert resolve_kernel("reference", "cuda", torch.bfloat16, 64) == "reference"  # only when asked
 
 
+def test_sdpa_on_cuda_runs_only_the_kernel_auto_picks_and_the_log_names_it(monkeypatch):
+    """sp = 1 on CUDA: SDPA restricted to one backend (never the math kernel), named in the run log."""
+    from longctx.kernels.attention import LocalAttention, sdpa_plan
+
+    _pretend_cuda(monkeypatch, False)
+    assert sdpa_plan(torch.bfloat16, 64, True) == ("aten_flash", "FLASH_ATTENTION", False)  # GQA native
+    assert sdpa_plan(torch.float32, 64, True) == ("aten_efficient", "EFFICIENT_ATTENTION", True)  # heads expanded
+    assert LocalAttention("auto").describe("cuda", torch.bfloat16, 64) == "sdpa:aten_flash"
+    assert LocalAttention("auto").describe("cpu", torch.float32, 64) == "sdpa"
+    _pretend_cuda(monkeypatch, True)
+    assert sdpa_plan(torch.bfloat16, 64, False) == ("flash_attn", None, False)  # through BlockAttention
+    assert LocalAttention("auto").describe("cuda", torch.bfloat16, 64) == "flash_attn"
+
+
 def test_flash_attn_is_used_only_at_2_7_with_the_expected_signature(monkeypatch):
     import sys
     import types

@@ -213,7 +213,7 @@ def test_filter_eps_values_and_errors():
     assert resolve_filter_eps("auto", torch.float32) == 2.0**-28
     assert resolve_filter_eps(1e-3, torch.bfloat16) == 1e-3 and resolve_filter_eps(0, torch.float32) == 0.0
     assert all(resolve_filter_eps(off, torch.bfloat16) is None for off in ("off", None, False))
-    for bad in ("sometimes", -1e-3, float("nan"), True):
+    for bad in ("sometimes", -1e-3, float("nan"), True, 1.0, 5.0):  # >= 1 would skip every tile
         with pytest.raises(ValueError, match=r"filter_eps=.*: expected 'auto', 'off'"):
             resolve_filter_eps(bad, torch.float32)
     hidden, weight, labels = _inputs(8, 11, 4)
@@ -225,6 +225,8 @@ def test_filter_eps_values_and_errors():
         build({"loss": {"filter_eps": "sometimes"}})
     with pytest.raises(RecipeError, match=r"loss\.filter_eps=-1: must be >= 0"):
         build({"loss": {"filter_eps": -1}})
+    with pytest.raises(RecipeError, match=r"loss\.filter_eps=5: must be < 1"):
+        build({"loss": {"filter_eps": 5}})
 
 
 def test_dot_precision_contract(monkeypatch):

@@ -24,7 +24,7 @@ class _Stream:
 
     def run_until(self, upto: int) -> None:
         while self.done < upto:
-            op = self.queue[self.done]
+            op, self.queue[self.done] = self.queue[self.done], None  # a finished copy holds nothing
             self.done += 1
             op()
 
@@ -210,3 +210,28 @@ def test_pinned_slab_is_sized_as_the_allocator_rounds_it():
     per_gpu = plan.swap_bytes_per_layer * 4
     assert pinned_bytes(int(per_gpu * (1 - 1e-9))) * 2 <= 12 * 2**30
     assert plan.host_bytes_per_node <= 12 * 2**30
+
+
+def test_cuda_swap_releases_all_but_the_last_two_blocks_during_forward(fake_cuda):
+    """Under CUDA's deferred copies a block's device memory is released once its copy is done,
+    at the latest two blocks later (the MEMO rhythm): after forward at most the last two host
+    blocks still hold theirs; with 4 swapped blocks, a swap that freed nothing would hold 4."""
+    model = tiny(num_layers=4)
+    ids, labels = batch(B=2, S=64)
+    recompute = copy.deepcopy(model)
+    for layer in recompute.model.layers:
+        offload.wrap(layer, offload.FULL_RECOMPUTE, None)
+    floor = _forward_live_bytes(recompute, ids, labels)
+    swapped = copy.deepcopy(model)
+    pool = fake_cuda()
+    for layer in swapped.model.layers:
+        offload.wrap(layer, LayerPolicy(alpha=1.0, tier="host"), pool)
+    births = _Births()
+    with births:
+        loss = swapped(ids, labels=labels)
+    per_block = max(r.nbytes for r in pool.records)
+    live = _live_bytes(births.refs, {c.data_ptr() for c in pool.chunks})
+    assert [bool(r.sources) for r in pool.records] == [False, False, True, True]
+    assert live <= floor + 2.2 * per_block, f"{live} live vs floor {floor} + 2 blocks of {per_block}"
+    loss.backward()
+    assert not pool.records
