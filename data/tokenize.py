@@ -9,6 +9,8 @@ and the result is stored as one uint32 token array plus document offsets under
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -142,19 +144,69 @@ def cache_key(tokenizer_identity: str, source_identity: str) -> str:
     return hashlib.sha256(f"v{CACHE_FORMAT}|{tokenizer_identity}|{source_identity}".encode()).hexdigest()[:24]
 
 
+def _read_cache(folder: Path) -> TokenStore:
+    offsets = np.load(folder / "offsets.npy")
+    tokens = np.memmap(folder / "tokens.bin", dtype=np.uint32, mode="r", shape=(int(offsets[-1]),))
+    return TokenStore(tokens, offsets)
+
+
+@contextlib.contextmanager
+def _cache_lock(folder: Path, progress: bool):
+    """An exclusive lock on `<folder>.lock` (flock): one process per cache entry tokenizes, the
+    others wait here (no collective, so no collective timeout; a progress line every 30 s) and
+    then read what it wrote. On a node-local cache each node's first process is its leader."""
+    lock = folder.with_name(folder.name + ".lock")
+    with open(lock, "a+") as f:
+        t0 = last = time.time()
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if progress and time.time() - last >= 30:
+                    last = time.time()
+                    print(f"[longctx] waiting {last - t0:.0f}s for another process tokenizing into {folder}",
+                          file=sys.stderr, flush=True)
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def tokenize_to_cache(
     tokenizer, docs_fn, source_identity: str, cache_root: Path | None, num_proc: int = 1,
     batch_docs: int = 16, progress: bool = True,
 ) -> TokenStore:
-    """Tokenises `docs_fn()` (called only on a cache miss) into a TokenStore, cached under cache_root."""
-    folder = None
-    if cache_root is not None:
-        folder = Path(cache_root) / "tokens" / cache_key(tokenizer.identity, source_identity)
-        if (folder / "meta.json").is_file():
-            offsets = np.load(folder / "offsets.npy")
-            tokens = np.memmap(folder / "tokens.bin", dtype=np.uint32, mode="r", shape=(int(offsets[-1]),))
-            return TokenStore(tokens, offsets)
-    docs = docs_fn()
+    """Tokenises `docs_fn()` (called only on a cache miss, by one process per cache entry) into
+    a TokenStore, cached under cache_root (see _cache_lock)."""
+    if cache_root is None:
+        return _tokenize(tokenizer, docs_fn(), num_proc, batch_docs, progress)[0]
+    folder = Path(cache_root) / "tokens" / cache_key(tokenizer.identity, source_identity)
+    if (folder / "meta.json").is_file():
+        return _read_cache(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with _cache_lock(folder, progress):
+        if (folder / "meta.json").is_file():  # another process wrote it while we waited
+            return _read_cache(folder)
+        for stale in folder.parent.glob(folder.name + ".tmp*"):  # a crashed writer's (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        store, seconds = _tokenize(tokenizer, docs_fn(), num_proc, batch_docs, progress)
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        tmp.mkdir()
+        store.tokens.tofile(tmp / "tokens.bin")
+        np.save(tmp / "offsets.npy", store.offsets)
+        (tmp / "meta.json").write_text(json.dumps({
+            "tokenizer": tokenizer.identity, "source": source_identity, "documents": store.num_documents,
+            "tokens": int(store.offsets[-1]), "seconds": round(seconds, 2),
+        }))
+        if folder.exists():  # an unfinished entry from before the lock existed
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    return _read_cache(folder)
+
+
+def _tokenize(tokenizer, docs, num_proc: int, batch_docs: int, progress: bool) -> tuple[TokenStore, float]:
     t0 = time.time()
     batches = [docs[i : i + batch_docs] for i in range(0, len(docs), batch_docs)]
     arrays: list[np.ndarray] = []
@@ -169,23 +221,7 @@ def tokenize_to_cache(
         for i, batch in enumerate(batches):
             arrays.extend(tokenize_documents(tokenizer, batch))
             _progress(progress, i + 1, len(batches), t0)
-    store = TokenStore.from_arrays(arrays)
-    if folder is not None:
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        store.tokens.tofile(tmp / "tokens.bin")
-        np.save(tmp / "offsets.npy", store.offsets)
-        (tmp / "meta.json").write_text(json.dumps({
-            "tokenizer": tokenizer.identity, "source": source_identity, "documents": store.num_documents,
-            "tokens": int(store.offsets[-1]), "seconds": round(time.time() - t0, 2),
-        }))
-        if folder.exists():  # another process finished first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-        return tokenize_to_cache(tokenizer, docs_fn, source_identity, cache_root)
-    return store
+    return TokenStore.from_arrays(arrays), time.time() - t0
 
 
 def _progress(enabled: bool, done: int, total: int, t0: float) -> None:

@@ -267,12 +267,9 @@ def build_data(recipe: Recipe, model_dir: Path | None, mesh: mesh_lib.Mesh, voca
 
     cache = cache_dir() if d.cache else None
     t0 = time.time()
-    if mesh.is_main:  # rank 0 fills the cache; the others then read it
-        store = tokenize_to_cache(tokenizer, documents, ident, cache, num_proc=d.num_proc)
-    if mesh.world > 1:
-        dist.barrier()
-    if not mesh.is_main:
-        store = tokenize_to_cache(tokenizer, documents, ident, cache, num_proc=d.num_proc, progress=False)
+    # Every rank asks the cache at once: the first on each cache (node-local or shared) tokenizes
+    # under a file lock while the others wait on the lock, not in a collective that would time out.
+    store = tokenize_to_cache(tokenizer, documents, ident, cache, num_proc=d.num_proc, progress=mesh.is_main)
     n_docs = store.num_documents
     order = np.random.default_rng([recipe.run.seed, 1]).permutation(n_docs)
     n_eval = int(round(n_docs * d.eval_fraction))
