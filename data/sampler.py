@@ -115,6 +115,11 @@ class CurriculumSampler:
         return np.random.default_rng([self.seed, epoch, L]).permutation(self.sizes[L])
 
     # --- per step --------------------------------------------------------------------------------
+    def length_at(self, step: int) -> int:
+        """The bucket length of 0-based optimizer step `step` (what the console's ETA sums over)."""
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        return self._plan(epoch)[pos][0]
+
     def batch_at(self, step: int, dp_rank: int | None = None, sp_rank: int = 0) -> tuple[int, np.ndarray, int]:
         """(L, piece indices of this rank's rows, sp_eff) for 0-based optimizer step `step`."""
         epoch, pos = divmod(step, self.steps_per_epoch)

@@ -234,3 +234,32 @@ def test_data_inspect_cli(tmp_path, capsys):
     assert report["documents"] == 50 and report["tokens_kept"] + report["tokens_dropped"] == report["tokens"] - 50
     assert report["attention_flops_per_epoch"]["concat_over_decomposition"] > 1
     assert png.stat().st_size > 1000
+
+
+def test_eta_follows_the_curriculum_lengths_and_the_run_says_where_it_is(tmp_path, caplog):
+    """Issue 16: the ETA averaged recent steps, yet a curriculum's later steps are longer; the
+    first lines name the run folder (and the wandb sync command offline); a summary ends the run."""
+    import io
+
+    from longctx.train.metrics import Console
+
+    lengths = {1: 64, 2: 128, 3: 256, 4: 256}
+    curriculum, flat = Console(4, stream=io.StringIO(), length_of=lengths.get), Console(4, stream=io.StringIO())
+    for console in (curriculum, flat):
+        for step, seconds in ((1, 1.0), (2, 2.0)):
+            console.log({"step": step, "loss": 1.0, "tokens_per_second": 1.0, "lr": 1.0, "peak_memory_bytes": 0,
+                         "step_seconds": seconds, "seq_len": lengths[step], "rows": 1})
+    assert curriculum.eta_seconds(2) == pytest.approx(8.0)  # seconds = L / 64: two more steps of 256
+    assert flat.eta_seconds(2) == pytest.approx(3.0)  # no lengths known: the recent mean per step
+    assert "ETA 0m08s" in curriculum.stream.getvalue().splitlines()[-1]
+    caplog.set_level("INFO", logger="longctx")
+    monkey = pytest.MonkeyPatch()
+    monkey.setenv("WANDB_MODE", "offline")
+    try:
+        _run(tmp_path, "train.max_steps=2", "log.wandb=true", name="w")
+    finally:
+        monkey.undo()
+    text = caplog.text
+    assert f"run folder: {(tmp_path / 'w').resolve()}" in text
+    assert f"wandb sync {tmp_path / 'w' / 'wandb' / 'latest-run'}" in text
+    assert "finished: steps 1-2 of 2" in text and "checkpoint step-2" in text

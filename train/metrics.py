@@ -17,14 +17,31 @@ def _format_seconds(seconds: float) -> str:
 
 
 class Console:
-    def __init__(self, max_steps: int, stream=None) -> None:
-        self.max_steps, self.stream = max_steps, stream
+    """Progress lines. With dataset decomposition a step's tokens are fixed but its length is
+    not (the curriculum draws short buckets first), so the ETA sums a per-step time fitted to the
+    recent steps as a + b * length (attention's work per token grows with the length) over the
+    lengths the remaining steps will draw (`length_of(step)`, 1-based; None = equal steps)."""
+
+    def __init__(self, max_steps: int, stream=None, length_of=None) -> None:
+        self.max_steps, self.stream, self.length_of = max_steps, stream, length_of
         self.step_seconds: list[float] = []
+        self.lengths: list[int] = []
+
+    def eta_seconds(self, step: int) -> float:
+        recent, lengths = self.step_seconds[-20:], self.lengths[-20:]
+        mean = sum(recent) / len(recent)
+        if self.length_of is None:
+            return mean * (self.max_steps - step)
+        mx = sum(lengths) / len(lengths)
+        spread = sum((x - mx) ** 2 for x in lengths)
+        # least squares seconds = mean + slope * (L - mean L); no spread of lengths yet: slope 0
+        slope = max(sum((x - mx) * (y - mean) for x, y in zip(lengths, recent)) / spread, 0.0) if spread else 0.0
+        return sum(max(mean + slope * (self.length_of(s) - mx), 0.0) for s in range(step + 1, self.max_steps + 1))
 
     def log(self, record: dict) -> None:
         self.step_seconds.append(record["step_seconds"])
-        recent = self.step_seconds[-10:]
-        eta = sum(recent) / len(recent) * (self.max_steps - record["step"])
+        self.lengths.append(record.get("seq_len", 0))
+        eta = self.eta_seconds(record["step"])
         line = (
             f"step {record['step']}/{self.max_steps} | loss {record['loss']:.4f} | "
             f"{record['tokens_per_second']:.0f} tok/s | lr {record['lr']:.2e} | "

@@ -44,10 +44,35 @@ def _sinks(run: Run) -> Metrics:
         return Metrics([])
     r = run.recipe
     after = run.start_step if r.train.resume != "none" else None  # a resumed run redoes the steps after it
-    sinks = [Console(r.train.max_steps), Jsonl(run.run_dir / "metrics.jsonl", after_step=after)]
+    sampler = getattr(run.data, "sampler", None)  # decomposition: the ETA follows the curriculum's lengths
+
+    def length_of(step: int) -> int:
+        return sampler.length_at(step - 1)
+
+    console = Console(r.train.max_steps, length_of=length_of if sampler is not None else None)
+    sinks = [console, Jsonl(run.run_dir / "metrics.jsonl", after_step=after)]
     if r.log.wandb:
-        sinks.append(WandB(run.run_dir, r.log.wandb_project, r.run.name, r.to_dict(), run_id=run.run_id or None))
+        wandb_sink = WandB(run.run_dir, r.log.wandb_project, r.run.name, r.to_dict(), run_id=run.run_id or None)
+        sinks.append(wandb_sink)
+        if wandb_sink.mode == "offline":
+            log.info("W&B is offline (no key configured): upload later with `wandb sync %s`",
+                     run.run_dir / "wandb" / "latest-run")
     return Metrics(sinks)
+
+
+def _summary(run: Run, history: list[dict], stopped: int, seconds: float) -> None:
+    """The run's last lines: what was done, how it went and where everything is."""
+    if not run.mesh.is_main or not history:
+        return
+    first, last = history[0], history[-1]
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    how = f"stopped by signal {stopped}" if stopped else "finished"
+    log.info("%s: steps %d-%d of %d in %.0f s, %d tokens in all; loss %.4f -> %.4f%s", how, first["step"],
+             last["step"], run.recipe.train.max_steps, seconds, last["tokens"], first["loss"], last["loss"],
+             f"; eval loss {evals[-1]:.4f}" if evals else "")
+    saved = ckpt.step_folders(run.run_dir / "checkpoints")
+    log.info("run folder %s: metrics.jsonl%s%s", run.run_dir, f", checkpoint {saved[-1].name}" if saved else "",
+             ", export/" if (run.run_dir / "export").is_dir() else "")
 
 
 def _shard(run: Run, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int | None]:
@@ -244,7 +269,10 @@ def train(run: Run) -> dict:
     run.run_dir.mkdir(parents=True, exist_ok=True)
     if mesh.is_main:
         schema.save(r, run.run_dir / "recipe.yaml")
+        log.info("run folder: %s (run %s, %s)", run.run_dir.resolve(), run.run_id[:8] or "-",
+                 f"resumed at step {run.start_step}" if run.start_step else "from step 0")
         log.info("run: %s", run.describe)
+    started = time.perf_counter()
     metrics = _sinks(run)
     history = []
     stop = StopSignal()
@@ -301,6 +329,7 @@ def train(run: Run) -> dict:
         if heartbeat is not None:
             heartbeat.stop()
         metrics.close()
+    _summary(run, history, stopped, time.perf_counter() - started)
     return {"history": history, "stopped": stopped}
 
 
