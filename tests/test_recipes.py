@@ -123,3 +123,13 @@ def test_shipped_recipes_train_at_the_length_in_their_name(repo, name, capsys):
     assert report["seq_len"] == promised and report["fits"] and code == 0, report
     assert {"sp_degree", "peak_bytes_per_gpu", "longest_tokens"} <= report.keys()
     assert main(["plan", str(repo / "recipes" / f"{name}.yaml"), "--json", "--gpu-mem", "8GiB"]) == 1
+
+
+def test_readme_export_example_names_the_checkpoint_the_quickstart_writes(repo):
+    """The quickstart writes its final checkpoint at train.max_steps; the README's export line must
+    name it (it named step-4 of a 3-step run)."""
+    import re
+
+    steps = schema.load(repo / "recipes" / "quickstart.yaml").train.max_steps
+    named = re.findall(r"runs/quickstart/checkpoints/step-(\d+)", (repo / "README.md").read_text())
+    assert named and all(int(n) == steps for n in named), (named, steps)
