@@ -150,6 +150,17 @@ def _read_cache(folder: Path) -> TokenStore:
     return TokenStore(tokens, offsets)
 
 
+def _try_lock(f) -> bool | None:
+    """True: locked; False: another process holds it; None: this filesystem cannot lock."""
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:  # some Lustre/NFS mounts have no flock
+        return None
+
+
 @contextlib.contextmanager
 def _cache_lock(folder: Path, progress: bool):
     """An exclusive lock on `<folder>.lock` (flock): one process per cache entry tokenizes, the
@@ -158,20 +169,20 @@ def _cache_lock(folder: Path, progress: bool):
     lock = folder.with_name(folder.name + ".lock")
     with open(lock, "a+") as f:
         t0 = last = time.time()
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if progress and time.time() - last >= 30:
-                    last = time.time()
-                    print(f"[longctx] waiting {last - t0:.0f}s for another process tokenizing into {folder}",
-                          file=sys.stderr, flush=True)
-                time.sleep(0.2)
+        while (got := _try_lock(f)) is False:
+            if progress and time.time() - last >= 30:
+                last = time.time()
+                print(f"[longctx] waiting {last - t0:.0f}s for another process tokenizing into {folder}",
+                      file=sys.stderr, flush=True)
+            time.sleep(0.2)
+        if got is None:
+            print(f"[longctx] warning: {lock}: this filesystem cannot lock files; several processes may "
+                  "tokenize this source at once", file=sys.stderr, flush=True)
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            if got:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def tokenize_to_cache(

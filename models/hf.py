@@ -8,6 +8,7 @@ folder, reading it with transformers' GGUF reader, which dequantises to fp32.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -88,18 +89,30 @@ def load_weights(model: torch.nn.Module, folder: str | Path) -> None:
             tensor.copy_(state[key])
 
 
-def check_destination(out: str | Path, force: bool = False, protected: tuple = ()) -> Path:
-    """Refuses a destination whose replacement would lose what we did not write: a file, a
-    non-empty folder (unless `force`), and with or without `force` any `protected` path (a source
-    checkpoint, a run folder, an input file) or a folder holding one."""
+def check_destination(out: str | Path, force: bool = False, protected: tuple = (), run_folders: tuple = ()) -> Path:
+    """Refuses a destination whose replacement would lose what we did not write: a file or a
+    symbolic link, a non-empty folder (unless `force`); with or without `force`, a `protected`
+    path (a source checkpoint, an input file), a folder holding one, or a folder inside one (its
+    files are what the checkpoint's manifest lists); and a `run_folders` entry or a folder holding
+    one (a folder inside a run folder is fine while it is new or empty)."""
     out = Path(out).absolute()
+    if out.is_symlink():
+        raise CheckpointError(f"{out}: is a symbolic link; give the folder it points to, or another destination")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out}: exists and is not a folder; choose another destination")
+    real = out.resolve()
     for path in protected:
-        path = Path(path).absolute()
-        if out.resolve() == path.resolve() or out.resolve() in path.resolve().parents:
-            raise CheckpointError(f"{out}: replacing it would delete {path}; choose a destination outside it")
-    if out.is_dir() and any(out.iterdir()) and not force:
+        path = Path(path).absolute().resolve()
+        if real == path or real in path.parents or path in real.parents:
+            raise CheckpointError(f"{out}: writing there would change or delete {path}; choose a destination "
+                                  "outside it")
+    replacing = out.is_dir() and any(out.iterdir())
+    for path in run_folders:
+        path = Path(path).absolute().resolve()
+        if real == path or real in path.parents or (replacing and path in real.parents):
+            raise CheckpointError(f"{out}: replacing it would delete files of the run in {path}; choose a "
+                                  "destination outside it (or a new folder)")
+    if replacing and not force:
         raise CheckpointError(f"{out}: exists and is not empty; choose another destination or pass --force to replace it")
     return out
 
@@ -114,6 +127,7 @@ def save_folder(
     state: dict[str, torch.Tensor] | None = None,
     force: bool = False,
     protected: tuple = (),
+    run_folders: tuple = (),
 ) -> Path:
     """Writes an HF folder that `AutoModelForCausalLM.from_pretrained` loads offline: `model`'s
     weights, or `state` (full tensors gathered from a sharded model) with `model`'s config.
@@ -122,7 +136,7 @@ def save_folder(
     Written to a hidden temporary folder beside `out` and swapped in only when complete, so a
     crash never leaves half a folder and never loses the old one.
     """
-    out = check_destination(out, force, protected)
+    out = check_destination(out, force, protected, run_folders)
     try:
         _write_folder(model, out, tokenizer_dir, config, dtype, max_shard_bytes, state)
     except BaseException:
@@ -139,6 +153,9 @@ def _write_folder(model, out: Path, tokenizer_dir, config, dtype, max_shard_byte
     cfg = config or model.config
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # a plain folder's mode, not mkdtemp's private 0700
     state = {
         k: (v.to(dtype) if dtype is not None else v).detach().contiguous().cpu()
         for k, v in (model.state_dict() if state is None else state).items()

@@ -172,7 +172,7 @@ class TrainRecipe:
     beta2: float = _f(0.95, "AdamW beta2.", ge=0.0, lt=1.0)
     eps: float = _f(1e-8, "AdamW epsilon.", gt=0)
     clip_grad_norm: float = _f(1.0, "Clip the global gradient norm to this (0 = off).", ge=0.0)
-    checkpoint_every: int = _f(0, "Save a checkpoint every N steps; one is always saved at the end (0 = only at the end).", ge=0)
+    checkpoint_every: int = _f(0, "Save a checkpoint every N steps; one is always saved at the end (0 = only at the end; DeepSpeed runs do not checkpoint).", ge=0)
     keep_last: int = _f(2, "Checkpoints of this run to keep (the newest; the one just written is never deleted).", gt=0)
     resume: str = _f("none", "none, auto (newest complete checkpoint in the run folder) or a checkpoint path.")
     export: bool = _f(False, "Export an HF folder to <run.dir>/export at the end.")
@@ -254,10 +254,38 @@ def load(path: str | os.PathLike | None, overrides: list[str] = ()) -> Recipe:
     return build(data)
 
 
+def _set_keys(data, prefix: str = "") -> set[str]:
+    """Dotted paths of every key the recipe file and overrides set (whatever its value)."""
+    if not isinstance(data, dict):
+        return set()
+    keys = set()
+    for key, value in data.items():
+        keys.add(prefix + str(key))
+        if isinstance(value, dict) and not (prefix + str(key)).endswith(("model.config", "curriculum_weights")):
+            keys |= _set_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and not (prefix + key).endswith(("model.config", "curriculum_weights")):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
 def build(data: dict) -> Recipe:
     problems: list[str] = []
     recipe = _build(Recipe, data, "", problems)
     if not problems:
+        keys = _set_keys(data)
+        everything = _set_keys(Recipe().to_dict())
+        if everything <= keys:  # a resolved recipe (recipe.yaml) sets every key: count the changed ones
+            ours = _flat(recipe.to_dict())
+            keys = {k for k, v in _flat(Recipe().to_dict()).items() if ours.get(k) != v}
+        _no_effect(recipe, problems, keys)
         _cross_checks(recipe, problems)
     if problems:
         # one line per problem, each naming its key: a single mistake is a single line
@@ -344,31 +372,29 @@ _ROPE_ONLY = {"factor": ("linear", "dynamic", "yarn", "llama3"), "original_max_p
               "beta_slow": ("yarn",)}
 
 
-def _no_effect(r: Recipe, problems: list[str]) -> None:
-    """Keys set (away from their defaults) where nothing reads them: a silent no-op is how a
-    256K recipe ends up training at 2K."""
-    data, train, rope = DataRecipe(), TrainRecipe(), RopeRecipe()
+def _no_effect(r: Recipe, problems: list[str], set_keys: set[str]) -> None:
+    """Keys the recipe sets where nothing reads them (a silent no-op is how a 256K recipe ends up
+    training at 2K): an error naming the key and the mode, whatever the value."""
     if r.data.batching == "decompose":
-        if r.train.batch_size != train.batch_size:
-            problems.append(f"train.batch_size={r.train.batch_size}: has no effect with data.batching=decompose (a step "
-                            "is data.tokens_per_step tokens in rows of the bucket's length); remove it")
-        if r.data.seq_len != data.seq_len and not (r.data.eval_fraction and r.eval.seq_len is None):
+        if "train.batch_size" in set_keys:
+            problems.append(f"train.batch_size={r.train.batch_size}: has no effect with data.batching=decompose (a "
+                            "step is data.tokens_per_step tokens in rows of the bucket's length); remove it")
+        if "data.seq_len" in set_keys and not (r.data.eval_fraction and r.eval.seq_len is None):
             problems.append(f"data.seq_len={r.data.seq_len}: has no effect with data.batching=decompose (rows are at "
                             "most data.max_len); set data.max_len, or eval.seq_len for held-out rows")
     else:
         for key in _DECOMPOSE_ONLY:
-            if getattr(r.data, key) != getattr(data, key):
+            if f"data.{key}" in set_keys:
                 problems.append(f"data.{key}={getattr(r.data, key)!r}: has no effect with data.batching=pack; remove it")
-        if r.train.micro_batch_tokens is not None:
+        if "train.micro_batch_tokens" in set_keys:
             problems.append("train.micro_batch_tokens: has no effect with data.batching=pack (use train.grad_accum)")
     for key, rope_types in _ROPE_ONLY.items():
-        if getattr(r.model.rope, key) != getattr(rope, key) and r.model.rope.type not in rope_types:
+        if f"model.rope.{key}" in set_keys and r.model.rope.type not in rope_types:
             problems.append(f"model.rope.{key}={getattr(r.model.rope, key)!r}: has no effect with "
                             f"model.rope.type={r.model.rope.type!r} (only with {', '.join(rope_types)})")
 
 
 def _cross_checks(r: Recipe, problems: list[str]) -> None:
-    _no_effect(r, problems)
     sp = r.parallel.sp_degree
     if sp & (sp - 1):
         problems.append(f"parallel.sp_degree={sp}: must be a power of two (zigzag layout, per-bucket sub-groups)")

@@ -35,6 +35,9 @@ def files(tmp_path_factory) -> dict:
     recipe = yaml.safe_load(Path(TINY).read_text())
     del recipe["model"]["config"]  # a model folder instead of a config
     (root / "folder.yaml").write_text(yaml.safe_dump(recipe))
+    resolved = yaml.safe_load((root / "done" / "recipe.yaml").read_text())  # every key set, as the run saved it
+    resolved["train"]["batch_size"] = 16
+    (root / "resolved_edit.yaml").write_text(yaml.safe_dump(resolved))
     (root / "model_config" / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
     return {"root": root, "ckpt": ckpt}
 
@@ -64,7 +67,9 @@ def _cases():
         ([*train, "data.tokens_per_step=100"], "data.tokens_per_step=100"),
         # keys that would be silently ignored in the chosen mode
         ([*train, "data.seq_len=4096"], "data.seq_len=4096: has no effect with data.batching=decompose"),
-        ([*train, "train.batch_size=4"], "train.batch_size=4: has no effect with data.batching=decompose"),
+        ([*train, "train.batch_size=8"], "train.batch_size=8: has no effect with data.batching=decompose"),
+        ([*train, "data.seq_len=2048"], "data.seq_len=2048: has no effect with data.batching=decompose"),
+        (["train", "{root}/resolved_edit.yaml", *run], "train.batch_size=16: has no effect"),
         ([*train, "data.batching=pack", "~data.min_len", "~data.max_len"],
          "data.tokens_per_step=512: has no effect with data.batching=pack"),
         ([*train, "model.rope.factor=4"], "model.rope.factor=4.0: has no effect with model.rope.type='keep'"),
@@ -84,12 +89,13 @@ def _cases():
         # checkpoints and run folders
         ([*train, "train.resume={root}/absent_ckpt"], "train.resume"),
         ([*train, "train.resume={root}/not_a_checkpoint"], "not_a_checkpoint"),
+        ([*train, "train.resume={ckpt}", "model.config.hidden_size=128"], "do not match this checkpoint"),
         (["train", TINY, "run.dir={root}/done", "log.wandb=false"], "holds an earlier run"),
         # export and convert targets
         (["export", "{root}/absent_ckpt", "{root}/out"], "checkpoint folder not found"),
         (["export", "{ckpt}", "{root}/model.bin"], "is not a folder"),
         (["export", "{ckpt}", "{root}/notes"], "exists and is not empty"),
-        (["export", "{ckpt}", "{root}/done", "--force"], "would delete"),
+        (["export", "{ckpt}", "{root}/done", "--force"], "would change or delete"),
         (["convert", "gguf", "{root}/fake.gguf", "{root}/out"], "not a GGUF file"),
         (["convert", "gguf", "{root}/absent.gguf", "{root}/out"], "GGUF file not found"),
         # plan

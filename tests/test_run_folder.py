@@ -36,7 +36,7 @@ def test_a_fresh_run_into_a_used_folder_is_refused_unless_overwrite(tmp_path, ca
     before = _snapshot(run_dir)
     assert _train(run_dir, "train.max_steps=2", "train.keep_last=1") == 2
     err = capsys.readouterr().err
-    assert "holds an earlier run (checkpoints/, metrics.jsonl)" in err and "run.overwrite=true" in err
+    assert "holds an earlier run (checkpoints/, metrics.jsonl, run.json)" in err and "run.overwrite=true" in err
     assert _snapshot(run_dir) == before  # nothing written, nothing pruned
     assert _train(run_dir, "train.max_steps=2", "train.keep_last=1", "run.overwrite=true") == 0
     assert [p.name for p in ckpt.step_folders(run_dir / "checkpoints")] == ["step-2"]
@@ -110,3 +110,33 @@ def test_resume_applies_a_changed_learning_rate_and_says_so(tmp_path, caplog):
     assert "train.max_steps 2 -> 4" in caplog.text
     recipe = (run_dir / "recipe.yaml").read_text()
     assert "lr: 0.001" in recipe and "beta2: 0.9" in recipe
+
+
+def test_resuming_another_runs_checkpoint_into_a_used_folder_is_refused(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _train(a, "train.max_steps=1") == 0
+    assert _train(b, "train.max_steps=3", "train.checkpoint_every=1", "train.keep_last=3") == 0
+    before = _snapshot(b)
+    assert _train(b, "train.max_steps=2", f"train.resume={a / 'checkpoints' / 'step-1'}", "train.keep_last=1") == 2
+    assert "is not a checkpoint of that run" in capsys.readouterr().err
+    assert _snapshot(b) == before
+
+
+def test_run_overwrite_deletes_nothing_when_the_run_fails_to_build(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert _train(run_dir, "train.max_steps=2") == 0
+    before = _snapshot(run_dir)
+    assert _train(run_dir, "run.overwrite=true", f"data.source={tmp_path / 'typo.jsonl'}") == 2
+    assert _snapshot(run_dir) == before
+
+
+def test_an_explicit_rewind_sets_the_abandoned_branch_aside(tmp_path):
+    run_dir = tmp_path / "run"
+    assert _train(run_dir, "train.max_steps=3", "train.checkpoint_every=1", "train.keep_last=3") == 0
+    root = run_dir / "checkpoints"
+    assert _train(run_dir, "train.max_steps=2", "train.checkpoint_every=1", "train.keep_last=3",
+                  f"train.resume={root / 'step-1'}") == 0
+    names = sorted(p.name for p in root.iterdir())
+    assert [n for n in names if n.startswith("step-") and "." not in n] == ["step-1", "step-2"]
+    assert any(n.startswith("step-3.abandoned-") for n in names), names  # kept, but never resumed from
+    assert ckpt.newest_valid(root).name == "step-2" and _steps(run_dir) == [1, 2]

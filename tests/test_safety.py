@@ -39,14 +39,46 @@ def test_export_refuses_a_non_empty_folder_and_keeps_it(run_dir, tmp_path, capsy
     assert not list(tmp_path.glob(".notes.*"))
 
 
-@pytest.mark.parametrize("target", ["run", "checkpoint", "checkpoints", "parent"])
+@pytest.mark.parametrize("target", ["run", "checkpoint", "checkpoints", "parent", "inside_checkpoint",
+                                    "inside_run"])
 def test_export_never_replaces_its_source_even_with_force(run_dir, capsys, target):
     before = _snapshot(run_dir)
     step = run_dir / "checkpoints" / "step-1"
-    out = {"run": run_dir, "checkpoint": step, "checkpoints": step.parent, "parent": run_dir.parent}[target]
+    out = {"run": run_dir, "checkpoint": step, "checkpoints": step.parent, "parent": run_dir.parent,
+           "inside_checkpoint": step / "dcp", "inside_run": run_dir / "checkpoints"}[target]
     code, err = _export([step, out, "--force"], capsys)
-    assert code == 2 and "would delete" in err, err
+    assert code == 2 and ("would delete" in err or "would change or delete" in err), err
     assert _snapshot(run_dir) == before
+
+
+def test_export_into_a_new_folder_inside_the_run_folder_is_fine_but_not_over_its_files(run_dir, capsys):
+    code, _ = _export([run_dir / "checkpoints" / "step-1", run_dir / "hf-step-1"], capsys)
+    assert code == 0 and (run_dir / "hf-step-1" / "config.json").is_file()
+    (run_dir / "wandb").mkdir(exist_ok=True)
+    (run_dir / "wandb" / "log.txt").write_text("keep")
+    code, err = _export([run_dir / "checkpoints" / "step-1", run_dir / "wandb", "--force"], capsys)
+    assert code == 2 and "files of the run" in err and (run_dir / "wandb" / "log.txt").read_text() == "keep"
+    import shutil
+
+    shutil.rmtree(run_dir / "hf-step-1")
+    shutil.rmtree(run_dir / "wandb")
+
+
+def test_export_onto_a_symbolic_link_is_refused(run_dir, tmp_path, capsys):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "keep.txt").write_text("mine")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    code, err = _export([run_dir / "checkpoints" / "step-1", tmp_path / "link", "--force"], capsys)
+    assert code == 2 and "symbolic link" in err and (tmp_path / "real" / "keep.txt").read_text() == "mine"
+
+
+def test_exported_folder_has_a_plain_folders_mode(run_dir, tmp_path, capsys):
+    import os
+
+    code, _ = _export([run_dir / "checkpoints" / "step-1", tmp_path / "hf"], capsys)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert code == 0 and (tmp_path / "hf").stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_export_onto_a_file_is_refused_and_leaves_no_temporary_folder(run_dir, tmp_path, capsys):
@@ -70,7 +102,7 @@ def test_convert_gguf_refuses_the_folder_holding_its_input(tmp_path, capsys):
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF" + b"\0" * 64)
     code = main(["convert", "gguf", str(gguf), str(tmp_path), "--force"])
-    assert code == 2 and "would delete" in capsys.readouterr().err and gguf.is_file()
+    assert code == 2 and "would change or delete" in capsys.readouterr().err and gguf.is_file()
 
 
 class _Payload:
@@ -97,8 +129,9 @@ def test_a_planted_pickle_in_checkpoint_metadata_never_runs(run_dir, tmp_path, c
     step = _planted(run_dir, tmp_path)
     code, err = _export([step, tmp_path / "out"], capsys)
     assert code == 2 and "posix.system" in err and ".metadata" in err and "not DCP checkpoint metadata" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not _MARKER.exists()
-    code = main(["train", str(TINY), f"run.dir={tmp_path}", "train.max_steps=2", "train.warmup_steps=0", f"train.resume={step}",
+    code = main(["train", str(TINY), f"run.dir={tmp_path / 'resumed'}", "train.max_steps=2", "train.warmup_steps=0", f"train.resume={step}",
                  "log.wandb=false"])
     assert code == 2 and "posix.system" in capsys.readouterr().err
     assert not _MARKER.exists()

@@ -316,48 +316,77 @@ RUN_FILE = "run.json"
 def _earlier_run(run_dir: Path) -> list[str]:
     found = ["checkpoints/"] if ckpt.step_folders(run_dir / "checkpoints") else []
     metrics = run_dir / "metrics.jsonl"
-    return found + (["metrics.jsonl"] if metrics.is_file() and metrics.stat().st_size else [])
+    found += ["metrics.jsonl"] if metrics.is_file() and metrics.stat().st_size else []
+    return found + ([RUN_FILE] if (run_dir / RUN_FILE).is_file() else [])
 
 
-def check_run_folder(recipe: Recipe, mesh: mesh_lib.Mesh) -> None:
-    """Before any work: a fresh run (train.resume=none) into a folder holding an earlier run is
-    refused unless run.overwrite, which deletes that run's checkpoints, metrics and export.
-    Checked on every rank (one answer); deleting is rank 0's."""
-    run_dir, resume = recipe.run_dir, recipe.train.resume
-    if resume not in ("none", "auto"):
-        why = ckpt.problem(Path(resume))
-        if why is not None:
-            raise CheckpointError(f"train.resume={resume!r}: not a usable checkpoint: {why}")
-    earlier = _earlier_run(run_dir)
-    if resume == "none" and earlier:
-        if not recipe.run.overwrite:
-            raise RecipeError(f"run.dir={str(run_dir)!r}: holds an earlier run ({', '.join(earlier)}); resume it with "
-                              "train.resume=auto, choose another run.dir (or run.name), or set run.overwrite=true "
-                              "to replace it")
-        if mesh.is_main:
-            for name in ("checkpoints", "export"):
-                shutil.rmtree(run_dir / name, ignore_errors=True)
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-            log.warning("run.overwrite: deleted the earlier run's checkpoints, metrics and export in %s", run_dir)
-
-
-def claim_run_folder(recipe: Recipe, mesh: mesh_lib.Mesh) -> str:
-    """The run id that owns the run folder, written once the run is built (a run that fails to
-    build leaves the folder as it was): new for a fresh run, the folder's own when resuming."""
-    run_dir = recipe.run_dir
+def _folder_run_id(run_dir: Path) -> str | None:
     run_file = run_dir / RUN_FILE
-    if mesh.is_main and (recipe.train.resume == "none" or not run_file.is_file()):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        part = run_file.with_suffix(".part")
-        part.write_text(json.dumps({"run_id": uuid.uuid4().hex, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}))
-        os.replace(part, run_file)
-    if mesh.world > 1:
-        dist.barrier()
+    if not run_file.is_file():
+        return None
     try:
         return json.loads(run_file.read_text())["run_id"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{run_file}: unreadable ({type(e).__name__}); it names the run that owns "
-                              f"{run_dir}: delete it to start a new run id") from None
+                              f"{run_dir}: delete it to start a new run there") from None
+
+
+@dataclass
+class RunFolder:
+    run_id: str  # the run that owns run_dir from now on
+    replace: bool  # run.overwrite: the earlier run's checkpoints, metrics and export go once built
+    rewind_from: int | None = None  # an explicit resume of this run's own step: newer steps set aside
+
+
+def check_run_folder(recipe: Recipe) -> RunFolder:
+    """Before any work, writing nothing (every rank reaches the same answer): a run into a folder
+    holding an earlier run must continue it (train.resume=auto, or a path to one of its own
+    checkpoints); anything else is refused unless run.overwrite."""
+    run_dir, resume = recipe.run_dir, recipe.train.resume
+    if resume not in ("none", "auto"):
+        why = ckpt.problem(Path(resume), hashes=False)  # sizes here; the load verifies every hash
+        if why is not None:
+            raise CheckpointError(f"train.resume={resume!r}: not a usable checkpoint: {why}")
+    earlier, folder_id = _earlier_run(run_dir), _folder_run_id(run_dir)
+    own = resume not in ("none", "auto") and folder_id is not None and ckpt.run_id_of(Path(resume)) == folder_id
+    continuing = bool(earlier) and (resume == "auto" or own)
+    if earlier and not continuing and not recipe.run.overwrite:
+        what = (f"train.resume={resume!r} is not a checkpoint of that run" if resume != "none" else
+                "a fresh run (train.resume=none)")
+        raise RecipeError(f"run.dir={str(run_dir)!r}: holds an earlier run ({', '.join(earlier)}) and {what} would "
+                          "write into it; resume it with train.resume=auto, choose another run.dir (or run.name), "
+                          "or set run.overwrite=true to replace it")
+    run_id = folder_id if continuing and folder_id else uuid.uuid4().hex
+    return RunFolder(run_id, bool(earlier) and not continuing, None)
+
+
+def settle_run_folder(run: Run, folder: RunFolder) -> None:
+    """Once the run is built (a run that fails to build leaves the folder as it was): rank 0
+    replaces an earlier run when asked, sets aside this run's checkpoints newer than an explicit
+    resume point (an abandoned branch that `resume: auto` must not pick; kept, renamed), and
+    writes run.json."""
+    run_dir = run.run_dir
+    if run.mesh.is_main:
+        if folder.replace:
+            for name in ("checkpoints", "export"):
+                shutil.rmtree(run_dir / name, ignore_errors=True)
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            log.warning("run.overwrite: deleted the earlier run's checkpoints, metrics and export in %s", run_dir)
+        if run.recipe.train.resume not in ("none", "auto"):
+            for step in ckpt.step_folders(run_dir / "checkpoints"):
+                if ckpt._step_of(step) > run.start_step and ckpt.run_id_of(step) == folder.run_id:
+                    aside = step.with_name(f"{step.name}.abandoned-{time.strftime('%Y%m%d-%H%M%S')}")
+                    step.rename(aside)
+                    log.warning("resume: %s is newer than the resumed step %d: set aside as %s", step,
+                                run.start_step, aside.name)
+        run_file = run_dir / RUN_FILE
+        if _folder_run_id(run_dir) != folder.run_id:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            part = run_file.with_suffix(".part")
+            part.write_text(json.dumps({"run_id": folder.run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+            os.replace(part, run_file)
+    if run.mesh.world > 1:
+        dist.barrier()
 
 
 def build(recipe: Recipe) -> Run:
@@ -373,7 +402,7 @@ def build(recipe: Recipe) -> Run:
     except mesh_lib.MeshError as e:
         raise RecipeError(f"parallel.sp_degree={recipe.parallel.sp_degree}: {e}") from None
     check_world(recipe, mesh.world)
-    check_run_folder(recipe, mesh)
+    folder = check_run_folder(recipe)
     torch.manual_seed(recipe.run.seed)
     model, model_dir, sp_attention = build_model(recipe, mesh)
     data, eval_data, tokenizer_dir, pad_id = build_data(recipe, model_dir, mesh, model.config.vocab_size)
@@ -384,7 +413,7 @@ def build(recipe: Recipe) -> Run:
         recipe=recipe, mesh=mesh, model=model, optimizer=optimizer, scheduler=scheduler, data=data, eval_data=eval_data,
         run_dir=recipe.run_dir, tokenizer_dir=tokenizer_dir,
         autocast_dtype=torch.bfloat16 if recipe.run.dtype == "bf16" else None, pad_id=pad_id,
-        sp_attention=sp_attention, run_id=claim_run_folder(recipe, mesh),
+        sp_attention=sp_attention, run_id=folder.run_id,
     )
     if recipe.parallel.sharding == "deepspeed":
         try:
@@ -393,6 +422,7 @@ def build(recipe: Recipe) -> Run:
         except sharding.ShardingError as e:
             raise RecipeError(str(e)) from None
     _maybe_resume(run)
+    settle_run_folder(run, folder)
     run.describe = {
         "device": str(mesh.device), "world": mesh.world, "dp": mesh.dp_world,
         "attention": "sdpa (local, sp=1)" if mesh.sp_world == 1 else f"{recipe.parallel.attention} (sp={mesh.sp_world})",

@@ -126,8 +126,12 @@ def save(folder: Path, model, optimizer, scheduler, state: dict, keep_last: int,
         _fsync(tmp / MANIFEST)
         _fsync(tmp)
         _kill_point("manifest", folder)
-        if folder.exists():
-            shutil.rmtree(folder)
+        if folder.exists():  # this run's older branch is replaced; another run's is set aside, never deleted
+            owner = run_id_of(folder)
+            if owner and owner != state.get("run_id"):
+                folder.rename(folder.with_name(f"{folder.name}.other-run-{owner[:8]}"))
+            else:
+                shutil.rmtree(folder)
         os.replace(tmp, folder)
         _fsync(folder.parent)
         _kill_point("rename", folder)
@@ -200,17 +204,22 @@ def dcp_load(state: dict, folder: Path, what: str) -> None:
     CheckpointException is a BaseException, so `except Exception` alone misses it)."""
     from torch.distributed.checkpoint.api import CheckpointException
 
+    # The metadata first, here: DCP would catch the refusal, log it with tracebacks and fall back.
+    SafeReader(folder / "dcp").read_metadata()
     try:
         dcp.load(state, storage_reader=SafeReader(folder / "dcp"), no_dist=not _distributed())
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP raises several types for a mismatch
-        failures = list(e.failures.values()) if isinstance(e, CheckpointException) else []
-        for inner in failures:  # a rank's own error, e.g. UnsafeCheckpoint from read_metadata
+        # CheckpointException.failures maps rank -> (exception, traceback): the first rank's own error
+        failures = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()] if isinstance(
+            e, CheckpointException) else []
+        for inner in failures:
             if isinstance(inner, CheckpointError):
                 raise inner from None
-        first = (str(failures[0]) if failures else str(e)).strip().splitlines() or [""]
-        raise CheckpointError(f"{folder}: {what} ({type(e).__name__}: {first[0][:300]})") from None
+        cause = failures[0] if failures else e
+        first = str(cause).strip().splitlines() or [""]
+        raise CheckpointError(f"{folder}: {what} ({type(cause).__name__}: {first[0][:300]})") from None
 
 
 def _files(folder: Path) -> list[Path]:

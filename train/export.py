@@ -22,8 +22,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: torch.dtyp
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
         raise CheckpointError(f"{checkpoint}: checkpoint folder not found")
-    protected = (checkpoint, checkpoint.parent.parent) if checkpoint.parent.name == "checkpoints" else (checkpoint,)
-    check_destination(out, force, protected)  # before the slow part
+    run_folders = (checkpoint.parent.parent,) if checkpoint.parent.name == "checkpoints" else ()
+    check_destination(out, force, (checkpoint,), run_folders)  # before the slow part
     why = ckpt.problem(checkpoint)
     if why is not None:
         raise CheckpointError(f"{checkpoint}: not a usable checkpoint: {why}")
@@ -31,7 +31,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: torch.dtyp
     model = CausalLM(cfg, local_attention, loss=None)
     state = model.state_dict()
     ckpt.dcp_load({"model": state}, checkpoint, "weights do not match its config.json")
-    return save_folder(model, out, tokenizer_dir=checkpoint, dtype=dtype, force=force, protected=protected)
+    return save_folder(model, out, tokenizer_dir=checkpoint, dtype=dtype, force=force, protected=(checkpoint,),
+                       run_folders=run_folders)
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
