@@ -22,28 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 
+from longctx.bench import machine
+
 TARGET_FRACTION = 0.5
-
-
-def machine(device) -> dict:
-    import torch
-
-    out = {"torch": torch.__version__, "python": platform.python_version(),
-           "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except ImportError:
-        out["triton"] = None
-    if device.type == "cuda":
-        out.update(gpu=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
-                   cuda=torch.version.cuda)
-    return out
 
 
 def seconds_per_call(fn, device, repeats: int, warmup: int = 1) -> float:

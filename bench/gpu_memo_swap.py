@@ -32,28 +32,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
+
+from longctx.bench import machine
 
 TARGET_HIDDEN = 0.9
 GiB = 1 << 30
-
-
-def machine(device) -> dict:
-    import torch
-
-    out = {"torch": torch.__version__, "python": platform.python_version(),
-           "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except ImportError:
-        out["triton"] = None
-    if device.type == "cuda":
-        out.update(gpu=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
-                   cuda=torch.version.cuda)
-    return out
 
 
 def _sig(x: float) -> float:

@@ -30,9 +30,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import time
+
+from longctx.bench import machine
 
 # Before torch is imported: the allocator setting long-context runs use (whole steps fragment a
 # fixed-segment cache; the memory model assumes expandable segments).
@@ -46,23 +47,6 @@ LLAMA31_8B = {"family": "llama", "vocab_size": 128256, "hidden_size": 4096, "int
 TINY = {"family": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_heads": 4,
         "num_kv_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096,
         "bos_token_id": 1, "eos_token_id": 2}
-
-
-def machine(device) -> dict:
-    import torch
-
-    out = {"torch": torch.__version__, "python": platform.python_version(),
-           "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except ImportError:
-        out["triton"] = None
-    if device.type == "cuda":
-        out.update(gpu=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
-                   cuda=torch.version.cuda, alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
-    return out
 
 
 def recipe_overrides(args, device: str) -> list[str]:
