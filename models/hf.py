@@ -186,6 +186,12 @@ def _write_folder(model, out: Path, tokenizer_dir, config, dtype, max_shard_byte
     (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     if tokenizer_dir is not None:
         copy_tokenizer(tokenizer_dir, tmp)
+    for path in [*tmp.iterdir(), tmp]:  # on disk before it takes the old one's place
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     if out.exists():  # empty, or replaced with --force: keep the old one until the new is in place
         old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old.tmp")
         out.rename(old)

@@ -48,7 +48,7 @@ def test_source_identity_changes_with_the_file(tmp_path):
 def _race_worker(args):
     import time as _time
 
-    root, calls, start = args
+    root, calls, barrier = args
     from pathlib import Path
 
     from longctx.data.tokenize import ByteTokenizer as Tok
@@ -60,8 +60,7 @@ def _race_worker(args):
         _time.sleep(1.0)  # long enough that every racer misses the cache first
         return [f"document {i} " * (i + 1) for i in range(30)]
 
-    while _time.time() < start:
-        _time.sleep(0.01)
+    barrier.wait(timeout=120)  # all three miss the cache together, however slow their start
     store = fill(Tok(), slow_documents, "race", Path(root), progress=False)
     return store.tokens.tolist(), store.offsets.tolist()
 
@@ -69,13 +68,12 @@ def _race_worker(args):
 def test_racing_processes_tokenize_once_and_leave_no_temporary_folder(tmp_path):
     """Issue 16: two ranks filling one cache left a stray temp folder and one raised OSError."""
     import multiprocessing
-    import time
 
     ctx = multiprocessing.get_context("spawn")
     calls = tmp_path / "calls.txt"
-    start = time.time() + 4.0  # after the interpreters have started
-    with ctx.Pool(3) as pool:
-        results = pool.map(_race_worker, [(str(tmp_path / "cache"), str(calls), start)] * 3)
+    with ctx.Manager() as manager, ctx.Pool(3) as pool:
+        barrier = manager.Barrier(3)
+        results = pool.map(_race_worker, [(str(tmp_path / "cache"), str(calls), barrier)] * 3, chunksize=1)
     assert results[0] == results[1] == results[2]
     assert calls.read_text().count("call") == 1, "more than one process tokenized the same entry"
     entries = sorted(p.name for p in (tmp_path / "cache" / "tokens").iterdir())
