@@ -85,11 +85,13 @@ def check_kernel_available(kernel: str, device: torch.device | str, dtype: torch
 
 
 # --- sp = 1 ------------------------------------------------------------------------------------
-def _expand_kv(x: torch.Tensor, heads_q: int) -> torch.Tensor:
+def expand_kv_heads(x: torch.Tensor, heads_q: int) -> torch.Tensor:
+    """GQA by expansion: each K/V head repeated for the query heads of its group ([B, S, H, D])."""
     return x if x.shape[2] == heads_q else x.repeat_interleave(heads_q // x.shape[2], dim=2)
 
 
-def _sum_kv(grad: torch.Tensor, heads_kv: int) -> torch.Tensor:
+def sum_kv_heads(grad: torch.Tensor, heads_kv: int) -> torch.Tensor:
+    """The gradient of expand_kv_heads: each group's query-head gradients summed onto its K/V head."""
     B, S, Hq, D = grad.shape
     return grad if Hq == heads_kv else grad.reshape(B, S, heads_kv, Hq // heads_kv, D).sum(3)
 
@@ -121,7 +123,7 @@ def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
     if backend is None:
         return BlockAttention.apply(*autocast_inputs(q, k, v), True, kernel)
     if expand:
-        k, v, gqa = _expand_kv(k, q.shape[2]), _expand_kv(v, q.shape[2]), False
+        k, v, gqa = expand_kv_heads(k, q.shape[2]), expand_kv_heads(v, q.shape[2]), False
     with sdpa_kernel([getattr(SDPBackend, backend)]):
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              is_causal=True, enable_gqa=gqa)
@@ -230,9 +232,7 @@ def reference_block_attn_bwd(dout, q, k, v, out, lse, causal: bool):
     ds = probs * (dp - delta[..., None])
     dq = torch.einsum("bhqk,bkhd->bqhd", ds, kf) * scale
     dk = torch.einsum("bhqk,bqhd->bkhd", ds, q.float()) * scale
-    B, Sk, Hkv, D = k.shape
-    dk = dk.view(B, Sk, Hkv, groups, D).sum(3)
-    dv = dv.view(B, Sk, Hkv, groups, D).sum(3)
+    dk, dv = sum_kv_heads(dk, k.shape[2]), sum_kv_heads(dv, k.shape[2])
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -297,7 +297,7 @@ def _bwd_aten_flash(dout, q, k, v, out, lse, causal):
 def _fwd_aten_efficient(q, k, v, causal):
     Hq, Sq = q.shape[2], q.shape[1]
     out, lse, _, _ = aten_ops._scaled_dot_product_efficient_attention(
-        _bhsd(q), _bhsd(_expand_kv(k, Hq)), _bhsd(_expand_kv(v, Hq)), None, True, 0.0, causal,
+        _bhsd(q), _bhsd(expand_kv_heads(k, Hq)), _bhsd(expand_kv_heads(v, Hq)), None, True, 0.0, causal,
         scale=q.shape[-1] ** -0.5)
     return _bshd(out), lse[:, :, :Sq]
 
@@ -308,9 +308,9 @@ def _bwd_aten_efficient(dout, q, k, v, out, lse, causal):
     lse_padded = torch.zeros(B, Hq, padded, dtype=torch.float32, device=q.device)
     lse_padded[:, :, :Sq] = lse
     dq, dk, dv, _ = aten_ops._scaled_dot_product_efficient_attention_backward(
-        _bhsd(dout), _bhsd(q), _bhsd(_expand_kv(k, Hq)), _bhsd(_expand_kv(v, Hq)), None, _bhsd(out), lse_padded,
+        _bhsd(dout), _bhsd(q), _bhsd(expand_kv_heads(k, Hq)), _bhsd(expand_kv_heads(v, Hq)), None, _bhsd(out), lse_padded,
         _no_philox(), _no_philox(), 0.0, [True, True, True, False], causal, scale=q.shape[-1] ** -0.5)
-    return _bshd(dq), _sum_kv(_bshd(dk), k.shape[2]), _sum_kv(_bshd(dv), v.shape[2])
+    return _bshd(dq), sum_kv_heads(_bshd(dk), k.shape[2]), sum_kv_heads(_bshd(dv), v.shape[2])
 
 
 def _fwd_flash_attn(q, k, v, causal):

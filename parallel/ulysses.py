@@ -10,7 +10,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..kernels.attention import BlockAttention, block_attn, block_attn_bwd, local_attention
+from ..kernels.attention import (
+    BlockAttention,
+    block_attn,
+    block_attn_bwd,
+    expand_kv_heads,
+    local_attention,
+    sum_kv_heads,
+)
 from . import layout
 from .p2p import communicator
 
@@ -68,7 +75,7 @@ class _HeadsToSeq(torch.autograd.Function):
 
 
 def _heads_for(k: torch.Tensor, Hq: int, P: int) -> torch.Tensor:
-    return k if k.shape[2] % P == 0 else k.repeat_interleave(Hq // k.shape[2], dim=2)
+    return k if k.shape[2] % P == 0 else expand_kv_heads(k, Hq)
 
 
 def forward(group: dist.ProcessGroup, q, k, v, kernel: str = "auto"):
@@ -88,9 +95,7 @@ def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "a
     dqh, dkh, dvh = block_attn_bwd(dout_h, qh, kh, vh, out_h, lse, causal=True, impl=kernel)
     dq, dk, dv = (heads_to_seq(t.contiguous(), group) for t in (dqh, dkh, dvh))
     if kr is not k:  # sum the repeated heads back onto their K/V head
-        B, n = k.shape[:2]
-        dk = dk.view(B, n, Hkv, Hq // Hkv, -1).sum(3)
-        dv = dv.view(B, n, Hkv, Hq // Hkv, -1).sum(3)
+        dk, dv = sum_kv_heads(dk, Hkv), sum_kv_heads(dv, Hkv)
     return dq, dk, dv
 
 
@@ -101,7 +106,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: 
     if Hq % P:
         raise ValueError(f"ulysses needs the query heads ({Hq}) divisible by the sp degree ({P}); use a ring schedule")
     if Hkv % P:
-        k, v = k.repeat_interleave(Hq // Hkv, dim=2), v.repeat_interleave(Hq // Hkv, dim=2)
+        k, v = expand_kv_heads(k, Hq), expand_kv_heads(v, Hq)
     qh, kh, vh = (_SeqToHeads.apply(t, group) for t in (q, k, v))
     out_h = local_attention(qh, kh, vh) if kernel == "auto" else BlockAttention.apply(qh, kh, vh, True, kernel)
     return _HeadsToSeq.apply(out_h, group)

@@ -254,25 +254,15 @@ def load(path: str | os.PathLike | None, overrides: list[str] = ()) -> Recipe:
     return build(data)
 
 
-def _set_keys(data, prefix: str = "") -> set[str]:
-    """Dotted paths of every key the recipe file and overrides set (whatever its value)."""
-    if not isinstance(data, dict):
-        return set()
-    keys = set()
-    for key, value in data.items():
-        keys.add(prefix + str(key))
-        if isinstance(value, dict) and not (prefix + str(key)).endswith(("model.config", "curriculum_weights")):
-            keys |= _set_keys(value, f"{prefix}{key}.")
-    return keys
-
-
 def _flat(data: dict, prefix: str = "") -> dict:
+    """{dotted key path: value} of a recipe's leaves (model.config and curriculum_weights are leaves)."""
     out = {}
     for key, value in data.items():
-        if isinstance(value, dict) and not (prefix + key).endswith(("model.config", "curriculum_weights")):
-            out.update(_flat(value, f"{prefix}{key}."))
+        path = prefix + str(key)
+        if isinstance(value, dict) and not path.endswith(("model.config", "curriculum_weights")):
+            out.update(_flat(value, path + "."))
         else:
-            out[prefix + key] = value
+            out[path] = value
     return out
 
 
@@ -280,11 +270,10 @@ def build(data: dict) -> Recipe:
     problems: list[str] = []
     recipe = _build(Recipe, data, "", problems)
     if not problems:
-        keys = _set_keys(data)
-        everything = _set_keys(Recipe().to_dict())
-        if everything <= keys:  # a resolved recipe (recipe.yaml) sets every key: count the changed ones
+        keys, defaults = set(_flat(data)), _flat(Recipe().to_dict())  # what the file and overrides set
+        if keys >= defaults.keys():  # a resolved recipe (recipe.yaml) sets every key: count the changed ones
             ours = _flat(recipe.to_dict())
-            keys = {k for k, v in _flat(Recipe().to_dict()).items() if ours.get(k) != v}
+            keys = {k for k, v in defaults.items() if ours.get(k) != v}
         _no_effect(recipe, problems, keys)
         _cross_checks(recipe, problems)
     if problems:
