@@ -5,7 +5,9 @@ counterpart of TokenRing's two-direction idea; zigzag causal rule as in ring.py)
 Forward, step s: attend to the block of rank r-s (clockwise chain) and of rank r+s
 (counter-clockwise chain; skipped when P is even and s = P/2, where both chains meet).
 Backward: the blocks travel again; each rank sends its partial dK/dV (fp32) straight back to the
-block's owner one step later, overlapped with the next blocks; dQ accumulates locally.
+block's owner one step later, overlapped with the next blocks; dQ accumulates locally. Every
+step posts the next blocks (clockwise on the ring channel, counter-clockwise and the returns on
+the return channel, parallel/p2p.py) before it computes and waits after.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from .blocks import ScheduleAttention, attend, attend_bwd, merge_rows, q_rows
-from .p2p import communicator
+from .p2p import communicator, compute
 
 
 def _sources(r: int, step: int, P: int) -> list[int]:
@@ -41,7 +43,19 @@ def _post_blocks(comm, step: int, P: int, cw, ccw):
         sends += [(ccw[0], comm.prev), (ccw[1], comm.prev)]
         new_ccw = (torch.empty_like(ccw[0]), torch.empty_like(ccw[1]))
         recvs += [(new_ccw[0], comm.next), (new_ccw[1], comm.next)]
-    return comm.exchange(sends, recvs), new_cw, new_ccw
+    pending = [comm.exchange(sends[:2], recvs[:2], what=f"kv {step}")]
+    if need_ccw:  # the counter-clockwise chain on the return channel: both link directions busy
+        pending.append(comm.exchange(sends[2:], recvs[2:], channel="return", what=f"kv {step}"))
+    return _Both(pending), new_cw, new_ccw
+
+
+class _Both:
+    def __init__(self, pendings) -> None:
+        self.pendings = pendings
+
+    def wait(self) -> None:
+        for p in self.pendings:
+            p.wait()
 
 
 def forward(group: dist.ProcessGroup, q, k, v, kernel: str = "auto"):
@@ -52,12 +66,13 @@ def forward(group: dist.ProcessGroup, q, k, v, kernel: str = "auto"):
     for step in range(_steps(P) + 1):
         pending = _post_blocks(comm, step + 1, P, cw, ccw) if step < _steps(P) else None
         blocks = [cw] if step == 0 else [cw] + ([ccw] if ccw is not None else [])
-        for (bk, bv), src in zip(blocks, _sources(r, step, P)):
-            part_out, part_lse = attend(q, bk, bv, r, src, kernel=kernel)
-            if out is None:
-                out, lse = part_out.float(), part_lse.float()
-            else:
-                out, lse = merge_rows(out, lse, part_out, part_lse, q_rows(r, src, n))
+        with compute(f"step {step}"):
+            for (bk, bv), src in zip(blocks, _sources(r, step, P)):
+                part_out, part_lse = attend(q, bk, bv, r, src, kernel=kernel)
+                if out is None:
+                    out, lse = part_out.float(), part_lse.float()
+                else:
+                    out, lse = merge_rows(out, lse, part_out, part_lse, q_rows(r, src, n))
         if pending is not None:
             work, cw, ccw = pending
             work.wait()
@@ -78,21 +93,22 @@ def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "a
             if step > 1 else []
         sends = [(t, peer) for pk, pv, peer in returns for t in (pk, pv)]
         recvs = [(t, peer) for pk, pv, peer in inbound for t in (pk, pv)]
-        ret_pending = comm.exchange(sends, recvs) if sends else None
+        ret_pending = comm.exchange(sends, recvs, channel="return", what=f"partial {step - 1}") if sends else None
         pending = _post_blocks(comm, step + 1, P, cw, ccw) if step < _steps(P) else None
         blocks = [cw] if step == 0 else [cw] + ([ccw] if ccw is not None else [])
         returns = []
-        for (bk, bv), src in zip(blocks, _sources(r, step, P)):
-            dq_part, dk_part, dv_part, ks = attend_bwd(dout, q, bk, bv, out, lse, r, src, kernel=kernel)
-            dq[:, q_rows(r, src, n)] += dq_part.float()
-            part_k = torch.zeros_like(dk)
-            part_v = torch.zeros_like(dv)
-            part_k[:, ks], part_v[:, ks] = dk_part.float(), dv_part.float()
-            if src == r:
-                dk += part_k
-                dv += part_v
-            else:
-                returns.append((part_k, part_v, src))
+        with compute(f"step {step}"):
+            for (bk, bv), src in zip(blocks, _sources(r, step, P)):
+                dq_part, dk_part, dv_part, ks = attend_bwd(dout, q, bk, bv, out, lse, r, src, kernel=kernel)
+                dq[:, q_rows(r, src, n)] += dq_part.float()
+                part_k = torch.zeros_like(dk)
+                part_v = torch.zeros_like(dv)
+                part_k[:, ks], part_v[:, ks] = dk_part.float(), dv_part.float()
+                if src == r:
+                    dk += part_k
+                    dv += part_v
+                else:
+                    returns.append((part_k, part_v, src))
         if ret_pending is not None:
             ret_pending.wait()
             for pk, pv, _ in inbound:
@@ -104,7 +120,8 @@ def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "a
     if returns:  # the last step's partials
         inbound = [(torch.empty_like(dk), torch.empty_like(dv), peer) for peer in _sources(r, _steps(P), P)]
         comm.exchange([(t, peer) for pk, pv, peer in returns for t in (pk, pv)],
-                      [(t, peer) for pk, pv, peer in inbound for t in (pk, pv)]).wait()
+                      [(t, peer) for pk, pv, peer in inbound for t in (pk, pv)], channel="return",
+                      what=f"partial {_steps(P)}").wait()
         for pk, pv, _ in inbound:
             dk += pk
             dv += pv

@@ -2,9 +2,10 @@
 2310.01889), with the zigzag layout for causal balance.
 
 Forward, rank r, step s: attend local queries to the K/V block of rank (r - s) mod P while the
-next block is already in flight from rank r-1. Backward: K/V rotate again and a dK/dV
-accumulator (fp32) travels with them, gaining each rank's contribution; after P steps it is
-back at its owner. dQ accumulates locally.
+next block is already in flight from rank r-1 (posted before the compute, waited after).
+Backward: K/V rotate again and a dK/dV accumulator (fp32) travels with them on the return
+channel (parallel/p2p.py), gaining each rank's contribution; after P steps it is back at its
+owner. dQ accumulates locally.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from .blocks import ScheduleAttention, attend, attend_bwd, merge_rows, q_rows
-from .p2p import communicator
+from .p2p import communicator, compute
 
 
 def forward(group: dist.ProcessGroup, q, k, v, kernel: str = "auto"):
@@ -27,12 +28,14 @@ def forward(group: dist.ProcessGroup, q, k, v, kernel: str = "auto"):
         src = (r - step) % P
         if step < P - 1:
             nxt_k, nxt_v = torch.empty_like(k), torch.empty_like(v)
-            pending = comm.exchange([(cur_k, comm.next), (cur_v, comm.next)], [(nxt_k, comm.prev), (nxt_v, comm.prev)])
-        part_out, part_lse = attend(q, cur_k, cur_v, r, src, kernel=kernel)
-        if out is None:
-            out, lse = part_out.float(), part_lse.float()
-        else:
-            out, lse = merge_rows(out, lse, part_out, part_lse, q_rows(r, src, q.shape[1]))
+            pending = comm.exchange([(cur_k, comm.next), (cur_v, comm.next)], [(nxt_k, comm.prev), (nxt_v, comm.prev)],
+                                    what=f"kv {step + 1}")
+        with compute(f"step {step}"):
+            part_out, part_lse = attend(q, cur_k, cur_v, r, src, kernel=kernel)
+            if out is None:
+                out, lse = part_out.float(), part_lse.float()
+            else:
+                out, lse = merge_rows(out, lse, part_out, part_lse, q_rows(r, src, q.shape[1]))
         if step < P - 1:
             pending.wait()
             cur_k, cur_v = nxt_k, nxt_v
@@ -50,21 +53,24 @@ def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "a
         if step < P - 1:
             nxt_k, nxt_v = torch.empty_like(k), torch.empty_like(v)
             kv_pending = comm.exchange([(cur_k, comm.next), (cur_v, comm.next)],
-                                       [(nxt_k, comm.prev), (nxt_v, comm.prev)])
-        dq_part, dk_part, dv_part, ks = attend_bwd(dout, q, cur_k, cur_v, out, lse, r, src, kernel=kernel)
-        dq[:, q_rows(r, src, n)] += dq_part.float()
-        dk_acc = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-        dv_acc = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-        dk_acc[:, ks] += dk_part.float()
-        dv_acc[:, ks] += dv_part.float()
+                                       [(nxt_k, comm.prev), (nxt_v, comm.prev)], what=f"kv {step + 1}")
+        with compute(f"step {step}"):
+            dq_part, dk_part, dv_part, ks = attend_bwd(dout, q, cur_k, cur_v, out, lse, r, src, kernel=kernel)
+            dq[:, q_rows(r, src, n)] += dq_part.float()
+            dk_acc = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+            dv_acc = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+            dk_acc[:, ks] += dk_part.float()
+            dv_acc[:, ks] += dv_part.float()
         if acc_recv is not None:  # the accumulator of this K/V block, from the ranks it visited
             acc_pending, (in_k, in_v) = acc_recv
             acc_pending.wait()
             dk_acc += in_k
             dv_acc += in_v
-        # pass the accumulator on with its block; after the last step it goes home (to r+1)
+        # pass the accumulator on with its block (after the last step it goes home, to r+1), on
+        # the return channel so that it does not queue in front of the next K/V block
         in_k, in_v = torch.empty_like(dk_acc), torch.empty_like(dv_acc)
-        acc_recv = (comm.exchange([(dk_acc, comm.next), (dv_acc, comm.next)], [(in_k, comm.prev), (in_v, comm.prev)]),
+        acc_recv = (comm.exchange([(dk_acc, comm.next), (dv_acc, comm.next)], [(in_k, comm.prev), (in_v, comm.prev)],
+                                  channel="return", what=f"dkv {step}"),
                     (in_k, in_v))
         if step < P - 1:
             kv_pending.wait()

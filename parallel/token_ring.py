@@ -14,6 +14,11 @@ D = rowsum(dO * O) (FlashAttention-2's backward uses O only through D, so D [B, 
 instead of O [B, S, H, d]); each rank adds its block's dK/dV to local accumulators (no K/V
 traffic at all) and returns the partial dQ (fp32) to the owner the other way round, with the
 same one-step delay.
+
+Overlap, in forward and backward: each step first posts the queries of the next step (ring
+channel) and the return of the previous step's partial (return channel: its own process group,
+so on NCCL neither queues behind the other), then computes, then waits. The diagonal block is
+computed while the first queries travel; only the last return is exposed.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from .blocks import ScheduleAttention, attend, attend_bwd, merge_rows, q_rows
-from .p2p import communicator
+from .p2p import communicator, compute
 
 
 def _half(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -53,7 +58,8 @@ def _travel(comm, bundle: list[torch.Tensor], holder: int, step: int, P: int, n:
         recv_owner = (holder + step + 1) % P
         shape[dim] = n if recv_owner > holder else n // 2
         recv_bundle.append(torch.empty(shape, dtype=t.dtype, device=t.device))
-    pending = comm.exchange([(t, comm.prev) for t in out_bundle], [(t, comm.next) for t in recv_bundle])
+    pending = comm.exchange([(t, comm.prev) for t in out_bundle], [(t, comm.next) for t in recv_bundle],
+                            channel="ring", what=f"q {step + 1}")
     return pending, recv_bundle
 
 
@@ -77,74 +83,100 @@ def _return_shapes(r: int, sender: int, like: torch.Tensor, n: int, dim: int = 1
 
 
 def _post_return(comm, partials, owner: int, step: int, n: int, likes):
-    """Sends last step's partials home to `owner` and posts the receive of ours from the rank that
-    computed them at step-1. `likes` = [(tensor like ours, sequence dim, dtype)] per partial."""
+    """Sends the partials computed at step-1 home to `owner` and posts the receive of ours from
+    the rank that computed them, on the return channel. `likes` = [(tensor like ours, sequence
+    dim, dtype)] per partial."""
     r, P = comm.rank, comm.world
     sender = (r - (step - 1)) % P
     received = [torch.empty(_return_shapes(r, sender, like, n, dim), dtype=dtype, device=like.device)
                 for like, dim, dtype in likes]
-    pending = comm.exchange([(t, owner) for t in partials], [(t, sender) for t in received])
+    pending = comm.exchange([(t, owner) for t in partials], [(t, sender) for t in received],
+                            channel="return", what=f"partial {step - 1}")
     return pending, received, sender
+
+
+def _ring(comm, n: int, bundle: list[torch.Tensor], first, block, land, likes):
+    """The TokenRing loop shared by forward and backward.
+
+    bundle is what our queries travel with; first() computes the diagonal block; block(step, bundle) -> (partials) computes the block of
+    the queries held at `step`; land(partials, sender) adds a returned partial of our queries.
+    Order per step s (the paper's point): post the queries of step s+1 and the return of step
+    s-1's partial, compute step s, then wait; the last return is exposed."""
+    P, r = comm.world, comm.rank
+    q_pending = nxt = None
+    if P > 1:
+        q_pending, nxt = _travel(comm, bundle, r, 0, P, n)
+    with compute("step 0"):
+        first()
+    returning = None  # (partials, owner) computed last step
+    for step in range(1, P + 1):
+        if step < P:
+            q_pending.wait()
+            bundle = nxt
+            if step < P - 1:
+                q_pending, nxt = _travel(comm, bundle, r, step, P, n)
+        ret = None
+        if returning is not None:  # last step's partials go home while this step computes
+            partials, owner = returning
+            ret = _post_return(comm, partials, owner, step, n, likes)
+        if step < P:
+            with compute(f"step {step}"):
+                returning = (block(step, bundle), (r + step) % P)
+        if ret is not None:
+            pending, received, sender = ret
+            pending.wait()
+            land(received, sender)
 
 
 def forward(group: dist.ProcessGroup, q, k, v, kernel: str = "auto"):
     comm = communicator(group)
-    P, r, n = comm.world, comm.rank, q.shape[1]
-    out, lse = attend(q, k, v, r, r, kernel=kernel)
-    out, lse = out.float(), lse.float()
-    bundle = [q]
-    returning = None  # (partial out, lse, owner) computed last step
-    for step in range(1, P + 1):
-        ret = None
-        if returning is not None:  # the previous step's partial goes home; ours arrives
-            *partials, owner = returning
-            ret = _post_return(comm, partials, owner, step, n, [(q, 1, q.dtype), (lse, 2, torch.float32)])
-        if step < P:
-            q_pending, nxt = _travel(comm, bundle, r, step - 1, P, n)
-            q_pending.wait()
-            bundle = nxt
-            owner = (r + step) % P
-            part_out, part_lse = attend(bundle[0], k, v, owner, r, kernel=kernel)
-            returning = (part_out, part_lse.float(), owner)
-        if ret is not None:
-            pending, (part_out, part_lse), sender = ret
-            pending.wait()
-            out, lse = merge_rows(out, lse, part_out, part_lse, q_rows(r, sender, n))
-    return out.to(q.dtype), lse
+    r, n = comm.rank, q.shape[1]
+    acc = {}
+
+    def first():
+        out, lse = attend(q, k, v, r, r, kernel=kernel)
+        acc["out"], acc["lse"] = out.float(), lse.float()
+
+    def block(step, bundle):
+        part_out, part_lse = attend(bundle[0], k, v, (r + step) % comm.world, r, kernel=kernel)
+        return [part_out, part_lse.float()]
+
+    def land(received, sender):
+        part_out, part_lse = received
+        acc["out"], acc["lse"] = merge_rows(acc["out"], acc["lse"], part_out, part_lse, q_rows(r, sender, n))
+
+    lse_like = torch.empty(q.shape[0], q.shape[2], n, device=q.device)  # [B, H, n]: only its shape is read
+    _ring(comm, n, [q], first, block, land, [(q, 1, q.dtype), (lse_like, 2, torch.float32)])
+    return acc["out"].to(q.dtype), acc["lse"]
 
 
 def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "auto"):
     comm = communicator(group)
-    P, r, n = comm.world, comm.rank, q.shape[1]
-    dq0, dk_part, dv_part, ks = attend_bwd(dout, q, k, v, out, lse, r, r, kernel=kernel)
-    dq = dq0.float()
+    r, n = comm.rank, q.shape[1]
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-    dk[:, ks] += dk_part.float()
-    dv[:, ks] += dv_part.float()
-    bundle = [q, dout, _delta(dout, out), lse]
-    returning = None
-    for step in range(1, P + 1):
-        ret = None
-        if returning is not None:
-            *partials, owner = returning
-            ret = _post_return(comm, partials, owner, step, n, [(q, 1, torch.float32)])
-        if step < P:
-            q_pending, nxt = _travel(comm, bundle, r, step - 1, P, n)
-            q_pending.wait()
-            bundle = nxt
-            owner = (r + step) % P
-            q_o, dout_o, delta_o, lse_o = bundle
-            stand_in = _stand_in_out(dout_o, delta_o)
-            part_dq, dk_part, dv_part, ks = attend_bwd(dout_o, q_o, k, v, stand_in, lse_o, owner, r, kernel=kernel)
-            dk[:, ks] += dk_part.float()
-            dv[:, ks] += dv_part.float()
-            returning = (part_dq.float(), owner)
-        if ret is not None:
-            pending, (part, ), sender = ret
-            pending.wait()
-            dq[:, q_rows(r, sender, n)] += part
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    acc = {}
+
+    def first():
+        dq0, dk_part, dv_part, ks = attend_bwd(dout, q, k, v, out, lse, r, r, kernel=kernel)
+        acc["dq"] = dq0.float()
+        dk[:, ks] += dk_part.float()
+        dv[:, ks] += dv_part.float()
+
+    def block(step, bundle):
+        q_o, dout_o, delta_o, lse_o = bundle
+        stand_in = _stand_in_out(dout_o, delta_o)
+        part_dq, dk_part, dv_part, ks = attend_bwd(dout_o, q_o, k, v, stand_in, lse_o, (r + step) % comm.world, r,
+                                                   kernel=kernel)
+        dk[:, ks] += dk_part.float()
+        dv[:, ks] += dv_part.float()
+        return [part_dq.float()]
+
+    def land(received, sender):
+        acc["dq"][:, q_rows(r, sender, n)] += received[0]
+
+    _ring(comm, n, [q, dout, _delta(dout, out), lse], first, block, land, [(q, 1, torch.float32)])
+    return acc["dq"].to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def token_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup,

@@ -1,0 +1,149 @@
+"""How the sequence-parallel schedules communicate, checked on real gloo processes:
+
+- overlap: every ring schedule posts the transfer that feeds step s+1 before it starts computing
+  step s and waits for it only after (forward and backward), from the event trace of
+  parallel/p2p.py; TokenRing's returns run on their own channel (process group) and are in flight
+  during the next step's compute too;
+- counters: the bytes each rank sent equal what the schedule must move, worked out by hand below
+  from the zigzag rule (not from the code's formulas).
+"""
+
+import _dist
+import pytest
+import torch
+from longctx.parallel import layout
+
+RING_SCHEDULES = ["ring", "token_ring", "bidir_kv"]
+
+
+def _module(name):
+    from longctx.parallel.attention import SCHEDULE_MODULES
+
+    return SCHEDULE_MODULES[name]
+
+
+def _shards(rank, world, S, Hq, Hkv, D):
+    g = torch.Generator().manual_seed(0)
+    q, dout = torch.randn(1, S, Hq, D, generator=g), torch.randn(1, S, Hq, D, generator=g)
+    k, v = torch.randn(1, S, Hkv, D, generator=g), torch.randn(1, S, Hkv, D, generator=g)
+    return [layout.split(t, rank, world).contiguous() for t in (q, k, v, dout)]
+
+
+def _trace_worker(rank, world, name):
+    import torch.distributed as dist
+    from longctx.parallel import p2p
+
+    q, k, v, dout = _shards(rank, world, 48, 2, 2, 16)
+    mod, group = _module(name), dist.group.WORLD
+    with p2p.tracing() as fwd:
+        out, lse = mod.forward(group, q, k, v)
+    with p2p.tracing() as bwd:
+        mod.backward(group, dout, q, k, v, out, lse)
+    comm = p2p.communicator(group)
+    separate = comm.channel_group("return") is not comm.channel_group("ring")
+    return fwd, bwd, separate
+
+
+def _index(events, kind, what):
+    hits = [i for i, e in enumerate(events) if e[0] == kind and e[-1] == what]
+    assert len(hits) == 1, f"{kind} {what!r}: {len(hits)} events in {events}"
+    return hits[0]
+
+
+def _posts(events, prefix):
+    """{step it feeds: (post index, wait index, channel)} of the posts named '<prefix> <step>'."""
+    out = {}
+    for i, e in enumerate(events):
+        if e[0] == "post" and e[3].startswith(prefix + " "):
+            ident, channel, step = e[1], e[2], int(e[3].split()[1])
+            waits = [j for j, w in enumerate(events) if w[0] == "wait" and w[1] == ident]
+            out.setdefault(step, []).append((i, waits[0] if waits else None, channel))
+    return out
+
+
+def _assert_overlapped(events, block_prefix, steps, where):
+    posts = _posts(events, block_prefix)
+    for s in range(steps - 1):
+        begin, end = _index(events, "begin", f"step {s}"), _index(events, "end", f"step {s}")
+        assert s + 1 in posts, f"{where}: nothing posted for step {s + 1}"
+        for post, wait, _ in posts[s + 1]:
+            assert post < begin, f"{where}: the block of step {s + 1} is posted after step {s} starts computing"
+            assert wait is not None and wait > end, f"{where}: the block of step {s + 1} is waited for before step {s} ends"
+
+
+@pytest.mark.parametrize("world", [3, pytest.param(4, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", RING_SCHEDULES)
+def test_next_block_in_flight_during_compute(name, world):
+    steps = world if name != "bidir_kv" else world // 2 + 1
+    prefix = "q" if name == "token_ring" else "kv"
+    for rank, (fwd, bwd, separate) in enumerate(_dist.run(_trace_worker, world, name)):
+        assert separate, "the return channel must be its own process group"
+        for events, phase in ((fwd, "forward"), (bwd, "backward")):
+            where = f"{name} rank {rank} {phase}"
+            _assert_overlapped(events, prefix, steps, where)
+            if name == "token_ring":  # step s-1's partial goes home during step s's compute
+                for s, posted in _posts(events, "partial").items():
+                    (post, wait, channel), = posted
+                    assert channel == "return", where
+                    if s + 1 < steps:
+                        assert post < _index(events, "begin", f"step {s + 1}") and wait > _index(
+                            events, "end", f"step {s + 1}"), f"{where}: the return of step {s} does not overlap step {s + 1}"
+                for post, _, channel in sum(_posts(events, "q").values(), []):
+                    assert channel == "ring", where
+
+
+def _count_worker(rank, world, name, S, Hq, Hkv, D):
+    import torch.distributed as dist
+    from longctx.parallel import p2p
+
+    q, k, v, dout = _shards(rank, world, S, Hq, Hkv, D)
+    mod, group = _module(name), dist.group.WORLD
+    comm = p2p.communicator(group)
+    comm.reset()
+    out, lse = mod.forward(group, q, k, v)
+    fwd = comm.stats()
+    comm.reset()
+    mod.backward(group, dout, q, k, v, out, lse)
+    return fwd, comm.stats()
+
+
+def _by_hand(name, P, S, Hq, Hkv, D, b=4):
+    """(forward, backward) bytes summed over ranks, fp32 (b = 4). n = S/P local tokens; zigzag."""
+    n = S // P
+    kv_block = 2 * n * Hkv * D * b  # K + V of one rank
+    if name == "ring":  # K/V travel P-1 hops; backward again, plus the fp32 dK/dV accumulator P hops (home)
+        return P * (P - 1) * kv_block, P * ((P - 1) * kv_block + P * 2 * n * Hkv * D * 4)
+    if name == "bidir_kv":  # P-1 blocks reach each rank (both ways); P-1 fp32 partial dK/dV go home
+        return P * (P - 1) * kv_block, P * (P - 1) * (kv_block + 2 * n * Hkv * D * 4)
+    if name == "token_ring":
+        # owner o's queries hop o times in full (to ranks o-1..0, which hold earlier chunks) and
+        # P-1-o times as the late half: sum over o = n P(P-1)/2 + n/2 P(P-1)/2 rows; every row
+        # that arrives somewhere goes home once as a partial
+        rows = n * P * (P - 1) // 2 + n // 2 * P * (P - 1) // 2
+        fwd = rows * (Hq * D * b) + rows * (Hq * D * b + Hq * 4)  # q there; out + fp32 lse back
+        bwd = rows * (2 * Hq * D * b + 2 * Hq * 4) + rows * Hq * D * 4  # q, dO, fp32 D, lse there; fp32 dQ back
+        return fwd, bwd
+    if name == "ulysses":  # every all-to-all keeps 1/P of a tensor and sends the rest
+        kv_heads = Hkv if Hkv % P == 0 else Hq
+        share = (P - 1) * n // P * D * b
+        fwd = P * share * (Hq + 2 * kv_heads + Hq)  # q, k, v to heads; out back
+        bwd = P * share * (3 * Hq + 2 * kv_heads + Hq + 2 * kv_heads)  # q, k, v, out, dO; dq, dk, dv back
+        return fwd, bwd
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("world", [3, pytest.param(4, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", RING_SCHEDULES + ["ulysses"])
+def test_counters_match_hand_count(name, world):
+    S, Hq, Hkv, D = 12 * world, 6, 3 if name != "ulysses" else 2, 8
+    stats = _dist.run(_count_worker, world, name, S, Hq, Hkv, D)
+    want_fwd, want_bwd = _by_hand(name, world, S, Hq, Hkv, D)
+    assert sum(f["bytes_sent"] for f, _ in stats) == want_fwd
+    assert sum(b["bytes_sent"] for _, b in stats) == want_bwd
+    assert sum(f["bytes_received"] for f, _ in stats) == want_fwd  # what leaves one rank arrives at another
+    if name == "ring":  # everything goes to the next rank: the busiest pair link carries all of it
+        for f, b in stats:
+            assert f["max_bytes_per_pair_direction"] == f["bytes_sent"] == f["bytes_sent_next"]
+    if name == "token_ring":  # queries go to the previous rank, partials home: more than one link busy
+        for f, _ in stats:
+            assert f["max_bytes_per_pair_direction"] < f["bytes_sent"]
