@@ -1,8 +1,13 @@
 """DeepSpeed-Ulysses (Jacobs et al., arXiv 2309.14509): all-to-all from sequence shards to head
 shards, local causal attention on the whole sequence, all-to-all back. The peer baseline.
 
-Needs Hq divisible by P; when Hkv is not, K/V heads are repeated up to Hq (as peers do for
-GQA with P > Hkv). The zigzag shards are put back in natural order after the first all-to-all.
+Needs Hq divisible by P (any P: 3 and 6 work like powers of two); when Hkv is not (GQA with
+P > Hkv, or Hkv = 2 at P = 3), K/V heads are repeated up to Hq first and their gradients summed
+back (as peers do: verl #1226, prime-rl #3042). The zigzag shards are put back in natural order
+after the first all-to-all.
+
+`seq_to_heads`/`heads_to_seq` over a sub-group of u consecutive sp ranks are also the inner step
+of hybrid sequence parallelism (parallel/hybrid.py).
 """
 
 from __future__ import annotations
@@ -36,7 +41,10 @@ def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
 
 
 def seq_to_heads(x: torch.Tensor, group) -> torch.Tensor:
-    """[B, n, H, D] zigzag shard -> [B, P*n, H/P, D] whole sequence (natural order), my head group."""
+    """[B, n, H, D] zigzag shard -> [B, P*n, H/P, D], my head group: the P shards' first halves in
+    group-rank order, then their second halves in reverse order. Over the whole sp group that is
+    the sequence in natural order; over a hybrid's inner group of u consecutive sp ranks it is
+    the outer rank's zigzag shard of a 2r-chunk split (parallel/hybrid.py)."""
     P = dist.get_world_size(group)
     B, n, H, D = x.shape
     parts = _all_to_all(x.view(B, n, P, H // P, D).permute(2, 0, 1, 3, 4), group)
@@ -52,7 +60,7 @@ def heads_to_seq(y: torch.Tensor, group) -> torch.Tensor:
     return parts.permute(1, 2, 0, 3, 4).reshape(B, S // P, P * h, D)
 
 
-class _SeqToHeads(torch.autograd.Function):
+class SeqToHeads(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
@@ -63,7 +71,7 @@ class _SeqToHeads(torch.autograd.Function):
         return heads_to_seq(grad.contiguous(), ctx.group), None
 
 
-class _HeadsToSeq(torch.autograd.Function):
+class HeadsToSeq(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, group):
         ctx.group = group
@@ -74,15 +82,23 @@ class _HeadsToSeq(torch.autograd.Function):
         return seq_to_heads(grad.contiguous(), ctx.group), None
 
 
-def _heads_for(k: torch.Tensor, Hq: int, P: int) -> torch.Tensor:
-    return k if k.shape[2] % P == 0 else expand_kv_heads(k, Hq)
+def check_heads(heads_q: int, degree: int, what: str = "ulysses") -> None:
+    if heads_q % degree:
+        raise ValueError(f"{what} needs the query heads ({heads_q}) divisible by its all-to-all degree ({degree}); "
+                         "use a ring schedule or a smaller Ulysses degree")
+
+
+def kv_heads_for(k: torch.Tensor, heads_q: int, degree: int) -> torch.Tensor:
+    """K or V with a head count the all-to-all can split: as is, or repeated up to heads_q."""
+    return k if k.shape[2] % degree == 0 else expand_kv_heads(k, heads_q)
 
 
 def forward(group: dist.ProcessGroup, q, k, v, kernel: str = "auto"):
     """(out, lse) without autograd; lse stays in the head-sharded layout [B, Hq/P, S] (only
     `backward` reads it)."""
     P, Hq = dist.get_world_size(group), q.shape[2]
-    qh, kh, vh = (seq_to_heads(t, group) for t in (q, _heads_for(k, Hq, P), _heads_for(v, Hq, P)))
+    check_heads(Hq, P)
+    qh, kh, vh = (seq_to_heads(t, group) for t in (q, kv_heads_for(k, Hq, P), kv_heads_for(v, Hq, P)))
     out_h, lse_h = block_attn(qh, kh, vh, causal=True, impl=kernel)
     return heads_to_seq(out_h.contiguous(), group), lse_h
 
@@ -90,7 +106,7 @@ def forward(group: dist.ProcessGroup, q, k, v, kernel: str = "auto"):
 def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "auto"):
     """Gradients from the kept (out, lse): q, k, v, out and dout go to the head layout again."""
     P, Hq, Hkv = dist.get_world_size(group), q.shape[2], k.shape[2]
-    kr, vr = _heads_for(k, Hq, P), _heads_for(v, Hq, P)
+    kr, vr = kv_heads_for(k, Hq, P), kv_heads_for(v, Hq, P)
     qh, kh, vh, out_h, dout_h = (seq_to_heads(t.contiguous(), group) for t in (q, kr, vr, out, dout))
     dqh, dkh, dvh = block_attn_bwd(dout_h, qh, kh, vh, out_h, lse, causal=True, impl=kernel)
     dq, dk, dv = (heads_to_seq(t.contiguous(), group) for t in (dqh, dkh, dvh))
@@ -101,12 +117,9 @@ def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "a
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup,
                       kernel: str = "auto") -> torch.Tensor:
-    P = dist.get_world_size(group)
-    Hq, Hkv = q.shape[2], k.shape[2]
-    if Hq % P:
-        raise ValueError(f"ulysses needs the query heads ({Hq}) divisible by the sp degree ({P}); use a ring schedule")
-    if Hkv % P:
-        k, v = expand_kv_heads(k, Hq), expand_kv_heads(v, Hq)
-    qh, kh, vh = (_SeqToHeads.apply(t, group) for t in (q, k, v))
+    P, Hq = dist.get_world_size(group), q.shape[2]
+    check_heads(Hq, P)
+    k, v = kv_heads_for(k, Hq, P), kv_heads_for(v, Hq, P)
+    qh, kh, vh = (SeqToHeads.apply(t, group) for t in (q, k, v))
     out_h = local_attention(qh, kh, vh) if kernel == "auto" else BlockAttention.apply(qh, kh, vh, True, kernel)
-    return _HeadsToSeq.apply(out_h, group)
+    return HeadsToSeq.apply(out_h, group)

@@ -1,0 +1,130 @@
+"""All-gather-KV context parallelism, as in Llama 3 (Dubey et al., "The Llama 3 Herd of Models",
+arXiv 2407.21783, §3.3.2), on the zigzag layout so that every rank does the same work.
+
+Rank r holds chunks r and 2P-1-r (c tokens each) of Q, K and V. Forward: one all-gather of the
+local K and V (one buffer) rebuilds the whole K/V sequence; query chunk i (global positions
+ic .. ic+c-1) attends to keys [0, ic) without a mask and to its own chunk with the causal mask,
+and the two partials merge by LSE. Rank r's two chunks see rc + c/2 and (2P-1-r)c + c/2 keys
+per query on average: 2Pc^2 scores on every rank.
+
+Backward: K/V are gathered again (forward keeps only the local shard: the gathered copy is P
+times larger), dQ accumulates locally, dK/dV of the whole sequence accumulate in fp32, and a
+reduce-scatter sums each rank's zigzag shard of them onto that rank. Nothing overlaps the
+collectives (TransformerEngine's `all_gather` CP is exposed the same way); in exchange a shard
+of K/V crosses each link once per pass instead of riding P-1 ring hops, and a packed batch
+needs no per-hop masks.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+from ..kernels.attention import block_attn, block_attn_bwd, merge
+from . import layout
+from .blocks import ScheduleAttention
+from .p2p import communicator
+
+# backends whose reduce-scatter we call; elsewhere (gloo) an all-to-all and a local sum stand in
+NATIVE_REDUCE_SCATTER_BACKENDS = ("nccl",)
+
+# torch >= 2.13 names the flat collectives *_single (the *_tensor names warn there)
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _count_per_peer(comm, nbytes: int) -> None:
+    for peer in range(comm.world):
+        if peer != comm.rank:
+            comm.count("direct", nbytes, peer)
+
+
+def all_gather(x: torch.Tensor, group) -> torch.Tensor:
+    """[P, *x.shape]: every group rank's x, in group-rank order."""
+    comm = communicator(group)
+    x = x.contiguous()
+    gathered = torch.empty(comm.world * x.numel(), dtype=x.dtype, device=x.device)
+    _all_gather_flat(gathered, x.view(-1), group=group)
+    _count_per_peer(comm, x.numel() * x.element_size())
+    return gathered.view(comm.world, *x.shape)
+
+
+def reduce_scatter(pieces: torch.Tensor, group, native: bool | None = None) -> torch.Tensor:
+    """pieces [P, ...] -> the sum over group ranks of their pieces[me].
+
+    native: torch's reduce-scatter (NCCL); otherwise an all-to-all of the pieces and a local sum
+    (gloo). None picks by the group's backend."""
+    comm = communicator(group)
+    if native is None:
+        native = dist.get_backend(group) in NATIVE_REDUCE_SCATTER_BACKENDS
+    pieces = pieces.contiguous()
+    _count_per_peer(comm, pieces[0].numel() * pieces.element_size())
+    if native:
+        mine = torch.empty(pieces[0].numel(), dtype=pieces.dtype, device=pieces.device)
+        _reduce_scatter_flat(mine, pieces.view(-1), group=group)
+        return mine.view(pieces.shape[1:])
+    received = torch.empty(pieces.shape, dtype=pieces.dtype, device=pieces.device)
+    dist.all_to_all_single(received, pieces, group=group)  # received[j] = rank j's pieces[me]
+    return received.sum(0)
+
+
+def _gather_kv(k: torch.Tensor, v: torch.Tensor, group):
+    """The whole K and V, [B, 2Pc, Hkv, D] each in natural order, from every rank's zigzag shard."""
+    shards = all_gather(torch.stack([k, v]), group)  # [P, 2, B, 2c, Hkv, D]
+    whole = layout.unsplit(list(shards), shards.shape[0] * k.shape[1], dim=2)
+    return whole[0], whole[1]
+
+
+def _query_chunks(rank: int, P: int, c: int):
+    """(local rows, key blocks) of this rank's two query chunks; a key block is (key slice,
+    causal): the chunk's own keys under the causal mask, then every earlier key unmasked."""
+    chunks = []
+    for rows, chunk in zip((slice(0, c), slice(c, 2 * c)), layout.chunk_ids(rank, P)):
+        start = chunk * c
+        blocks = [(slice(start, start + c), True)]
+        if start:
+            blocks.append((slice(0, start), False))
+        chunks.append((rows, blocks))
+    return chunks
+
+
+def forward(group: dist.ProcessGroup, q, k, v, kernel: str = "auto"):
+    """(out, lse [B, Hq, 2c] fp32) of the local query chunks against the gathered keys."""
+    comm = communicator(group)
+    k_all, v_all = _gather_kv(k, v, group)
+    outs, lses = [], []
+    for rows, blocks in _query_chunks(comm.rank, comm.world, q.shape[1] // 2):
+        out = lse = None
+        for keys, causal in blocks:
+            out, lse = merge(out, lse, *block_attn(q[:, rows], k_all[:, keys], v_all[:, keys], causal, impl=kernel))
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs, 1).to(q.dtype), torch.cat(lses, 2)
+
+
+def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "auto"):
+    comm = communicator(group)
+    P = comm.world
+    k_all, v_all = _gather_kv(k, v, group)
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dkv_all = torch.zeros((2, *k_all.shape), dtype=torch.float32, device=k.device)  # dK, dV of every key
+    for rows, blocks in _query_chunks(comm.rank, P, q.shape[1] // 2):
+        rows_of = (dout[:, rows], q[:, rows])
+        for keys, causal in blocks:
+            dq_b, dk_b, dv_b = block_attn_bwd(*rows_of, k_all[:, keys], v_all[:, keys], out[:, rows],
+                                              lse[:, :, rows], causal, impl=kernel)
+            dq[:, rows] += dq_b.float()
+            dkv_all[0][:, keys] += dk_b.float()
+            dkv_all[1][:, keys] += dv_b.float()
+    # every rank's zigzag shard of the partial sums, summed onto their owners in fp32
+    pieces = torch.stack([layout.split(dkv_all, owner, P, dim=2) for owner in range(P)])
+    dk, dv = reduce_scatter(pieces, group)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def allgather_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup,
+                           kernel: str = "auto") -> torch.Tensor:
+    """Causal attention over a zigzag-sharded sequence; q [B, 2c, Hq, D], k/v [B, 2c, Hkv, D]."""
+    return ScheduleAttention.apply(q, k, v, group, sys.modules[__name__], kernel)
