@@ -6,7 +6,7 @@
   causal, impl)`: one block of a sequence-parallel schedule or of MEMO's kept-(out, lse) path.
   `lse` [B, H, S] is fp32 natural-log log-sum-exp of the scaled scores. Causal masking with
   Sq != Sk is top-left aligned (query i sees keys <= i).
-- `merge(out, lse, out_i, lse_i)`: combine two partial results over disjoint key sets in fp32:
+- `merge(out, lse, out_i, lse_i)` (and `merge_into`, in place): combine two partial results over disjoint key sets in fp32:
   lse = logaddexp(lse, lse_i), out = out*exp(lse_old - lse) + out_i*exp(lse_i - lse). A row that
   saw no key has lse = -inf (or +inf from some kernels): it contributes nothing.
 
@@ -360,3 +360,14 @@ def merge(out: torch.Tensor | None, lse: torch.Tensor | None, out_i: torch.Tenso
     w_old = torch.exp(lse - safe).transpose(1, 2)[..., None]
     w_new = torch.exp(lse_i - safe).transpose(1, 2)[..., None]
     return out * w_old + out_i.float() * w_new, new
+
+
+def merge_into(out: torch.Tensor, lse: torch.Tensor, out_i: torch.Tensor, lse_i: torch.Tensor) -> None:
+    """`merge` in place: the fp32 accumulators (out, lse), possibly row views of larger ones, take
+    the partial in without new full-size tensors (a ring merges P-1 partials per call)."""
+    lse_i = torch.where(torch.isposinf(lse_i), float("-inf"), lse_i.float())
+    new = torch.logaddexp(lse, lse_i)
+    safe = torch.where(torch.isneginf(new), 0.0, new)  # rows with no key yet
+    out.mul_(torch.exp(lse - safe).transpose(1, 2)[..., None])
+    out.addcmul_(out_i, torch.exp(lse_i - safe).transpose(1, 2)[..., None])
+    lse.copy_(new)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.attention import block_attn, block_attn_bwd, merge
+from ..kernels.attention import block_attn, block_attn_bwd, merge_into
 
 
 def q_rows(q_owner: int, kv_owner: int, n: int) -> slice:
@@ -47,12 +47,9 @@ def attend_bwd(dout, q, k, v, out, lse, q_owner: int, kv_owner: int, kernel: str
 
 
 def merge_rows(out, lse, part_out, part_lse, rows: slice):
-    """Merges a partial result for q rows `rows` into the running fp32 accumulators."""
-    if rows.start == 0 and rows.stop == out.shape[1]:
-        return merge(out, lse, part_out, part_lse)
-    new_out, new_lse = merge(out[:, rows], lse[:, :, rows], part_out, part_lse)
-    out, lse = out.clone(), lse.clone()
-    out[:, rows], lse[:, :, rows] = new_out, new_lse
+    """Merges a partial result for q rows `rows` into the running fp32 accumulators, in place
+    (they belong to the schedule); returns them."""
+    merge_into(out[:, rows], lse[:, :, rows], part_out, part_lse)
     return out, lse
 
 

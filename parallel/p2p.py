@@ -145,7 +145,6 @@ class Communicator:
         stats["bytes_sent"] = sum(self.bytes_sent.values())
         stats["bytes_received"] = self.bytes_received
         stats["max_bytes_per_pair_direction"] = max(self.bytes_to_peer.values(), default=0)
-        stats["max_bytes_per_link_direction"] = stats["max_bytes_per_pair_direction"]  # old name, until callers move
         return stats
 
 

@@ -56,16 +56,15 @@ def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "a
                                        [(nxt_k, comm.prev), (nxt_v, comm.prev)], what=f"kv {step + 1}")
         with compute(f"step {step}"):
             dq_part, dk_part, dv_part, ks = attend_bwd(dout, q, cur_k, cur_v, out, lse, r, src, kernel=kernel)
-            dq[:, q_rows(r, src, n)] += dq_part.float()
+            dq[:, q_rows(r, src, n)] += dq_part
+        if acc_recv is None:
             dk_acc = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
             dv_acc = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-            dk_acc[:, ks] += dk_part.float()
-            dv_acc[:, ks] += dv_part.float()
-        if acc_recv is not None:  # the accumulator of this K/V block, from the ranks it visited
-            acc_pending, (in_k, in_v) = acc_recv
+        else:  # the accumulator of this K/V block, from the ranks it visited, takes our part
+            acc_pending, (dk_acc, dv_acc) = acc_recv
             acc_pending.wait()
-            dk_acc += in_k
-            dv_acc += in_v
+        dk_acc[:, ks] += dk_part
+        dv_acc[:, ks] += dv_part
         # pass the accumulator on with its block (after the last step it goes home, to r+1), on
         # the return channel so that it does not queue in front of the next K/V block
         in_k, in_v = torch.empty_like(dk_acc), torch.empty_like(dv_acc)

@@ -10,8 +10,9 @@ need all of it first and then those that need only its late half, so after the w
 half is forwarded.
 
 Backward (ours; the public code has none): the queries travel again with dO, LSE and
-D = rowsum(dO * O) (FlashAttention-2's backward uses O only through D, so D [B, H, S] travels
-instead of O [B, S, H, d]); each rank adds its block's dK/dV to local accumulators (no K/V
+s = D / |dO|^2 per row, D = rowsum(dO * O) (FlashAttention-2's backward uses O only through D,
+so s [B, H, S] travels instead of O [B, S, H, d] and the receiver rebuilds an O' = s * dO with
+the same D in one pass); each rank adds its block's dK/dV to local accumulators (no K/V
 traffic at all) and returns the partial dQ (fp32) to the owner the other way round, with the
 same one-step delay.
 
@@ -63,17 +64,20 @@ def _travel(comm, bundle: list[torch.Tensor], holder: int, step: int, P: int, n:
     return pending, recv_bundle
 
 
-def _delta(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """D = rowsum(dO * O) per (batch, head, row) in fp32: [B, H, S], laid out like the LSE."""
-    return (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
+def _out_scale(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """s = D / |dO|^2 per (batch, head, row) in fp32, [B, H, S] like the LSE, where
+    D = rowsum(dO * O): what travels instead of O, since O' = s * dO has rowsum(dO * O') = D
+    (0 where dO is 0, where D is 0 too), and D is all of O that the backward reads."""
+    d32 = dout.float()
+    delta = (d32 * out.float()).sum(-1)
+    norm = d32.pow(2).sum(-1)
+    scale = torch.where(norm > 0, delta / norm.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+    return scale.transpose(1, 2).contiguous()
 
 
-def _stand_in_out(dout: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """An O' with rowsum(dO * O') == D, for kernels that take O rather than D (0 where dO is 0,
-    where D is 0 too)."""
-    norm = dout.float().pow(2).sum(-1)  # [B, S, H]
-    scale = torch.where(norm > 0, delta.transpose(1, 2) / norm.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
-    return (dout.float() * scale[..., None]).to(dout.dtype)
+def _stand_in_out(dout: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """O' = s * dO for kernels that take O rather than D: one pass at the receiver."""
+    return (dout.float() * scale.transpose(1, 2)[..., None]).to(dout.dtype)
 
 
 def _return_shapes(r: int, sender: int, like: torch.Tensor, n: int, dim: int = 1):
@@ -164,8 +168,8 @@ def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "a
         dv[:, ks] += dv_part.float()
 
     def block(step, bundle):
-        q_o, dout_o, delta_o, lse_o = bundle
-        stand_in = _stand_in_out(dout_o, delta_o)
+        q_o, dout_o, scale_o, lse_o = bundle
+        stand_in = _stand_in_out(dout_o, scale_o)
         part_dq, dk_part, dv_part, ks = attend_bwd(dout_o, q_o, k, v, stand_in, lse_o, (r + step) % comm.world, r,
                                                    kernel=kernel)
         dk[:, ks] += dk_part.float()
@@ -175,7 +179,7 @@ def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "a
     def land(received, sender):
         acc["dq"][:, q_rows(r, sender, n)] += received[0]
 
-    _ring(comm, n, [q, dout, _delta(dout, out), lse], first, block, land, [(q, 1, torch.float32)])
+    _ring(comm, n, [q, dout, _out_scale(dout, out), lse], first, block, land, [(q, 1, torch.float32)])
     return acc["dq"].to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
