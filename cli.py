@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     di.add_argument("overrides", nargs="*")
     di.add_argument("--png", help="also write a histogram PNG here")
 
-    pl = sub.add_parser("plan", help="per-GPU memory, step time and the longest sequence that fits")
+    pl = sub.add_parser("plan", help="per-GPU memory, step time, the longest sequence that fits, attention schedules")
     pl.add_argument("recipe")
     pl.add_argument("overrides", nargs="*")
     pl.add_argument("--gpus", type=int, default=8, help="GPUs in the job (default 8)")
@@ -49,7 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--host-mem", default="1TiB", help="host memory per node for activations (default 1TiB)")
     pl.add_argument("--sharding", default="fsdp2", choices=["none", "fsdp2", "zero1", "zero2", "zero3"])
     pl.add_argument("--seq-len", type=int, default=None, help="default: the recipe's longest length")
-    pl.add_argument("--tflops", type=float, default=300.0, help="sustained TFLOP/s per GPU (default 300)")
+    pl.add_argument("--tflops", type=float, default=None,
+                    help="sustained TFLOP/s per GPU, also attention's (default: parallel.attention_tflops if a number, else 300)")
+    pl.add_argument("--link", choices=["nvswitch", "nvlink_mesh", "pcie", "cpu_gloo"], default=None,
+                    help="intra-node link class for the attention schedules (default: parallel.link unless auto, else nvswitch)")
+    pl.add_argument("--inter-gbps", type=float, default=None,
+                    help="per-GPU NIC Gb/s each direction between nodes (default: parallel.inter_node_gbps)")
     pl.add_argument("--link-gbps", type=float, default=25.0, help="GPU<->host GB/s per GPU (default 25)")
     pl.add_argument("--runtime-mem", default="1GiB", help="CUDA context / process baseline (default 1GiB)")
     pl.add_argument("--json", action="store_true", help="print JSON instead of the table (exit 1 when it does not fit)")
@@ -121,9 +126,17 @@ def _dispatch(args) -> int:
                                                     ("--runtime-mem", args.runtime_mem))]
         except ValueError as e:
             raise RecipeError(str(e)) from None
-        shape, inputs = plan_inputs(schema.load(args.recipe, args.overrides))
+        recipe = schema.load(args.recipe, args.overrides)
+        shape, inputs = plan_inputs(recipe)
+        par = recipe.parallel
+        recipe_tflops = getattr(par, "attention_tflops", "auto")
+        tflops = args.tflops if args.tflops is not None else (None if recipe_tflops == "auto" else float(recipe_tflops))
+        if tflops is not None and tflops <= 0:
+            raise RecipeError(f"--tflops={tflops}: expected a positive TFLOP/s")
         report = plan(shape, inputs, args.gpus, sizes[0], sizes[1], args.gpus_per_node, args.sharding, sizes[2],
-                      args.tflops, args.link_gbps, args.seq_len)
+                      300.0 if tflops is None else tflops, args.link_gbps, args.seq_len)
+        if report["sp_degree"] > 1:
+            report["attention"] = _plan_attention(args, par, shape, report, tflops, inputs["autocast"])
         print(json.dumps(report, indent=2) if args.json else format_plan(report))
         return 0 if report["fits"] else 1  # scripts can ask "does it fit?" by the exit status
     if args.command == "recipe":
@@ -137,6 +150,24 @@ def _dispatch(args) -> int:
             print(OmegaConf.to_yaml(OmegaConf.create(schema.load(args.recipe, args.overrides).to_dict())))
         return 0
     raise AssertionError(args.command)
+
+
+def _plan_attention(args, par, shape, report: dict, tflops: float | None, autocast: bool) -> dict:
+    """The attention schedules on the machine the flags (else the recipe's parallel keys) describe;
+    tflops None: the link's device default (300 on GPUs)."""
+    from .parallel.topology import INTRA_LINKS, make_machine
+    from .recipes.schema import RecipeError
+    from .train.plan_report import attention_plan
+
+    recipe_link = getattr(par, "link", "auto")
+    link = args.link or (recipe_link if recipe_link in INTRA_LINKS else "nvswitch")
+    gbps = args.inter_gbps if args.inter_gbps is not None else float(getattr(par, "inter_node_gbps", 400.0))
+    if gbps <= 0:
+        raise RecipeError(f"--inter-gbps={gbps}: expected a positive number of Gb/s")
+    sp_inner = getattr(par, "sp_inner", "auto")
+    machine = make_machine(link, report["gpus_per_node"], gbps, tflops=tflops)
+    return attention_plan(shape, report["seq_len"], report["sp_degree"], machine, 2 if autocast else 4,
+                          sp_inner=None if sp_inner == "auto" else int(sp_inner))
 
 
 def _train(args) -> int:

@@ -1,11 +1,15 @@
 """`longctx plan <recipe> --gpus N --gpu-mem 80GiB --host-mem 1TiB`: will it fit, how fast, and the
-longest sequence that fits (memory/estimate.py is the model; this file reads the recipe)."""
+longest sequence that fits (memory/estimate.py is the model; this file reads the recipe), and
+what each sequence-parallel attention schedule would cost on the described machine
+(parallel/choose.py is that model)."""
 
 from __future__ import annotations
 
 import re
 
 from ..memory.estimate import GiB, ModelShape, Setting, estimate, longest_fitting
+from ..parallel.choose import SCHEDULES, Shape, choose, label
+from ..parallel.topology import Machine
 
 # Architectures of hub checkpoints a recipe may name, so planning works offline (facts from their
 # config.json files).
@@ -96,4 +100,65 @@ def format_plan(p: dict) -> str:
               f"fits: {'yes' if p['fits'] else 'NO'}; longest sequence that fits: {p['longest_seq_len']:,} tokens"]
     if p["alpha_binding"] == "device_memory":
         lines.append(f"alpha auto overflows the GPU at this length: set memory.alpha: {p['alpha']:.2f} in the recipe")
+    if "attention" in p:
+        lines += ["", format_attention(p["attention"])]
+    return "\n".join(lines)
+
+
+# --- attention schedules (parallel/choose.py) ----------------------------------------------------
+def attention_plan(shape: ModelShape, seq_len: int, sp: int, machine: Machine, dtype_bytes: int = 2, rows: int = 1,
+                   sp_inner: int | None = None, candidates=SCHEDULES) -> dict:
+    """Each schedule's modelled attention time (one layer fwd+bwd, and x layers) and the bytes its
+    busiest rank sends per link class, for `rows` rows of `seq_len` tokens over sp ranks."""
+    s = Shape(seq_len, shape.heads, shape.kv_heads, shape.head_dim, sp, dtype_bytes, batch=rows)
+    c = choose(s, machine, candidates=candidates, sp_inner=sp_inner)
+    schedules = {}
+    for name, e in c.table.items():
+        runs = e["seconds"] < float("inf")  # JSON has no infinity: a schedule that cannot run gets null times
+        row = {"label": label(name, e), "layer_seconds": e["seconds"] if runs else None,
+               "step_seconds": e["seconds"] * shape.layers if runs else None,
+               "bytes_intra": e["bytes_intra"], "bytes_inter": e["bytes_inter"]}
+        row.update({k: e[k] for k in ("bound", "why", "outer", "sp_inner", "fwd_seconds", "bwd_seconds") if k in e})
+        schedules[name] = row
+    ranked = sorted((n for n in schedules if schedules[n]["layer_seconds"] is not None),
+                    key=lambda n: schedules[n]["layer_seconds"])
+    best = schedules[c.name]
+    reason = f"picked {best['label']}: {_ms(best['layer_seconds'])} per layer ({best['bound']})"
+    if len(ranked) > 1:
+        runner = schedules[ranked[1]]
+        gap = runner["layer_seconds"] / best["layer_seconds"] - 1
+        reason += f", {100 * gap:.1f}% under the next, {runner['label']} ({runner['bound']})"
+    i, x = machine.intra, machine.inter
+    return {
+        "seq_len": seq_len, "rows": rows, "sp": sp, "layers": shape.layers, "heads_q": shape.heads,
+        "heads_kv": shape.kv_heads, "head_dim": shape.head_dim, "dtype_bytes": dtype_bytes,
+        "machine": {"name": machine.name, "ranks_per_node": machine.ranks_per_node, "intra": i.name,
+                    "intra_bytes_per_s": i.out_bytes_per_s, "intra_pairwise": i.pairwise, "intra_latency_s": i.latency,
+                    "inter": x.name, "inter_bytes_per_s": x.out_bytes_per_s, "inter_latency_s": x.latency,
+                    "attention_flops": machine.flops, "step_overhead_s": machine.step_overhead,
+                    "memory_bandwidth": machine.memory_bandwidth},
+        "schedules": schedules, "picked": c.name, "outer": c.outer, "sp_inner": c.sp_inner,
+        "reason": reason, "why": c.why,
+    }
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms" if seconds < 10 else f"{seconds:.1f} s"
+
+
+def format_attention(a: dict) -> str:
+    m = a["machine"]
+    nodes = -(-a["sp"] // m["ranks_per_node"])
+    lines = [f"attention, modelled (not measured): sp {a['sp']} on {nodes} node{'s' if nodes > 1 else ''} "
+             f"({m['name']}), {a['seq_len']:,} tokens x {a['rows']} row, heads "
+             f"{a['heads_q']}/{a['heads_kv']} d{a['head_dim']}", "",
+             f"  {'schedule':<36}{'ms/layer':>10}{'s/step':>9}{'intra MiB':>11}{'inter MiB':>11}  (fwd+bwd; "
+             f"step = x {a['layers']} layers; MiB sent by the busiest rank per layer)"]
+    for row in a["schedules"].values():
+        if row["layer_seconds"] is None:
+            lines.append(f"  {row['label']:<36}{'n/a':>10}   {row['why']}")
+            continue
+        lines.append(f"  {row['label']:<36}{row['layer_seconds'] * 1e3:>10.2f}{row['step_seconds']:>9.2f}"
+                     f"{row['bytes_intra'] / 2**20:>11.1f}{row['bytes_inter'] / 2**20:>11.1f}  {row['bound']}")
+    lines += ["", a["reason"]]
     return "\n".join(lines)
