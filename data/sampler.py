@@ -12,9 +12,10 @@ that permutation, and data-parallel rank r takes every world-th row of it. The w
 function of (seed, step), so `state_dict()` is the step and a resumed run continues with exactly
 the next batch.
 
-Sequence parallelism per bucket: a bucket too short to split over the sp group (it needs
-2*sp chunks of at least `min_tokens_per_sp_rank / 2` tokens) runs with the largest power-of-two sp'
-that fits, and the sp/sp' sub-groups take different rows (`row_group`).
+Sequence parallelism per bucket: a bucket too short to give every rank of the sp group
+`min_tokens_per_sp_rank` tokens runs at the largest divisor sp' of sp that does, and the sp/sp'
+sub-groups take different rows (`row_group`). Any sp works: a length that 2*sp' does not divide
+is padded by parallel/layout.py after its last real token, with ignored labels.
 """
 
 from __future__ import annotations
@@ -29,11 +30,10 @@ class SamplerError(ValueError):
 
 
 def sp_for_length(L: int, sp: int, min_tokens_per_sp_rank: int) -> int:
-    """Largest power-of-two sp' <= sp such that L splits into 2*sp' zigzag chunks with enough tokens."""
-    s = sp
-    while s > 1 and (L % (2 * s) or L // s < min_tokens_per_sp_rank):
-        s //= 2
-    return s
+    """The largest divisor sp' of sp with L // sp' >= min_tokens_per_sp_rank (1 if none larger).
+
+    A divisor, so the sp group splits into sp/sp' whole sub-groups of consecutive ranks."""
+    return max(s for s in range(1, sp + 1) if sp % s == 0 and (s == 1 or L // s >= min_tokens_per_sp_rank))
 
 
 def row_group(dp_rank: int, sp_rank: int, sp: int, sp_eff: int) -> int:

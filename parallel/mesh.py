@@ -1,15 +1,25 @@
 """Process groups: data-parallel (dp) x sequence-parallel (sp) degrees over the launched world.
 
 Rank = dp_rank * sp + sp_rank, so an sp group is sp consecutive ranks (one node when sp <= GPUs
-per node). Gloo on CPU, NCCL on CUDA. For per-bucket sequence parallelism every power-of-two
-sub-group of the sp group is created up front (`sp_groups[k]`, k <= sp). Parameters are
-replicated on every rank, so gradients sum over all of them (`grad_group`). A single process gets
-a Mesh without process groups, so one code path serves one process and `torchrun`.
+per node). Gloo on CPU, NCCL on CUDA. Any sp works. For per-bucket sequence parallelism the
+sub-groups of every divisor size d of sp are created up front (`sp_groups[d]`: d consecutive
+ranks). Parameters are replicated on every rank, so gradients sum over all of them
+(`grad_group`). A single process gets a Mesh without process groups, so one code path serves one
+process and `torchrun`.
+
+Hybrid attention (Ulysses inside a node x a ring schedule across nodes, USP arXiv 2405.07719)
+splits each sp sub-group of size d into u = gcd(sp_inner, d) consecutive ranks (`inner`: one node
+when sp_inner <= ranks per node) times d/u ranks with the same inner index (`outer`): sub-group
+rank = outer_index * u + inner_index. gcd keeps u a divisor of both d and sp_inner, so it still
+divides the query heads; sizes where u is 1 or d have no hybrid groups (attention runs the outer
+schedule, or Ulysses, on the sub-group itself). `add_hybrid_groups` makes them into
+`mesh.hybrid_groups` once the model's query heads fix sp_inner (train/build.py).
 """
 
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -45,6 +55,8 @@ class Mesh:
     sp_rank: int = 0
     sp_world: int = 1
     sp_groups: dict = field(default_factory=dict)  # size -> this rank's sp sub-group of that size
+    # size -> (inner group, outer group, inner degree u); filled by add_hybrid_groups
+    hybrid_groups: dict = field(default_factory=dict)
 
     @property
     def is_main(self) -> bool:
@@ -80,14 +92,60 @@ def init(device: torch.device, backend: str = "auto", timeout_seconds: int = 600
             group = dist.new_group([d * sp + r for d in range(world // sp)])
             if r == sp_rank:
                 dp_group = group
-        size = sp
-        while size >= 2:
-            for start in range(0, world, size):
-                group = dist.new_group(list(range(start, start + size)))
-                if start <= rank < start + size:
-                    sp_groups[size] = group
-            size //= 2
+        for size in sorted(divisors(sp), reverse=True):
+            if size > 1:
+                for start in range(0, world, size):
+                    group = dist.new_group(list(range(start, start + size)))
+                    if start <= rank < start + size:
+                        sp_groups[size] = group
     return Mesh(rank, world, dp_rank, world // sp, dp_group, device, sp_rank, sp, sp_groups)
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def inner_degree(sp_inner: int, size: int) -> int:
+    """Hybrid's Ulysses degree in an sp sub-group of `size` ranks (module docstring)."""
+    return math.gcd(sp_inner, size)
+
+
+def hybrid_layout(size: int, u: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(inner groups, outer groups) as sub-group ranks: inner = u consecutive ranks, outer = the
+    ranks with the same inner index, so sub-group rank = outer_index * u + inner_index."""
+    inner = [[o * u + i for i in range(u)] for o in range(size // u)]
+    outer = [[o * u + i for o in range(size // u)] for i in range(u)]
+    return inner, outer
+
+
+def add_hybrid_groups(mesh: Mesh, sp_inner: int) -> dict:
+    """Fills `mesh.hybrid_groups` with hybrid's inner and outer groups for every sp sub-group
+    size d where 1 < gcd(sp_inner, d) < d, and returns it. Collective: every rank calls it once,
+    creating the groups in the same order."""
+    for size in sorted(divisors(mesh.sp_world), reverse=True):
+        u = inner_degree(sp_inner, size)
+        if size == 1 or u in (1, size):
+            continue
+        inner_sets, outer_sets = hybrid_layout(size, u)
+        found = [None, None]
+        for start in range(0, mesh.world, size):
+            for which, sets in enumerate((inner_sets, outer_sets)):
+                for ranks in sets:
+                    members = [start + r for r in ranks]
+                    group = dist.new_group(members)
+                    if mesh.rank in members:
+                        found[which] = group
+        mesh.hybrid_groups[size] = (found[0], found[1], u)
+    return mesh.hybrid_groups
+
+
+def resolve_sp_inner(sp_inner: int | str, sp: int, heads_q: int, ranks_per_node: int) -> int:
+    """`parallel.sp_inner`: an explicit value as it is; auto = the largest divisor of sp that is
+    <= ranks per node (Ulysses' all-to-alls stay on the node's fast links) and divides the query
+    heads (Ulysses shards heads)."""
+    if sp_inner != "auto":
+        return int(sp_inner)
+    return max(d for d in divisors(sp) if d <= max(1, ranks_per_node) and heads_q % d == 0)
 
 
 def destroy() -> None:

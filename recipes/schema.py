@@ -99,11 +99,23 @@ class DataRecipe:
 
 @dataclass(kw_only=True)
 class ParallelRecipe:
-    sp_degree: int = _f(1, "Sequence-parallel degree (ranks sharing one sequence); world = dp x sp.", ge=1)
-    attention: Literal["auto", "token_ring", "ring", "bidir_kv", "ulysses"] = _f(
-        "auto", "Sequence-parallel attention schedule; auto = least modelled time for the heads, length and parallel.link."
+    sp_degree: int = _f(1, "Sequence-parallel degree (ranks sharing one sequence; any value >= 1); world = dp x sp.", ge=1)
+    attention: Literal["auto", "token_ring", "ring", "bidir_kv", "allgather_kv", "ulysses", "hybrid"] = _f(
+        "auto", "Sequence-parallel attention schedule; hybrid = Ulysses over parallel.sp_inner ranks inside a node x parallel.hybrid_outer across them; auto = least modelled time on this machine (parallel.link, inter_node_gbps, attention_tflops) for the heads, length and rows."
     )
-    link: Literal["cpu_gloo", "nvlink", "pcie", "infiniband"] = _f("cpu_gloo", "Link model for attention=auto.")
+    sp_inner: int | Literal["auto"] = _f(
+        "auto", "hybrid (and auto's hybrid candidate): Ulysses degree inside a node, a divisor of sp_degree that divides the query heads; auto = the largest such divisor <= ranks per node. A bucket at a smaller sp degree d uses gcd(sp_inner, d).", ge=1
+    )
+    hybrid_outer: Literal["auto", "token_ring", "ring", "bidir_kv", "allgather_kv"] = _f(
+        "auto", "hybrid: the schedule across the outer ranks (same inner index); auto = least modelled time."
+    )
+    link: Literal["auto", "cpu_gloo", "nvswitch", "nvlink_mesh", "pcie"] = _f(
+        "auto", "Intra-node link class the chooser models; auto = detected (cpu_gloo on CPU, nvidia-smi topo on CUDA)."
+    )
+    inter_node_gbps: float = _f(400.0, "Per-GPU NIC bandwidth between nodes, each direction, in Gb/s (the chooser's inter-node link).", gt=0)
+    attention_tflops: float | Literal["auto"] = _f(
+        "auto", "Attention compute rate per rank in TFLOP/s for the chooser; auto = measured at start-up (the same figure on every rank).", gt=0
+    )
     attention_kernel: Literal["auto", "aten_flash", "aten_efficient", "flash_attn", "aten_cpu", "reference"] = _f(
         "auto", "Attention kernel inside every schedule (and at sp=1): auto = flash-attn >= 2.7 when installed, else PyTorch's fused CUDA ops (aten_flash for bf16/fp16, aten_efficient for fp32); aten_cpu on CPU; reference = naive O(S^2) fp32, only when asked."
     )
@@ -377,6 +389,13 @@ def _no_effect(r: Recipe, problems: list[str], set_keys: set[str]) -> None:
                 problems.append(f"data.{key}={getattr(r.data, key)!r}: has no effect with data.batching=pack; remove it")
         if "train.micro_batch_tokens" in set_keys:
             problems.append("train.micro_batch_tokens: has no effect with data.batching=pack (use train.grad_accum)")
+    p = r.parallel
+    if "parallel.sp_inner" in set_keys and p.attention not in ("hybrid", "auto"):
+        problems.append(f"parallel.sp_inner={p.sp_inner!r}: has no effect with parallel.attention={p.attention!r} "
+                        "(only with hybrid, or auto's hybrid candidate); remove it")
+    if "parallel.hybrid_outer" in set_keys and p.attention != "hybrid":
+        problems.append(f"parallel.hybrid_outer={p.hybrid_outer!r}: has no effect with parallel.attention="
+                        f"{p.attention!r} (only with hybrid; auto picks the outer schedule itself); remove it")
     for key, rope_types in _ROPE_ONLY.items():
         if f"model.rope.{key}" in set_keys and r.model.rope.type not in rope_types:
             problems.append(f"model.rope.{key}={getattr(r.model.rope, key)!r}: has no effect with "
@@ -384,9 +403,13 @@ def _no_effect(r: Recipe, problems: list[str], set_keys: set[str]) -> None:
 
 
 def _cross_checks(r: Recipe, problems: list[str]) -> None:
-    sp = r.parallel.sp_degree
-    if sp & (sp - 1):
-        problems.append(f"parallel.sp_degree={sp}: must be a power of two (zigzag layout, per-bucket sub-groups)")
+    p = r.parallel
+    if isinstance(p.sp_inner, int) and p.attention in ("hybrid", "auto") and p.sp_degree % p.sp_inner:
+        problems.append(f"parallel.sp_inner={p.sp_inner}: must divide parallel.sp_degree={p.sp_degree} "
+                        f"(one of {[d for d in range(1, p.sp_degree + 1) if p.sp_degree % d == 0]}), or auto")
+    if p.attention == "hybrid" and p.sp_degree == 1:
+        problems.append("parallel.attention='hybrid': needs parallel.sp_degree >= 2 (Ulysses inside a node x a "
+                        "ring across nodes); at sp_degree 1 attention is local")
     if r.model.path is None and not r.model.config:
         problems.append("model.config: a random-init model (model.path=null) needs its architecture here")
     if r.model.path is None and r.model.tokenizer == "auto":

@@ -138,6 +138,33 @@ def test_per_bucket_sp_degree_and_row_groups():
         assert len(shards) == 2 * 4 // sp_eff and len(rows) == len(set(rows)) == 2048 // L
 
 
+@pytest.mark.parametrize("sp", [3, 6])
+def test_any_sp_degree_runs_buckets_at_divisors(sp):
+    """sp need not be a power of two: a bucket runs at the largest divisor of sp that leaves each
+    rank min_tokens_per_sp_rank tokens (6 -> 3 or 2, never 4 or 5), and the row groups of every
+    rank together take each row of the step exactly once."""
+    assert sp_for_length(1024, 6, 64) == 6
+    assert sp_for_length(128, 6, 32) == 3  # 128 // 6 = 21 < 32; 128 // 3 = 42
+    assert sp_for_length(100, 6, 40) == 2  # 100 // 3 = 33 < 40; 100 // 2 = 50
+    assert sp_for_length(64, 3, 32) == 1 and sp_for_length(96, 3, 32) == 3
+    s = CurriculumSampler({32: 96, 64: 48, 128: 24}, tokens_per_step=128 * 2 * sp, schedule="natural", world=2,
+                          sp=sp, min_tokens_per_sp_rank=32, seed=0)
+    seen = set()
+    for step in range(s.steps_per_epoch):
+        L, _, sp_eff = s.batch_at(step, dp_rank=0, sp_rank=0)
+        assert sp % sp_eff == 0 and sp_eff == sp_for_length(L, sp, 32)
+        seen.add(sp_eff)
+        shards = {}
+        for dp in range(2):
+            for sp_rank in range(sp):
+                group = row_group(dp, sp_rank, sp, sp_eff)
+                rows = tuple(s.batch_at(step, dp, sp_rank)[1])
+                assert shards.setdefault(group, rows) == rows  # one sub-group, the same rows
+        rows = [r for shard in shards.values() for r in shard]
+        assert len(shards) == 2 * sp // sp_eff and len(rows) == len(set(rows)) == s.tokens_per_step // L
+    assert len(seen) > 1  # short buckets did run at a smaller degree
+
+
 def test_attention_flops_of_decomposition_vs_concat():
     store = _store([1000] * 8)
     b = decompose(store.offsets[:-1], store.offsets[1:], 16, 1024)

@@ -133,3 +133,45 @@ def test_readme_export_example_names_the_checkpoint_the_quickstart_writes(repo):
     steps = schema.load(repo / "recipes" / "quickstart.yaml").train.max_steps
     named = re.findall(r"runs/quickstart/checkpoints/step-(\d+)", (repo / "README.md").read_text())
     assert named and all(int(n) == steps for n in named), (named, steps)
+
+
+def test_sequence_parallel_keys_any_degree_and_hybrid(tmp_path):
+    """Any sp degree; hybrid's sp_inner divides it; the machine keys replace the old link names."""
+    r = _load(tmp_path, "parallel:\n  sp_degree: 6\n  attention: hybrid\n  sp_inner: 3\n  hybrid_outer: token_ring\n"
+              "  link: nvswitch\n  inter_node_gbps: 200\n  attention_tflops: 400\n")
+    p = r.parallel
+    assert (p.sp_degree, p.sp_inner, p.hybrid_outer, p.link, p.inter_node_gbps, p.attention_tflops) == (
+        6, 3, "token_ring", "nvswitch", 200.0, 400.0)
+    d = schema.load(None).parallel
+    assert (d.attention, d.sp_inner, d.hybrid_outer, d.link, d.inter_node_gbps, d.attention_tflops) == (
+        "auto", "auto", "auto", "auto", 400.0, "auto")
+    assert _load(tmp_path, "parallel:\n  sp_degree: 3\n  attention: allgather_kv\n").parallel.sp_degree == 3
+    with pytest.raises(RecipeError, match=r"^parallel\.sp_inner=4: must divide parallel\.sp_degree=6 \(one of \[1, 2, 3, 6\]\)"):
+        _load(tmp_path, "parallel:\n  sp_degree: 6\n  attention: hybrid\n  sp_inner: 4\n")
+    with pytest.raises(RecipeError, match=r"^parallel\.sp_inner=2: has no effect with parallel\.attention='ulysses'"):
+        _load(tmp_path, "parallel:\n  sp_degree: 4\n  attention: ulysses\n  sp_inner: 2\n")
+    with pytest.raises(RecipeError, match=r"^parallel\.hybrid_outer='ring': has no effect with parallel\.attention='auto'"):
+        _load(tmp_path, "parallel:\n  sp_degree: 4\n  hybrid_outer: ring\n")
+    with pytest.raises(RecipeError, match=r"^parallel\.attention='hybrid': needs parallel\.sp_degree >= 2"):
+        _load(tmp_path, "parallel:\n  attention: hybrid\n")
+    with pytest.raises(RecipeError, match=r"^parallel\.link='infiniband': expected one of 'auto', 'cpu_gloo', 'nvswitch', "
+                                          r"'nvlink_mesh', 'pcie'$"):
+        _load(tmp_path, "parallel:\n  link: infiniband\n")
+
+
+def test_head_counts_are_checked_once_the_model_is_known(tmp_path):
+    """hybrid's sp_inner and Ulysses' sp degrees must divide the query heads, known only once the
+    model is: an error naming the key and what would do, before any step runs."""
+    import torch
+    from longctx.models.config import ModelConfig
+    from longctx.parallel.mesh import Mesh
+    from longctx.train.build import sequence_parallel_attention
+
+    r = _load(tmp_path, "parallel:\n  sp_degree: 4\n  attention: hybrid\n  sp_inner: 4\n  attention_tflops: 1\n")
+    mesh = Mesh(0, 4, 0, 1, None, torch.device("cpu"), sp_rank=0, sp_world=4)
+    cfg = ModelConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_layers=1, num_heads=6, num_kv_heads=2)
+    with pytest.raises(RecipeError, match=r"parallel\.sp_inner=4: must divide the model's query heads \(6\).*\[1, 2\]"):
+        sequence_parallel_attention(r, mesh, cfg)
+    ulysses = _load(tmp_path, "parallel:\n  sp_degree: 4\n  attention: ulysses\n")
+    with pytest.raises(RecipeError, match=r"parallel\.attention='ulysses': shards the 6 query heads .*\[2, 4\]"):
+        sequence_parallel_attention(ulysses, mesh, cfg)

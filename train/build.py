@@ -39,6 +39,7 @@ from ..models.llama import CausalLM
 from ..parallel import mesh as mesh_lib
 from ..parallel import sharding
 from ..parallel.attention import SequenceParallelAttention
+from ..parallel.topology import machine_for_run
 from ..recipes.schema import Recipe, RecipeError, check_world
 from . import checkpoint as ckpt
 from .optim import build_optimizer, build_scheduler
@@ -167,11 +168,7 @@ def build_model(recipe: Recipe, mesh: mesh_lib.Mesh) -> tuple[CausalLM, Path | N
     attention = LocalAttention(kernel)
     sp_attention = None
     if mesh.sp_world > 1:
-        sp_attention = SequenceParallelAttention(
-            recipe.parallel.attention, mesh.sp_groups, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-            2 if recipe.run.dtype == "bf16" else 4, recipe.parallel.link, log_choices=mesh.is_main, kernel=kernel,
-        )
-        attention = sp_attention
+        sp_attention = attention = sequence_parallel_attention(recipe, mesh, cfg)
     model = CausalLM(cfg, attention=attention, loss=loss)
     if model_dir is None:
         model.init_weights(recipe.run.seed)
@@ -188,6 +185,35 @@ def build_model(recipe: Recipe, mesh: mesh_lib.Mesh) -> tuple[CausalLM, Path | N
         except sharding.ShardingError as e:
             raise RecipeError(str(e)) from None
     return model, model_dir, sp_attention
+
+
+def sequence_parallel_attention(recipe: Recipe, mesh: mesh_lib.Mesh, cfg: ModelConfig) -> SequenceParallelAttention:
+    """parallel.attention over the mesh's sp sub-groups. `auto` and hybrid choose with the cost
+    model on the run's machine (parallel/topology.py: detected or measured once, then rank 0's
+    figures everywhere, so every rank makes the same choice); hybrid (and auto's hybrid candidate)
+    also fixes sp_inner from the query heads and makes its groups (collective, every rank)."""
+    p = recipe.parallel
+    degrees = [d for d in mesh_lib.divisors(mesh.sp_world) if d > 1]  # what a bucket may run at
+    if p.attention == "ulysses" and any(cfg.num_heads % d for d in degrees):
+        raise RecipeError(f"parallel.attention='ulysses': shards the {cfg.num_heads} query heads over every sp degree a "
+                          f"bucket may run at ({degrees}, the divisors of parallel.sp_degree={mesh.sp_world}), and "
+                          "they do not all divide them; use hybrid, a ring schedule or auto")
+    machine, sp_inner = None, 1
+    if p.attention in ("auto", "hybrid"):
+        machine = machine_for_run(p, mesh.device, _attention_dtype(recipe))
+        if mesh.is_main:
+            log.info("attention cost model machine: %s", machine.name)
+        sp_inner = mesh_lib.resolve_sp_inner(p.sp_inner, mesh.sp_world, cfg.num_heads, machine.ranks_per_node)
+        if cfg.num_heads % sp_inner:
+            raise RecipeError(f"parallel.sp_inner={sp_inner}: must divide the model's query heads ({cfg.num_heads}): "
+                              "Ulysses shards heads over the inner ranks; use auto or one of "
+                              f"{[d for d in mesh_lib.divisors(mesh.sp_world) if cfg.num_heads % d == 0]}")
+        mesh_lib.add_hybrid_groups(mesh, sp_inner)
+    return SequenceParallelAttention(
+        p.attention, mesh.sp_groups, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+        2 if recipe.run.dtype == "bf16" else 4, machine, log_choices=mesh.is_main, kernel=p.attention_kernel,
+        hybrid_groups=mesh.hybrid_groups, sp_inner=sp_inner, hybrid_outer=p.hybrid_outer,
+    )
 
 
 def _attention_dtype(recipe: Recipe) -> torch.dtype:
@@ -425,7 +451,8 @@ def build(recipe: Recipe) -> Run:
     settle_run_folder(run, folder)
     run.describe = {
         "device": str(mesh.device), "world": mesh.world, "dp": mesh.dp_world,
-        "attention": "sdpa (local, sp=1)" if mesh.sp_world == 1 else f"{recipe.parallel.attention} (sp={mesh.sp_world})",
+        "attention": "sdpa (local, sp=1)" if mesh.sp_world == 1 else f"{recipe.parallel.attention} (sp={mesh.sp_world}"
+        + (f", sp_inner {sp_attention.sp_inner}" if recipe.parallel.attention == "hybrid" else "") + ")",
         "attention_kernel": attention_kernel_name(recipe, mesh.device, model.config.head_dim, mesh.sp_world),
         "loss_impl": resolve_impl(recipe.loss.impl, mesh.device),
         "memory": recipe.memory.policy if recipe.memory.policy != "memo" else

@@ -86,7 +86,7 @@ def _shard(run: Run, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | 
     if run.sp_attention is None:
         return inputs, labels, None, None
     seq_len = layout.padded_length(inputs.shape[1], sp)
-    run.sp_attention.set_step(sp, seq_len)
+    run.sp_attention.set_step(sp, seq_len, rows=inputs.shape[0])  # the same key on every rank of the sub-group
     if sp == 1:
         return inputs, labels, None, None
     inputs, positions, labels = layout.split_batch(inputs, labels, run.mesh.sp_rank % sp, sp, run.pad_id)
@@ -124,7 +124,9 @@ def memory_metrics(model) -> dict:
 
 def train_step(run: Run, step: int) -> dict:
     r, mesh, model = run.recipe, run.mesh, run.model
-    inputs, labels, positions, seq_len = _shard(run, run.data.step_batch(step))
+    batch = run.data.step_batch(step)
+    length = len(batch[0][0])  # the bucket's row length, before any padding for the sp layout
+    inputs, labels, positions, seq_len = _shard(run, batch)
     valid = all_reduce_sum(torch.tensor([(labels != IGNORE_INDEX).sum().item()], dtype=torch.float64), mesh.grad_group)
     global_valid = valid.item()
     loss_sum = torch.zeros((), dtype=torch.float64)
@@ -147,7 +149,7 @@ def train_step(run: Run, step: int) -> dict:
             f"Lower train.lr or check the data; resume from the last checkpoint in {run.run_dir / 'checkpoints'}"
         )
     if run.engine is not None:
-        return _deepspeed_step(run, step, mean_loss, global_valid, seq_len, inputs)
+        return _deepspeed_step(run, step, mean_loss, global_valid, length, inputs)
     if r.parallel.sharding == "none":  # FSDP2 reduce-scattered them in backward
         all_reduce_gradients(model.parameters(), mesh.grad_group)
     grad_norm = clip_grad_norm(model.parameters(), r.train.clip_grad_norm)
@@ -158,10 +160,10 @@ def train_step(run: Run, step: int) -> dict:
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return _step_record(run, mean_loss, grad_norm.item(), lr, global_valid, seq_len, inputs)
+    return _step_record(run, mean_loss, grad_norm.item(), lr, global_valid, length, inputs)
 
 
-def _deepspeed_step(run: Run, step: int, mean_loss: float, global_valid: float, seq_len, inputs) -> dict:
+def _deepspeed_step(run: Run, step: int, mean_loss: float, global_valid: float, length: int, inputs) -> dict:
     """engine.step clips (gradient_clipping), steps ZeRO's optimizer and zeroes the gradients."""
     lr = run.optimizer.param_groups[0]["lr"]
     run.engine.step()
@@ -170,30 +172,37 @@ def _deepspeed_step(run: Run, step: int, mean_loss: float, global_valid: float, 
     if not math.isfinite(grad_norm):
         raise NonFiniteLossError(f"step {step + 1}: gradient norm is {grad_norm}; DeepSpeed skipped the step")
     run.scheduler.step()
-    return _step_record(run, mean_loss, grad_norm, lr, global_valid, seq_len, inputs)
+    return _step_record(run, mean_loss, grad_norm, lr, global_valid, length, inputs)
 
 
-def _step_record(run: Run, mean_loss: float, grad_norm: float, lr: float, global_valid: float, seq_len, inputs) -> dict:
+def _step_record(run: Run, mean_loss: float, grad_norm: float, lr: float, global_valid: float, length: int,
+                 inputs) -> dict:
     mesh = run.mesh
-    out = {"loss": mean_loss, "grad_norm": grad_norm, "lr": lr, "step_tokens": int(global_valid),
-           "seq_len": int(seq_len or inputs.shape[1]),
+    out = {"loss": mean_loss, "grad_norm": grad_norm, "lr": lr, "step_tokens": int(global_valid), "seq_len": int(length),
            "rows": int(inputs.shape[0]) * mesh.world // (run.sp_attention.sp if run.sp_attention else 1)}
-    if run.sp_attention is not None:
-        out["sp_degree"], out["attention"] = run.sp_attention.sp, run.sp_attention.name
+    attention = run.sp_attention
+    if attention is not None:
+        out["sp_degree"], out["attention"] = attention.sp, attention.name
+        if attention.name == "hybrid":
+            out["attention_outer"], out["sp_inner"] = attention.plan.outer, attention.plan.sp_inner
         out.update(communicator_stats(run))
     return out
 
 
 def communicator_stats(run: Run) -> dict:
-    """Bytes this rank sent for attention in the step (then reset), for metrics."""
-    group = run.mesh.sp_groups.get(run.sp_attention.sp)
-    if group is None:
+    """Bytes this rank sent for attention in the step (then reset), for metrics; hybrid sums its
+    inner (Ulysses) and outer groups and reports the busiest peer of either."""
+    groups = run.sp_attention.process_groups()
+    if not groups:
         return {}
-    comm = communicator(group)
-    stats = comm.stats()
-    comm.reset()
-    return {"attention_bytes_sent": stats["bytes_sent"],
-            "attention_max_bytes_per_link_direction": stats["max_bytes_per_link_direction"]}
+    sent, busiest = 0, 0
+    for group in groups:
+        comm = communicator(group)
+        stats = comm.stats()
+        comm.reset()
+        sent += stats["bytes_sent"]
+        busiest = max(busiest, stats["max_bytes_per_pair_direction"])
+    return {"attention_bytes_sent": sent, "attention_max_bytes_per_pair_direction": busiest}
 
 
 @torch.no_grad()
@@ -296,8 +305,9 @@ def train(run: Run) -> dict:
                 "step_seconds": seconds, "peak_memory_bytes": peak_memory_bytes(mesh.device),
                 "seq_len": out["seq_len"], "rows": out["rows"],
             }
-            record.update({k: out[k] for k in ("sp_degree", "attention", "attention_bytes_sent",
-                                               "attention_max_bytes_per_link_direction") if k in out})
+            record.update({k: out[k] for k in ("sp_degree", "attention", "attention_outer", "sp_inner",
+                                               "attention_bytes_sent", "attention_max_bytes_per_pair_direction")
+                           if k in out})
             record.update(memory_metrics(run.model))
             if not history:  # the first record of this run names the kernels that ran
                 record.update({k: v for k, v in (run.describe or {}).items() if k in ("attention_kernel", "loss_impl")})
