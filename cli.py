@@ -167,7 +167,7 @@ def _plan_attention(args, par, shape, report: dict, tflops: float | None, autoca
     sp_inner = getattr(par, "sp_inner", "auto")
     machine = make_machine(link, report["gpus_per_node"], gbps, tflops=tflops)
     return attention_plan(shape, report["seq_len"], report["sp_degree"], machine, 2 if autocast else 4,
-                          sp_inner=None if sp_inner == "auto" else int(sp_inner))
+                          sp_inner=None if sp_inner == "auto" else int(sp_inner), memo=report["policy"] != "none")
 
 
 def _train(args) -> int:

@@ -29,6 +29,7 @@ import platform
 import socket
 import statistics
 import time
+from queue import Empty
 from types import SimpleNamespace
 
 import torch
@@ -62,21 +63,19 @@ def _worker(rank, world, port, seq_len, repeats, threads, inner, queue):
                       LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        queue.put((rank, pickle.dumps(_measure(rank, world, seq_len, repeats, inner))))
+    finally:
+        dist.destroy_process_group()
+
+
+def _measure(rank, world, seq_len, repeats, inner):
     from longctx.parallel import layout, topology
     from longctx.parallel.attention import SCHEDULE_FUNCTIONS
-    from longctx.parallel.hybrid import HybridGroup
+    from longctx.parallel.hybrid import HybridGroup, make_groups
     from longctx.parallel.p2p import communicator
 
-    inner_group = outer_group = None
-    if 1 < inner < world:
-        for j in range(world // inner):  # every rank creates every group, in the same order
-            g = dist.new_group(list(range(j * inner, (j + 1) * inner)))
-            if rank // inner == j:
-                inner_group = g
-        for i in range(inner):
-            g = dist.new_group(list(range(i, world, inner)))
-            if rank % inner == i:
-                outer_group = g
+    hybrid_group = make_groups(list(range(world)), inner) if 1 < inner < world and world % inner == 0 else None
     recipe = SimpleNamespace(link="cpu_gloo", inter_node_gbps=400.0, attention_tflops="auto", sp_inner=inner)
     machine = topology.machine_for_run(recipe, torch.device("cpu"), torch.float32)
 
@@ -93,8 +92,8 @@ def _worker(rank, world, port, seq_len, repeats, threads, inner, queue):
                 continue
             if variant.startswith("hybrid/"):
                 fn = SCHEDULE_FUNCTIONS["hybrid"]
-                group = HybridGroup(inner_group, outer_group, variant.split("/")[1])
-                comms = [communicator(inner_group), communicator(outer_group)]
+                group = HybridGroup(hybrid_group.inner, hybrid_group.outer, variant.split("/")[1])
+                comms = [communicator(hybrid_group.inner), communicator(hybrid_group.outer)]
             else:
                 fn, group = SCHEDULE_FUNCTIONS[variant], dist.group.WORLD
                 comms = [communicator(group)]
@@ -115,8 +114,7 @@ def _worker(rank, world, port, seq_len, repeats, threads, inner, queue):
             pair = max(c.stats()["max_bytes_per_pair_direction"] for c in comms)
             rows.append({"config": name, "schedule": variant, "fwd_bwd_seconds": statistics.median(times),
                          "bytes_sent_per_rank": sent, "max_bytes_per_pair_direction": pair})
-    queue.put((rank, pickle.dumps((rows, machine))))
-    dist.destroy_process_group()
+    return rows, machine
 
 
 def _model(variant: str, shape, machine, inner: int) -> float:
@@ -156,8 +154,16 @@ def main(argv=None) -> int:
     for proc in procs:
         proc.start()
     per_rank = {}
-    for _ in procs:
-        rank, payload = queue.get(timeout=7200)
+    while len(per_rank) < len(procs):
+        try:
+            rank, payload = queue.get(timeout=10)
+        except Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead:  # a rank died (its traceback is above): the others wait on it forever
+                for p in procs:
+                    p.kill()
+                raise SystemExit(f"a rank exited with status {dead[0]}") from None
+            continue
         per_rank[rank] = pickle.loads(payload)
     for proc in procs:
         proc.join()

@@ -57,7 +57,8 @@ class SequenceParallelAttention:
 
     def __init__(self, schedule: str, groups: dict, heads_q: int, heads_kv: int, head_dim: int,
                  dtype_bytes: int, machine=None, log_choices: bool = True, kernel: str = "auto",
-                 hybrid_groups: dict | None = None, sp_inner: int = 1, hybrid_outer: str = "auto") -> None:
+                 hybrid_groups: dict | None = None, sp_inner: int = 1, hybrid_outer: str = "auto",
+                 kept: bool = False) -> None:
         if schedule != "auto" and schedule not in SCHEDULE_FUNCTIONS:
             raise ValueError(f"parallel.attention={schedule!r}: expected auto or one of {sorted(SCHEDULE_FUNCTIONS)}")
         if hybrid_outer != "auto" and hybrid_outer not in OUTER_SCHEDULES:
@@ -69,6 +70,7 @@ class SequenceParallelAttention:
         self.schedule, self.groups, self.machine = schedule, groups, machine
         self.hybrid_groups, self.sp_inner, self.hybrid_outer = hybrid_groups or {}, sp_inner, hybrid_outer
         self.heads = (heads_q, heads_kv, head_dim, dtype_bytes)
+        self.kept = kept  # memory.policy keeps (out, lse) and calls forward_lse/backward_lse: priced as such
         self.log_choices = log_choices
         self.kernel, self.local = kernel, LocalAttention(kernel)  # the block kernel every schedule runs
         self.sp, self.name, self.plan = 1, "local", None
@@ -93,7 +95,7 @@ class SequenceParallelAttention:
 
     def _shape(self, sp: int, seq_len: int, rows: int) -> Shape:
         hq, hkv, d, b = self.heads
-        return Shape(seq_len, hq, hkv, d, sp, b, batch=rows)
+        return Shape(seq_len, hq, hkv, d, sp, b, batch=rows, memo=self.kept)
 
     def _make_plan(self, sp: int, seq_len: int, rows: int) -> Plan:
         u = inner_degree(self.sp_inner, sp)

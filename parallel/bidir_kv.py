@@ -93,8 +93,10 @@ def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "a
             if step > 1 else []
         sends = [(t, peer) for pk, pv, peer in returns for t in (pk, pv)]
         recvs = [(t, peer) for pk, pv, peer in inbound for t in (pk, pv)]
-        ret_pending = comm.exchange(sends, recvs, channel="return", what=f"partial {step - 1}") if sends else None
+        # the next blocks first: on NCCL the return channel runs in order, so the counter-clockwise
+        # block the next step computes with goes ahead of the partials, needed only at the step's end
         pending = _post_blocks(comm, step + 1, P, cw, ccw) if step < _steps(P) else None
+        ret_pending = comm.exchange(sends, recvs, channel="return", what=f"partial {step - 1}") if sends else None
         blocks = [cw] if step == 0 else [cw] + ([ccw] if ccw is not None else [])
         returns = []
         with compute(f"step {step}"):

@@ -10,11 +10,12 @@ check). n = seq_len/P tokens per rank, b bytes per element, B rows; q = B n Hq d
   ring         fwd (P-1) kv                      bwd (P-1) kv + P dkv32 (the accumulator rides the ring home)
   bidir_kv     fwd (P-1) kv (both directions)    bwd (P-1) kv + (P-1) dkv32 (partials straight to their owners)
   token_ring   fwd 0.75 (P-1) (q + q + lse)      bwd 0.75 (P-1) (2q + 2lse + dq32)
-               (query bundle one way, partial out+lse or dQ back; zigzag: a travelling block is full for
+               (query bundle one way: q, or q, dO, s = D/|dO|^2 and lse; partial out+lse or dQ back; zigzag: a travelling block is full for
                half the (rank, step) pairs and half size for the rest, 0.75 on average)
   allgather_kv fwd (P-1) kv                      bwd (P-1) kv + (P-1) dkv32 (all-gather again, reduce-scatter)
   ulysses      fwd (P-1)/P (q + kv' + q)         bwd (P-1)/P (q + q + kv')   all-to-alls; kv' = kv with
-               Hkv replaced by Hq when Hkv % P (K/V heads repeated)
+               Hkv replaced by Hq when Hkv % P (K/V heads repeated); under MEMO (Shape.memo) the
+               backward scatters q, k, v, out and dO again: bwd (P-1)/P (3q + kv' + q + kv')
   hybrid       Ulysses' all-to-alls over u = sp_inner consecutive ranks (inner_*), then the outer schedule
                over r = P/u ranks on seq_len tokens with Hq/u and Hkv/u heads (Hq/u when Hkv % u) (outer_*)
 
@@ -46,7 +47,7 @@ SCHEDULES = ("token_ring", "ring", "bidir_kv", "allgather_kv", "ulysses", "hybri
 OUTER = ("token_ring", "ring", "bidir_kv", "allgather_kv")
 BACKWARD_FLOPS = 2.5  # FlashAttention-2 backward: 5 matmuls (one recomputes P) to the forward's 2
 # Passes over an fp32 buffer (read or write, each counted) of the elementwise work between kernels
-MERGE_PASSES = 6  # merge (out, lse) <- partial: read the accumulator, cast the partial, two products, a sum
+MERGE_PASSES = 5  # merge_into (out, lse) <- partial, in place: out *= w (read, write), out += part * w' (read both, write)
 ADD_PASSES = 3  # acc += part: read both, write one
 
 
@@ -59,6 +60,11 @@ class Shape:
     sp: int
     dtype_bytes: int = 2
     batch: int = 1
+    # memory.policy full or memo keeps (out, lse) and runs the schedule's own backward
+    # (memory/offload.py; "memo" here for short): for Ulysses
+    # (and hybrid's inner part) that scatters q, k, v, out and dO to heads again, where autograd
+    # kept the head-layout tensors and scatters only dO
+    memo: bool = False
 
 
 @dataclass(frozen=True)
@@ -134,14 +140,17 @@ def bytes_moved(schedule: str, shape: Shape, sp_inner: int | None = None, outer:
     elif schedule == "token_ring":
         hops = 0.75 * (P - 1)
         fwd = {"q": hops * z.q, "out_lse": hops * (z.q + z.lse)}
-        bwd = {"q_dout_delta_lse": hops * (2 * z.q + 2 * z.lse), "dq_fp32": hops * z.dq32}
+        bwd = {"q_dout_scale_lse": hops * (2 * z.q + 2 * z.lse), "dq_fp32": hops * z.dq32}
     elif schedule == "allgather_kv":
         fwd = {"all_gather_kv": (P - 1) * z.kv}
         bwd = {"all_gather_kv": (P - 1) * z.kv, "reduce_scatter_dkv_fp32": (P - 1) * z.dkv32}
     elif schedule == "ulysses":
         share, kv = (P - 1) / P, _Sizes.of(shape, _a2a_kv_heads(shape, P)).kv
         fwd = {"a2a_qkv": share * (z.q + kv), "a2a_out": share * z.q}
-        bwd = {"a2a_dout": share * z.q, "a2a_dqkv": share * (z.q + kv)}
+        if shape.memo:
+            bwd = {"a2a_qkv_out_dout": share * (3 * z.q + kv), "a2a_dqkv": share * (z.q + kv)}
+        else:
+            bwd = {"a2a_dout": share * z.q, "a2a_dqkv": share * (z.q + kv)}
     else:  # hybrid
         if outer not in OUTER:
             raise ValueError(f"hybrid needs an outer schedule among {OUTER}, got {outer!r}")
@@ -177,8 +186,8 @@ def _step_compute(s: Shape, m: Machine, fwd_passes: float, bwd_passes: float) ->
 
 def _ring_steps(s, m, groups):
     P, z = s.sp, _Sizes.of(s)
-    # bwd: dQ += the block's; the travelling dK/dV accumulator zeroed, the block's and the received added
-    cf, cb = _step_compute(s, m, MERGE_PASSES * z.dq32, ADD_PASSES * z.dq32 + (1 + 2 * ADD_PASSES) * z.dkv32)
+    # bwd: dQ += the block's; the block's dK/dV added into the received accumulator
+    cf, cb = _step_compute(s, m, MERGE_PASSES * z.dq32, ADD_PASSES * z.dq32 + ADD_PASSES * z.dkv32)
     kv, acc = _ring_flows(groups, z.kv), _ring_flows(groups, z.dkv32)
     fwd = [(P - 1, cf, kv), (1, cf, [])]
     # bwd step t: next K/V and step t-1's accumulator in flight; the last accumulator goes home exposed
@@ -214,8 +223,8 @@ def _token_ring_steps(s, m, groups):
     P, n = s.sp, s.batch * s.seq_len / s.sp
     hq, d, b = s.heads_q, s.head_dim, s.dtype_bytes
     z = _Sizes.of(s)
-    # bwd: the returned dQ added, the block's dK/dV added locally, O' rebuilt from dO and D (~6 passes of dO)
-    cf, cb = _step_compute(s, m, MERGE_PASSES * z.dq32, ADD_PASSES * (z.dq32 + z.dkv32) + 6 * z.q)
+    # bwd: the returned dQ added, the block's dK/dV added locally, O' = s * dO rebuilt (read dO, write O')
+    cf, cb = _step_compute(s, m, MERGE_PASSES * z.dq32, ADD_PASSES * (z.dq32 + z.dkv32) + 2 * z.q)
     per_row = {"fwd": (hq * d * b, hq * d * b + hq * 4), "bwd": (2 * hq * d * b + 2 * hq * 4, hq * d * 4)}
 
     def travel(t, row_bytes):
@@ -244,8 +253,11 @@ def _allgather_steps(s, m, groups):
     # whole sequence's fp32 dK/dV zeroed, added to, split into pieces, received and summed
     copies, merges, adds = 3 * P * z.kv, MERGE_PASSES * z.dq32, 2 * ADD_PASSES * z.dq32
     fwd = [gather, (1, f + (copies + merges) / m.memory_bandwidth, [])]
-    bwd = [gather, (1, b + (copies + adds + 8 * P * z.dkv32) / m.memory_bandwidth, []),
-           (P - 1, 0.0, _ring_flows(groups, z.dkv32))]  # reduce-scatter of the fp32 dK/dV
+    if m.intra.name == "cpu_gloo":  # gloo has no reduce-scatter: one all-to-all of the pieces, a local sum
+        scatter = [(1, 0.0, _a2a_flows(groups, z.dkv32))]
+    else:  # NCCL's reduce-scatter: a ring of P-1 hops
+        scatter = [(P - 1, 0.0, _ring_flows(groups, z.dkv32))]
+    bwd = [gather, (1, b + (copies + adds + 8 * P * z.dkv32) / m.memory_bandwidth, [])] + scatter
     return fwd, bwd
 
 
@@ -259,8 +271,14 @@ def _ulysses_steps(s, m, groups):
     z, kv = _Sizes.of(s), _Sizes.of(s, _a2a_kv_heads(s, s.sp)).kv
     f, b = _layer_compute(s, m)  # one kernel on Hq/P heads of the whole sequence, nothing to merge
     fwd = _a2a_steps(s, m, groups, [z.q, kv / 2, kv / 2]) + [(1, f, [])] + _a2a_steps(s, m, groups, [z.q])
-    bwd = _a2a_steps(s, m, groups, [z.q]) + [(1, b, [])] + _a2a_steps(s, m, groups, [z.q, kv / 2, kv / 2])
+    bwd = _a2a_steps(s, m, groups, _ulysses_bwd_in(s, z, kv)) + [(1, b, [])] \
+        + _a2a_steps(s, m, groups, [z.q, kv / 2, kv / 2])
     return fwd, bwd
+
+
+def _ulysses_bwd_in(s: Shape, z: _Sizes, kv: float) -> list[float]:
+    """What the backward scatters to heads first: dO (autograd), or q, k, v, out and dO (MEMO)."""
+    return [z.q, kv / 2, kv / 2, z.q, z.q] if s.memo else [z.q]
 
 
 def _hybrid_steps(s, m, ranks, u, outer):
@@ -271,7 +289,8 @@ def _hybrid_steps(s, m, ranks, u, outer):
     z, kv = _Sizes.of(inner), _Sizes.of(inner, _a2a_kv_heads(s, u)).kv
     o_fwd, o_bwd = _STEPS[outer](_outer_shape(s, u), m, outer_groups)
     fwd = _a2a_steps(inner, m, inner_groups, [z.q, kv / 2, kv / 2]) + o_fwd + _a2a_steps(inner, m, inner_groups, [z.q])
-    bwd = _a2a_steps(inner, m, inner_groups, [z.q]) + o_bwd + _a2a_steps(inner, m, inner_groups, [z.q, kv / 2, kv / 2])
+    bwd = _a2a_steps(inner, m, inner_groups, _ulysses_bwd_in(inner, z, kv)) + o_bwd \
+        + _a2a_steps(inner, m, inner_groups, [z.q, kv / 2, kv / 2])
     return fwd, bwd
 
 
@@ -296,9 +315,11 @@ def _run(steps, m: Machine) -> dict:
 
 # --- the estimate and the choice ---------------------------------------------------------------
 def default_sp_inner(shape: Shape, machine: Machine) -> int:
-    """The largest divisor of sp that is <= ranks per node and divides Hq (parallel/mesh.py)."""
-    return max(d for d in range(1, shape.sp + 1)
-               if shape.sp % d == 0 and d <= max(1, machine.ranks_per_node) and shape.heads_q % d == 0)
+    """The largest divisor of sp that divides the ranks per node and Hq (parallel/mesh.py
+    resolve_sp_inner: inner groups never straddle two nodes)."""
+    from .mesh import resolve_sp_inner
+
+    return resolve_sp_inner("auto", shape.sp, shape.heads_q, machine.ranks_per_node)
 
 
 def estimate(schedule: str, shape: Shape, machine: Machine, sp_inner: int | None = None, outer: str | None = None,

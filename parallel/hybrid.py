@@ -117,13 +117,17 @@ def make_groups(sp_ranks: list[int], inner: int, outer_schedule: str = "ring") -
         raise ValueError(f"sp degree {P} is not a multiple of the Ulysses (inner) degree {inner}")
     if list(sp_ranks) != sorted(sp_ranks):
         raise ValueError(f"sp ranks {sp_ranks} must ascend: a process group numbers its ranks in ascending order")
+    from .mesh import hybrid_layout  # the trainer's layout (mesh imports nothing of ours)
+    from .p2p import new_group
+
     u, r, me = inner, P // inner, dist.get_rank()
     groups = {"inner": None, "outer": None}
+    inner_sets, outer_sets = hybrid_layout(P, u)
     # u == 1 or r == 1 leaves that dimension without a group (nothing to talk to)
-    for role, members in (("inner", [sp_ranks[j * u:(j + 1) * u] for j in range(r)] if u > 1 else []),
-                          ("outer", [sp_ranks[i::u] for i in range(u)] if r > 1 else [])):
+    for role, members in (("inner", inner_sets if u > 1 else []), ("outer", outer_sets if r > 1 else [])):
         for ranks in members:
-            created = dist.new_group(ranks)
+            ranks = [sp_ranks[i] for i in ranks]
+            created = new_group(ranks, twin=role == "outer")  # the outer ring schedule has a return channel
             if me in ranks:
                 groups[role] = created
     return HybridGroup(groups["inner"], groups["outer"], outer_schedule) if me in sp_ranks else None

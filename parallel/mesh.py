@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from . import p2p
+
 
 class MeshError(ValueError):
     pass
@@ -95,7 +97,7 @@ def init(device: torch.device, backend: str = "auto", timeout_seconds: int = 600
         for size in sorted(divisors(sp), reverse=True):
             if size > 1:
                 for start in range(0, world, size):
-                    group = dist.new_group(list(range(start, start + size)))
+                    group = p2p.new_group(list(range(start, start + size)))  # with its return channel
                     if start <= rank < start + size:
                         sp_groups[size] = group
     return Mesh(rank, world, dp_rank, world // sp, dp_group, device, sp_rank, sp, sp_groups)
@@ -132,7 +134,7 @@ def add_hybrid_groups(mesh: Mesh, sp_inner: int) -> dict:
             for which, sets in enumerate((inner_sets, outer_sets)):
                 for ranks in sets:
                     members = [start + r for r in ranks]
-                    group = dist.new_group(members)
+                    group = p2p.new_group(members, twin=which == 1)  # the outer ring has a return channel
                     if mesh.rank in members:
                         found[which] = group
         mesh.hybrid_groups[size] = (found[0], found[1], u)
@@ -140,12 +142,12 @@ def add_hybrid_groups(mesh: Mesh, sp_inner: int) -> dict:
 
 
 def resolve_sp_inner(sp_inner: int | str, sp: int, heads_q: int, ranks_per_node: int) -> int:
-    """`parallel.sp_inner`: an explicit value as it is; auto = the largest divisor of sp that is
-    <= ranks per node (Ulysses' all-to-alls stay on the node's fast links) and divides the query
-    heads (Ulysses shards heads)."""
+    """`parallel.sp_inner`: an explicit value as it is; auto = the largest divisor of sp that
+    divides the ranks per node (so every inner group of consecutive ranks stays on one node, and
+    Ulysses' all-to-alls on its fast links) and the query heads (Ulysses shards heads)."""
     if sp_inner != "auto":
         return int(sp_inner)
-    return max(d for d in divisors(sp) if d <= max(1, ranks_per_node) and heads_q % d == 0)
+    return max(d for d in divisors(sp) if max(1, ranks_per_node) % d == 0 and heads_q % d == 0)
 
 
 def destroy() -> None:

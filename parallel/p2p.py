@@ -4,10 +4,13 @@ byte counters and an optional event trace.
 `exchange` posts all sends and receives of one ring step on one channel as one batch (torch's
 batch_isend_irecv), so transfers are in flight while the block of the current step computes;
 `Pending.wait` completes them. A schedule posts the transfer that feeds step s+1 *before* it
-computes step s and waits after (the order `tests/test_sp_overlap.py` checks from the trace).
+computes step s and waits after (the order `tests/test_sp_comm.py` checks from the trace).
 
 Channels: "ring" runs on the schedule's process group, "return" on a twin group over the same
-ranks, created once per group on first use. On NCCL the operations of one communicator run in
+ranks. `new_group` makes both together, collectively over the default group (every rank, the
+same ranks in the same order: parallel/mesh.py does it at start-up for every sp sub-group and
+hybrid's outer groups); only the world group's twin is made on first use, since every rank is a
+member of it and reaches that first use in the same schedule call. On NCCL the operations of one communicator run in
 order, so TokenRing's returning partials (or a ring's travelling dK/dV accumulator) on the ring
 channel would queue in front of the next block the compute waits on; on their own communicator
 both directions of the link carry traffic at once (as the TokenRing code does with its q and
@@ -32,6 +35,18 @@ import torch.distributed as dist
 CHANNELS = ("ring", "return")
 
 _trace: list[tuple] | None = None
+_TWINS: dict[int, dist.ProcessGroup] = {}  # id(group) -> its return-channel twin
+
+
+def new_group(ranks: list[int], twin: bool = True):
+    """dist.new_group(ranks) and, with `twin`, the twin its return channel runs on. Collective
+    over the default group: every rank calls it with the same arguments in the same order."""
+    group = dist.new_group(ranks)
+    if twin:
+        other = dist.new_group(ranks)
+        if dist.get_rank() in ranks:
+            _TWINS[id(group)] = other
+    return group
 _ids = itertools.count()
 
 
@@ -91,13 +106,17 @@ class Communicator:
         return dist.get_global_rank(self.group, group_rank)
 
     def channel_group(self, channel: str) -> dist.ProcessGroup:
-        """The process group of a channel; the return channel's twin is made on first use (every
-        member reaches it in the same schedule call, so a group-local creation is safe)."""
+        """The process group of a channel (module docstring)."""
         if channel not in CHANNELS:
             raise ValueError(f"channel={channel!r}: expected one of {CHANNELS}")
         if channel not in self._groups:
-            ranks = dist.get_process_group_ranks(self.group)
-            self._groups[channel] = dist.new_group(ranks, use_local_synchronization=True)
+            twin = _TWINS.get(id(self.group))
+            if twin is None and self.world == dist.get_world_size():  # the world: every rank is here
+                twin = dist.new_group(dist.get_process_group_ranks(self.group))
+            if twin is None:
+                raise RuntimeError("this sp group has no return channel: create it with parallel.p2p.new_group, "
+                                   "collectively on every rank, as parallel/mesh.py does")
+            self._groups[channel] = twin
         return self._groups[channel]
 
     def direction(self, peer: int) -> str:

@@ -172,15 +172,21 @@ def ranks_per_node_from_hosts(hosts: list) -> int:
     return math.gcd(*runs) if runs else 1
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 def intra_link_from_topo(text: str) -> str | None:
-    """`nvidia-smi topo -m` -> nvswitch when every GPU pair is NV# (NVLink, as through NVSwitch),
-    pcie when any pair goes over PIX/PXB/PHB/NODE/SYS, None when the matrix is not there."""
+    """`nvidia-smi topo -m` -> nvswitch when every GPU pair is NV# (NVLink: through NVSwitch, or a
+    direct all-pairs mesh, which the matrix cannot tell apart: set parallel.link=nvlink_mesh for
+    the latter), pcie when any pair goes over PIX/PXB/PHB/NODE/SYS, None when there is no matrix
+    of two or more GPUs. nvidia-smi underlines the header with terminal codes even into a pipe."""
     gpu = re.compile(r"GPU\d+$")
-    rows = [ln.split() for ln in text.splitlines() if ln.split() and gpu.match(ln.split()[0])]
-    if len(rows) < 2:  # the header (GPU0 GPU1 ... NIC0 CPU Affinity ...) and at least one GPU row
+    lines = [_ANSI.sub("", ln).split() for ln in text.splitlines()]
+    header = next((ln for ln in lines if len(ln) > 1 and gpu.match(ln[0]) and gpu.match(ln[1])), None)
+    if header is None:
         return None
-    header, cells = rows[0], rows[1:]
     columns = [i for i, word in enumerate(header) if gpu.match(word)]
+    cells = [ln for ln in lines if ln and gpu.match(ln[0]) and ln is not header]
     pairs = [row[1 + i] for row in cells for i in columns if 1 + i < len(row) and row[1 + i] != "X"]
     if not pairs:
         return None
@@ -209,6 +215,11 @@ def _world_group():
 
 def _collective_device(device: torch.device, group) -> torch.device:
     return device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+
+
+def ranks_per_node(device: torch.device) -> int:
+    """Ranks per node of this run (hostnames over the default group when there is one; collective)."""
+    return detect_ranks_per_node(device, _world_group())
 
 
 def detect_ranks_per_node(device: torch.device, group=None) -> int:
@@ -268,11 +279,21 @@ def measure_attention_flops(device: torch.device, dtype: torch.dtype, kernel: st
 
 
 def measure_memory_bandwidth(device: torch.device, group=None) -> float:
-    """Bytes/s of a copy (read + write) larger than the caches."""
-    n = (1 << 26) if device.type == "cuda" else (1 << 24)
-    src = torch.ones(n, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    return 2 * 4 * n / _timed(lambda: dst.copy_(src), device, 3, group)
+    """Bytes/s of the elementwise work between kernels, timed on what dominates it: an in-place
+    merge of a partial into fp32 accumulators (kernels.attention.merge_into) of calibration
+    size, counted as choose.MERGE_PASSES passes over the output (exp, casts and broadcasts
+    included, which a plain copy would not show)."""
+    from ..kernels.attention import merge_into
+    from .choose import MERGE_PASSES
+
+    S, H, d = CALIBRATION_SHAPE["cuda" if device.type == "cuda" else "cpu"]
+    S *= 4 if device.type == "cuda" else 2  # larger than the caches
+    g = torch.Generator(device=device).manual_seed(0)
+    out, part = (torch.randn(1, S, H, d, generator=g, device=device) for _ in range(2))
+    lse, part_lse = (torch.randn(1, H, S, generator=g, device=device) for _ in range(2))
+    merge_into(out, lse, part, part_lse)  # the first calls of these ops pay one-off set-up costs
+    seconds = _timed(lambda: merge_into(out, lse, part, part_lse), device, 5, group)
+    return MERGE_PASSES * out.numel() * 4 / seconds
 
 
 def measure_link(group, device: torch.device, nbytes: int = 1 << 22) -> tuple[float, float, float]:

@@ -317,7 +317,7 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
             continue
         ok, coerced = _coerce(value, hint)
         if not ok:
-            problems.append(f"{path}={value!r}: expected {_describe(hint)}")
+            problems.append(f"{path}={value!r}: expected {_describe(hint)}{_RENAMED.get((path, value), '')}")
             continue
         for bound, test, word in (("ge", lambda a, b: a >= b, ">="), ("gt", lambda a, b: a > b, ">"),
                                   ("le", lambda a, b: a <= b, "<="), ("lt", lambda a, b: a < b, "<")):
@@ -371,6 +371,14 @@ _DECOMPOSE_ONLY = ("min_len", "max_len", "tokens_per_step", "curriculum", "cycle
 _ROPE_ONLY = {"factor": ("linear", "dynamic", "yarn", "llama3"), "original_max_position_embeddings": ("yarn", "llama3"),
               "low_freq_factor": ("llama3",), "high_freq_factor": ("llama3",), "beta_fast": ("yarn",),
               "beta_slow": ("yarn",)}
+
+
+# values a recipe may still carry from before a rename: the error says what replaced them
+_RENAMED = {
+    ("parallel.link", "nvlink"): " (nvlink is now nvswitch for NVSwitch nodes, nvlink_mesh for direct NVLink meshes)",
+    ("parallel.link", "infiniband"): " (links between nodes are parallel.inter_node_gbps now; parallel.link is the "
+                                     "link inside a node)",
+}
 
 
 def _no_effect(r: Recipe, problems: list[str], set_keys: set[str]) -> None:

@@ -26,7 +26,7 @@ def test_bytes_moved_by_hand():
         "bidir_kv": ({"kv": 3 * 1024}, {"kv": 3 * 1024, "dkv_fp32": 3 * 2048}),
         # 3 hops at 0.75 of a full block: Q, then O + LSE back; bwd Q + dO + D + LSE, then fp32 dQ back
         "token_ring": ({"q": 2.25 * 1024, "out_lse": 2.25 * (1024 + 256)},
-                       {"q_dout_delta_lse": 2.25 * (2 * 1024 + 2 * 256), "dq_fp32": 2.25 * 2048}),
+                       {"q_dout_scale_lse": 2.25 * (2 * 1024 + 2 * 256), "dq_fp32": 2.25 * 2048}),
         "allgather_kv": ({"all_gather_kv": 3 * 1024}, {"all_gather_kv": 3 * 1024, "reduce_scatter_dkv_fp32": 3 * 2048}),
         # Hkv=2 does not split 4 ways: K/V repeated to 4 heads (2048 bytes); 3/4 of each tensor leaves
         "ulysses": ({"a2a_qkv": 0.75 * (1024 + 2048), "a2a_out": 0.75 * 1024},
@@ -45,6 +45,11 @@ def test_bytes_moved_by_hand():
                                         "outer_kv": 1024, "outer_dkv_fp32": 2 * 2048})
     with pytest.raises(ValueError, match="Hq 9 % sp 4"):
         bytes_moved("ulysses", Shape(64, 9, 3, 8, 4))
+    # memory.policy keeping (out, lse): Ulysses' own backward scatters q, k, v, out and dO again
+    # (the runtime count of that path is tests/test_sp_comm.py's hand count)
+    memo = bytes_moved("ulysses", Shape(64, 4, 2, 8, 4, 2, memo=True))
+    assert memo["bwd"] == pytest.approx({"a2a_qkv_out_dout": 0.75 * (3 * 1024 + 2048), "a2a_dqkv": 0.75 * (1024 + 2048)})
+    assert bytes_moved("ring", Shape(64, 4, 2, 8, 4, 2, memo=True)) == bytes_moved("ring", SMALL)  # one path only
 
 
 @pytest.mark.parametrize("P", [2, 3, 4, 8])
@@ -178,6 +183,11 @@ Legend:
     assert topology.intra_link_from_topo(nvswitch) == "nvswitch"
     assert topology.intra_link_from_topo(nvswitch.replace("NV18\t X \tNV18\tPXB", "PIX\t X \tNV18\tPXB")) == "pcie"
     assert topology.intra_link_from_topo("No devices were found") is None
+    # as printed: the header underlined with terminal codes; GPU0 NVLinked to all, GPU1-GPU2 over PCIe
+    raw = ("\x1b[4m\tGPU0\tGPU1\tGPU2\tCPU Affinity\tNUMA Affinity\x1b[0m\n"
+           "GPU0\t X \tNV4\tNV4\t0-55\t0\nGPU1\tNV4\t X \tPIX\t0-55\t0\nGPU2\tNV4\tPIX\t X \t0-55\t0\n")
+    assert topology.intra_link_from_topo(raw) == "pcie"
+    assert topology.intra_link_from_topo(raw.replace("PIX", "NV4")) == "nvswitch"
     assert topology.ranks_per_node_from_hosts(["a"] * 8 + ["b"] * 8) == 8
     assert topology.ranks_per_node_from_hosts(["a"] * 4) == 4
     assert topology.ranks_per_node_from_hosts(["a"] * 6 + ["b"] * 4) == 2  # uneven: blocks that stay on a node

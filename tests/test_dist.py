@@ -66,7 +66,10 @@ def test_hybrid_layout_and_inner_degree_for_any_sp():
     # auto: the largest divisor of sp within a node that divides the query heads
     assert mesh_lib.resolve_sp_inner("auto", 8, heads_q=32, ranks_per_node=8) == 8
     assert mesh_lib.resolve_sp_inner("auto", 16, heads_q=32, ranks_per_node=8) == 8
-    assert mesh_lib.resolve_sp_inner("auto", 6, heads_q=9, ranks_per_node=8) == 3
+    assert mesh_lib.resolve_sp_inner("auto", 6, heads_q=9, ranks_per_node=9) == 3
+    # 3 consecutive ranks would straddle two 8-GPU nodes (e.g. ranks 6-8): inner groups stay on a node
+    assert mesh_lib.resolve_sp_inner("auto", 6, heads_q=9, ranks_per_node=8) == 1
+    assert mesh_lib.resolve_sp_inner("auto", 6, heads_q=12, ranks_per_node=4) == 2
     assert mesh_lib.resolve_sp_inner("auto", 4, heads_q=9, ranks_per_node=8) == 1
     assert mesh_lib.resolve_sp_inner(2, 4, heads_q=9, ranks_per_node=8) == 2  # explicit: checked by build
 

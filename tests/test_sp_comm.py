@@ -22,11 +22,11 @@ def _module(name):
     return SCHEDULE_MODULES[name]
 
 
-def _shards(rank, world, S, Hq, Hkv, D):
+def _shards(rank, world, S, Hq, Hkv, D, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
     q, dout = torch.randn(1, S, Hq, D, generator=g), torch.randn(1, S, Hq, D, generator=g)
     k, v = torch.randn(1, S, Hkv, D, generator=g), torch.randn(1, S, Hkv, D, generator=g)
-    return [layout.split(t, rank, world).contiguous() for t in (q, k, v, dout)]
+    return [layout.split(t, rank, world).contiguous().to(dtype) for t in (q, k, v, dout)]
 
 
 def _trace_worker(rank, world, name):
@@ -92,23 +92,34 @@ def test_next_block_in_flight_during_compute(name, world):
                     assert channel == "ring", where
 
 
-def _count_worker(rank, world, name, S, Hq, Hkv, D):
+def _count_worker(rank, world, name, S, Hq, Hkv, D, dtype=torch.float32, inner=1, outer="ring"):
     import torch.distributed as dist
-    from longctx.parallel import p2p
+    from longctx.parallel import hybrid, p2p
 
-    q, k, v, dout = _shards(rank, world, S, Hq, Hkv, D)
+    q, k, v, dout = _shards(rank, world, S, Hq, Hkv, D, dtype)
     mod, group = _module(name), dist.group.WORLD
-    comm = p2p.communicator(group)
-    comm.reset()
+    if name == "hybrid":
+        group = hybrid.make_groups(list(range(world)), inner, outer)
+    comms = [p2p.communicator(g) for g in ((group.inner, group.outer) if name == "hybrid" else (group,))]
+
+    def stats():
+        out = {}
+        for c in comms:
+            for key, value in c.stats().items():
+                out[key] = out.get(key, 0) + value
+            c.reset()
+        return out
+
+    stats()
     out, lse = mod.forward(group, q, k, v)
-    fwd = comm.stats()
-    comm.reset()
+    fwd = stats()
     mod.backward(group, dout, q, k, v, out, lse)
-    return fwd, comm.stats()
+    return fwd, stats()
 
 
 def _by_hand(name, P, S, Hq, Hkv, D, b=4):
-    """(forward, backward) bytes summed over ranks, fp32 (b = 4). n = S/P local tokens; zigzag."""
+    """(forward, backward) bytes summed over ranks, b bytes per element of q, k, v, dO (gradients
+    and partial sums travel in fp32). n = S/P local tokens; zigzag."""
     n = S // P
     kv_block = 2 * n * Hkv * D * b  # K + V of one rank
     if name == "ring":  # K/V travel P-1 hops; backward again, plus the fp32 dK/dV accumulator P hops (home)
@@ -123,6 +134,8 @@ def _by_hand(name, P, S, Hq, Hkv, D, b=4):
         fwd = rows * (Hq * D * b) + rows * (Hq * D * b + Hq * 4)  # q there; out + fp32 lse back
         bwd = rows * (2 * Hq * D * b + 2 * Hq * 4) + rows * Hq * D * 4  # q, dO, fp32 D, lse there; fp32 dQ back
         return fwd, bwd
+    if name == "allgather_kv":  # each rank's K/V shard to P-1 peers, twice; fp32 dK/dV pieces back to their owners
+        return P * (P - 1) * kv_block, P * (P - 1) * (kv_block + 2 * n * Hkv * D * 4)
     if name == "ulysses":  # every all-to-all keeps 1/P of a tensor and sends the rest
         kv_heads = Hkv if Hkv % P == 0 else Hq
         share = (P - 1) * n // P * D * b
@@ -133,11 +146,12 @@ def _by_hand(name, P, S, Hq, Hkv, D, b=4):
 
 
 @pytest.mark.parametrize("world", [3, pytest.param(4, marks=pytest.mark.slow)])
-@pytest.mark.parametrize("name", RING_SCHEDULES + ["ulysses"])
-def test_counters_match_hand_count(name, world):
+@pytest.mark.parametrize("name,dtype", [(n, torch.float32) for n in RING_SCHEDULES + ["ulysses", "allgather_kv"]]
+                         + [("allgather_kv", torch.bfloat16), ("token_ring", torch.bfloat16)])
+def test_counters_match_hand_count(name, dtype, world):
     S, Hq, Hkv, D = 12 * world, 6, 3 if name != "ulysses" else 2, 8
-    stats = _dist.run(_count_worker, world, name, S, Hq, Hkv, D)
-    want_fwd, want_bwd = _by_hand(name, world, S, Hq, Hkv, D)
+    stats = _dist.run(_count_worker, world, name, S, Hq, Hkv, D, dtype)
+    want_fwd, want_bwd = _by_hand(name, world, S, Hq, Hkv, D, b=dtype.itemsize)
     assert sum(f["bytes_sent"] for f, _ in stats) == want_fwd
     assert sum(b["bytes_sent"] for _, b in stats) == want_bwd
     assert sum(f["bytes_received"] for f, _ in stats) == want_fwd  # what leaves one rank arrives at another
@@ -147,3 +161,17 @@ def test_counters_match_hand_count(name, world):
     if name == "token_ring":  # queries go to the previous rank, partials home: more than one link busy
         for f, _ in stats:
             assert f["max_bytes_per_pair_direction"] < f["bytes_sent"]
+
+
+@pytest.mark.parametrize("outer", ["ring", "token_ring", "allgather_kv"])
+def test_hybrid_counters_match_the_model(outer):
+    """Hybrid 2 x 2: what the inner and outer communicators counted, summed over ranks, equals the
+    chooser's bytes_moved (whose formulas tests/test_choose.py checks by hand), on the path MEMO
+    runs (the schedule's own backward: Shape.memo)."""
+    from longctx.parallel.choose import Shape, bytes_moved
+
+    S, Hq, Hkv, D = 48, 4, 2, 8
+    stats = _dist.run(_count_worker, 4, "hybrid", S, Hq, Hkv, D, torch.float32, 2, outer)
+    model = bytes_moved("hybrid", Shape(S, Hq, Hkv, D, 4, 4, memo=True), sp_inner=2, outer=outer)
+    assert sum(f["bytes_sent"] for f, _ in stats) == pytest.approx(4 * sum(model["fwd"].values()))
+    assert sum(b["bytes_sent"] for _, b in stats) == pytest.approx(4 * sum(model["bwd"].values()))

@@ -39,7 +39,7 @@ from ..models.llama import CausalLM
 from ..parallel import mesh as mesh_lib
 from ..parallel import sharding
 from ..parallel.attention import SequenceParallelAttention
-from ..parallel.topology import machine_for_run
+from ..parallel.topology import machine_for_run, ranks_per_node
 from ..recipes.schema import Recipe, RecipeError, check_world
 from . import checkpoint as ckpt
 from .optim import build_optimizer, build_scheduler
@@ -199,11 +199,13 @@ def sequence_parallel_attention(recipe: Recipe, mesh: mesh_lib.Mesh, cfg: ModelC
                           f"bucket may run at ({degrees}, the divisors of parallel.sp_degree={mesh.sp_world}), and "
                           "they do not all divide them; use hybrid, a ring schedule or auto")
     machine, sp_inner = None, 1
-    if p.attention in ("auto", "hybrid"):
+    if p.attention == "auto" or (p.attention == "hybrid" and p.hybrid_outer == "auto"):  # the cost model decides
         machine = machine_for_run(p, mesh.device, _attention_dtype(recipe))
         if mesh.is_main:
             log.info("attention cost model machine: %s", machine.name)
-        sp_inner = mesh_lib.resolve_sp_inner(p.sp_inner, mesh.sp_world, cfg.num_heads, machine.ranks_per_node)
+    if p.attention in ("auto", "hybrid"):
+        per_node = machine.ranks_per_node if machine else ranks_per_node(mesh.device)
+        sp_inner = mesh_lib.resolve_sp_inner(p.sp_inner, mesh.sp_world, cfg.num_heads, per_node)
         if cfg.num_heads % sp_inner:
             raise RecipeError(f"parallel.sp_inner={sp_inner}: must divide the model's query heads ({cfg.num_heads}): "
                               "Ulysses shards heads over the inner ranks; use auto or one of "
@@ -213,6 +215,7 @@ def sequence_parallel_attention(recipe: Recipe, mesh: mesh_lib.Mesh, cfg: ModelC
         p.attention, mesh.sp_groups, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
         2 if recipe.run.dtype == "bf16" else 4, machine, log_choices=mesh.is_main, kernel=p.attention_kernel,
         hybrid_groups=mesh.hybrid_groups, sp_inner=sp_inner, hybrid_outer=p.hybrid_outer,
+        kept=recipe.memory.policy != "none",
     )
 
 

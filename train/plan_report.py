@@ -107,10 +107,11 @@ def format_plan(p: dict) -> str:
 
 # --- attention schedules (parallel/choose.py) ----------------------------------------------------
 def attention_plan(shape: ModelShape, seq_len: int, sp: int, machine: Machine, dtype_bytes: int = 2, rows: int = 1,
-                   sp_inner: int | None = None, candidates=SCHEDULES) -> dict:
+                   sp_inner: int | None = None, candidates=SCHEDULES, memo: bool = False) -> dict:
     """Each schedule's modelled attention time (one layer fwd+bwd, and x layers) and the bytes its
-    busiest rank sends per link class, for `rows` rows of `seq_len` tokens over sp ranks."""
-    s = Shape(seq_len, shape.heads, shape.kv_heads, shape.head_dim, sp, dtype_bytes, batch=rows)
+    busiest rank sends per link class, for `rows` rows of `seq_len` tokens over sp ranks; memo:
+    memory.policy keeps (out, lse), so attention's backward is the schedule's own (choose.Shape)."""
+    s = Shape(seq_len, shape.heads, shape.kv_heads, shape.head_dim, sp, dtype_bytes, batch=rows, memo=memo)
     c = choose(s, machine, candidates=candidates, sp_inner=sp_inner)
     schedules = {}
     for name, e in c.table.items():

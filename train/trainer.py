@@ -86,19 +86,23 @@ def _shard(run: Run, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | 
     if run.sp_attention is None:
         return inputs, labels, None, None
     seq_len = layout.padded_length(inputs.shape[1], sp)
-    run.sp_attention.set_step(sp, seq_len, rows=inputs.shape[0])  # the same key on every rank of the sub-group
+    # attention runs once per micro-batch: priced for its rows (the same key on every rank of the sub-group)
+    run.sp_attention.set_step(sp, seq_len, rows=_micro_rows(run.recipe, inputs.shape[0], seq_len // sp))
     if sp == 1:
         return inputs, labels, None, None
     inputs, positions, labels = layout.split_batch(inputs, labels, run.mesh.sp_rank % sp, sp, run.pad_id)
     return inputs, labels, positions, seq_len
 
 
-def _micro_batches(r, inputs: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None):
+def _micro_rows(r, rows: int, local_len: int) -> int:
+    """Rows per micro-batch of a step of `rows` rows of `local_len` tokens on this rank."""
     if r.data.batching == "pack":
-        parts = r.train.grad_accum
-        rows = -(-len(inputs) // parts)
-    else:
-        rows = len(inputs) if r.train.micro_batch_tokens is None else max(1, r.train.micro_batch_tokens // inputs.shape[1])
+        return -(-rows // r.train.grad_accum)
+    return min(rows, rows if r.train.micro_batch_tokens is None else max(1, r.train.micro_batch_tokens // local_len))
+
+
+def _micro_batches(r, inputs: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None):
+    rows = _micro_rows(r, len(inputs), inputs.shape[1])
     pos = positions.split(rows) if positions is not None else [None] * len(inputs.split(rows))
     return zip(inputs.split(rows), labels.split(rows), pos)
 
