@@ -149,7 +149,7 @@ def _by_hand(name, P, S, Hq, Hkv, D, b=4):
 @pytest.mark.parametrize("name,dtype", [(n, torch.float32) for n in RING_SCHEDULES + ["ulysses", "allgather_kv"]]
                          + [("allgather_kv", torch.bfloat16), ("token_ring", torch.bfloat16)])
 def test_counters_match_hand_count(name, dtype, world):
-    S, Hq, Hkv, D = 12 * world, 6, 3 if name != "ulysses" else 2, 8
+    S, Hq, Hkv, D = 12 * world, 12, 3 if name != "ulysses" else 2, 8  # Hq: divisible by 3 and 4 (Ulysses)
     stats = _dist.run(_count_worker, world, name, S, Hq, Hkv, D, dtype)
     want_fwd, want_bwd = _by_hand(name, world, S, Hq, Hkv, D, b=dtype.itemsize)
     assert sum(f["bytes_sent"] for f, _ in stats) == want_fwd
