@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--nproc", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=4096)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per schedule (median; one more warms up)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--sp-inner", type=int, default=2, help="hybrid: Ulysses degree (1 = no hybrid)")
     args = p.parse_args(argv)

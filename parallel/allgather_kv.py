@@ -9,10 +9,10 @@ per query on average: 2Pc^2 scores on every rank.
 
 Backward: K/V are gathered again (forward keeps only the local shard: the gathered copy is P
 times larger), dQ accumulates locally, dK/dV of the whole sequence accumulate in fp32, and a
-reduce-scatter sums each rank's zigzag shard of them onto that rank. Nothing overlaps the
-collectives (TransformerEngine's `all_gather` CP is exposed the same way); in exchange a shard
-of K/V crosses each link once per pass instead of riding P-1 ring hops, and a packed batch
-needs no per-hop masks.
+reduce-scatter sums each rank's zigzag shard of them onto that rank. The all-gathers overlap the
+two diagonal blocks (their keys are local; 1/2P of the rank's work), the reduce-scatter nothing;
+in exchange a shard of K/V crosses each link once per pass instead of riding P-1 ring hops, and
+a packed batch needs no per-hop masks.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch.distributed as dist
 from ..kernels.attention import block_attn, block_attn_bwd, merge
 from . import layout
 from .blocks import ScheduleAttention
-from .p2p import communicator
+from .p2p import Pending, communicator, compute
 
 # backends whose reduce-scatter we call; elsewhere (gloo) an all-to-all and a local sum stand in
 NATIVE_REDUCE_SCATTER_BACKENDS = ("nccl",)
@@ -41,40 +41,62 @@ def _count_per_peer(comm, nbytes: int) -> None:
             comm.count("direct", nbytes, peer)
 
 
-def all_gather(x: torch.Tensor, group) -> torch.Tensor:
-    """[P, *x.shape]: every group rank's x, in group-rank order."""
+def all_gather(x: torch.Tensor, group, native: bool | None = None, wait: bool = True):
+    """[P, *x.shape]: every group rank's x, in group-rank order; with wait=False, (that buffer,
+    Pending) with the transfers still in flight.
+
+    native: torch's all-gather (NCCL's ring); otherwise x goes to every peer in one batch of
+    point-to-point sends (gloo: its all-gather runs hop by hop in the calling thread, about 3x
+    slower here than the batch, whose transfers progress together). None picks by the backend."""
     comm = communicator(group)
+    if native is None:
+        native = dist.get_backend(group) in NATIVE_REDUCE_SCATTER_BACKENDS
     x = x.contiguous()
     gathered = torch.empty(comm.world * x.numel(), dtype=x.dtype, device=x.device)
-    _all_gather_flat(gathered, x.view(-1), group=group)
-    _count_per_peer(comm, x.numel() * x.element_size())
-    return gathered.view(comm.world, *x.shape)
+    if native:
+        work = _all_gather_flat(gathered, x.view(-1), group=group, async_op=True)
+        _count_per_peer(comm, x.numel() * x.element_size())
+        pending = Pending([work])
+    else:
+        pending = comm.to_every_peer(x.view(1, -1).expand(comm.world, -1), gathered.view(comm.world, -1),
+                                     what="all-gather", wait=False)
+    gathered = gathered.view(comm.world, *x.shape)
+    if wait:
+        pending.wait()
+        return gathered
+    return gathered, pending
 
 
 def reduce_scatter(pieces: torch.Tensor, group, native: bool | None = None) -> torch.Tensor:
     """pieces [P, ...] -> the sum over group ranks of their pieces[me].
 
-    native: torch's reduce-scatter (NCCL); otherwise an all-to-all of the pieces and a local sum
-    (gloo). None picks by the group's backend."""
+    native: torch's reduce-scatter (NCCL); otherwise each piece goes to its owner in one batch of
+    point-to-point sends and the owner sums what arrives (gloo; see all_gather). None picks by
+    the group's backend."""
     comm = communicator(group)
     if native is None:
         native = dist.get_backend(group) in NATIVE_REDUCE_SCATTER_BACKENDS
     pieces = pieces.contiguous()
-    _count_per_peer(comm, pieces[0].numel() * pieces.element_size())
     if native:
+        _count_per_peer(comm, pieces[0].numel() * pieces.element_size())
         mine = torch.empty(pieces[0].numel(), dtype=pieces.dtype, device=pieces.device)
         _reduce_scatter_flat(mine, pieces.view(-1), group=group)
         return mine.view(pieces.shape[1:])
     received = torch.empty(pieces.shape, dtype=pieces.dtype, device=pieces.device)
-    dist.all_to_all_single(received, pieces, group=group)  # received[j] = rank j's pieces[me]
+    comm.to_every_peer(pieces, received, what="reduce-scatter")  # received[j] = rank j's pieces[me]
     return received.sum(0)
 
 
-def _gather_kv(k: torch.Tensor, v: torch.Tensor, group):
-    """The whole K and V, [B, 2Pc, Hkv, D] each in natural order, from every rank's zigzag shard."""
-    shards = all_gather(torch.stack([k, v]), group)  # [P, 2, B, 2c, Hkv, D]
-    whole = layout.unsplit(list(shards), shards.shape[0] * k.shape[1], dim=2)
-    return whole[0], whole[1]
+def _post_gather_kv(k: torch.Tensor, v: torch.Tensor, group):
+    """Posts the all-gather of every rank's K/V shard; returns finish() -> the whole K and V,
+    [B, 2Pc, Hkv, D] each in natural order (what runs before finish() overlaps the transfer)."""
+    shards, pending = all_gather(torch.stack([k, v]), group, wait=False)  # [P, 2, B, 2c, Hkv, D]
+
+    def finish():
+        pending.wait()
+        whole = layout.unsplit(list(shards), shards.shape[0] * k.shape[1], dim=2)
+        return whole[0], whole[1]
+    return finish
 
 
 def _query_chunks(rank: int, P: int, c: int):
@@ -91,13 +113,18 @@ def _query_chunks(rank: int, P: int, c: int):
 
 
 def forward(group: dist.ProcessGroup, q, k, v, kernel: str = "auto"):
-    """(out, lse [B, Hq, 2c] fp32) of the local query chunks against the gathered keys."""
+    """(out, lse [B, Hq, 2c] fp32) of the local query chunks against the gathered keys. The two
+    diagonal blocks need only local keys: they compute while the all-gather is in flight."""
     comm = communicator(group)
-    k_all, v_all = _gather_kv(k, v, group)
+    finish = _post_gather_kv(k, v, group)
+    chunks = _query_chunks(comm.rank, comm.world, q.shape[1] // 2)
+    with compute("diagonal"):
+        parts = [[block_attn(q[:, rows], k[:, rows], v[:, rows], True, impl=kernel)] for rows, _ in chunks]
+    k_all, v_all = finish()
     outs, lses = [], []
-    for rows, blocks in _query_chunks(comm.rank, comm.world, q.shape[1] // 2):
-        out = lse = None
-        for keys, causal in blocks:
+    for (rows, blocks), part in zip(chunks, parts):
+        out, lse = merge(None, None, *part[0])
+        for keys, causal in blocks[1:]:  # the unmasked prefix
             out, lse = merge(out, lse, *block_attn(q[:, rows], k_all[:, keys], v_all[:, keys], causal, impl=kernel))
         outs.append(out)
         lses.append(lse)
@@ -106,18 +133,27 @@ def forward(group: dist.ProcessGroup, q, k, v, kernel: str = "auto"):
 
 def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "auto"):
     comm = communicator(group)
-    P = comm.world
-    k_all, v_all = _gather_kv(k, v, group)
+    P, c = comm.world, q.shape[1] // 2
+    finish = _post_gather_kv(k, v, group)
+    chunks = _query_chunks(comm.rank, P, c)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    dkv_all = torch.zeros((2, *k_all.shape), dtype=torch.float32, device=k.device)  # dK, dV of every key
-    for rows, blocks in _query_chunks(comm.rank, P, q.shape[1] // 2):
-        rows_of = (dout[:, rows], q[:, rows])
-        for keys, causal in blocks:
-            dq_b, dk_b, dv_b = block_attn_bwd(*rows_of, k_all[:, keys], v_all[:, keys], out[:, rows],
-                                              lse[:, :, rows], causal, impl=kernel)
-            dq[:, rows] += dq_b.float()
-            dkv_all[0][:, keys] += dk_b.float()
-            dkv_all[1][:, keys] += dv_b.float()
+    # dK, dV of every key (fp32), the diagonal blocks' first: they need only local keys
+    dkv_all = torch.zeros((2, k.shape[0], P * k.shape[1], *k.shape[2:]), dtype=torch.float32, device=k.device)
+
+    def block(rows, keys, causal, k_src, v_src, k_rows):
+        dq_b, dk_b, dv_b = block_attn_bwd(dout[:, rows], q[:, rows], k_src[:, k_rows], v_src[:, k_rows], out[:, rows],
+                                          lse[:, :, rows], causal, impl=kernel)
+        dq[:, rows] += dq_b
+        dkv_all[0][:, keys] += dk_b
+        dkv_all[1][:, keys] += dv_b
+
+    with compute("diagonal"):
+        for rows, blocks in chunks:
+            block(rows, blocks[0][0], True, k, v, rows)
+    k_all, v_all = finish()
+    for rows, blocks in chunks:
+        for keys, causal in blocks[1:]:
+            block(rows, keys, causal, k_all, v_all, keys)
     # every rank's zigzag shard of the partial sums, summed onto their owners in fp32
     pieces = torch.stack([layout.split(dkv_all, owner, P, dim=2) for owner in range(P)])
     dk, dv = reduce_scatter(pieces, group)

@@ -25,13 +25,18 @@ overlap(compute, transfer) + step_overhead, overlap(c, t) = max(c, t) + (1 - mac
                after; ring's backward also has last step's dK/dV accumulator in flight; bidir_kv's last
                returns and TokenRing's last return are exposed; TokenRing's query and return channels
                run at once in opposite directions (two process groups)
-  allgather_kv, ulysses, hybrid's inner all-to-alls   exposed: nothing computes while they run;
-               all-gather and reduce-scatter are rings of P-1 hops, all-to-alls one phase to all peers
+  allgather_kv its all-gathers overlap the two diagonal blocks (local keys, 1/2P of its work), the
+               reduce-scatter is exposed
+  ulysses, hybrid's inner all-to-alls   exposed: nothing computes while they run
+All-gather and reduce-scatter are rings of P-1 hops on NCCL; on gloo they, and all-to-alls, are
+one batch of transfers to every peer (p2p.Communicator.to_every_peer).
 A transfer phase lasts as long as its busiest port or pair link over all ranks and link classes
 (topology.transfer_seconds), so a ring spanning nodes waits for its node-boundary hop, and the
 critical path of TokenRing's zigzag carries a full query block every step. Compute: causal forward
 2 B S^2 Hq d FLOPs, backward 2.5x, split evenly over ranks and steps (zigzag), plus the fp32 merges
-and layout copies at memory bandwidth. Time only: whether a schedule's buffers fit (Ulysses holds
+and layout copies at memory bandwidth, plus the diagonal tiles a causal kernel computes whole
+(Machine.causal_tile T: a causal block of L rows runs at L/(L+T) of the unmasked rate; every
+schedule loses about n T Hq per rank that way, so it shifts times, not their order). Time only: whether a schedule's buffers fit (Ulysses holds
 the whole sequence for Hq/P heads) is memory/estimate.py's question.
 """
 
@@ -41,11 +46,10 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, replace
 
-from .topology import Machine, flops_text, node_of, transfer_seconds
+from .topology import BACKWARD_FLOPS, Machine, flops_text, node_of, transfer_seconds
 
 SCHEDULES = ("token_ring", "ring", "bidir_kv", "allgather_kv", "ulysses", "hybrid")
 OUTER = ("token_ring", "ring", "bidir_kv", "allgather_kv")
-BACKWARD_FLOPS = 2.5  # FlashAttention-2 backward: 5 matmuls (one recomputes P) to the forward's 2
 # Passes over an fp32 buffer (read or write, each counted) of the elementwise work between kernels
 MERGE_PASSES = 5  # merge_into (out, lse) <- partial, in place: out *= w (read, write), out += part * w' (read both, write)
 ADD_PASSES = 3  # acc += part: read both, write one
@@ -161,7 +165,9 @@ def bytes_moved(schedule: str, shape: Shape, sp_inner: int | None = None, outer:
     return {"fwd": fwd, "bwd": bwd, "total": sum(fwd.values()) + sum(bwd.values())}
 
 
-# --- steps: (repeat, compute seconds, flows [(src, dst, bytes)] in flight meanwhile[, "all_gather"])
+# --- steps: (repeat, compute seconds, flows [(src, dst, bytes)] in flight meanwhile[, "all_gather"]);
+# "all_gather" marks a phase that sends to every peer at once (all-gather, all-to-all, reduce-scatter
+# on gloo), which runs at LinkClass.all_gather_efficiency of the link's rate
 def _ring_flows(groups, nbytes, hop=1):
     return [(g[i], g[(i + hop) % len(g)], nbytes) for g in groups for i in range(len(g))]
 
@@ -174,6 +180,27 @@ def _layer_compute(s: Shape, m: Machine) -> tuple[float, float]:
     """(forward, backward) seconds of one rank's share of the layer's attention FLOPs."""
     flops = 2.0 * s.batch * s.seq_len**2 * s.heads_q * s.head_dim / s.sp
     return flops / m.flops, BACKWARD_FLOPS * flops / m.flops
+
+
+def _causal_blocks(schedule: str, s: Shape, sp_inner: int | None = None, outer: str | None = None) -> list:
+    """[(rows L, useful forward FLOPs)] of the causal blocks one rank runs per layer: the local
+    diagonal block of the ring schedules (L = S/P), allgather_kv's two chunk diagonals (S/2P),
+    Ulysses' whole sequence on Hq/P heads, hybrid's outer schedule on Hq/u heads over P/u ranks."""
+    n, hd = s.seq_len / s.sp, s.batch * s.head_dim
+    if schedule in ("ring", "bidir_kv", "token_ring"):
+        return [(n, 2 * n * n * s.heads_q * hd)]
+    if schedule == "allgather_kv":
+        return [(n / 2, 2 * (n / 2) ** 2 * s.heads_q * hd)] * 2
+    if schedule == "ulysses":
+        return [(s.seq_len, 2 * s.seq_len**2 * s.heads_q / s.sp * hd)]
+    return _causal_blocks(outer, _outer_shape(s, sp_inner))
+
+
+def _causal_waste(schedule: str, s: Shape, m: Machine, sp_inner: int | None, outer: str | None) -> float:
+    """Seconds (fwd + bwd) a causal kernel spends on the diagonal tiles it computes whole
+    (Machine.causal_tile)."""
+    return sum(f * m.causal_tile / L for L, f in _causal_blocks(schedule, s, sp_inner, outer)) \
+        * (1 + BACKWARD_FLOPS) / m.flops
 
 
 def _step_compute(s: Shape, m: Machine, fwd_passes: float, bwd_passes: float) -> tuple[float, float]:
@@ -243,28 +270,36 @@ def _token_ring_steps(s, m, groups):
 
 
 def _allgather_steps(s, m, groups):
-    """All-gather and reduce-scatter run as rings (NCCL's and gloo's algorithm): P-1 exposed hops of
-    one rank's shard each."""
+    """All-gather and reduce-scatter run as rings on NCCL (P-1 hops of one rank's shard each) and
+    as one batch of sends to every peer on gloo (allgather_kv.all_gather/reduce_scatter). The
+    gathers overlap the two diagonal blocks, 1/2P of the rank's work (their keys are local); the
+    reduce-scatter is exposed."""
     P, z = s.sp, _Sizes.of(s)
     f, b = _layer_compute(s, m)
-    gather = (P - 1, 0.0, _ring_flows(groups, z.kv), "all_gather")
+
+    def gather(diagonal):  # the diagonal blocks compute while the first (or only) phase is in flight
+        if m.intra.name == "cpu_gloo":
+            return [(1, diagonal, _a2a_flows(groups, z.kv), "all_gather")]
+        return [(1, diagonal, _ring_flows(groups, z.kv), "all_gather"), (P - 2, 0.0, _ring_flows(groups, z.kv),
+                                                                          "all_gather")]
     # the gathered shards put in natural order (gather buffer, unsplit); two query chunks, each a causal
     # and an unmasked block merged once (half the rows each); backward: dQ added per block, and the
     # whole sequence's fp32 dK/dV zeroed, added to, split into pieces, received and summed
     copies, merges, adds = 3 * P * z.kv, MERGE_PASSES * z.dq32, 2 * ADD_PASSES * z.dq32
-    fwd = [gather, (1, f + (copies + merges) / m.memory_bandwidth, [])]
+    fwd = gather(f / (2 * P)) + [(1, f * (1 - 1 / (2 * P)) + (copies + merges) / m.memory_bandwidth, [])]
     if m.intra.name == "cpu_gloo":  # gloo has no reduce-scatter: one all-to-all of the pieces, a local sum
-        scatter = [(1, 0.0, _a2a_flows(groups, z.dkv32))]
+        scatter = [(1, 0.0, _a2a_flows(groups, z.dkv32), "all_gather")]
     else:  # NCCL's reduce-scatter: a ring of P-1 hops
         scatter = [(P - 1, 0.0, _ring_flows(groups, z.dkv32))]
-    bwd = [gather, (1, b + (copies + adds + 8 * P * z.dkv32) / m.memory_bandwidth, [])] + scatter
+    bwd = gather(b / (2 * P)) + [(1, b * (1 - 1 / (2 * P)) + (copies + adds + 8 * P * z.dkv32) / m.memory_bandwidth,
+                                  [])] + scatter
     return fwd, bwd
 
 
 def _a2a_steps(s, m, groups, tensors):
     """One exposed all-to-all per tensor (bytes per rank) over each group, plus its layout copies."""
     P = s.sp
-    return [(1, 4 * t / m.memory_bandwidth, _a2a_flows(groups, t / P)) for t in tensors]
+    return [(1, 4 * t / m.memory_bandwidth, _a2a_flows(groups, t / P), "all_gather") for t in tensors]
 
 
 def _ulysses_steps(s, m, groups):
@@ -346,7 +381,8 @@ def estimate(schedule: str, shape: Shape, machine: Machine, sp_inner: int | None
     else:
         fwd, bwd = _STEPS[schedule](shape, machine, [ranks])
     f, b = _run(fwd, machine), _run(bwd, machine)
-    seconds, compute = f["seconds"] + b["seconds"], f["compute"] + b["compute"]
+    waste = _causal_waste(schedule, shape, machine, sp_inner, outer)
+    seconds, compute = f["seconds"] + b["seconds"] + waste, f["compute"] + b["compute"] + waste
     waiting = seconds - compute - f["overhead"] - b["overhead"]
     sent = defaultdict(float)
     for part in (f, b):

@@ -34,6 +34,8 @@ import torch.distributed as dist
 
 log = logging.getLogger("longctx")
 
+BACKWARD_FLOPS = 2.5  # FlashAttention-2 backward: 5 matmuls (one recomputes P) to the forward's 2
+
 
 @dataclass(frozen=True)
 class LinkClass:
@@ -55,7 +57,9 @@ class Machine:
     rank (fwd+bwd); step_overhead: seconds per schedule step (launches, Python, a wait);
     memory_bandwidth: bytes/s for the fp32 merges and layout copies between kernels; overlap:
     share of a transfer that can hide behind compute (1 where DMA engines move the bytes; less on
-    CPU gloo, whose copies run on the cores that compute)."""
+    CPU gloo, whose copies run on the cores that compute); causal_tile: tokens T of the diagonal a
+    causal kernel computes in full, so a causal block of L rows runs its useful FLOPs at
+    flops * L / (L + T) (tiles straddling the diagonal are computed whole and half thrown away)."""
 
     ranks_per_node: int
     intra: LinkClass
@@ -65,6 +69,7 @@ class Machine:
     memory_bandwidth: float
     name: str
     overlap: float = 1.0
+    causal_tile: float = 0.0
 
 
 def nic(gbps: float) -> LinkClass:
@@ -91,10 +96,10 @@ INTRA_LINKS = ("cpu_gloo", "nvswitch", "nvlink_mesh", "pcie")
 
 # per-device defaults where the recipe gives a number instead of `auto`, or nothing is measured
 DEVICE_DEFAULTS = {
-    "cuda": {"flops": 300e12, "step_overhead": 5e-5, "memory_bandwidth": 2.5e12, "overlap": 1.0},
+    "cuda": {"flops": 300e12, "step_overhead": 5e-5, "memory_bandwidth": 2.5e12, "overlap": 1.0, "causal_tile": 128},
     # gloo's transfers progress in background threads while the ranks compute, but on the same
     # cores: about half hides (fitted to bench/sp_attention.py, 4 ranks on this 2-core box)
-    "cpu": {"flops": 3e10, "step_overhead": 5e-4, "memory_bandwidth": 5e9, "overlap": 0.5},
+    "cpu": {"flops": 3e10, "step_overhead": 5e-4, "memory_bandwidth": 5e9, "overlap": 0.5, "causal_tile": 512},
 }
 
 
@@ -116,7 +121,7 @@ def make_machine(link: str = "nvswitch", ranks_per_node: int = 8, inter_gbps: fl
     inter = nic(inter_gbps)
     return Machine(ranks_per_node, LINKS[link], inter, values["flops"], values["step_overhead"],
                    values["memory_bandwidth"], describe(ranks_per_node, LINKS[link], inter, values["flops"]),
-                   values["overlap"])
+                   values["overlap"], values["causal_tile"])
 
 
 def flops_text(flops: float) -> str:
@@ -258,24 +263,39 @@ def _timed(fn, device: torch.device, reps: int = 3, group=None) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def measure_attention_flops(device: torch.device, dtype: torch.dtype, kernel: str = "auto", reps: int = 3,
-                            group=None) -> float:
-    """FLOP/s of attention forward + backward (kernels.attention) on this rank, timed on the two
-    kinds of zigzag block a schedule runs: the causal diagonal block (S x S) and an unmasked
-    block (S/2 queries x S keys), 2 S^2 H d forward FLOPs each, backward 2.5x."""
+def _calibration_blocks(device: torch.device, dtype: torch.dtype, kernel: str):
+    """fwd+bwd of the two block kinds a schedule runs, each 2 S^2 H d useful forward FLOPs: an
+    unmasked block (S/2 queries x S keys) and the causal diagonal block (S x S)."""
     from ..kernels.attention import block_attn, block_attn_bwd
 
     S, H, d = CALIBRATION_SHAPE["cuda" if device.type == "cuda" else "cpu"]
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v, dout = (torch.randn(1, S, H, d, generator=g, device=device).to(dtype) for _ in range(4))
-    blocks = [(q, dout, True), (q[:, S // 2:].contiguous(), dout[:, S // 2:].contiguous(), False)]
 
-    def step():
-        for q_rows, dout_rows, causal in blocks:
+    def block(q_rows, dout_rows, causal):
+        def run():
             out, lse = block_attn(q_rows, k, v, causal, impl=kernel)
             block_attn_bwd(dout_rows, q_rows, k, v, out, lse, causal, impl=kernel)
+        return run
 
-    return 2 * 7.0 * S * S * H * d / _timed(step, device, reps, group)
+    half = (q[:, S // 2:].contiguous(), dout[:, S // 2:].contiguous())
+    return S, 2 * (1 + BACKWARD_FLOPS) * S * S * H * d, block(*half, False), block(q, dout, True)
+
+
+def measure_attention_flops(device: torch.device, dtype: torch.dtype, kernel: str = "auto", reps: int = 3,
+                            group=None) -> float:
+    """FLOP/s of attention forward + backward (kernels.attention) on this rank, on the unmasked
+    block a schedule runs (S/2 queries x S keys; backward BACKWARD_FLOPS x forward)."""
+    _, flops, unmasked, _ = _calibration_blocks(device, dtype, kernel)
+    return flops / _timed(unmasked, device, reps, group)
+
+
+def measure_causal_tile(device: torch.device, dtype: torch.dtype, kernel: str = "auto", reps: int = 3,
+                        group=None) -> float:
+    """Machine.causal_tile from the causal S x S block against the unmasked block of the same
+    useful FLOPs: t_causal / t_unmasked = (S + T) / S."""
+    S, _, unmasked, causal = _calibration_blocks(device, dtype, kernel)
+    return max(0.0, S * (_timed(causal, device, reps, group) / _timed(unmasked, device, reps, group) - 1.0))
 
 
 def measure_memory_bandwidth(device: torch.device, group=None) -> float:
@@ -298,12 +318,12 @@ def measure_memory_bandwidth(device: torch.device, group=None) -> float:
 
 def measure_link(group, device: torch.device, nbytes: int = 1 << 22) -> tuple[float, float, float]:
     """(bytes/s, latency seconds, all-gather efficiency) of the group's links: a ring exchange
-    (every rank sends `nbytes` to rank+1 and receives from rank-1 at once) and a tiny one, then an
-    all-gather of `nbytes` per rank against P-1 such exchanges; the slowest rank's times."""
+    (every rank sends `nbytes` to rank+1 and receives from rank-1 at once) and a tiny one, then
+    `nbytes` to every peer at once as the schedules send it on gloo (p2p.Communicator.to_every_peer:
+    all-gather, all-to-all, reduce-scatter) against P-1 such exchanges; the slowest rank's times."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     dev = _collective_device(device, group)
     nxt, prv = dist.get_global_rank(group, (rank + 1) % world), dist.get_global_rank(group, (rank - 1) % world)
-    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
     def exchange(numel):
         send, recv = torch.ones(numel, device=dev), torch.empty(numel, device=dev)
@@ -315,8 +335,15 @@ def measure_link(group, device: torch.device, nbytes: int = 1 << 22) -> tuple[fl
         return run
 
     def gather(numel):
-        piece, whole = torch.ones(numel, device=dev), torch.empty(world * numel, device=dev)
-        return lambda: all_gather(whole, piece, group=group)
+        from .p2p import communicator
+
+        pieces, whole = torch.ones(world, numel, device=dev), torch.empty(world, numel, device=dev)
+        comm = communicator(group)
+
+        def run():
+            comm.to_every_peer(pieces, whole)
+            comm.reset()  # calibration traffic is not the schedules'
+        return run
 
     def timed(run, reps):  # a fixed count: every exchange needs its peers, so ranks repeat alike
         run()
@@ -347,14 +374,15 @@ def _same_on_every_rank(machine: Machine, device: torch.device, group) -> Machin
         return machine
     i = machine.intra
     values = [machine.ranks_per_node, INTRA_LINKS.index(i.name), i.out_bytes_per_s, i.in_bytes_per_s, i.latency,
-              i.all_gather_efficiency, machine.flops, machine.step_overhead, machine.memory_bandwidth, machine.overlap]
+              i.all_gather_efficiency, machine.flops, machine.step_overhead, machine.memory_bandwidth, machine.overlap,
+              machine.causal_tile]
     t = torch.tensor(values, dtype=torch.float64, device=_collective_device(device, group))
     dist.broadcast(t, src=dist.get_global_rank(group, 0), group=group)
-    rpn, link, out_bps, in_bps, lat, gather, flops, overhead, mem, overlap = t.tolist()
+    rpn, link, out_bps, in_bps, lat, gather, flops, overhead, mem, overlap, tile = t.tolist()
     intra = replace(LINKS[INTRA_LINKS[int(link)]], out_bytes_per_s=out_bps, in_bytes_per_s=in_bps, latency=lat,
                     all_gather_efficiency=gather)
     return Machine(int(rpn), intra, machine.inter, flops, overhead, mem,
-                   describe(int(rpn), intra, machine.inter, flops), overlap)
+                   describe(int(rpn), intra, machine.inter, flops), overlap, tile)
 
 
 def machine_for_run(parallel_recipe, device, dtype: torch.dtype = torch.bfloat16) -> Machine:
@@ -375,10 +403,12 @@ def machine_for_run(parallel_recipe, device, dtype: torch.dtype = torch.bfloat16
     defaults = DEVICE_DEFAULTS[kind]
     ranks_per_node = detect_ranks_per_node(device, group)
     intra = LINKS[detect_intra_link(device) if link == "auto" else link]
-    flops, memory_bandwidth = (float(tflops) * 1e12, defaults["memory_bandwidth"]) if tflops != "auto" else (None, None)
+    flops, memory_bandwidth, tile = float(tflops) * 1e12 if tflops != "auto" else None, defaults["memory_bandwidth"], \
+        defaults["causal_tile"]
     if flops is None:
-        flops, memory_bandwidth = _mean_over(group, device, [measure_attention_flops(device, dtype, kernel, group=group),
-                                                             measure_memory_bandwidth(device, group)])
+        flops, memory_bandwidth, tile = _mean_over(group, device, [
+            measure_attention_flops(device, dtype, kernel, group=group), measure_memory_bandwidth(device, group),
+            measure_causal_tile(device, dtype, kernel, group=group)])
     # gloo over loopback depends on the box and its load: measured whenever the run calibrates
     if tflops == "auto" and intra.name == "cpu_gloo" and group is not None and dist.get_world_size(group) > 1:
         bandwidth, latency, efficiency = measure_link(group, device)
@@ -386,5 +416,5 @@ def machine_for_run(parallel_recipe, device, dtype: torch.dtype = torch.bfloat16
                         all_gather_efficiency=efficiency)
     inter = nic(gbps)
     machine = Machine(ranks_per_node, intra, inter, flops, defaults["step_overhead"], memory_bandwidth,
-                      describe(ranks_per_node, intra, inter, flops), defaults["overlap"])
+                      describe(ranks_per_node, intra, inter, flops), defaults["overlap"], tile)
     return _same_on_every_rank(machine, device, group)

@@ -32,11 +32,14 @@ def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
     comm = communicator(group)
     x = x.contiguous()
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous, unlike empty_like of a view
-    dist.all_to_all_single(y, x, group=group)
-    per_peer = x[0].numel() * x.element_size()
-    for peer in range(comm.world):
-        if peer != comm.rank:
-            comm.count("direct", per_peer, peer)
+    if dist.get_backend(group) == "nccl":
+        dist.all_to_all_single(y, x, group=group)
+        per_peer = x[0].numel() * x.element_size()
+        for peer in range(comm.world):
+            if peer != comm.rank:
+                comm.count("direct", per_peer, peer)
+    else:  # gloo: one batch of point-to-point transfers (p2p.Communicator.to_every_peer)
+        comm.to_every_peer(x, y, what="all-to-all")
     return y
 
 

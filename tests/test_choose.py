@@ -246,3 +246,24 @@ def test_plan_prints_the_schedule_table(capsys):
     ulysses = json.loads(out)["attention"]["schedules"]["ulysses"]
     assert ulysses["layer_seconds"] is None and ulysses["why"] == "Hq 32 % sp 3"
     assert main(["plan", recipe, "--inter-gbps", "0"]) == 2 and "--inter-gbps=0" in capsys.readouterr().err
+
+
+def test_causal_tile_prices_the_diagonal_tiles():
+    """A causal block of L rows runs at L/(L+T) of the unmasked rate, so a rank loses about L T of
+    work per diagonal block: the ring's one n x n block, allgather_kv's two n/2 blocks and Ulysses'
+    S x S block on Hq/P heads all lose n T Hq (by hand below), and with T = 0 nothing."""
+    from dataclasses import replace
+
+    from longctx.parallel import choose as choose_mod
+
+    s = Shape(4096, 8, 8, 64, 4, 4)
+    m0 = replace(make_machine("cpu_gloo", 4, tflops=0.05), causal_tile=0.0)
+    m = replace(m0, causal_tile=512.0)
+    n = 1024
+    assert choose_mod._causal_waste("ring", s, m, None, None) == pytest.approx(2 * n * n * 8 * 64 * 3.5 * 512 / n / 5e10)
+    extra = {name: estimate(name, s, m)["compute_seconds"] - estimate(name, s, m0)["compute_seconds"]
+             for name in ("ring", "allgather_kv", "ulysses")}
+    ring = 2 * n * 8 * 64 * 3.5 * 512 * n / n / 5e10  # 2 n^2 Hq d (1 + 2.5) T / n / flops
+    assert extra["ring"] == pytest.approx(ring) and extra["allgather_kv"] == pytest.approx(ring)
+    # Ulysses: one causal S x S block on Hq/P = 2 heads: 2 S^2 2 d (1 + 2.5) T / S
+    assert extra["ulysses"] == pytest.approx(2 * 4096 * 2 * 64 * 3.5 * 512 / 5e10) == pytest.approx(ring)
