@@ -155,7 +155,7 @@ def test_sequence_parallel_keys_any_degree_and_hybrid(tmp_path):
     with pytest.raises(RecipeError, match=r"^parallel\.attention='hybrid': needs parallel\.sp_degree >= 2"):
         _load(tmp_path, "parallel:\n  attention: hybrid\n")
     with pytest.raises(RecipeError, match=r"^parallel\.link='infiniband': expected one of 'auto', 'cpu_gloo', 'nvswitch', "
-                                          r"'nvlink_mesh', 'pcie'$"):
+                                          r"'nvlink_mesh', 'pcie' \(links between nodes are parallel\.inter_node_gbps now"):
         _load(tmp_path, "parallel:\n  link: infiniband\n")
 
 
