@@ -25,10 +25,11 @@ import torch.distributed as dist
 from ..kernels.attention import block_attn, block_attn_bwd, merge
 from . import layout
 from .blocks import ScheduleAttention
-from .p2p import Pending, communicator, compute
+from .p2p import communicator, compute, posted
 
-# backends whose reduce-scatter we call; elsewhere (gloo) an all-to-all and a local sum stand in
-NATIVE_REDUCE_SCATTER_BACKENDS = ("nccl",)
+# backends whose all-gather and reduce-scatter we call; elsewhere (gloo) one batch of
+# point-to-point transfers to every peer stands in (p2p.Communicator.to_every_peer)
+NATIVE_COLLECTIVE_BACKENDS = ("nccl",)
 
 # torch >= 2.13 names the flat collectives *_single (the *_tensor names warn there)
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -50,13 +51,13 @@ def all_gather(x: torch.Tensor, group, native: bool | None = None, wait: bool = 
     slower here than the batch, whose transfers progress together). None picks by the backend."""
     comm = communicator(group)
     if native is None:
-        native = dist.get_backend(group) in NATIVE_REDUCE_SCATTER_BACKENDS
+        native = dist.get_backend(group) in NATIVE_COLLECTIVE_BACKENDS
     x = x.contiguous()
     gathered = torch.empty(comm.world * x.numel(), dtype=x.dtype, device=x.device)
     if native:
         work = _all_gather_flat(gathered, x.view(-1), group=group, async_op=True)
         _count_per_peer(comm, x.numel() * x.element_size())
-        pending = Pending([work])
+        pending = posted([work], "all-gather")
     else:
         pending = comm.to_every_peer(x.view(1, -1).expand(comm.world, -1), gathered.view(comm.world, -1),
                                      what="all-gather", wait=False)
@@ -75,7 +76,7 @@ def reduce_scatter(pieces: torch.Tensor, group, native: bool | None = None) -> t
     the group's backend."""
     comm = communicator(group)
     if native is None:
-        native = dist.get_backend(group) in NATIVE_REDUCE_SCATTER_BACKENDS
+        native = dist.get_backend(group) in NATIVE_COLLECTIVE_BACKENDS
     pieces = pieces.contiguous()
     if native:
         _count_per_peer(comm, pieces[0].numel() * pieces.element_size())

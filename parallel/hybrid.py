@@ -117,7 +117,7 @@ def make_groups(sp_ranks: list[int], inner: int, outer_schedule: str = "ring") -
         raise ValueError(f"sp degree {P} is not a multiple of the Ulysses (inner) degree {inner}")
     if list(sp_ranks) != sorted(sp_ranks):
         raise ValueError(f"sp ranks {sp_ranks} must ascend: a process group numbers its ranks in ascending order")
-    from .mesh import hybrid_layout  # the trainer's layout (mesh imports nothing of ours)
+    from .mesh import hybrid_layout  # the trainer's layout (imported here: mesh is below the schedules)
     from .p2p import new_group
 
     u, r, me = inner, P // inner, dist.get_rank()

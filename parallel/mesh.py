@@ -9,7 +9,7 @@ process and `torchrun`.
 
 Hybrid attention (Ulysses inside a node x a ring schedule across nodes, USP arXiv 2405.07719)
 splits each sp sub-group of size d into u = gcd(sp_inner, d) consecutive ranks (`inner`: one node
-when sp_inner <= ranks per node) times d/u ranks with the same inner index (`outer`): sub-group
+when sp_inner divides the ranks per node) times d/u ranks with the same inner index (`outer`): sub-group
 rank = outer_index * u + inner_index. gcd keeps u a divisor of both d and sp_inner, so it still
 divides the query heads; sizes where u is 1 or d have no hybrid groups (attention runs the outer
 schedule, or Ulysses, on the sub-group itself). `add_hybrid_groups` makes them into
@@ -151,5 +151,6 @@ def resolve_sp_inner(sp_inner: int | str, sp: int, heads_q: int, ranks_per_node:
 
 
 def destroy() -> None:
+    p2p.forget()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -35,6 +35,7 @@ import torch.distributed as dist
 CHANNELS = ("ring", "return")
 
 _trace: list[tuple] | None = None
+_ids = itertools.count()
 _TWINS: dict[int, dist.ProcessGroup] = {}  # id(group) -> its return-channel twin
 
 
@@ -47,7 +48,6 @@ def new_group(ranks: list[int], twin: bool = True):
         if dist.get_rank() in ranks:
             _TWINS[id(group)] = other
     return group
-_ids = itertools.count()
 
 
 @contextlib.contextmanager
@@ -90,6 +90,13 @@ class Pending:
         self.works, self.ident = [], -1
 
 
+def posted(works, what: str = "") -> Pending:
+    """A Pending of collective work handles (torch's async_op), recorded in the trace like a post."""
+    ident = next(_ids)
+    _record("post", ident, "ring", what)
+    return Pending(works, ident)
+
+
 class Communicator:
     def __init__(self, group: dist.ProcessGroup) -> None:
         self.group = group
@@ -111,7 +118,7 @@ class Communicator:
             raise ValueError(f"channel={channel!r}: expected one of {CHANNELS}")
         if channel not in self._groups:
             twin = _TWINS.get(id(self.group))
-            if twin is None and self.world == dist.get_world_size():  # the world: every rank is here
+            if twin is None and self.group is dist.group.WORLD:  # every rank is a member and gets here
                 twin = dist.new_group(dist.get_process_group_ranks(self.group))
             if twin is None:
                 raise RuntimeError("this sp group has no return channel: create it with parallel.p2p.new_group, "
@@ -180,6 +187,13 @@ class Communicator:
 
 
 _COMMUNICATORS: dict[int, Communicator] = {}
+
+
+def forget() -> None:
+    """Drops the communicators and twins (keyed by id(group)): before the process groups are
+    destroyed, so a later group that reuses an id starts afresh."""
+    _COMMUNICATORS.clear()
+    _TWINS.clear()
 
 
 def communicator(group: dist.ProcessGroup) -> Communicator:

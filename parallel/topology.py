@@ -59,7 +59,8 @@ class Machine:
     share of a transfer that can hide behind compute (1 where DMA engines move the bytes; less on
     CPU gloo, whose copies run on the cores that compute); causal_tile: tokens T of the diagonal a
     causal kernel computes in full, so a causal block of L rows runs its useful FLOPs at
-    flops * L / (L + T) (tiles straddling the diagonal are computed whole and half thrown away)."""
+    flops * L / (L + T) (a device default, not measured: every schedule loses about the same to
+    it, so it moves the modelled times, not their order; measured on this box: ~560 at L=1024)."""
 
     ranks_per_node: int
     intra: LinkClass
@@ -81,7 +82,8 @@ def nic(gbps: float) -> LinkClass:
 
 LINKS: dict[str, LinkClass] = {
     # gloo over loopback TCP on this box (4 ranks on 2 cores: ~1.5 GB/s per rank for 4 MB ring
-    # exchanges, a few ms per hop under load, all-gather at half that rate); runs measure it instead
+    # exchanges, a few ms per hop under load, sends to every peer at once at about half that
+    # rate); runs measure it instead
     "cpu_gloo": LinkClass("cpu_gloo", 1.5e9, 1.5e9, 2e-3, False, all_gather_efficiency=0.5),
     # H100/H200 NVLink4 through NVSwitch: 450 GB/s per direction per GPU, ~370 GB/s reached by NCCL send/recv
     "nvswitch": LinkClass("nvswitch", 370e9, 370e9, 1e-5, False),
@@ -136,8 +138,8 @@ def describe(ranks_per_node: int, intra: LinkClass, inter: LinkClass, flops: flo
 # --- time of one transfer phase ---------------------------------------------------------------
 def transfer_seconds(flows, machine: Machine, all_gather: bool = False) -> tuple[float, dict]:
     """(seconds, bytes sent per (rank, "intra"|"inter")) of the flows [(src, dst, bytes)] between
-    global ranks, all in flight at once; all_gather: a hop of a ring all-gather (at the links'
-    all_gather_efficiency)."""
+    global ranks, all in flight at once; all_gather: a phase that sends to every peer at once or
+    a hop of NCCL's ring all-gather (at the links' all_gather_efficiency)."""
     port_out: dict = defaultdict(float)
     port_in: dict = defaultdict(float)
     pair: dict = defaultdict(float)
@@ -263,9 +265,8 @@ def _timed(fn, device: torch.device, reps: int = 3, group=None) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _calibration_blocks(device: torch.device, dtype: torch.dtype, kernel: str):
-    """fwd+bwd of the two block kinds a schedule runs, each 2 S^2 H d useful forward FLOPs: an
-    unmasked block (S/2 queries x S keys) and the causal diagonal block (S x S)."""
+def _calibration_block(device: torch.device, dtype: torch.dtype, kernel: str):
+    """(FLOPs, fwd+bwd of an unmasked block of S/2 queries x S keys): 2 S^2 H d forward FLOPs."""
     from ..kernels.attention import block_attn, block_attn_bwd
 
     S, H, d = CALIBRATION_SHAPE["cuda" if device.type == "cuda" else "cpu"]
@@ -279,23 +280,15 @@ def _calibration_blocks(device: torch.device, dtype: torch.dtype, kernel: str):
         return run
 
     half = (q[:, S // 2:].contiguous(), dout[:, S // 2:].contiguous())
-    return S, 2 * (1 + BACKWARD_FLOPS) * S * S * H * d, block(*half, False), block(q, dout, True)
+    return 2 * (1 + BACKWARD_FLOPS) * S * S * H * d, block(*half, False)
 
 
 def measure_attention_flops(device: torch.device, dtype: torch.dtype, kernel: str = "auto", reps: int = 3,
                             group=None) -> float:
     """FLOP/s of attention forward + backward (kernels.attention) on this rank, on the unmasked
     block a schedule runs (S/2 queries x S keys; backward BACKWARD_FLOPS x forward)."""
-    _, flops, unmasked, _ = _calibration_blocks(device, dtype, kernel)
+    flops, unmasked = _calibration_block(device, dtype, kernel)
     return flops / _timed(unmasked, device, reps, group)
-
-
-def measure_causal_tile(device: torch.device, dtype: torch.dtype, kernel: str = "auto", reps: int = 3,
-                        group=None) -> float:
-    """Machine.causal_tile from the causal S x S block against the unmasked block of the same
-    useful FLOPs: t_causal / t_unmasked = (S + T) / S."""
-    S, _, unmasked, causal = _calibration_blocks(device, dtype, kernel)
-    return max(0.0, S * (_timed(causal, device, reps, group) / _timed(unmasked, device, reps, group) - 1.0))
 
 
 def measure_memory_bandwidth(device: torch.device, group=None) -> float:
@@ -335,15 +328,11 @@ def measure_link(group, device: torch.device, nbytes: int = 1 << 22) -> tuple[fl
         return run
 
     def gather(numel):
-        from .p2p import communicator
+        from .p2p import Communicator
 
         pieces, whole = torch.ones(world, numel, device=dev), torch.empty(world, numel, device=dev)
-        comm = communicator(group)
-
-        def run():
-            comm.to_every_peer(pieces, whole)
-            comm.reset()  # calibration traffic is not the schedules'
-        return run
+        comm = Communicator(group)  # its own counters: calibration traffic is not the schedules'
+        return lambda: comm.to_every_peer(pieces, whole)
 
     def timed(run, reps):  # a fixed count: every exchange needs its peers, so ranks repeat alike
         run()
@@ -406,9 +395,8 @@ def machine_for_run(parallel_recipe, device, dtype: torch.dtype = torch.bfloat16
     flops, memory_bandwidth, tile = float(tflops) * 1e12 if tflops != "auto" else None, defaults["memory_bandwidth"], \
         defaults["causal_tile"]
     if flops is None:
-        flops, memory_bandwidth, tile = _mean_over(group, device, [
-            measure_attention_flops(device, dtype, kernel, group=group), measure_memory_bandwidth(device, group),
-            measure_causal_tile(device, dtype, kernel, group=group)])
+        flops, memory_bandwidth = _mean_over(group, device, [
+            measure_attention_flops(device, dtype, kernel, group=group), measure_memory_bandwidth(device, group)])
     # gloo over loopback depends on the box and its load: measured whenever the run calibrates
     if tflops == "auto" and intra.name == "cpu_gloo" and group is not None and dist.get_world_size(group) > 1:
         bandwidth, latency, efficiency = measure_link(group, device)

@@ -27,12 +27,15 @@ from . import layout
 from .p2p import communicator
 
 
-def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
-    """x [P, ...] -> y [P, ...] with y[j] = rank j's x[me]."""
+def _all_to_all(x: torch.Tensor, group, native: bool | None = None) -> torch.Tensor:
+    """x [P, ...] -> y [P, ...] with y[j] = rank j's x[me]. native: torch's all-to-all (NCCL);
+    otherwise one batch of point-to-point transfers (gloo); None picks by the backend."""
     comm = communicator(group)
     x = x.contiguous()
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous, unlike empty_like of a view
-    if dist.get_backend(group) == "nccl":
+    if native is None:
+        native = dist.get_backend(group) == "nccl"
+    if native:
         dist.all_to_all_single(y, x, group=group)
         per_peer = x[0].numel() * x.element_size()
         for peer in range(comm.world):

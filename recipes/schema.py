@@ -104,7 +104,7 @@ class ParallelRecipe:
         "auto", "Sequence-parallel attention schedule; hybrid = Ulysses over parallel.sp_inner ranks inside a node x parallel.hybrid_outer across them; auto = least modelled time on this machine (parallel.link, inter_node_gbps, attention_tflops) for the heads, length and rows."
     )
     sp_inner: int | Literal["auto"] = _f(
-        "auto", "hybrid (and auto's hybrid candidate): Ulysses degree inside a node, a divisor of sp_degree that divides the query heads; auto = the largest such divisor <= ranks per node. A bucket at a smaller sp degree d uses gcd(sp_inner, d).", ge=1
+        "auto", "hybrid (and auto's hybrid candidate): Ulysses degree inside a node, a divisor of sp_degree that divides the query heads; auto = the largest such divisor that also divides the ranks per node (inner groups stay on one node). A bucket at a smaller sp degree d uses gcd(sp_inner, d).", ge=1
     )
     hybrid_outer: Literal["auto", "token_ring", "ring", "bidir_kv", "allgather_kv"] = _f(
         "auto", "hybrid: the schedule across the outer ranks (same inner index); auto = least modelled time."

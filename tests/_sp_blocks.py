@@ -54,8 +54,9 @@ def _allgather(shards, P, kernel, S):
     for r in range(P):
         o_parts, l_parts = [], []
         for rows, blocks in allgather_kv._query_chunks(r, P, c):
-            out = lse = None
-            for keys, causal in blocks:
+            # the diagonal from the rank's own shard (local rows), as allgather_kv does while gathering
+            out, lse = merge(None, None, *block_attn(qs[r][:, rows], ks[r][:, rows], vs[r][:, rows], True, impl=kernel))
+            for keys, causal in blocks[1:]:
                 out, lse = merge(out, lse, *block_attn(qs[r][:, rows], k_all[:, keys], v_all[:, keys], causal, impl=kernel))
             o_parts.append(out)
             l_parts.append(lse)
@@ -66,8 +67,9 @@ def _allgather(shards, P, kernel, S):
     dv_all = torch.zeros_like(dk_all)
     for r in range(P):
         for rows, blocks in allgather_kv._query_chunks(r, P, c):
-            for keys, causal in blocks:
-                dq_b, dk_b, dv_b = block_attn_bwd(dos[r][:, rows], qs[r][:, rows], k_all[:, keys], v_all[:, keys],
+            for i, (keys, causal) in enumerate(blocks):
+                k_src, v_src = (ks[r][:, rows], vs[r][:, rows]) if i == 0 else (k_all[:, keys], v_all[:, keys])
+                dq_b, dk_b, dv_b = block_attn_bwd(dos[r][:, rows], qs[r][:, rows], k_src, v_src,
                                                   outs[r][:, rows], lses[r][:, :, rows], causal, impl=kernel)
                 dq[r][:, rows] += dq_b.float()
                 dk_all[:, keys] += dk_b.float()

@@ -173,6 +173,12 @@ def _collectives_worker(rank, world):
     pieces = torch.arange(world * 6, dtype=torch.float32).view(world, 2, 3) * (rank + 1)
     summed = {native: allgather_kv.reduce_scatter(pieces, group, native=native) for native in (False, True)}
     gathered = allgather_kv.all_gather(torch.full((2, 3), float(rank)), group)
+    # the NCCL path (torch's all-gather, left in flight) as gloo can run it
+    native_gathered, pending = allgather_kv.all_gather(torch.full((2, 3), float(rank)), group, native=True, wait=False)
+    pending.wait()
+    from longctx.parallel import ulysses
+    a2a = {native: ulysses._all_to_all(torch.arange(world * 4.0).view(world, 4) + 100 * rank, group, native=native)
+           for native in (False, True)}
 
     comm = p2p.communicator(group)
     comm.reset()
@@ -188,22 +194,26 @@ def _collectives_worker(rank, world):
         heads_error = None
     except ValueError as e:
         heads_error = str(e)
-    return summed, gathered, forward_bytes, backward_bytes, heads_error
+    return summed, gathered, forward_bytes, backward_bytes, heads_error, native_gathered, a2a
 
 
 def test_collectives_bytes_and_head_check():
-    """reduce_scatter's two paths (torch's reduce-scatter as on NCCL, all-to-all + sum as on
-    gloo) agree with the sum; all-gather is in rank order; allgather_kv's bytes are one K/V
-    shard per peer each way plus one fp32 dK/dV shard per peer; hybrid names the heads."""
+    """The collectives' two paths (torch's own, as on NCCL, and one batch of point-to-point
+    transfers, as on gloo) agree: reduce-scatter with the sum, all-gather (also left in flight)
+    in rank order, Ulysses' all-to-all; allgather_kv's bytes are one K/V shard per peer each way
+    plus one fp32 dK/dV shard per peer; hybrid names the heads."""
     world = 3
     results = _dist.run(_collectives_worker, world)
     pieces = torch.arange(world * 6, dtype=torch.float32).view(world, 2, 3)
     total = sum(pieces * (r + 1) for r in range(world))
     kv_shard_bytes = 2 * 8 * 2 * 16 * 4  # K and V, n = 8 tokens, 2 heads, D = 16, fp32
-    for rank, (summed, gathered, forward_bytes, backward_bytes, heads_error) in enumerate(results):
+    for rank, (summed, gathered, forward_bytes, backward_bytes, heads_error, native_gathered, a2a) in enumerate(results):
         for native, got in summed.items():
             assert torch.equal(got, total[rank]), f"native={native}"
         assert torch.equal(gathered[:, 0, 0], torch.arange(world, dtype=torch.float32))
+        assert torch.equal(native_gathered, gathered)
+        want = torch.stack([torch.arange(4.0) + 4 * rank + 100 * j for j in range(world)])  # y[j] = rank j's x[me]
+        assert torch.equal(a2a[False], want) and torch.equal(a2a[True], want)
         assert forward_bytes == (world - 1) * kv_shard_bytes
         assert backward_bytes == 2 * (world - 1) * kv_shard_bytes  # gather again + fp32 reduce-scatter
         assert heads_error is not None and "query heads (4)" in heads_error and "degree (3)" in heads_error

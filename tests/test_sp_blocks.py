@@ -22,7 +22,7 @@ def _case(B, S, Hq, Hkv, D, dtype, device="cpu", seed=0):
 @pytest.mark.parametrize("P", [3, 4])
 @pytest.mark.parametrize("name", _sp_blocks.SCHEDULES)
 def test_block_composition_matches_whole_sequence(name, P, dtype):
-    (q, k, v, dout), want = _case(1, 77, 6, 2, 32, dtype)
+    (q, k, v, dout), want = _case(2, 77, 6, 2, 32, dtype)
     got = _sp_blocks.emulate(name, q, k, v, dout, P, "auto")
     base = _sp_blocks.whole(q, k, v, dout, "auto")
     problems = _sp_blocks.errors(got, want, base, dtype, P)

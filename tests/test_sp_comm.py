@@ -175,3 +175,79 @@ def test_hybrid_counters_match_the_model(outer):
     model = bytes_moved("hybrid", Shape(S, Hq, Hkv, D, 4, 4, memo=True), sp_inner=2, outer=outer)
     assert sum(f["bytes_sent"] for f, _ in stats) == pytest.approx(4 * sum(model["fwd"].values()))
     assert sum(b["bytes_sent"] for _, b in stats) == pytest.approx(4 * sum(model["bwd"].values()))
+
+
+def _autograd_count_worker(rank, world, name, S, Hq, Hkv, D, inner=1, outer="ring"):
+    """Bytes of the autograd path (what runs without MEMO): forward, then .backward()."""
+    import torch.distributed as dist
+    from longctx.parallel import hybrid, p2p
+    from longctx.parallel.attention import SCHEDULE_FUNCTIONS
+
+    q, k, v, dout = _shards(rank, world, S, Hq, Hkv, D)
+    group = hybrid.make_groups(list(range(world)), inner, outer) if name == "hybrid" else dist.group.WORLD
+    comms = [p2p.communicator(g) for g in ((group.inner, group.outer) if name == "hybrid" else (group,))]
+    for c in comms:
+        c.reset()
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = SCHEDULE_FUNCTIONS[name](q, k, v, group)
+    fwd = sum(c.stats()["bytes_sent"] for c in comms)
+    out.backward(dout)
+    return fwd, sum(c.stats()["bytes_sent"] for c in comms) - fwd
+
+
+@pytest.mark.parametrize("name,inner", [("ulysses", 1), ("hybrid", 2)])
+def test_autograd_path_counters_match_the_model(name, inner):
+    """Without MEMO, Ulysses (and hybrid's inner part) keep the head-layout tensors for backward
+    and scatter only dO: the chooser's bytes_moved with Shape.memo False, summed over ranks."""
+    from longctx.parallel.choose import Shape, bytes_moved
+
+    S, Hq, Hkv, D = 48, 4, 2, 8
+    stats = _dist.run(_autograd_count_worker, 4, name, S, Hq, Hkv, D, inner)
+    model = bytes_moved(name, Shape(S, Hq, Hkv, D, 4, 4), sp_inner=inner if name == "hybrid" else None,
+                        outer="ring" if name == "hybrid" else None)
+    assert sum(f for f, _ in stats) == pytest.approx(4 * sum(model["fwd"].values()))
+    assert sum(b for _, b in stats) == pytest.approx(4 * sum(model["bwd"].values()))
+
+
+def _order_worker(rank, world):
+    import torch.distributed as dist
+    from longctx.parallel import allgather_kv, bidir_kv, p2p
+
+    q, k, v, dout = _shards(rank, world, 16 * world, 2, 2, 16)
+    group = dist.group.WORLD
+    with p2p.tracing() as fwd:
+        out, lse = allgather_kv.forward(group, q, k, v)
+    with p2p.tracing() as bwd:
+        allgather_kv.backward(group, dout, q, k, v, out, lse)
+    b_out, b_lse = bidir_kv.forward(group, q, k, v)
+    with p2p.tracing() as bidir:
+        bidir_kv.backward(group, dout, q, k, v, b_out, b_lse)
+    return fwd, bwd, bidir
+
+
+@pytest.mark.parametrize("world", [3, pytest.param(7, marks=pytest.mark.slow)])
+def test_allgather_overlaps_its_diagonal_and_bidir_posts_blocks_before_returns(world):
+    """allgather_kv posts its all-gather, computes the two diagonal blocks (local keys) and only
+    then waits, in forward and backward; bidir_kv's backward posts the counter-clockwise block of
+    step s+1 on the return channel before the partials of step s-1 (7 ranks: step 2 has both)."""
+    for rank, (fwd, bwd, bidir) in enumerate(_dist.run(_order_worker, world)):
+        for events, phase in ((fwd, "forward"), (bwd, "backward")):
+            post, wait, _ = _gather_post(events)
+            begin, end = _index(events, "begin", "diagonal"), _index(events, "end", "diagonal")
+            assert post < begin < end < wait, f"allgather_kv rank {rank} {phase}: {events}"
+        returns = [(i, e[3]) for i, e in enumerate(bidir) if e[0] == "post" and e[2] == "return"]
+        checked = [s for s in range(2, world // 2) if (2 * (s + 1)) % world]  # steps whose next block goes both ways
+        assert checked or world < 7
+        for s in checked:
+            kv = next(i for i, what in returns if what == f"kv {s + 1}")
+            partial = next(i for i, what in returns if what == f"partial {s - 1}")
+            assert kv < partial, f"bidir_kv rank {rank}: returns of step {s - 1} posted ahead of the block of step {s + 1}"
+
+
+def _gather_post(events):
+    """(post index, wait index, channel) of the one all-gather."""
+    posts = [(i, e[1], e[2]) for i, e in enumerate(events) if e[0] == "post" and e[3] == "all-gather"]
+    assert len(posts) == 1, events
+    i, ident, channel = posts[0]
+    waits = [j for j, e in enumerate(events) if e[0] == "wait" and e[1] == ident]
+    return i, waits[0] if waits else None, channel

@@ -263,3 +263,24 @@ def test_eta_follows_the_curriculum_lengths_and_the_run_says_where_it_is(tmp_pat
     assert f"run folder: {(tmp_path / 'w').resolve()}" in text
     assert f"wandb sync {tmp_path / 'w' / 'wandb' / 'latest-run'}" in text
     assert "finished: steps 1-2 of 2" in text and "checkpoint step-2" in text
+
+
+def test_attention_is_priced_per_micro_batch():
+    """The sp schedule is chosen for the rows one attention call sees: a micro-batch's."""
+    from types import SimpleNamespace
+
+    from longctx.parallel.attention import SequenceParallelAttention
+    from longctx.train.trainer import _micro_rows
+
+    r = SimpleNamespace(data=SimpleNamespace(batching="decompose"),
+                        train=SimpleNamespace(micro_batch_tokens=None, grad_accum=1))
+    assert _micro_rows(r, 8, 1024) == 8
+    r.train.micro_batch_tokens = 2048
+    assert _micro_rows(r, 8, 1024) == 2
+    r.train.micro_batch_tokens = 100
+    assert _micro_rows(r, 8, 1024) == 1
+    r.data.batching, r.train.grad_accum = "pack", 3
+    assert _micro_rows(r, 8, 1024) == 3
+    # memory.policy keeping (out, lse) is priced as MEMO's own backward
+    assert SequenceParallelAttention("ring", {}, 4, 2, 8, 2, kept=True)._shape(2, 64, 1).memo
+    assert not SequenceParallelAttention("ring", {}, 4, 2, 8, 2)._shape(2, 64, 1).memo

@@ -34,7 +34,7 @@ KERNELS = [
 @pytest.mark.parametrize("kernel,dtype", KERNELS)
 def test_schedule_blocks_with_cuda_kernels(kernel, dtype, name, P):
     g = torch.Generator().manual_seed(0)
-    B, S, Hq, Hkv, D = 1, 1000, 8, 2, 64  # GQA, a length that is no multiple of 2P
+    B, S, Hq, Hkv, D = 2, 1000, 8, 2, 64  # GQA, two rows (strided local slices), a length that is no multiple of 2P
     q, dout = (torch.randn(B, S, Hq, D, generator=g) for _ in range(2))
     k, v = (torch.randn(B, S, Hkv, D, generator=g) for _ in range(2))
     with _gpu.ieee_fp32():
@@ -55,4 +55,4 @@ def test_calibration_on_cuda_measures_a_plausible_machine():
     machine = topology.machine_for_run(recipe, torch.device("cuda"), torch.bfloat16)
     assert 1e12 < machine.flops < 5e15, machine  # between a small GPU and beyond any H200
     assert 1e11 < machine.memory_bandwidth < 2e13, machine
-    assert machine.intra.name in topology.INTRA_LINKS and machine.overlap == 1.0
+    assert topology.detect_intra_link(torch.device("cuda")) == machine.intra.name  # nvidia-smi read on this machine
