@@ -36,12 +36,6 @@ _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_i
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-def _count_per_peer(comm, nbytes: int) -> None:
-    for peer in range(comm.world):
-        if peer != comm.rank:
-            comm.count("direct", nbytes, peer)
-
-
 def all_gather(x: torch.Tensor, group, native: bool | None = None, wait: bool = True):
     """[P, *x.shape]: every group rank's x, in group-rank order; with wait=False, (that buffer,
     Pending) with the transfers still in flight.
@@ -56,7 +50,7 @@ def all_gather(x: torch.Tensor, group, native: bool | None = None, wait: bool = 
     gathered = torch.empty(comm.world * x.numel(), dtype=x.dtype, device=x.device)
     if native:
         work = _all_gather_flat(gathered, x.view(-1), group=group, async_op=True)
-        _count_per_peer(comm, x.numel() * x.element_size())
+        comm.count_each_peer(x.numel() * x.element_size())
         pending = posted([work], "all-gather")
     else:
         pending = comm.to_every_peer(x.view(1, -1).expand(comm.world, -1), gathered.view(comm.world, -1),
@@ -79,7 +73,7 @@ def reduce_scatter(pieces: torch.Tensor, group, native: bool | None = None) -> t
         native = dist.get_backend(group) in NATIVE_COLLECTIVE_BACKENDS
     pieces = pieces.contiguous()
     if native:
-        _count_per_peer(comm, pieces[0].numel() * pieces.element_size())
+        comm.count_each_peer(pieces[0].numel() * pieces.element_size())
         mine = torch.empty(pieces[0].numel(), dtype=pieces.dtype, device=pieces.device)
         _reduce_scatter_flat(mine, pieces.view(-1), group=group)
         return mine.view(pieces.shape[1:])

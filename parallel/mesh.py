@@ -128,16 +128,12 @@ def add_hybrid_groups(mesh: Mesh, sp_inner: int) -> dict:
         u = inner_degree(sp_inner, size)
         if size == 1 or u in (1, size):
             continue
-        inner_sets, outer_sets = hybrid_layout(size, u)
-        found = [None, None]
-        for start in range(0, mesh.world, size):
-            for which, sets in enumerate((inner_sets, outer_sets)):
-                for ranks in sets:
-                    members = [start + r for r in ranks]
-                    group = p2p.new_group(members, twin=which == 1)  # the outer ring has a return channel
-                    if mesh.rank in members:
-                        found[which] = group
-        mesh.hybrid_groups[size] = (found[0], found[1], u)
+        from .hybrid import make_groups  # the schedules sit above the mesh
+
+        for start in range(0, mesh.world, size):  # every sub-group of this size, on every rank
+            mine = make_groups(list(range(start, start + size)), u)
+            if mine is not None:
+                mesh.hybrid_groups[size] = (mine.inner, mine.outer, u)
     return mesh.hybrid_groups
 
 

@@ -163,6 +163,12 @@ class Communicator:
             pending.wait()
         return pending
 
+    def count_each_peer(self, nbytes: int) -> None:
+        """Records a collective that sends `nbytes` to every other rank (and receives as much)."""
+        for peer in range(self.world):
+            if peer != self.rank:
+                self.count("direct", nbytes, peer)
+
     def count(self, direction: str, nbytes: int, peer: int | None = None, received: int | None = None) -> None:
         """Records bytes moved by a collective (e.g. Ulysses' all-to-all) under `direction`; the
         rank receives as much unless `received` says otherwise (true of all-to-all, all-gather

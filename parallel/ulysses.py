@@ -37,10 +37,7 @@ def _all_to_all(x: torch.Tensor, group, native: bool | None = None) -> torch.Ten
         native = dist.get_backend(group) == "nccl"
     if native:
         dist.all_to_all_single(y, x, group=group)
-        per_peer = x[0].numel() * x.element_size()
-        for peer in range(comm.world):
-            if peer != comm.rank:
-                comm.count("direct", per_peer, peer)
+        comm.count_each_peer(x[0].numel() * x.element_size())
     else:  # gloo: one batch of point-to-point transfers (p2p.Communicator.to_every_peer)
         comm.to_every_peer(x, y, what="all-to-all")
     return y
