@@ -103,8 +103,14 @@ def _case(impl: str, n: int, vocab: int, hidden: int, dtype_name: str, device: s
         peak = torch.cuda.max_memory_allocated() - base - grad_bytes
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base - grad_bytes
-    return {"impl": impl, "resolved_impl": _resolved(impl, device), "n_tokens": n, "vocab": vocab, "hidden": hidden,
-            "dtype": dtype_name,
+    resolved = _resolved(impl, device)
+    blocks = {}
+    if resolved == "cce_triton":  # the tiles each kernel ran with: (BLOCK_N, BLOCK_V, BLOCK_D, warps, stages)
+        from longctx.kernels.cce import resolve_blocks
+
+        blocks = {"blocks": resolve_blocks(dtype, torch.device(device))}
+    return {"impl": impl, "resolved_impl": resolved, **blocks,
+            "n_tokens": n, "vocab": vocab, "hidden": hidden, "dtype": dtype_name,
             "seconds_fwd_bwd": round(seconds, 4), "peak_bytes": int(max(peak, 0)), "loss": round(loss.item(), 5),
             "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu {platform.processor() or platform.machine()}",
             "threads": torch.get_num_threads()}

@@ -21,7 +21,8 @@
 #              measured peak vs `longctx plan`
 # Output goes to $OUT when set (the files that come back from the GPU machine), else to
 # bench/results/tmp/: <prefix>-<step>.jsonl per benchmark, <prefix>-pytest.log, <prefix>-suite.log
-# (installs and every step's stderr) and <prefix>-suite.json (machine, steps, every target);
+# (installs and every step's stderr), <prefix>-failures.log (each failing test's traceback, written as
+# it fails) and <prefix>-suite.json (machine, steps, every target);
 # prefix gpu, or dryrun. The last line printed is {"summary": ...} of the whole suite.
 # The steps share GPU_SUITE_BUDGET_S seconds (default 510; the summary then takes a few): each gets its allotment plus what
 # earlier steps left unused, and each benchmark gets its share as --time-budget, so it stops
@@ -48,7 +49,8 @@ else
   PREFIX=gpu
   BUDGET=${GPU_SUITE_BUDGET_S:-510}
   export TRITON_INTERPRET=0
-  declare -A ALLOT=([install]=30 [pytest]=180 [cce]=95 [attention]=40 [memo_swap]=65 [step]=100)
+  # from the H200 run of 2026-11-30: pytest took ~185 s in all, cce 61, attention 11, memo_swap 47
+  declare -A ALLOT=([install]=30 [pytest]=220 [cce]=75 [attention]=25 [memo_swap]=55 [step]=80)
 fi
 ORDER=(install pytest cce attention memo_swap step)
 DEST=${OUT:-bench/results/tmp}
@@ -152,7 +154,10 @@ else
   # slowest tests listed at the end; with pytest-timeout (in the GPU image) one stuck test cannot eat the step
   TIMEOUT_ARGS=()
   "$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_ARGS=(--timeout=120)
-  run_step pytest "$DEST/$PREFIX-pytest.log" "$PY" -m pytest -q -rs --durations=15 ${TIMEOUT_ARGS[@]+"${TIMEOUT_ARGS[@]}"} -m gpu tests/gpu
+  # each failure's traceback lands in <prefix>-failures.log as it happens (tests/conftest.py)
+  : > "$DEST/$PREFIX-failures.log"
+  LONGCTX_FAILURES_TO="$DEST/$PREFIX-failures.log" \
+    run_step pytest "$DEST/$PREFIX-pytest.log" "$PY" -m pytest -q -rs --durations=15 ${TIMEOUT_ARGS[@]+"${TIMEOUT_ARGS[@]}"} -m gpu tests/gpu
 fi
 
 if [[ $MODE == dry ]]; then

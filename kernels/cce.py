@@ -151,11 +151,90 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if allowed else "ieee"
 
 
+# Tiles: (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages) per kernel. DEFAULT_BLOCKS is the CPU
+# interpreter's, and any kernel's on CUDA unless CUDA_BLOCKS says otherwise. CUDA_BLOCKS holds what
+# Triton's autotuner picked on an H200 over CANDIDATES at Llama-3's head (N=65536, V=128256,
+# D=4096, bf16; bench/results/gpu-h200-cce-autotune.jsonl): the forward's bigger tiles, the
+# backward's default (its larger candidates were slower). fp32 tiles take twice the shared memory,
+# so fp32 keeps the defaults. `autotune=True` times CANDIDATES on the caller's own shape instead
+# (once per (V, D, dtypes) and process; each candidate compiles, ~5 s apiece).
+DEFAULT_BLOCKS = (64, 128, 32, 4, 3)
+CUDA_BLOCKS = {torch.bfloat16: {"fwd": (128, 256, 64, 8, 3)}, torch.float16: {"fwd": (128, 256, 64, 8, 3)}}
+CANDIDATES = {
+    "fwd": [DEFAULT_BLOCKS, (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 4, 3)],
+    "bwd": [DEFAULT_BLOCKS, (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)],
+}
+_TUNED: list | None = None  # [fwd, bwd] autotuners over CANDIDATES, built on first use
+
+
+def _time_on_cuda(fn, quantiles=None):
+    """The autotuner's timer: one warm-up run (it compiles), then the mean of two runs by CUDA
+    events. Triton's default do_bench first runs 5 estimates and then ~100 ms of repeats, which
+    at the head's full size (N x V x D ~ 3.4e13 MACs) is seconds per config."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    fn()
+    end.record()
+    end.synchronize()
+    ms = start.elapsed_time(end) / 2
+    return [ms, ms, ms] if quantiles else ms
+
+
+def tuned(configs: dict | None = None, do_bench=_time_on_cuda) -> list:
+    """[fwd, bwd] autotuned launchers over `configs` (default CANDIDATES). Between timed runs the
+    autotuner zeroes what the kernels accumulate into with atomics (the forward's column sums, the
+    backward's dH and dW), so the run that counts starts from zero like an untuned one."""
+    configs = configs or CANDIDATES
+
+    def make(kind):
+        return [triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd}, num_warps=w, num_stages=st)
+                for bn, bv, bd, w, st in configs[kind]]
+
+    return [triton.autotune(make("fwd"), key=["V", "D"], reset_to_zero=["COLSUM"], do_bench=do_bench)(_cce_fwd),
+            triton.autotune(make("bwd"), key=["V", "D"], reset_to_zero=["DH", "DW"], do_bench=do_bench)(_cce_bwd)]
+
+
+def tuned_choices() -> dict:
+    """What the module's autotuners picked so far: {"fwd"|"bwd": {key: "BLOCK_N: ..."}} (bench/cce.py)."""
+    if _TUNED is None:
+        return {}
+    return {kind: {str(key): str(cfg) for key, cfg in tuner.cache.items()} for kind, tuner in zip(("fwd", "bwd"), _TUNED)}
+
+
+def _launch(blocks, which: int, kernel, grid, *args, **kwargs) -> None:
+    """Runs `kernel` (which: 0 forward, 1 backward) with fixed `blocks` ({"fwd"|"bwd": 5-tuple})
+    or, when `blocks` is a list of autotuners, with the one at `which` and the config it picks;
+    `grid` maps the block sizes to the launch grid."""
+    if isinstance(blocks, list):
+        blocks[which][lambda meta: grid(meta["BLOCK_N"], meta["BLOCK_V"])](*args, **kwargs)
+        return
+    bn, bv, bd, warps, stages = blocks[("fwd", "bwd")[which]]
+    kernel[grid(bn, bv)](*args, **kwargs, BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, num_warps=warps, num_stages=stages)
+
+
+def resolve_blocks(dtype: torch.dtype, device: torch.device, block_n=None, block_v=None, block_d=None,
+                   autotune: bool = False):
+    """The kernels' tiles: explicit sizes (DEFAULT_BLOCKS fills the rest) for both kernels; else the
+    module's autotuners when `autotune` (CUDA only); else DEFAULT_BLOCKS, with CUDA_BLOCKS[dtype]
+    over it on a GPU (not under the interpreter)."""
+    global _TUNED
+    on_gpu = device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+    if any(b is not None for b in (block_n, block_v, block_d)):
+        fixed = tuple(b if b is not None else d for b, d in zip((block_n, block_v, block_d), DEFAULT_BLOCKS))
+        return {"fwd": fixed + DEFAULT_BLOCKS[3:], "bwd": fixed + DEFAULT_BLOCKS[3:]}
+    if autotune and on_gpu:
+        if _TUNED is None:
+            _TUNED = tuned()
+        return _TUNED
+    return {"fwd": DEFAULT_BLOCKS, "bwd": DEFAULT_BLOCKS, **(CUDA_BLOCKS.get(dtype, {}) if on_gpu else {})}
+
+
 class _CCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, softcap, z_loss, reduction, opts):
         filter_eps, sort_vocab, blocks = opts
-        BN, BV, BD = blocks
         N, D = hidden.shape
         V = weight.shape[0]
         hidden, weight = hidden.contiguous(), weight.contiguous()
@@ -167,12 +246,11 @@ class _CCE(torch.autograd.Function):
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         colsum = torch.zeros(V, dtype=torch.float32, device=hidden.device) if needs_grad and sort_vocab else lse
         if n:
-            _cce_fwd[(triton.cdiv(n, BN),)](
-                hidden, weight, rows, y, lse, target, colsum, n, V, D, hidden.stride(0), weight.stride(0),
-                float(softcap or 1.0), HAS_SOFTCAP=softcap is not None, COLLECT_COLSUM=needs_grad and sort_vocab,
-                DOT_FP32=_dot_fp32(hidden.dtype), DOT_PRECISION=_dot_precision(hidden.dtype),
-                BLOCK_N=BN, BLOCK_V=BV, BLOCK_D=BD,
-            )
+            _launch(blocks, 0, _cce_fwd, lambda bn, bv: (triton.cdiv(n, bn),),
+                    hidden, weight, rows, y, lse, target, colsum, n, V, D, hidden.stride(0), weight.stride(0),
+                    float(softcap or 1.0), HAS_SOFTCAP=softcap is not None,
+                    COLLECT_COLSUM=needs_grad and sort_vocab, DOT_FP32=_dot_fp32(hidden.dtype),
+                    DOT_PRECISION=_dot_precision(hidden.dtype))
         nll = lse - target
         per_token = nll + z_loss * lse * lse if z_loss else nll
         if needs_grad:
@@ -188,7 +266,7 @@ class _CCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, rows, y, lse, order = ctx.saved_tensors
-        N, V, D, n, softcap, z_loss, reduction, eps, (BN, BV, BD) = ctx.meta
+        N, V, D, n, softcap, z_loss, reduction, eps, blocks = ctx.meta
         if reduction == "none":
             g = grad_out[rows].float().contiguous()
         else:
@@ -197,12 +275,11 @@ class _CCE(torch.autograd.Function):
         dh = torch.zeros((N, D), dtype=torch.float32, device=hidden.device)  # ignored rows stay 0
         dw = torch.zeros((V, D), dtype=torch.float32, device=hidden.device)
         if n:
-            _cce_bwd[(triton.cdiv(n, BN), triton.cdiv(V, BV))](
-                hidden, weight, rows, y, order, lse, g, dh, dw, n, V, D,
-                hidden.stride(0), weight.stride(0), float(softcap or 1.0), float(z_loss), float(eps or 0.0),
-                HAS_SOFTCAP=softcap is not None, FILTER=eps is not None, DOT_FP32=_dot_fp32(hidden.dtype),
-                DOT_PRECISION=_dot_precision(hidden.dtype), BLOCK_N=BN, BLOCK_V=BV, BLOCK_D=BD,
-            )
+            _launch(blocks, 1, _cce_bwd, lambda bn, bv: (triton.cdiv(n, bn), triton.cdiv(V, bv)),
+                    hidden, weight, rows, y, order, lse, g, dh, dw, n, V, D,
+                    hidden.stride(0), weight.stride(0), float(softcap or 1.0), float(z_loss), float(eps or 0.0),
+                    HAS_SOFTCAP=softcap is not None, FILTER=eps is not None, DOT_FP32=_dot_fp32(hidden.dtype),
+                    DOT_PRECISION=_dot_precision(hidden.dtype))
         return dh.to(hidden.dtype), dw.to(weight.dtype), None, None, None, None, None, None
 
 
@@ -216,9 +293,11 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     filter_eps: float | str | None = "auto",
     sort_vocab: bool = True,
-    block_n: int = 64,
-    block_v: int = 128,
-    block_d: int = 32,
+    block_n: int | None = None,
+    block_v: int | None = None,
+    block_d: int | None = None,
+    autotune: bool = False,
+    blocks: dict | list | None = None,
 ) -> torch.Tensor:
     """Cut Cross-Entropy with Triton kernels; same contract as kernels.cce_torch.linear_cross_entropy.
 
@@ -227,6 +306,10 @@ def linear_cross_entropy(
     a number >= 0, or "off" / None to compute every tile (exact).
     Under autocast both inputs are cast to the autocast dtype; otherwise mixed dtypes are promoted.
     Gradients accumulate in fp32 buffers (atomics) and are cast to the input dtypes at the end.
+    block_n/block_v/block_d: fixed tiles for both kernels (any left None takes DEFAULT_BLOCKS');
+    none given: `resolve_blocks` (CUDA_BLOCKS on a GPU), or with `autotune` the fastest of CANDIDATES
+    on this shape (`tuned_choices()` says which). blocks: what `resolve_blocks` or `tuned()` returns,
+    to use as it is.
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction={reduction!r}: expected mean, sum or none")
@@ -236,5 +319,6 @@ def linear_cross_entropy(
     else:
         dtype = torch.promote_types(hidden.dtype, weight.dtype)
     hidden, weight = hidden.to(dtype), weight.to(dtype)  # no-op when already there; autograd casts grads back
-    opts = (resolve_filter_eps(filter_eps, dtype), sort_vocab, (block_n, block_v, block_d))
+    chosen = blocks if blocks is not None else resolve_blocks(dtype, hidden.device, block_n, block_v, block_d, autotune)
+    opts = (resolve_filter_eps(filter_eps, dtype), sort_vocab, chosen)
     return _CCE.apply(hidden, weight, labels, ignore_index, softcap, z_loss, reduction, opts)

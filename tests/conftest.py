@@ -31,3 +31,13 @@ def smollm2_dir() -> Path:
     from longctx.train.build import default_model_dir
 
     return default_model_dir()
+
+
+def pytest_runtest_logreport(report):
+    """With LONGCTX_FAILURES_TO=<file> (bench/gpu_suite.sh sets it), each failing test's report is
+    appended to that file the moment it fails: a suite step that `timeout` kills before pytest's
+    own summary still leaves what failed and why."""
+    path = os.environ.get("LONGCTX_FAILURES_TO")
+    if path and report.failed:
+        with open(path, "a") as f:
+            f.write(f"=== {report.nodeid} ({report.when}) FAILED after {report.duration:.1f}s\n{report.longreprtext}\n\n")

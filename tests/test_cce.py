@@ -243,3 +243,83 @@ def test_dot_precision_contract(monkeypatch):
         monkeypatch.setattr(torch.backends.cuda, "matmul", SimpleNamespace(**flags))
         assert _dot_precision(torch.float32) == want, flags
         assert _dot_precision(torch.bfloat16) == "ieee"  # bf16 tiles go to tl.dot as they are
+
+
+def test_autotuned_kernels_match_reference_and_start_from_zero():
+    """The CUDA path autotunes the block sizes (kernels/cce.py `tuned`): the autotuner runs each
+    candidate config several times on the real tensors before the run that counts, so what the
+    kernels accumulate with atomics (dH, dW, the column sums) must be zeroed between runs. Here the
+    same autotuners run under the interpreter with a wall-clock timer and two configs each: loss
+    and gradients equal the reference's (fp32, no filtering), and each kernel was timed."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton interpreter tests run where TRITON_INTERPRET=1 (CPU machines)")
+    import time
+
+    from longctx.kernels import cce
+
+    timed = []
+
+    def wall_clock(fn, quantiles=None):
+        t0 = time.perf_counter()
+        fn()
+        fn()
+        timed.append(fn)
+        t = (time.perf_counter() - t0) / 2
+        return [t, t, t] if quantiles else t
+
+    tuners = cce.tuned({"fwd": [(32, 64, 32, 4, 1), (16, 128, 16, 4, 1)],
+                        "bwd": [(32, 64, 32, 4, 1), (16, 64, 16, 4, 1)]}, do_bench=wall_clock)
+    hidden, weight, labels = _inputs(97, 301, 40)
+    got = _value_and_grads(cce.linear_cross_entropy, hidden, weight, labels, reduction="sum", filter_eps=None,
+                           blocks=tuners)
+    assert len(timed) == 4, "each of the 2 configs of each kernel is timed once"
+    _assert_fp32_close(got, _value_and_grads(reference, hidden, weight, labels, reduction="sum"))
+    # the picks are cached per (V, D, dtypes): a second call is not timed again and is still exact
+    again = _value_and_grads(cce.linear_cross_entropy, hidden, weight, labels, reduction="sum", filter_eps=None,
+                             blocks=tuners)
+    assert len(timed) == 4
+    _assert_fp32_close(again, got)
+
+
+def test_block_choice_contract(monkeypatch):
+    """Explicit sizes: both kernels, DEFAULT_BLOCKS filling the rest. The interpreter: DEFAULT_BLOCKS.
+    A GPU: CUDA_BLOCKS[dtype] over the defaults (bf16's forward takes the H200-tuned tiles, fp32
+    keeps the defaults: twice the shared memory per tile). `autotune` on a GPU: the module's
+    autotuners over CANDIDATES, whose first config is the default (tuning can only match or beat it)."""
+    from longctx.kernels import cce
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    default = {"fwd": cce.DEFAULT_BLOCKS, "bwd": cce.DEFAULT_BLOCKS}
+    assert cce.resolve_blocks(torch.bfloat16, cpu) == default
+    explicit = (32, *cce.DEFAULT_BLOCKS[1:])
+    assert cce.resolve_blocks(torch.bfloat16, cuda, block_n=32) == {"fwd": explicit, "bwd": explicit}
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert cce.resolve_blocks(torch.bfloat16, cuda, autotune=True) == default
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert cce.resolve_blocks(torch.float32, cuda) == default
+    bf16 = cce.resolve_blocks(torch.bfloat16, cuda)
+    assert bf16 == {"fwd": (128, 256, 64, 8, 3), "bwd": cce.DEFAULT_BLOCKS} and bf16 != default
+    monkeypatch.setattr(cce, "_TUNED", None)
+    tuners = cce.resolve_blocks(torch.bfloat16, cuda, autotune=True)
+    assert tuners is cce._TUNED and len(tuners) == 2
+    for kind, tuner in zip(("fwd", "bwd"), tuners):
+        first = tuner.configs[0]
+        assert (first.kwargs["BLOCK_N"], first.kwargs["BLOCK_V"], first.kwargs["BLOCK_D"], first.num_warps,
+                first.num_stages) == cce.DEFAULT_BLOCKS
+        assert len(tuner.configs) == len(cce.CANDIDATES[kind])
+    assert {"COLSUM"} == set(tuners[0].reset_to_zero) and {"DH", "DW"} == set(tuners[1].reset_to_zero)
+
+
+def test_fixed_cuda_tiles_run_exact_in_the_interpreter():
+    """The forward and backward with the tiles a GPU gets (CUDA_BLOCKS for bf16: the forward's
+    128 x 256 x 64) and with different tiles per kernel: fp32 values and gradients equal the
+    reference's. (Warps and stages mean nothing to the interpreter; tests/gpu runs them compiled.)"""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton interpreter tests run where TRITON_INTERPRET=1 (CPU machines)")
+    from longctx.kernels import cce
+
+    hidden, weight, labels = _inputs(150, 301, 72)
+    blocks = {"fwd": cce.CUDA_BLOCKS[torch.bfloat16]["fwd"], "bwd": (16, 64, 32, 4, 3)}
+    got = _value_and_grads(cce.linear_cross_entropy, hidden, weight, labels, reduction="sum", filter_eps=None,
+                           blocks=blocks)
+    _assert_fp32_close(got, _value_and_grads(reference, hidden, weight, labels, reduction="sum"))

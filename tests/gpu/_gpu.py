@@ -51,3 +51,39 @@ def assert_compiled_triton() -> None:
 
 def max_abs(t: torch.Tensor) -> float:
     return t.abs().max().item() if t.numel() else 0.0
+
+
+def active_blocks() -> dict[int, dict]:
+    """The caching allocator's live blocks now: {address: block}, each with its size and, while
+    `torch.cuda.memory._record_memory_history` records, the stack that allocated it ({} when the
+    snapshot cannot be read)."""
+    live = {}
+    try:
+        segments = torch.cuda.memory._snapshot()["segments"]
+    except Exception:
+        return live
+    for segment in segments:
+        for block in segment["blocks"]:
+            if block["state"] == "active_allocated":
+                live[block["address"]] = dict(block, stream=segment.get("stream"))
+    return live
+
+
+def describe_new_blocks(before: dict[int, dict], known: set[int] = frozenset(), limit: int = 6) -> str:
+    """The blocks live now that were not live in `before` and hold none of the `known` data
+    pointers, largest first, each with its size, stream and the innermost Python frames of its
+    allocation (when history was recorded)."""
+    def is_known(block):
+        return any(block["address"] <= p < block["address"] + block["size"] for p in known)
+
+    try:
+        new = sorted((b for a, b in active_blocks().items() if a not in before and not is_known(b)),
+                     key=lambda b: -b["size"])
+    except Exception as e:  # a diagnostic: it must never hide the assertion it explains
+        return f"(no allocator snapshot: {type(e).__name__}: {e})"
+    lines = []
+    for block in new[:limit]:
+        frames = [f for f in block.get("frames", []) if f.get("filename", "").endswith(".py")][:4]
+        where = " <- ".join(f"{f['filename'].rsplit('/', 1)[-1]}:{f['line']} {f['name']}" for f in frames)
+        lines.append(f"{block['size'] / MiB:.2f} MiB (stream {block['stream']}): {where or 'no stack recorded'}")
+    return f"{len(new)} blocks allocated since and still live: " + "; ".join(lines)

@@ -280,3 +280,32 @@ def test_loss_dispatch_on_cuda_runs_the_triton_kernels():
     via_dispatch = linear_cross_entropy(hidden, weight, labels, reduction="sum", impl="cce")
     direct = cce(hidden, weight, labels, reduction="sum")
     assert torch.equal(via_dispatch, direct), f"{via_dispatch.item()} vs {direct.item()}"
+
+
+def test_cce_triton_autotune_and_the_h200_tiles_on_cuda():
+    """`autotune=True` times candidate tiles on the caller's shape with CUDA events (two per kernel
+    here, to keep compilation short) after running the kernels several times on the real buffers:
+    the result must still equal the fixed-default run's (fp32, filtering off, 2e-5 of each largest
+    value), and the picks are recorded. The bf16 default forward tiles (CUDA_BLOCKS, 128 x 256 x 64)
+    against the old 64 x 128 x 32 ones: equal within 2 bf16 ulps of the largest value. ~15 s."""
+    from longctx.kernels import cce
+
+    N, V, D = 3001, 20011, 320
+    hidden, weight, labels = _inputs(N, V, D)
+    n_valid = int((labels != IGNORE).sum())
+    candidates = {kind: [cce.DEFAULT_BLOCKS, (128, 128, 64, 8, 3)] for kind in ("fwd", "bwd")}
+    tuners = cce.tuned(candidates)
+    tuned = _cce(hidden, weight, labels, n_valid, filter_eps="off", blocks=tuners)
+    fixed = _cce(hidden, weight, labels, n_valid, filter_eps="off", block_n=64, block_v=128, block_d=32)
+    for name, a, b in zip(("loss", "dhidden", "dweight"), tuned, fixed):
+        err, scale = _gpu.max_abs(a - b), _gpu.max_abs(b)
+        assert err <= 2e-5 * max(scale, 1e-6), f"{name}: tuned vs fixed blocks differ by {err:.3g} (max {scale:.3g})"
+    for tuner in tuners:
+        assert len(tuner.cache) == 1 and next(iter(tuner.cache))[:2] == (V, D), tuner.cache
+
+    hb, wb = hidden.bfloat16(), weight.bfloat16()
+    default = _cce(hb, wb, labels, n_valid, filter_eps="off")  # CUDA_BLOCKS: the forward's big tiles
+    old = _cce(hb, wb, labels, n_valid, filter_eps="off", block_n=64, block_v=128, block_d=32)
+    for name, a, b in zip(("loss", "dhidden", "dweight"), default, old):
+        err, scale = _gpu.max_abs(a.float() - b.float()), _gpu.max_abs(b.float())
+        assert err <= 2 * 2**-8 * max(scale, 1e-6), f"bf16 {name}: default vs old tiles differ by {err:.3g}"

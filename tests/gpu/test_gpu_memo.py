@@ -112,6 +112,11 @@ def _assert_same(what, ref, got, tol):
         assert diff <= tol * max(scale, 1e-12), f"{what} {name}: max difference {diff:.3g}, max |grad| {scale:.3g}"
 
 
+def staging_bound(pool) -> int:
+    """What may stay allocated after backward besides the gradients: the two staging buffers + 4 MiB."""
+    return sum(b.numel() for b in pool.staging if b is not None) + 4 * _gpu.MiB
+
+
 def _wrap(model, policy, pool):
     for layer in model.model.layers:
         offload.wrap(layer, policy, pool, CHUNK_TOKENS)
@@ -146,15 +151,22 @@ def test_memo_host_swap_matches_unwrapped(case):
     pool = HostPool("cuda")
     memo = _wrap(_model(shape, dtype), LayerPolicy(alpha, "host"), pool)
     for step in (1, 2):  # the second step reuses the pinned slab and the staging buffers
+        # a failure below names what is still allocated, and where from (seen on an H200: 8 MiB over
+        # at fp32 alpha 0.5 when this case ran after other tests, not when it ran first)
+        torch.cuda.memory._record_memory_history(max_entries=200_000)
+        before = _gpu.active_blocks()
         loss, grads, memo_fwd, memo_left = _step(memo, ids, labels, dtype)
+        known = {t.data_ptr() for t in grads.values()} | {b.data_ptr() for b in pool.staging if b is not None}
+        leftover = _gpu.describe_new_blocks(before, known) if memo_left > staging_bound(pool) else ""
+        torch.cuda.memory._record_memory_history(enabled=None)
         _assert_same(f"{case} step {step}", ref, (loss, grads), TOLERANCE[dtype])
         del grads
         assert not pool.records and pool.bytes_in_use == 0, "the host pool still holds records after backward"
         assert pool.last_step_bytes > 0, "nothing was swapped to the host"
         staging = sum(b.numel() for b in pool.staging if b is not None)
-        assert memo_left <= staging + 4 * mib, (
+        assert memo_left <= staging_bound(pool), (
             f"step {step}: {memo_left / mib:.1f} MiB left on the device after backward besides the gradients; "
-            f"the staging buffers are {staging / mib:.1f} MiB (unwrapped model: {plain_left / mib:.1f} MiB)")
+            f"the staging buffers are {staging / mib:.1f} MiB (unwrapped model: {plain_left / mib:.1f} MiB); {leftover}")
         saved = plain_fwd - memo_fwd
         assert saved >= 0.5 * possible, (
             f"step {step}: after forward the swapped model holds {memo_fwd / mib:.1f} MiB, the unwrapped one "
