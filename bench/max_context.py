@@ -77,7 +77,8 @@ def _predict(impl: str, seq_len: int, layers: int, runtime: float, per_segment: 
     if impl == "hf":
         return hf_checkpointing_estimate(shape, seq_len, autocast=False, runtime_bytes=runtime)
     return estimate(shape, Setting(seq_len=seq_len, autocast=False, policy="full", loss="cce", gpus_per_node=1,
-                                   sharding="none", runtime_bytes=runtime, recompute_num_layers=per_segment))
+                                   sharding="none", runtime_bytes=runtime, recompute_num_layers=per_segment,
+                                   optimizer_foreach=False))  # as its AdamW below
 
 
 def _case(impl: str, seq_len: int, layers: int, per_segment: int = SEGMENT) -> dict:

@@ -107,6 +107,9 @@ def outside_bytes_per_token(m: ModelShape, autocast: bool) -> float:
     return 8 + (8 * m.hidden + 4) + 2 * 4 * m.hidden + 16
 
 
+OPTIMIZER_TEMP_BYTES_PER_PARAM = 4.0  # foreach AdamW's transient at its step, per local parameter
+
+
 @dataclass
 class Setting:
     seq_len: int
@@ -128,6 +131,7 @@ class Setting:
     link_bytes_per_s: float = 25e9
     flops_per_s: float = 300e12
     runtime_bytes: float = 1.0 * GiB
+    optimizer_foreach: bool = True  # the trainer's AdamW; bench/max_context.py steps without foreach
 
 
 @dataclass
@@ -240,6 +244,11 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
     # Two blocks' kept bytes: the two staging buffers in backward; in forward, the device copies
     # of the blocks whose D2H copies may still run (freed only once copied; offload.HostPool.seal).
     staging = 2 * per_layer * tokens if host_tier else 0.0
+    # The device copies of the last two swapped blocks: their D2H copies are released by a later
+    # block's seal or by the first fetch in backward (offload.HostPool), so they are still alive
+    # at the loss and through the resident blocks' backward. (Measured on an H200: without this
+    # term the plan was 10-16% low at 32K-64K tokens, bench/results/gpu-h200-step.jsonl.)
+    in_flight = min(2, swapped) * per_layer * tokens if host_tier else 0.0
     recomputes = s.policy != "none"
     workspace = backward_workspace(m, tokens, s.autocast, recomputes, s.recompute_chunk_tokens)
     if s.loss == "cce":
@@ -256,6 +265,7 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
         "optimizer": 8.0 * P / shard[2],
         "activations": device_act + outside_bytes_per_token(m, s.autocast) * tokens,
         "staging_buffers": staging,
+        "swap_in_flight": in_flight,
         "layer_workspace": workspace,
         "loss_head": float(loss_ws),
         "attention_workspace": float(attn_ws),
@@ -264,10 +274,17 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
     }
     head_grad = 4.0 * m.vocab * m.hidden * (1 if m.tied else 2) / shard[1]
     outside = outside_bytes_per_token(m, s.autocast) * tokens
+    # the first block's backward still meets the swapped copies when a resident block comes first
+    first_in_flight = in_flight if s.resident_layers > 0 else 0.0
     phases = {
-        "loss": terms["activations"] + terms["loss_head"],
-        "backward_first_block": terms["activations"] + head_grad + workspace + attn_ws,
+        "loss": terms["activations"] + terms["loss_head"] + in_flight,
+        "backward_first_block": terms["activations"] + head_grad + workspace + attn_ws + first_in_flight,
         "backward_last_block": terms["grads"] + outside + workspace + attn_ws,
+        # torch.optim.AdamW(foreach=True) (train/optim.py): the gradients and one temporary of the
+        # (local) parameters' size, 4 B each (measured on an H200: 7.2 GiB at 1.92 B parameters);
+        # one parameter at a time without foreach (the largest: the embedding or an MLP matrix)
+        "optimizer_step": terms["grads"] + OPTIMIZER_TEMP_BYTES_PER_PARAM * (
+            P / shard[2] if s.optimizer_foreach else max(m.vocab, m.intermediate) * m.hidden),
     }
     # step time: fwd (1) + bwd (2) + recomputed forward work
     fwd = m.layers * layer_forward_flops(m, tokens, s.seq_len) + 2.0 * tokens * m.hidden * m.vocab
@@ -287,7 +304,7 @@ def hf_checkpointing_estimate(m: ModelShape, seq_len: int, autocast: bool, runti
     """transformers' LlamaForCausalLM with gradient checkpointing, one process, no sharding:
     block inputs kept, one block recomputed at a time, full logits and their gradients."""
     s = Setting(seq_len=seq_len, autocast=autocast, policy="full", loss="reference", runtime_bytes=runtime_bytes,
-                gpus_per_node=1, recompute_chunk_tokens=None)
+                gpus_per_node=1, recompute_chunk_tokens=None, optimizer_foreach=False)
     e = estimate(m, s)
     # transformers upcasts the logits to fp32 and keeps more [N, V] buffers than our reference head
     e.terms["loss_head"] = seq_len * m.vocab * HF_LOGIT_BYTES_PER_VOCAB_ENTRY

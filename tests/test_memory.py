@@ -321,13 +321,13 @@ def test_estimate_peak_is_persistent_terms_plus_the_largest_phase():
     from longctx.memory.estimate import ModelShape, Setting, estimate
 
     shape = ModelShape(576, 1536, 30, 9, 3, 64, 49152, tied=True)
-    s = Setting(seq_len=8192, autocast=False, policy="full", loss="cce", gpus_per_node=1, runtime_bytes=0.0)
+    s = Setting(seq_len=16384, autocast=False, policy="full", loss="cce", gpus_per_node=1, runtime_bytes=0.0)
     e = estimate(shape, s)
-    assert e.peak_phase == "backward_first_block"
+    assert e.peak_phase == "backward_first_block"  # (at 8K AdamW's step, grads + a temporary, binds)
     assert e.total == pytest.approx(e.persistent + e.phases["backward_first_block"])
     assert e.total < sum(e.terms.values()) - e.terms["loss_head"] + 1  # loss head not on top of the workspace
     ref = estimate(shape, dataclasses.replace(s, loss="reference"))  # N x V logits: the loss phase binds
-    assert ref.peak_phase == "loss" and ref.total > e.total + 8192 * 49152 * 4
+    assert ref.peak_phase == "loss" and ref.total > e.total + 16384 * 49152 * 4
 
 
 def test_estimate_counts_segments_and_chunked_recompute():
