@@ -319,16 +319,22 @@ def hf_checkpointing_estimate(m: ModelShape, seq_len: int, autocast: bool, runti
 HF_LOGIT_BYTES_PER_VOCAB_ENTRY = 12.0
 
 
-def longest_fitting(fn, budget: float, lo: int = 1024, hi: int = 1 << 24, step: int = 1024) -> int:
-    """The largest multiple of `step` in [lo, hi] with fn(seq_len).total <= budget (0 if none)."""
-    if fn(lo).total > budget:
+def longest_fitting(fn, budget: float, lo: int = 1024, hi: int = 1 << 24, step: int = 1024,
+                    host_budget: float | None = None) -> int:
+    """The largest multiple of `step` in [lo, hi] with fn(seq_len).total <= budget and, when
+    `host_budget` is given, fn(seq_len).host_bytes_per_node <= host_budget (0 if none)."""
+    def fits(n: int) -> bool:
+        e = fn(n)
+        return e.total <= budget and (host_budget is None or e.host_bytes_per_node <= host_budget)
+
+    if not fits(lo):
         return 0
-    while lo + step <= hi and fn(min(hi, lo * 2)).total <= budget and lo * 2 <= hi:
+    while lo + step <= hi and fits(min(hi, lo * 2)) and lo * 2 <= hi:
         lo *= 2
     top = min(hi, lo * 2)
     while top - lo > step:
         mid = (lo + top) // 2 // step * step
-        if fn(mid).total <= budget:
+        if fits(mid):
             lo = mid
         else:
             top = mid

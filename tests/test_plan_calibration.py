@@ -55,3 +55,38 @@ def test_plan_within_5pct_of_the_h200_step_peak(row):
         assert abs(error) <= 0.05, detail
     else:  # its staging buffers grow during the step: the plan (steady state) may be high, not low
         assert error >= 0, detail
+
+
+def _llama_plan(gpus, gpu_gib=80, host_gib=1024, **kw):
+    from longctx.recipes import schema
+    from longctx.train.build import plan_inputs
+    from longctx.train.plan_report import plan
+
+    shape, r = plan_inputs(schema.load(REPO / "recipes" / "llama3-8b-128k.yaml", []))
+    return plan(shape, r, gpus, gpu_gib * 2**30, host_gib * 2**30, **kw)
+
+
+def test_the_longest_length_fits_device_and_host_memory_and_names_what_binds():
+    """`longest_tokens` is a length the plan itself says fits, host memory included (it used to
+    search on the GPU alone: at its 1.86M answer the host needed 2 TiB of the 1 TiB given), and
+    `binding_term` names what stops the next length: host memory here, and with a large host, a
+    GPU term."""
+    p = _llama_plan(8)
+    at = _llama_plan(8, seq_len=p["longest_tokens"])
+    assert at["fits"], (p["longest_tokens"], at["host_bytes_per_node"] / 2**30)
+    step = 1024 * p["sp_degree"]
+    beyond = _llama_plan(8, seq_len=p["longest_tokens"] + step)
+    assert not beyond["fits"]
+    assert p["binding_term"] == "host_memory" and beyond["host_bytes_per_node"] > 1024 * 2**30
+    big_host = _llama_plan(8, host_gib=1 << 20)
+    assert big_host["longest_tokens"] > p["longest_tokens"]
+    assert big_host["binding_term"].startswith("gpu_memory: "), big_host["binding_term"]
+
+
+def test_sp_degree_is_fitted_to_the_gpus_given():
+    """The recipe's sp 8 planned on 4 GPUs is sp 4 (the largest divisor of the GPU count not above
+    the recipe's), said in the report; on 8 and 16 GPUs it stays 8."""
+    assert _llama_plan(4)["sp_degree"] == 4 and _llama_plan(4)["sp_fitted_from"] == 8
+    assert _llama_plan(6)["sp_degree"] == 6
+    assert _llama_plan(8)["sp_degree"] == 8 and _llama_plan(8)["sp_fitted_from"] is None
+    assert _llama_plan(16)["sp_degree"] == 8

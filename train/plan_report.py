@@ -47,6 +47,11 @@ def plan(shape: ModelShape, r: dict, gpus: int, gpu_mem: float, host_mem: float,
     """`r`: the recipe's planning inputs (train/build.py `plan_inputs`)."""
     per_node = gpus_per_node or min(gpus, 8)
     length = seq_len or r["seq_len"]
+    # the recipe's sequence-parallel degree on the GPUs given: the largest divisor of the GPU
+    # count not above it (sp 8 on 4 GPUs plans sp 4)
+    asked = r["sp_degree"]
+    sp = max(d for d in range(1, min(asked, gpus) + 1) if gpus % d == 0)
+    r = dict(r, sp_degree=sp)
 
     def at(n: int, alpha=r["alpha"]):
         return estimate(shape, setting_for(dict(r, alpha=alpha), gpus, gpu_mem, host_mem, per_node, n, sharding,
@@ -68,19 +73,38 @@ def plan(shape: ModelShape, r: dict, gpus: int, gpu_mem: float, host_mem: float,
         return e
 
     e = fitted(length)
-    longest = longest_fitting(fitted, gpu_mem, lo=1024 * r["sp_degree"], step=1024 * r["sp_degree"])
+    step = 1024 * sp
+    longest = longest_fitting(fitted, gpu_mem, lo=step, step=step, host_budget=host_mem)
     fits_host = e.host_bytes_per_node <= host_mem
+    # what stops the next length: host memory, or the GPU's peak (its phase and largest term)
+    nxt = fitted(longest + step)
+    if nxt.host_bytes_per_node > host_mem:
+        binding = "host_memory"
+    else:
+        parts = {k: nxt.terms[k] for k in ("params", "optimizer", "staging_buffers", "communication", "runtime")}
+        parts.update(_phase_terms(nxt))
+        binding = f"gpu_memory: {nxt.peak_phase} phase (largest term {max(parts, key=parts.get)})"
     return {
         "model_params": shape.params(), "gpus": gpus, "gpus_per_node": per_node, "sharding": sharding,
-        "sp_degree": r["sp_degree"], "seq_len": length, "policy": r["policy"],
+        "sp_degree": sp, "sp_fitted_from": asked if asked != sp else None, "seq_len": length, "policy": r["policy"],
         "alpha": e.alpha, "alpha_binding": e.alpha_binding,
         "terms_bytes": e.terms, "phases_bytes": e.phases, "peak_phase": e.peak_phase, "total_bytes": e.total, "gpu_bytes": gpu_mem, "fits": e.total <= gpu_mem and fits_host,
         "dominant": e.dominant, "host_bytes_per_node": e.host_bytes_per_node, "host_limit_bytes": host_mem,
         "step_seconds": e.step_seconds, "tokens_per_second_per_gpu": length / e.step_seconds / gpus,
         "longest_seq_len": longest,
         # the same figures under the names scripts check (issue 16): per GPU, longest in tokens
-        "peak_bytes_per_gpu": e.total, "longest_tokens": longest,
+        "peak_bytes_per_gpu": e.total, "longest_tokens": longest, "binding_term": binding,
     }
+
+
+def _phase_terms(e) -> dict:
+    """The terms of the transient phase at e's peak, by name (memory/estimate.py's phases)."""
+    t = e.terms
+    names = {"loss": ("activations", "loss_head", "swap_in_flight"),
+             "backward_first_block": ("activations", "layer_workspace", "attention_workspace", "swap_in_flight"),
+             "backward_last_block": ("grads", "layer_workspace", "attention_workspace"),
+             "optimizer_step": ("grads",)}.get(e.peak_phase, ())
+    return {k: t[k] for k in names}
 
 
 def format_plan(p: dict) -> str:
@@ -97,7 +121,11 @@ def format_plan(p: dict) -> str:
               f"host memory per node for activations: {p['host_bytes_per_node'] / GiB:.1f} GiB "
               f"of {p['host_limit_bytes'] / GiB:.0f} GiB",
               f"step time (modelled): {p['step_seconds']:.1f} s, {p['tokens_per_second_per_gpu']:.0f} tokens/s/GPU",
-              f"fits: {'yes' if p['fits'] else 'NO'}; longest sequence that fits: {p['longest_seq_len']:,} tokens"]
+              f"fits: {'yes' if p['fits'] else 'NO'}; longest sequence that fits: {p['longest_seq_len']:,} tokens "
+              f"(device and host memory; the next length is stopped by {p['binding_term']})"]
+    if p.get("sp_fitted_from"):
+        lines.insert(1, f"sp {p['sp_fitted_from']} in the recipe, planned as sp {p['sp_degree']}: the largest divisor of "
+                        f"{p['gpus']} GPUs not above it")
     if p["alpha_binding"] == "device_memory":
         lines.append(f"alpha auto overflows the GPU at this length: set memory.alpha: {p['alpha']:.2f} in the recipe")
     if "attention" in p:
