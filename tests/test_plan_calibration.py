@@ -57,12 +57,12 @@ def test_plan_within_5pct_of_the_h200_step_peak(row):
         assert error >= 0, detail
 
 
-def _llama_plan(gpus, gpu_gib=80, host_gib=1024, **kw):
+def _llama_plan(gpus, gpu_gib=80, host_gib=1024, overrides=(), **kw):
     from longctx.recipes import schema
     from longctx.train.build import plan_inputs
     from longctx.train.plan_report import plan
 
-    shape, r = plan_inputs(schema.load(REPO / "recipes" / "llama3-8b-128k.yaml", []))
+    shape, r = plan_inputs(schema.load(REPO / "recipes" / "llama3-8b-128k.yaml", list(overrides)))
     return plan(shape, r, gpus, gpu_gib * 2**30, host_gib * 2**30, **kw)
 
 
@@ -90,3 +90,28 @@ def test_sp_degree_is_fitted_to_the_gpus_given():
     assert _llama_plan(6)["sp_degree"] == 6
     assert _llama_plan(8)["sp_degree"] == 8 and _llama_plan(8)["sp_fitted_from"] is None
     assert _llama_plan(16)["sp_degree"] == 8
+
+
+@pytest.mark.parametrize("row", [r for r in _rows() if r["warm"]], ids=lambda r: f"{r['seq_len']}")
+def test_allocator_reserve_covers_what_the_h200_reserved(row):
+    """The CUDA allocator reserved 2.7-6.3% more than the live peak on warm steps: the plan's reserve
+    (a share of its predicted peak) covers the measured reserved peak, so `fits` means the step fits."""
+    from longctx.bench import gpu_step
+    from longctx.train.plan_report import ALLOCATOR_RESERVE
+
+    pred = gpu_step.predict(_recipe(), row["seq_len"], H200_BYTES, row["runtime_bytes"])
+    assert pred["reserve_bytes"] == pytest.approx(ALLOCATOR_RESERVE * pred["total_bytes"])
+    assert row["reserved_peak_bytes"] <= pred["total_bytes"] + pred["reserve_bytes"], (
+        row["reserved_peak_bytes"] / pred["total_bytes"] - 1)
+
+
+def test_fits_leaves_the_reserve_free():
+    """A plan whose peak alone is under the GPU's memory but not with the reserve does not fit (a
+    fixed alpha: with `auto` the plan would lower alpha to fit instead)."""
+    from longctx.train.plan_report import ALLOCATOR_RESERVE
+
+    fixed = ["memory.alpha=0.4"]
+    p = _llama_plan(8, seq_len=131072, overrides=fixed)
+    tight = p["total_bytes"] * (1 + ALLOCATOR_RESERVE / 2) / 2**30
+    assert not _llama_plan(8, gpu_gib=tight, seq_len=131072, overrides=fixed)["fits"]
+    assert _llama_plan(8, gpu_gib=tight * 1.05, seq_len=131072, overrides=fixed)["fits"]
