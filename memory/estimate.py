@@ -37,10 +37,18 @@ GiB = 1 << 30
 # backward recomputed in chunks (62.0 KB/token, of which 44.6 KB are the recomputed tensors;
 # bench/max_context.py).
 WORKSPACE_INTERMEDIATE = 1.0
-# Scratch of attention's backward beyond its inputs and gradients, bytes per token: fitted to the
-# slope of measured step peaks of SmolLM2-135M cut to one block, fp32, at 16K and 64K tokens
-# (31.1 KB/token, of which 11.5 KB are saved activations; bench/max_context.py).
-ATTENTION_BACKWARD_BYTES_PER_TOKEN = 2600.0
+# Scratch of attention's backward beyond its inputs and gradients, bytes per token: an fp32
+# accumulator of dQ (4 x query heads x head dim, as the flash kernels keep one) plus a constant.
+# Fitted on two machines: SmolLM2-135M cut to one block, fp32 on CPU, at 16K and 64K tokens
+# (2,600 B/token = 4 x 576 + 296; bench/max_context.py), and Llama-3.1-8B's shape on an H200 with
+# PyTorch's flash kernel (16.7 KB/token closes the plan's last 1% at 32K and 64K tokens;
+# bench/results/gpu-h200-step.jsonl).
+ATTENTION_SCRATCH_CONSTANT = 296.0
+
+
+def attention_backward_scratch(m: ModelShape) -> float:
+    """Bytes per token of attention's backward scratch (see ATTENTION_SCRATCH_CONSTANT)."""
+    return 4.0 * m.heads * m.head_dim + ATTENTION_SCRATCH_CONSTANT
 
 
 @dataclass(frozen=True)
@@ -203,7 +211,7 @@ def backward_workspace(m: ModelShape, tokens: int, autocast: bool, recomputes: b
         return (base + grads_tmp) * tokens
     q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
     residual_grads, qkv = 2 * 4 * m.hidden, act * (q + 2 * kv)
-    attention = residual_grads + 2 * qkv + 2 * act * q + 4 * m.heads + ATTENTION_BACKWARD_BYTES_PER_TOKEN
+    attention = residual_grads + 2 * qkv + 2 * act * q + 4 * m.heads + attention_backward_scratch(m)
     chunk = min(tokens, chunk_tokens) * (base + grads_tmp)
     return max(attention * tokens, (residual_grads + qkv) * tokens + chunk)
 
