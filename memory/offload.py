@@ -386,9 +386,18 @@ class _MemoBlock(torch.autograd.Function):
             graphs = (xa, oa, (qa, ka, va), ya)
         with torch.no_grad():
             if a < S:
+                # the recomputed tokens' MLP in tiles, as backward runs it: no transient of the
+                # whole local sequence's intermediate width (issue 21, sequence tiling)
                 xb = x[:, a:].contiguous() if a else x
-                yb = block.after_attention(xb, out[:, a:])
-                y = torch.cat([ya.detach(), yb], 1) if a else yb
+                y = None
+                for c in _chunks(S - a, x.shape[0], lay.chunk_tokens):
+                    yc = block.after_attention(xb[:, c], out[:, a:][:, c])
+                    if y is None:
+                        y = torch.empty((x.shape[0], S, *yc.shape[2:]), dtype=yc.dtype, device=yc.device)
+                        if a:
+                            y[:, :a] = ya.detach()
+                    y[:, a:][:, c] = yc
+                    del yc
             else:
                 y = ya.detach().clone()
 

@@ -150,6 +150,18 @@ def test_sequence_parallel_losses_equal_one_process(tmp_path):
         assert any(r["sp_degree"] == 2 for r in sp) and all(r["attention"] in (schedule, "local") for r in sp)
 
 
+def test_sequence_parallel_with_memo_and_forward_tiles_equals_one_process(tmp_path):
+    """MEMO (host tier, alpha 0.5, every block wrapped) with 8-token tiles in forward and backward,
+    under sp=2 TokenRing: the per-step losses of one plain process (issue 21: tiling composes with
+    SP and MEMO)."""
+    single = _torchrun(tmp_path, "single", 1, *SP_COMMON)
+    memo = _torchrun(tmp_path, "memo", 2, *SP_COMMON, "parallel.sp_degree=2", "parallel.attention=token_ring",
+                     "parallel.min_tokens_per_sp_rank=32", "memory.policy=memo", "memory.alpha=0.5",
+                     "memory.resident_layers=0", "memory.recompute_chunk_tokens=8")
+    assert [r["loss"] for r in memo] == pytest.approx([r["loss"] for r in single], abs=1e-5)
+    assert any(r["sp_degree"] == 2 for r in memo) and all(r["memory_host_bytes"] > 0 for r in memo)
+
+
 @pytest.mark.slow
 def test_sequence_parallel_four_ranks_with_data_parallel(tmp_path):
     single = _torchrun(tmp_path, "single", 1, *SP_COMMON)

@@ -3,9 +3,9 @@ GPU suite). bench/results/gpu-h200-step.jsonl holds one optimizer step of a Llam
 model cut to 4 blocks (bf16 autocast over fp32 masters, CCE, MEMO host tier with alpha auto, 2
 resident blocks, foreach AdamW) measured on an H200 at 8K-131K tokens, with the inputs the plan
 needs (runtime bytes, the alpha the trainer used). The plan, recomputed here for each row, must
-be within 5% of the measured peak for every warm step (the constants were fitted to these
-rows, so this guards the fit; it does not validate it on another shape) (buffers already at this length's size), and
-never below it for a step that grows its buffers first. Before this calibration the plan missed by
+be within 5% of the measured peak for every warm step (buffers already at this length's size),
+and never below it for a step that grows its buffers first. The constants were fitted to these
+rows, so this guards the fit; it does not validate it on another shape. Before this calibration the plan missed by
 up to 16.4%, always low: it left out the two swapped blocks whose device copies stay alive until
 backward reaches them, and foreach AdamW's temporary (4 bytes per parameter) at the optimizer step."""
 
