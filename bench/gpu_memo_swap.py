@@ -117,7 +117,11 @@ class Stack:
     def configure(self, alpha: float, tier: str) -> None:
         """`tier` for all but the last `resident` blocks; those keep the same alpha on the device."""
         n = len(self.layers)
-        self.policies[:] = [self.LayerPolicy(alpha, tier if i < n - self.resident else "device") for i in range(n)]
+        import torch
+
+        # as the trainer wraps a bf16 run: recomputed tokens' inputs kept in bf16 (what layer_bytes plans)
+        self.policies[:] = [self.LayerPolicy(alpha, tier if i < n - self.resident else "device",
+                                             input_dtype=torch.bfloat16) for i in range(n)]
 
     def step(self) -> tuple[float, float]:
         """(forward seconds, backward seconds) of one forward + backward."""

@@ -62,12 +62,14 @@ def recipe_overrides(args, device: str) -> list[str]:
     ]
 
 
-def predict(recipe, seq_len: int, device_bytes: float, runtime_bytes: float, alpha=None) -> dict:
-    """`longctx plan` for this recipe at `seq_len` on one GPU (optionally at a fixed alpha)."""
+def predict(recipe, seq_len: int, device_bytes: float, runtime_bytes: float, alpha=None, **inputs) -> dict:
+    """`longctx plan` for this recipe at `seq_len` on one GPU (optionally at a fixed alpha; `inputs`
+    override the recipe's planning inputs, train/build.py plan_inputs)."""
     from longctx.train.build import plan_inputs
     from longctx.train.plan_report import plan
 
     shape, r = plan_inputs(recipe)
+    r = dict(r, **inputs)
     if alpha is not None:
         r = dict(r, alpha=alpha)
     m = recipe.memory

@@ -78,7 +78,7 @@ class ModelShape:
         return self.layers * self.params_per_layer() + embed + self.hidden
 
 
-def layer_bytes(m: ModelShape, autocast: bool) -> tuple[float, LayerBytes]:
+def layer_bytes(m: ModelShape, autocast: bool, inputs_in_compute_dtype: bool = True) -> tuple[float, LayerBytes]:
     """(bytes an unwrapped block saves per token, MEMO's split of what a kept token stores).
 
     fp32: norms save input, rsqrt, normalised (x3 with the projections' input), attention q, k, v,
@@ -96,12 +96,15 @@ def layer_bytes(m: ModelShape, autocast: bool) -> tuple[float, LayerBytes]:
         qk = 4 * (2 * q + m.heads + 2 * kv + m.kv_heads) if m.qk_norm else 0
         act, kept_qk_extra = 4, 0
     base += qk
-    inp, attn = 4 * h, act * q + lse
+    # the block input a recomputed token keeps: fp32, or under autocast its bf16 copy
+    # (offload.LayerPolicy.input_dtype); a kept token's graph holds the fp32 input, in `other`
+    inp, attn = (act if inputs_in_compute_dtype else 4) * h, act * q + lse
     return float(base), LayerBytes(float(inp), float(attn), float(base + kept_qk_extra - inp - attn))
 
 
-def saved_bytes_per_token_layer(m: ModelShape, autocast: bool, policy: str, alpha: float = 0.0) -> float:
-    base, lb = layer_bytes(m, autocast)
+def saved_bytes_per_token_layer(m: ModelShape, autocast: bool, policy: str, alpha: float = 0.0,
+                                inputs_in_compute_dtype: bool = True) -> float:
+    base, lb = layer_bytes(m, autocast, inputs_in_compute_dtype)
     if policy == "none":
         return base
     if policy == "full":
@@ -140,6 +143,8 @@ class Setting:
     flops_per_s: float = 300e12
     runtime_bytes: float = 1.0 * GiB
     optimizer_foreach: bool = True  # the trainer's AdamW; bench/max_context.py steps without foreach
+    # recomputed tokens' block inputs kept in the autocast dtype (the trainer since 2026-11-30)
+    kept_inputs_in_compute_dtype: bool = True
 
 
 @dataclass
@@ -227,7 +232,7 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
     shard = {"none": (1, 1, 1), "zero1": (1, 1, world_dp), "zero2": (1, world_dp, world_dp),
              "zero3": (world_dp, world_dp, world_dp), "fsdp2": (world_dp, world_dp, world_dp)}[s.sharding]
     tokens = s.rows * s.seq_len // s.sp  # on this GPU
-    base, lb = layer_bytes(m, s.autocast)
+    base, lb = layer_bytes(m, s.autocast, s.kept_inputs_in_compute_dtype)
     swapped = max(m.layers - s.resident_layers, 0) if s.policy == "memo" else 0
     layer_s = layer_forward_flops(m, tokens, s.seq_len) / s.flops_per_s
     if s.policy == "memo":
@@ -237,17 +242,18 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
             alpha, binding = ap.alpha, ap.binding
         else:
             alpha, binding = float(s.alpha), "fixed"
-        per_layer = saved_bytes_per_token_layer(m, s.autocast, "memo", alpha)
+        per_layer = saved_bytes_per_token_layer(m, s.autocast, "memo", alpha, s.kept_inputs_in_compute_dtype)
     else:
         alpha, binding = (1.0 if s.policy == "none" else 0.0), s.policy
-        per_layer = saved_bytes_per_token_layer(m, s.autocast, s.policy)
+        per_layer = saved_bytes_per_token_layer(m, s.autocast, s.policy, 0.0, s.kept_inputs_in_compute_dtype)
     host_tier = s.policy == "memo" and s.tier == "host"
     # Blocks whose saved activations are live at the peak, and segment inputs kept besides them
     # (offload.segment): all blocks without segments.
     device_act, host = 0.0, 0.0
     for seg_inputs, live_blocks in segment_peaks(m.layers, s.recompute_num_layers):
         live_swapped = max(live_blocks - s.resident_layers, 0) if host_tier else 0
-        device_act = max(device_act, ((live_blocks - live_swapped) * per_layer + seg_inputs * lb.inp) * tokens)
+        # segment inputs (offload.segment) stay in the residual stream's fp32
+        device_act = max(device_act, ((live_blocks - live_swapped) * per_layer + seg_inputs * 4 * m.hidden) * tokens)
         host = max(host, pinned_bytes(int(live_swapped * per_layer * tokens)) * s.gpus_per_node)  # pinned slabs
     # Two blocks' kept bytes: the two staging buffers in backward; in forward, the device copies
     # of the blocks whose D2H copies may still run (freed only once copied; offload.HostPool.seal).

@@ -62,6 +62,10 @@ class LayerPolicy:
     alpha: float = 0.0  # fraction of tokens whose per-token activations are kept
     tier: str = "host"  # where kept tensors live: host | device
     keep_attention: bool = True  # keep attention out + lse (MEMO); False = recompute attention too
+    # the dtype the recomputed tokens' block input is kept in (None: its own). The trainer sets the
+    # autocast dtype: the residual stream is fp32 under autocast, but the projections only ever
+    # see bf16 casts of its normalised values, so a bf16 copy recomputes within bf16's error
+    input_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -413,7 +417,8 @@ class _MemoBlock(torch.autograd.Function):
                 keep["out_b"] = rec.put(out[:, a:].contiguous() if a else out)
             keep["lse"] = rec.put(lse)
         if a < S:
-            keep["x_b"] = rec.put(xb)
+            keep["x_b"] = rec.put(xb if policy.input_dtype in (None, xb.dtype) else xb.to(policy.input_dtype))
+        ctx.x_dtype = x.dtype
         if rec.tier == "host":  # the graphs' device memory now lives in the host pool
             lay.pool.seal(rec, (xa, oa, qa, ka, va, ya) if graphs is not None else ())
         ctx.lay, ctx.rec, ctx.keep, ctx.graphs, ctx.a, ctx.policy = lay, rec, keep, graphs, a, policy
@@ -441,7 +446,7 @@ class _MemoBlock(torch.autograd.Function):
             #    in step 4), next to the kept tokens' q, k, v
             qkv_b = None
             if a < S:
-                xb = rec.get(keep["x_b"]).detach()
+                xb = rec.get(keep["x_b"]).detach().to(ctx.x_dtype)
                 with torch.no_grad():
                     qkv_b = block.before_attention(xb, cos[:, a:], sin[:, a:])
             qkv_a = tuple(rec.get(h) for h in keep["qkv_a"]) if a else None

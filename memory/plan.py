@@ -77,10 +77,12 @@ class MemoPlanner:
 
     def __init__(self, layer: LayerBytes, params_per_layer: int, attn_width: int, num_layers: int,
                  resident_layers: int, alpha: float | None, tier: str, sp_of, host_bytes_per_node: float,
-                 link_bytes_per_s: float, flops_per_s: float, gpus_per_node: int) -> None:
+                 link_bytes_per_s: float, flops_per_s: float, gpus_per_node: int, input_dtype=None) -> None:
+        import functools
+
         from .offload import LayerPolicy
 
-        self._policy = LayerPolicy
+        self._policy = functools.partial(LayerPolicy, input_dtype=input_dtype)
         self.layer, self.params_per_layer, self.attn_width = layer, params_per_layer, attn_width
         self.num_layers, self.resident_layers, self.alpha, self.tier = num_layers, resident_layers, alpha, tier
         self.sp_of = sp_of

@@ -268,8 +268,10 @@ def test_estimated_layer_bytes_equal_measured(family, autocast):
     shape = model_shape(model.config)
     ids, labels = batch(S=64)
     n = len(model.model.layers)
-    cases = [("none", 0.0, None), ("full", 0.0, [FULL_RECOMPUTE] * n)] + [
-        ("memo", a, [LayerPolicy(a)] * n) for a in (0.0, 0.5, 1.0)]
+    # as the trainer wraps them: under autocast the recomputed tokens' inputs are kept in bf16
+    kept_dtype = torch.bfloat16 if autocast else None
+    cases = [("none", 0.0, None), ("full", 0.0, [dataclasses.replace(FULL_RECOMPUTE, input_dtype=kept_dtype)] * n)] + [
+        ("memo", a, [LayerPolicy(a, input_dtype=kept_dtype)] * n) for a in (0.0, 0.5, 1.0)]
     for policy, alpha, policies in cases:
         m = model if policies is None else wrapped(model, policies)[0]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):

@@ -66,3 +66,47 @@ def test_tiled_forward_with_cce_loss_matches():
     want = run(model, ids, labels, steps=1)
     m, _ = wrapped(model, [LayerPolicy(alpha=0.5, tier="host")] * model.config.num_layers, chunk_tokens=CHUNK)
     assert_same(want, run(m, ids, labels, steps=1), tol=2e-6)
+
+
+# --- block inputs kept in the compute dtype under autocast (issue 21, item 2) --------------------
+def _grads(model, ids, labels, autocast):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(ids, labels=labels)
+    loss.backward()
+    return loss.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("policy", [FULL_RECOMPUTE, LayerPolicy(alpha=0.5, tier="host")], ids=["full", "memo-0.5"])
+def test_recomputed_tokens_inputs_kept_in_bf16_under_autocast(policy):
+    """Under bf16 autocast over fp32 weights the residual stream is fp32; the block input kept for
+    recomputation is stored in bf16 (`input_dtype`), half the bytes. The projections see bf16
+    casts of the normalised input anyway, so the gradients stay within twice the unwrapped autocast
+    model's own error against fp32 (per tensor, relative Frobenius norm), and the kept bytes halve."""
+    import dataclasses
+
+    from longctx.memory.offload import HostPool
+
+    model = tiny()
+    ids, labels = batch()
+    _, exact = _grads(model, ids, labels, autocast=False)
+    plain_loss, plain = _grads(model, ids, labels, autocast=True)
+    kept = {}
+    for dtype in (None, torch.bfloat16):
+        pool = HostPool("cpu")
+        m, _ = wrapped(model, [dataclasses.replace(policy, input_dtype=dtype)] * model.config.num_layers, pool=pool,
+                       chunk_tokens=CHUNK)
+        loss, got = _grads(m, ids, labels, autocast=True)
+        kept[dtype] = pool.last_step_bytes if policy.tier == "host" else None
+    for name, g in got.items():
+        ref = exact[name]
+        err = ((g - ref).norm() / ref.norm()).item()
+        plain_err = ((plain[name] - ref).norm() / ref.norm()).item()
+        assert err <= 2 * plain_err + 1e-6, f"{name}: relative error {err:.3g}, unwrapped autocast {plain_err:.3g}"
+    assert abs(loss.item() - plain_loss.item()) <= 1e-2
+    if policy.tier == "host":  # x_b is half of what a dropped token keeps beside attention's output
+        assert kept[torch.bfloat16] < kept[None], kept
+
+
+def test_layer_policy_input_dtype_defaults_to_as_is():
+    assert LayerPolicy().input_dtype is None and FULL_RECOMPUTE.input_dtype is None

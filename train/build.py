@@ -261,16 +261,19 @@ def apply_memory(model: CausalLM, recipe: Recipe, mesh: mesh_lib.Mesh,
     offload.segment(model, m.recompute_num_layers)
     if m.policy == "none":
         return None
+    # under bf16 autocast the recomputed tokens' block inputs are kept in bf16 (offload.LayerPolicy)
+    input_dtype = torch.bfloat16 if recipe.run.dtype == "bf16" else None
     if m.policy == "full":
         for layer in layers:
-            offload.wrap(layer, FULL_RECOMPUTE, None, m.recompute_chunk_tokens)
+            offload.wrap(layer, dataclasses.replace(FULL_RECOMPUTE, input_dtype=input_dtype), None,
+                         m.recompute_chunk_tokens)
         return None
     shape = model_shape(model.config)
     _, lb = layer_bytes(shape, recipe.run.dtype == "bf16")
     planner = MemoPlanner(
         lb, shape.params_per_layer(), shape.heads * shape.head_dim, shape.layers, m.resident_layers,
         None if m.alpha == "auto" else float(m.alpha), m.tier, sp_of=lambda: sp_attention.sp if sp_attention else 1,
-        **memory_hardware(recipe, mesh.device),
+        **memory_hardware(recipe, mesh.device), input_dtype=input_dtype,
     )
     pool = HostPool(mesh.device) if m.tier == "host" else None
     planner.pool = pool
