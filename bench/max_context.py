@@ -21,6 +21,11 @@ the tensors (6.0 GB vs 3.3 GB for the same 8K step). It plays the part of PyTorc
 allocator with expandable segments; both implementations run under it.
 
   python -m longctx.bench.max_context [--cases hf:4096:30,longctx:8192:30,longctx:8192:4:2] [--budget-gib 24]
+  python -m longctx.bench.max_context --predict-only bench/results/cpu-max_context.jsonl   # predictions only
+
+The summary also gives the predicted longest step as each technique is added in turn
+(`predicted_longest_by_technique`: transformers + checkpointing, + CCE, + chunked recompute,
++ segments), so each one's share shows.
 
 A case is impl:length:blocks[:blocks per recomputed segment, longctx only, default SEGMENT].
 """
@@ -144,11 +149,42 @@ def _case(impl: str, seq_len: int, layers: int, per_segment: int = SEGMENT) -> d
     }
 
 
+# Each adds one technique to the one before, from transformers' path (checkpointing whole blocks,
+# N x V logits) to longctx's (memory/estimate.py Setting fields; fp32, one process).
+TECHNIQUES = [
+    ("cce", dict(loss="cce", recompute_chunk_tokens=None, recompute_num_layers=1)),
+    ("chunked_recompute", dict(recompute_chunk_tokens=4096)),
+    ("segments", dict(recompute_num_layers=SEGMENT)),
+]
+NOT_MODELLED = {
+    "forward_tiles": "forward's tiled MLP bounds a transient the model does not count (below the loss phase)",
+    "swap": "on a CPU the host tier is the same memory: MEMO's swap moves nothing out of it",
+}
+
+
+def longest_by_technique(budget: float, hf_base: float, our_base: float, layers: int = 30) -> dict:
+    """The predicted longest step in `budget` for transformers + checkpointing, then adding each of
+    TECHNIQUES in turn (the last is longctx as `_predict` runs it)."""
+    from longctx.memory.estimate import Setting, estimate, hf_checkpointing_estimate, longest_fitting
+
+    shape = _shape(layers)
+    out = {"transformers_ckpt": longest_fitting(
+        lambda n: hf_checkpointing_estimate(shape, n, autocast=False, runtime_bytes=hf_base), budget)}
+    setting = dict(autocast=False, policy="full", gpus_per_node=1, sharding="none", runtime_bytes=our_base,
+                   optimizer_foreach=False)
+    for name, extra in TECHNIQUES:
+        setting.update(extra)
+        out[f"+{name}"] = longest_fitting(lambda n, s=dict(setting): estimate(shape, Setting(seq_len=n, **s)), budget)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--cases", default="hf:2048:30,hf:4096:30,hf:8192:30,longctx:4096:30,longctx:8192:30,longctx:8192:4:2,longctx:16384:1,longctx:65536:1")
     p.add_argument("--budget-gib", type=float, default=24.0, help="memory of the machine to fit in")
     p.add_argument("--case", help=argparse.SUPPRESS)
+    p.add_argument("--predict-only", metavar="FILE", help="run no case: the summary's predictions, with the process "
+                                                           "baselines (runtime_bytes) of the rows in FILE (an earlier output)")
     args = p.parse_args(argv)
     if args.case:
         impl, seq_len, layers, *per_segment = args.case.split(":")
@@ -156,7 +192,11 @@ def main(argv=None) -> int:
         return 0
     rows = []
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))}
-    for case in args.cases.split(","):
+    if args.predict_only:
+        with open(args.predict_only) as f:
+            earlier = [json.loads(x) for x in f if x.strip() and not x.startswith('{"summary"')]
+        rows = [{"impl": r["impl"], "runtime_bytes": r["runtime_bytes"]} for r in earlier if "runtime_bytes" in r]
+    for case in ([] if args.predict_only else args.cases.split(",")):
         out = subprocess.run([sys.executable, "-m", "longctx.bench.max_context", "--case", case],
                              capture_output=True, text=True, env=env)
         if out.returncode != 0:
@@ -177,10 +217,14 @@ def main(argv=None) -> int:
     hf = longest_fitting(lambda n: _predict("hf", n, 30, hf_base), budget, lo=1024, step=1024)
     ours = longest_fitting(lambda n: _predict("longctx", n, 30, our_base), budget, lo=1024, step=1024)
     errors = [abs(r["prediction_error"]) for r in rows if "prediction_error" in r]
+    ratio = round(ours / hf, 2) if hf else None
     print(json.dumps({"summary": {
         "budget_gib": args.budget_gib, "predicted_longest_transformers_ckpt": hf, "predicted_longest_longctx": ours,
-        "length_ratio": round(ours / hf, 2) if hf else None, "max_abs_prediction_error": max(errors, default=None),
-        "measured_cases": len(errors),
+        "length_ratio": ratio, "predicted_longest_ratio": ratio,
+        "predicted_longest_by_technique": longest_by_technique(budget, hf_base, our_base),
+        "not_modelled": NOT_MODELLED,
+        "max_abs_prediction_error": max(errors, default=None), "max_prediction_error": max(errors, default=None),
+        "measured_cases": len(errors), "predict_only": bool(args.predict_only),
     }}))
     return 0
 

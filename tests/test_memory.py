@@ -354,3 +354,19 @@ def test_estimate_counts_segments_and_chunked_recompute():
     chunked = backward_workspace(shape, tokens, False, True, 4096)
     assert chunked < whole / 2
     assert backward_workspace(shape, tokens, False, True, 1 << 20) > chunked  # one chunk of all tokens
+
+
+def test_max_context_shows_each_techniques_share(monkeypatch):
+    """bench/max_context.py's summary adds one technique at a time to transformers' path: each step
+    predicts a longer (or equal) step, and the last is longctx's own prediction (SmolLM2's shape)."""
+    from longctx.bench import max_context
+    from longctx.memory.estimate import GiB, ModelShape, longest_fitting
+
+    smollm2 = ModelShape(576, 1536, 30, 9, 3, 64, 49152, tied=True)
+    monkeypatch.setattr(max_context, "_shape", lambda layers: dataclasses.replace(smollm2, layers=layers))
+    shares = max_context.longest_by_technique(4 * GiB, 0.5 * GiB, 0.5 * GiB)
+    lengths = list(shares.values())
+    assert list(shares) == ["transformers_ckpt", "+cce", "+chunked_recompute", "+segments"]
+    assert lengths == sorted(lengths) and lengths[0] < lengths[1], shares
+    ours = longest_fitting(lambda n: max_context._predict("longctx", n, 30, 0.5 * GiB), 4 * GiB)
+    assert lengths[-1] == ours
