@@ -52,7 +52,8 @@ def _inputs(n, vocab, hidden, dtype, device):
     return h.contiguous().requires_grad_(), w.requires_grad_(), labels
 
 
-def _case(impl: str, n: int, vocab: int, hidden: int, dtype_name: str, device: str, repeats: int) -> dict:
+def _case(impl: str, n: int, vocab: int, hidden: int, dtype_name: str, device: str, repeats: int,
+          autotune: bool = False) -> dict:
     import resource
 
     import torch
@@ -77,6 +78,10 @@ def _case(impl: str, n: int, vocab: int, hidden: int, dtype_name: str, device: s
         from longctx.kernels.loss import linear_cross_entropy
 
         def fn(hh, ww, yy):
+            if autotune and _resolved(impl, device) == "cce_triton":  # the kernels' own autotuner
+                from longctx.kernels.cce import linear_cross_entropy as triton_cce
+
+                return triton_cce(hh, ww, yy, autotune=True)
             return linear_cross_entropy(hh, ww, yy, impl=impl)
 
     def once():
@@ -105,7 +110,11 @@ def _case(impl: str, n: int, vocab: int, hidden: int, dtype_name: str, device: s
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base - grad_bytes
     resolved = _resolved(impl, device)
     blocks = {}
-    if resolved == "cce_triton":  # the tiles each kernel ran with: (BLOCK_N, BLOCK_V, BLOCK_D, warps, stages)
+    if resolved == "cce_triton" and autotune:  # what the autotuner picked (timed in the warm-up call)
+        from longctx.kernels.cce import tuned_choices
+
+        blocks = {"tuned_blocks": {kind: list(picks.values()) for kind, picks in tuned_choices().items()}}
+    elif resolved == "cce_triton":  # the tiles each kernel ran with: (BLOCK_N, BLOCK_V, BLOCK_D, warps, stages)
         from longctx.kernels.cce import resolve_blocks
 
         blocks = {"blocks": resolve_blocks(dtype, torch.device(device))}
@@ -174,13 +183,16 @@ def main(argv=None) -> int:
     p.add_argument("--time-budget", type=float, default=None, help="seconds for all cases; later ones are skipped")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU, N=256, V=1024, D=64, fp32, every impl (liger/apple report that they need CUDA)")
+    p.add_argument("--autotune", action="store_true",
+                   help="cce_triton: Triton's autotuner over kernels/cce.py CANDIDATES instead of the fixed tiles")
     p.add_argument("--case", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.dry_run:
         args.device, args.n, args.vocab, args.hidden, args.dtype = "cpu", 256, 1024, 64, "fp32"
         args.impls, args.repeats = "reference,cce,liger,apple", 1
     if args.case:
-        print(json.dumps(_case(args.case, args.n, args.vocab, args.hidden, args.dtype, args.device, args.repeats)))
+        print(json.dumps(_case(args.case, args.n, args.vocab, args.hidden, args.dtype, args.device, args.repeats,
+                               args.autotune)))
         return 0
     start = time.perf_counter()
     rows, errors = {}, []
@@ -193,7 +205,7 @@ def main(argv=None) -> int:
         else:
             cmd = [sys.executable, "-m", "longctx.bench.cce", "--case", impl, "--n", str(args.n), "--vocab",
                    str(args.vocab), "--hidden", str(args.hidden), "--dtype", args.dtype, "--device", args.device,
-                   "--repeats", str(args.repeats)]
+                   "--repeats", str(args.repeats), *(["--autotune"] if args.autotune else [])]
             try:
                 out = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
             except subprocess.TimeoutExpired:

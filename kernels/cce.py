@@ -156,7 +156,9 @@ def _dot_precision(dtype: torch.dtype) -> str:
 # Triton's autotuner picked on an H200 over CANDIDATES at Llama-3's head (N=65536, V=128256,
 # D=4096, bf16; bench/results/gpu-h200-cce-autotune.jsonl): the forward's bigger tiles, the
 # backward's default (its larger candidates were slower). fp32 tiles take twice the shared memory,
-# so fp32 keeps the defaults. `autotune=True` times CANDIDATES on the caller's own shape instead
+# so fp32 keeps the defaults; fp16 takes bf16's pick unmeasured; a GPU whose shared memory per
+# block cannot hold a tile's pipelined loads (sm86/89: 99 KiB) keeps the defaults too.
+# `autotune=True` times CANDIDATES on the caller's own shape instead
 # (once per (V, D, dtypes) and process; each candidate compiles, ~5 s apiece).
 DEFAULT_BLOCKS = (64, 128, 32, 4, 3)
 CUDA_BLOCKS = {torch.bfloat16: {"fwd": (128, 256, 64, 8, 3)}, torch.float16: {"fwd": (128, 256, 64, 8, 3)}}
@@ -228,7 +230,24 @@ def resolve_blocks(dtype: torch.dtype, device: torch.device, block_n=None, block
         if _TUNED is None:
             _TUNED = tuned()
         return _TUNED
-    return {"fwd": DEFAULT_BLOCKS, "bwd": DEFAULT_BLOCKS, **(CUDA_BLOCKS.get(dtype, {}) if on_gpu else {})}
+    blocks = {"fwd": DEFAULT_BLOCKS, "bwd": DEFAULT_BLOCKS}
+    if on_gpu:  # the H200-tuned tiles where this GPU's shared memory holds them (not sm86/89's 99 KiB)
+        room = _shared_memory_per_block(device)
+        blocks.update({k: v for k, v in CUDA_BLOCKS.get(dtype, {}).items()
+                       if _tile_shared_bytes(v, dtype.itemsize) <= room})
+    return blocks
+
+
+def _tile_shared_bytes(tiles: tuple, itemsize: int) -> int:
+    """Shared memory a tile config's pipelined loads take: (BLOCK_N + BLOCK_V) x BLOCK_D x stages."""
+    bn, bv, bd, _, stages = tiles
+    return (bn + bv) * bd * itemsize * stages
+
+
+def _shared_memory_per_block(device: torch.device) -> int:
+    """The opt-in shared memory per block of this GPU (0 when torch cannot say)."""
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or 0)
 
 
 class _CCE(torch.autograd.Function):

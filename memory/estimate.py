@@ -17,8 +17,11 @@ Memory terms (bytes, per GPU):
 The peak is not the sum of the terms: the loss head's slab and a block's backward workspace are
 never live together, and the blocks' gradients fill up as their saved activations are freed. So
 the peak is the persistent terms (params, optimizer, staging, communication, runtime) plus the
-largest of three phases: the loss (activations + loss head), the first block's backward
-(activations + the head's gradient + workspace) and the last block's (all gradients + workspace).
+largest of four phases: the loss (activations + loss head + the swapped blocks still in flight),
+the first block's backward (activations + the head's gradient + workspace, + the blocks in flight
+when a resident block comes first), the last block's (all gradients + workspace) and the
+optimizer step (all gradients + AdamW's temporaries). `longctx plan` adds an allocator reserve
+(train/plan_report.py). Calibrated on one H200 step (bench/results/gpu-h200-step.jsonl).
 Host memory: MEMO's kept activations (per node). Step time: 6 x params x tokens + attention FLOPs
 (+ recomputed forward work) at a sustained FLOP/s.
 """
@@ -37,12 +40,13 @@ GiB = 1 << 30
 # backward recomputed in chunks (62.0 KB/token, of which 44.6 KB are the recomputed tensors;
 # bench/max_context.py).
 WORKSPACE_INTERMEDIATE = 1.0
-# Scratch of attention's backward beyond its inputs and gradients, bytes per token: an fp32
-# accumulator of dQ (4 x query heads x head dim, as the flash kernels keep one) plus a constant.
-# Fitted on two machines: SmolLM2-135M cut to one block, fp32 on CPU, at 16K and 64K tokens
-# (2,600 B/token = 4 x 576 + 296; bench/max_context.py), and Llama-3.1-8B's shape on an H200 with
-# PyTorch's flash kernel (16.7 KB/token closes the plan's last 1% at 32K and 64K tokens;
-# bench/results/gpu-h200-step.jsonl).
+# Scratch of attention's backward beyond its inputs and gradients, bytes per token, as 4 x query
+# heads x head dim (the size of an fp32 dQ accumulator, which the flash kernels keep) + 296: a
+# two-parameter fit to two points, SmolLM2-135M cut to one block, fp32, CPU math attention at 16K
+# and 64K tokens (2,600 B/token = 4 x 576 + 296; bench/max_context.py), and Llama-3.1-8B's shape
+# on an H200 with PyTorch's flash kernel (16.7 KB/token closes the plan's last 1% at 32K and 64K
+# tokens; bench/results/gpu-h200-step.jsonl). Not calibrated for flash-attn or the
+# memory-efficient kernel (the issue cites ~33 KB/token for flash-attn 2 on Llama-8B).
 ATTENTION_SCRATCH_CONSTANT = 296.0
 
 
@@ -250,13 +254,17 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
     # Blocks whose saved activations are live at the peak, and segment inputs kept besides them
     # (offload.segment): all blocks without segments.
     device_act, host = 0.0, 0.0
-    for seg_inputs, live_blocks in segment_peaks(m.layers, s.recompute_num_layers):
+    # Segment inputs (offload.segment) stay in the residual stream's fp32. While a segment is
+    # recomputed its own input is held by the checkpoint as well: the same storage as its first
+    # block's kept input, unless that block keeps a bf16 copy (then one more fp32 input).
+    copies = s.autocast and s.kept_inputs_in_compute_dtype and s.policy != "none"
+    for i, (seg_inputs, live_blocks) in enumerate(segment_peaks(m.layers, s.recompute_num_layers)):
+        seg_inputs += 1 if copies and i == 1 else 0  # the second candidate is the recomputed segment's
         live_swapped = max(live_blocks - s.resident_layers, 0) if host_tier else 0
-        # segment inputs (offload.segment) stay in the residual stream's fp32
         device_act = max(device_act, ((live_blocks - live_swapped) * per_layer + seg_inputs * 4 * m.hidden) * tokens)
         host = max(host, pinned_bytes(int(live_swapped * per_layer * tokens)) * s.gpus_per_node)  # pinned slabs
-    # Two blocks' kept bytes: the two staging buffers in backward; in forward, the device copies
-    # of the blocks whose D2H copies may still run (freed only once copied; offload.HostPool.seal).
+    # Two blocks' kept bytes: the two staging buffers HostPool keeps from step to step (live in
+    # forward too, on every step after the first at this length).
     staging = 2 * per_layer * tokens if host_tier else 0.0
     # The device copies of the last two swapped blocks: their D2H copies are released by a later
     # block's seal or by the first fetch in backward (offload.HostPool), so they are still alive
@@ -296,9 +304,10 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
         "backward_last_block": terms["grads"] + outside + workspace + attn_ws,
         # torch.optim.AdamW(foreach=True) (train/optim.py): the gradients and one temporary of the
         # (local) parameters' size, 4 B each (measured on an H200: 7.2 GiB at 1.92 B parameters);
-        # one parameter at a time without foreach (the largest: the embedding or an MLP matrix)
+        # without foreach one parameter at a time, two temporaries of the largest (sqrt, then the
+        # division; the embedding or an MLP matrix)
         "optimizer_step": terms["grads"] + OPTIMIZER_TEMP_BYTES_PER_PARAM * (
-            P / shard[2] if s.optimizer_foreach else max(m.vocab, m.intermediate) * m.hidden),
+            P / shard[2] if s.optimizer_foreach else 2 * max(m.vocab, m.intermediate) * m.hidden),
     }
     # step time: fwd (1) + bwd (2) + recomputed forward work
     fwd = m.layers * layer_forward_flops(m, tokens, s.seq_len) + 2.0 * tokens * m.hidden * m.vocab
@@ -318,7 +327,8 @@ def hf_checkpointing_estimate(m: ModelShape, seq_len: int, autocast: bool, runti
     """transformers' LlamaForCausalLM with gradient checkpointing, one process, no sharding:
     block inputs kept, one block recomputed at a time, full logits and their gradients."""
     s = Setting(seq_len=seq_len, autocast=autocast, policy="full", loss="reference", runtime_bytes=runtime_bytes,
-                gpus_per_node=1, recompute_chunk_tokens=None, optimizer_foreach=False)
+                gpus_per_node=1, recompute_chunk_tokens=None, optimizer_foreach=False,
+                kept_inputs_in_compute_dtype=False)  # checkpoint keeps its fp32 inputs
     e = estimate(m, s)
     # transformers upcasts the logits to fp32 and keeps more [N, V] buffers than our reference head
     e.terms["loss_head"] = seq_len * m.vocab * HF_LOGIT_BYTES_PER_VOCAB_ENTRY

@@ -332,6 +332,24 @@ def _chunks(length: int, rows: int, chunk_tokens: int) -> list[slice]:
     return [slice(i, min(i + step, length)) for i in range(0, length, step)]
 
 
+def _tiled(fn, chunks: list[slice], *inputs: Callable[[slice], torch.Tensor]):
+    """fn over token tiles, its outputs (a tensor or a tuple) assembled along the sequence axis
+    into buffers of the whole length: `inputs` are functions of a tile's slice, so a tile's input
+    can be made (e.g. cast) for that tile alone."""
+    bufs, single = None, False
+    for c in chunks:
+        out = fn(*(get(c) for get in inputs))
+        single = isinstance(out, torch.Tensor)
+        outs = (out,) if single else tuple(out)
+        if bufs is None:
+            length = chunks[-1].stop
+            bufs = [torch.empty((t.shape[0], length, *t.shape[2:]), dtype=t.dtype, device=t.device) for t in outs]
+        for buf, t in zip(bufs, outs):
+            buf[:, c] = t
+        del out, outs
+    return bufs[0] if single else tuple(bufs)
+
+
 def _grad(outputs, inputs, grads):
     return torch.autograd.grad(outputs, inputs, grads, allow_unused=True)
 
@@ -417,7 +435,10 @@ class _MemoBlock(torch.autograd.Function):
                 keep["out_b"] = rec.put(out[:, a:].contiguous() if a else out)
             keep["lse"] = rec.put(lse)
         if a < S:
-            keep["x_b"] = rec.put(xb if policy.input_dtype in (None, xb.dtype) else xb.to(policy.input_dtype))
+            # in the autocast dtype only under autocast in that dtype (the projections then only see
+            # bf16 casts of its normalised values); fp32 math keeps fp32 inputs
+            low = policy.input_dtype not in (None, xb.dtype) and ctx.autocast == (True, policy.input_dtype)
+            keep["x_b"] = rec.put(xb.to(policy.input_dtype) if low else xb)
         ctx.x_dtype = x.dtype
         if rec.tier == "host":  # the graphs' device memory now lives in the host pool
             lay.pool.seal(rec, (xa, oa, qa, ka, va, ya) if graphs is not None else ())
@@ -446,9 +467,16 @@ class _MemoBlock(torch.autograd.Function):
             #    in step 4), next to the kept tokens' q, k, v
             qkv_b = None
             if a < S:
-                xb = rec.get(keep["x_b"]).detach().to(ctx.x_dtype)
+                # the kept input may be a bf16 copy: cast back one tile at a time, never whole
+                x_kept = rec.get(keep["x_b"]).detach()
+                chunks = _chunks(S - a, dy.shape[0], lay.chunk_tokens)
+
+                def xb_at(c):
+                    return x_kept[:, c].to(ctx.x_dtype)
+
                 with torch.no_grad():
-                    qkv_b = block.before_attention(xb, cos[:, a:], sin[:, a:])
+                    qkv_b = _tiled(block.before_attention, chunks, xb_at, lambda c: cos[:, a:][:, c],
+                                   lambda c: sin[:, a:][:, c])
             qkv_a = tuple(rec.get(h) for h in keep["qkv_a"]) if a else None
             with torch.no_grad():
                 if a and a < S:
@@ -472,12 +500,11 @@ class _MemoBlock(torch.autograd.Function):
                 dx_a, douts = g[0], [g[1]]
                 dparams = [_add(p, n) for p, n in zip(dparams, g[2:])]
             if a < S:
-                chunks = _chunks(S - a, dy.shape[0], lay.chunk_tokens)
-                dx_b = torch.empty_like(xb)
+                dx_b = torch.empty(x_kept.shape, dtype=ctx.x_dtype, device=x_kept.device)
                 dout_b = torch.empty_like(out[:, a:])
                 for c in chunks:
                     with torch.enable_grad():
-                        xc = xb[:, c].detach().requires_grad_()
+                        xc = xb_at(c).requires_grad_()
                         oc = out[:, a:][:, c].detach().requires_grad_()
                         yc = block.after_attention(xc, oc)
                     g = _grad([yc], [xc, oc, *params], [dy[:, a:][:, c]])
@@ -499,7 +526,7 @@ class _MemoBlock(torch.autograd.Function):
                 # 4. the dropped tokens' work before attention, chunk by chunk
                 for c in chunks:
                     with torch.enable_grad():
-                        xc = xb[:, c].detach().requires_grad_()
+                        xc = xb_at(c).requires_grad_()
                         qkv_c = block.before_attention(xc, cos[:, a:][:, c], sin[:, a:][:, c])
                     g = _grad(list(qkv_c), [xc, *params], [t[:, a:][:, c] for t in (dq, dk, dv)])
                     dx_b[:, c] += g[0]
@@ -517,16 +544,22 @@ def wrap(block: nn.Module, policy: Callable[[int], LayerPolicy] | LayerPolicy, p
     """Wraps `block.forward` in place (parameter names unchanged). `policy` is a LayerPolicy or a
     function of the block's tokens (rows x length) giving one (alpha per bucket); `pool` is the
     host tier, needed when a policy says tier="host"; backward recomputes the dropped tokens'
-    per-token work `chunk_tokens` tokens at a time. Under no_grad the block runs as it is."""
+    per-token work `chunk_tokens` tokens at a time. Under no_grad (eval, a checkpointed segment's
+    first forward) the block runs its MLP in the same tiles, without keeping anything."""
     inner = block.forward
     source = policy if callable(policy) else (lambda tokens: policy)
     lay = _Layer(block, source, pool, chunk_tokens)
 
     def forward(x, cos, sin):
-        if not torch.is_grad_enabled():
-            return inner(x, cos, sin)
+        if not torch.is_grad_enabled():  # eval, or a checkpointed segment's first forward: the MLP in tiles
+            chunks = _chunks(x.shape[1], x.shape[0], chunk_tokens)
+            if len(chunks) == 1:
+                return inner(x, cos, sin)
+            out = block.attention_fn(*block.before_attention(x, cos, sin))
+            return _tiled(block.after_attention, chunks, lambda c: x[:, c], lambda c: out[:, c])
         return _MemoBlock.apply(lay, x, cos, sin, *block.parameters())
 
+    forward.memo_layer = lay  # for inspection: the policy source, pool and chunk this block runs with
     block.forward = forward
     return block
 

@@ -283,8 +283,8 @@ def test_autotuned_kernels_match_reference_and_start_from_zero():
 
 def test_block_choice_contract(monkeypatch):
     """Explicit sizes: both kernels, DEFAULT_BLOCKS filling the rest. The interpreter: DEFAULT_BLOCKS.
-    A GPU: CUDA_BLOCKS[dtype] over the defaults (bf16's forward takes the H200-tuned tiles, fp32
-    keeps the defaults: twice the shared memory per tile). `autotune` on a GPU: the module's
+    A GPU: CUDA_BLOCKS[dtype] over the defaults where its shared memory holds them (bf16's forward
+    takes the H200-tuned tiles on Hopper and A100, not on sm86/89; fp32 keeps the defaults). `autotune` on a GPU: the module's
     autotuners over CANDIDATES, whose first config is the default (tuning can only match or beat it)."""
     from longctx.kernels import cce
 
@@ -296,9 +296,16 @@ def test_block_choice_contract(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert cce.resolve_blocks(torch.bfloat16, cuda, autotune=True) == default
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(cce, "_shared_memory_per_block", lambda device: 227 * 1024)  # H100/H200
     assert cce.resolve_blocks(torch.float32, cuda) == default
     bf16 = cce.resolve_blocks(torch.bfloat16, cuda)
     assert bf16 == {"fwd": (128, 256, 64, 8, 3), "bwd": cce.DEFAULT_BLOCKS} and bf16 != default
+    # 144 KiB of pipelined loads: A100's 163 KiB holds them, sm86/89's 99 KiB does not
+    assert cce._tile_shared_bytes(cce.CUDA_BLOCKS[torch.bfloat16]["fwd"], 2) == 144 * 1024
+    monkeypatch.setattr(cce, "_shared_memory_per_block", lambda device: 163 * 1024)
+    assert cce.resolve_blocks(torch.bfloat16, cuda) == bf16
+    monkeypatch.setattr(cce, "_shared_memory_per_block", lambda device: 99 * 1024)
+    assert cce.resolve_blocks(torch.bfloat16, cuda) == default
     monkeypatch.setattr(cce, "_TUNED", None)
     tuners = cce.resolve_blocks(torch.bfloat16, cuda, autotune=True)
     assert tuners is cce._TUNED and len(tuners) == 2

@@ -112,8 +112,9 @@ def test_segments_of_blocks_recompute_exactly(per_segment):
         offload.segment(m, per_segment)
         assert_same(ref * 2, run(m, ids, labels, steps=2))
         assert not pool.records
-        with torch.no_grad():
-            assert torch.equal(m(ids), model(ids))
+        with torch.no_grad():  # wrapped blocks run their MLP in 10-token tiles: equal to fp32 rounding
+            want = model(ids)
+            torch.testing.assert_close(m(ids), want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
 
 
 def test_segments_keep_fewer_block_inputs():

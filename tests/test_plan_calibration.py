@@ -119,3 +119,12 @@ def test_fits_leaves_the_reserve_free():
     tight = p["total_bytes"] * (1 + ALLOCATOR_RESERVE / 2) / 2**30
     assert not _llama_plan(8, gpu_gib=tight, seq_len=131072, overrides=fixed)["fits"]
     assert _llama_plan(8, gpu_gib=tight * 1.05, seq_len=131072, overrides=fixed)["fits"]
+
+
+def test_binding_term_at_the_search_limit():
+    """A plan that fits all the way to the longest length searched says so instead of naming a
+    GPU term that never bound."""
+    from longctx.train.plan_report import SEARCH_LIMIT
+
+    p = _llama_plan(8, gpu_gib=100000, host_gib=1 << 30)
+    assert p["longest_tokens"] == SEARCH_LIMIT and p["binding_term"] == "search_limit"

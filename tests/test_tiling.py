@@ -110,3 +110,67 @@ def test_recomputed_tokens_inputs_kept_in_bf16_under_autocast(policy):
 
 def test_layer_policy_input_dtype_defaults_to_as_is():
     assert LayerPolicy().input_dtype is None and FULL_RECOMPUTE.input_dtype is None
+
+
+def test_no_grad_forward_of_wrapped_blocks_runs_in_tiles():
+    """Eval and a checkpointed segment's first forward run wrapped blocks under no_grad: their MLP
+    goes through the same tiles (no whole-sequence [tokens, intermediate] transient), equal to the
+    unwrapped forward within fp32 rounding."""
+    model = tiny()
+    ids, _ = batch()
+    B, S = ids.shape
+    m, _ = wrapped(model, [FULL_RECOMPUTE] * model.config.num_layers, chunk_tokens=CHUNK)
+    widest = _Widest(model.config.intermediate_size)
+    with torch.no_grad(), widest:
+        got = m(ids)
+    assert widest.largest <= max(1, CHUNK // B) * B * model.config.intermediate_size, widest.largest
+    with torch.no_grad():
+        want = model(ids)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
+
+
+def test_kept_inputs_are_cast_back_one_tile_at_a_time():
+    """Backward casts the bf16 copy of a recomputed token's input back to fp32 one tile at a time:
+    no fp32 tensor of the whole recomputed length is made in backward (it would be a transient
+    the memory model does not count)."""
+    import dataclasses
+
+    model = tiny()
+    ids, labels = batch()
+    B, S = ids.shape
+    hidden = model.config.hidden_size
+    policy = dataclasses.replace(FULL_RECOMPUTE, input_dtype=torch.bfloat16)
+    m, _ = wrapped(model, [policy] * model.config.num_layers, chunk_tokens=CHUNK)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = m(ids, labels=labels)
+    casts = []
+
+    class _Casts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and args[0].dtype == torch.bfloat16 \
+                    and out.dtype == torch.float32 and out.dim() == 3 and out.shape[-1] == hidden:
+                casts.append(out.shape[1])
+            return out
+
+    with _Casts():
+        loss.backward()
+    tile = max(1, CHUNK // B)
+    assert casts and max(casts) <= tile, f"bf16 -> fp32 casts of {sorted(set(casts))} positions; tiles hold {tile}"
+
+
+@pytest.mark.parametrize("dtype,policy", [("bf16", "full"), ("bf16", "memo"), ("fp32", "full"), ("fp32", "memo")])
+def test_trainer_keeps_recomputed_inputs_in_bf16_only_under_autocast(dtype, policy):
+    """train/build.py apply_memory: a bf16 run (autocast over fp32 weights) wraps every block, MEMO's
+    swapped and resident ones and full recomputation's, with input_dtype bf16; an fp32 run with None."""
+    from longctx.parallel.mesh import Mesh
+    from longctx.recipes import schema
+    from longctx.train.build import apply_memory
+
+    recipe = schema.load(None, [f"run.dtype={dtype}", f"memory.policy={policy}", "memory.resident_layers=1"])
+    model = tiny()
+    apply_memory(model, recipe, Mesh(0, 1, 0, 1, None, torch.device("cpu")), None)
+    want = torch.bfloat16 if dtype == "bf16" else None
+    for i, layer in enumerate(model.model.layers):
+        lay = layer.forward.memo_layer
+        assert lay.policy(96).input_dtype is want, (i, lay.policy(96))

@@ -47,6 +47,7 @@ def setting_for(r: dict, gpus: int, gpu_mem: float, host_mem: float, gpus_per_no
 # +2.7% to +6.3% over the allocated peak of warm steps at 8K-64K tokens (gpu-h200-step.jsonl,
 # reserved_peak_bytes). A plan fits when the peak plus this share is within the GPU's memory.
 ALLOCATOR_RESERVE = 0.08
+SEARCH_LIMIT = 1 << 24  # the longest length the plan searches (tokens)
 
 
 def plan(shape: ModelShape, r: dict, gpus: int, gpu_mem: float, host_mem: float, gpus_per_node: int | None = None,
@@ -84,11 +85,13 @@ def plan(shape: ModelShape, r: dict, gpus: int, gpu_mem: float, host_mem: float,
 
     e = fitted(length)
     step = 1024 * sp
-    longest = longest_fitting(fitted, budget, lo=step, step=step, host_budget=host_mem)
+    longest = longest_fitting(fitted, budget, lo=step, hi=SEARCH_LIMIT, step=step, host_budget=host_mem)
     fits_host = e.host_bytes_per_node <= host_mem
     # what stops the next length: host memory, or the GPU's peak (its phase and largest term)
     nxt = fitted(longest + step)
-    if nxt.host_bytes_per_node > host_mem:
+    if longest + step > SEARCH_LIMIT:
+        binding = "search_limit"
+    elif nxt.host_bytes_per_node > host_mem:
         binding = "host_memory"
     else:
         parts = {k: nxt.terms[k] for k in ("params", "optimizer", "staging_buffers", "communication", "runtime")}
@@ -111,8 +114,9 @@ def plan(shape: ModelShape, r: dict, gpus: int, gpu_mem: float, host_mem: float,
 def _phase_terms(e) -> dict:
     """The terms of the transient phase at e's peak, by name (memory/estimate.py's phases)."""
     t = e.terms
+    first_in_flight = ("swap_in_flight",) if e.setting.get("resident_layers", 0) > 0 else ()
     names = {"loss": ("activations", "loss_head", "swap_in_flight"),
-             "backward_first_block": ("activations", "layer_workspace", "attention_workspace", "swap_in_flight"),
+             "backward_first_block": ("activations", "layer_workspace", "attention_workspace", *first_in_flight),
              "backward_last_block": ("grads", "layer_workspace", "attention_workspace"),
              "optimizer_step": ("grads",)}.get(e.peak_phase, ())
     return {k: t[k] for k in names}

@@ -287,7 +287,7 @@ def test_cce_triton_autotune_and_the_h200_tiles_on_cuda():
     here, to keep compilation short) after running the kernels several times on the real buffers:
     the result must still equal the fixed-default run's (fp32, filtering off, 2e-5 of each largest
     value), and the picks are recorded. The bf16 default forward tiles (CUDA_BLOCKS, 128 x 256 x 64)
-    against the old 64 x 128 x 32 ones: equal within 2 bf16 ulps of the largest value. ~15 s."""
+    against the old 64 x 128 x 32 ones: equal within one bf16 ulp (2^-7) of the largest value. ~15 s."""
     from longctx.kernels import cce
 
     N, V, D = 3001, 20011, 320
