@@ -128,3 +128,13 @@ def test_binding_term_at_the_search_limit():
 
     p = _llama_plan(8, gpu_gib=100000, host_gib=1 << 30)
     assert p["longest_tokens"] == SEARCH_LIMIT and p["binding_term"] == "search_limit"
+
+
+def test_plan_says_what_its_gpu_figures_rest_on(capsys):
+    """Every plan names its calibration (issue 21: GPU figures labelled by what measured them)."""
+    from longctx.cli import main
+
+    assert main(["plan", "recipes/llama3-8b-128k.yaml", "--gpus", "8", "--gpu-mem", "80GiB", "--host-mem", "1TiB"]) == 0
+    out = capsys.readouterr().out
+    assert "memory model: calibrated on one H200 step" in out and "not measured" in out
+    assert _llama_plan(8)["calibration"].startswith("calibrated on one H200 step")
