@@ -160,6 +160,7 @@ class Estimate:
     step_seconds: float
     setting: dict = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)  # transient bytes on top of the persistent terms
+    phase_parts: dict[str, dict[str, float]] = field(default_factory=dict)  # what each phase sums
 
     @property
     def persistent(self) -> float:
@@ -298,17 +299,22 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
     outside = outside_bytes_per_token(m, s.autocast) * tokens
     # the first block's backward still meets the swapped copies when a resident block comes first
     first_in_flight = in_flight if s.resident_layers > 0 else 0.0
-    phases = {
-        "loss": terms["activations"] + terms["loss_head"] + in_flight,
-        "backward_first_block": terms["activations"] + head_grad + workspace + attn_ws + first_in_flight,
-        "backward_last_block": terms["grads"] + outside + workspace + attn_ws,
+    # each phase's parts by name (a term's own name where it is one), summed in this order
+    parts = {
+        "loss": {"activations": terms["activations"], "loss_head": terms["loss_head"], "swap_in_flight": in_flight},
+        "backward_first_block": {"activations": terms["activations"], "head_grad": head_grad,
+                                 "layer_workspace": workspace, "attention_workspace": attn_ws,
+                                 "swap_in_flight": first_in_flight},
+        "backward_last_block": {"grads": terms["grads"], "outside": outside, "layer_workspace": workspace,
+                                "attention_workspace": attn_ws},
         # torch.optim.AdamW(foreach=True) (train/optim.py): the gradients and one temporary of the
         # (local) parameters' size, 4 B each (measured on an H200: 7.2 GiB at 1.92 B parameters);
         # without foreach one parameter at a time, two temporaries of the largest (sqrt, then the
         # division; the embedding or an MLP matrix)
-        "optimizer_step": terms["grads"] + OPTIMIZER_TEMP_BYTES_PER_PARAM * (
-            P / shard[2] if s.optimizer_foreach else 2 * max(m.vocab, m.intermediate) * m.hidden),
+        "optimizer_step": {"grads": terms["grads"], "optimizer_temp": OPTIMIZER_TEMP_BYTES_PER_PARAM * (
+            P / shard[2] if s.optimizer_foreach else 2 * max(m.vocab, m.intermediate) * m.hidden)},
     }
+    phases = {name: sum(p.values()) for name, p in parts.items()}
     # step time: fwd (1) + bwd (2) + recomputed forward work
     fwd = m.layers * layer_forward_flops(m, tokens, s.seq_len) + 2.0 * tokens * m.hidden * m.vocab
     if s.policy == "full":
@@ -320,7 +326,7 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
     # segments but the last run their forward twice (nothing without segments)
     extra += (m.layers - segment_sizes(m.layers, s.recompute_num_layers)[-1]) * layer_forward_flops(m, tokens, s.seq_len)
     step = (3 * fwd + extra) / s.flops_per_s
-    return Estimate(terms, host, alpha, binding, step, asdict(s), phases)
+    return Estimate(terms, host, alpha, binding, step, asdict(s), phases, parts)
 
 
 def hf_checkpointing_estimate(m: ModelShape, seq_len: int, autocast: bool, runtime_bytes: float) -> Estimate:
@@ -332,6 +338,7 @@ def hf_checkpointing_estimate(m: ModelShape, seq_len: int, autocast: bool, runti
     e = estimate(m, s)
     # transformers upcasts the logits to fp32 and keeps more [N, V] buffers than our reference head
     e.terms["loss_head"] = seq_len * m.vocab * HF_LOGIT_BYTES_PER_VOCAB_ENTRY
+    e.phase_parts["loss"] = {"activations": e.terms["activations"], "loss_head": e.terms["loss_head"]}
     e.phases["loss"] = e.terms["activations"] + e.terms["loss_head"]
     return e
 

@@ -99,7 +99,7 @@ def plan(shape: ModelShape, r: dict, gpus: int, gpu_mem: float, host_mem: float,
         binding = "host_memory"
     else:
         parts = {k: nxt.terms[k] for k in ("params", "optimizer", "staging_buffers", "communication", "runtime")}
-        parts.update(_phase_terms(nxt))
+        parts.update({k: v for k, v in nxt.phase_parts.get(nxt.peak_phase, {}).items() if k in nxt.terms})
         binding = f"gpu_memory: {nxt.peak_phase} phase (largest term {max(parts, key=parts.get)})"
     return {
         "model_params": shape.params(), "gpus": gpus, "gpus_per_node": per_node, "sharding": sharding,
@@ -115,16 +115,6 @@ def plan(shape: ModelShape, r: dict, gpus: int, gpu_mem: float, host_mem: float,
         "calibration": CALIBRATION,
     }
 
-
-def _phase_terms(e) -> dict:
-    """The terms of the transient phase at e's peak, by name (memory/estimate.py's phases)."""
-    t = e.terms
-    first_in_flight = ("swap_in_flight",) if e.setting.get("resident_layers", 0) > 0 else ()
-    names = {"loss": ("activations", "loss_head", "swap_in_flight"),
-             "backward_first_block": ("activations", "layer_workspace", "attention_workspace", *first_in_flight),
-             "backward_last_block": ("grads", "layer_workspace", "attention_workspace"),
-             "optimizer_step": ("grads",)}.get(e.peak_phase, ())
-    return {k: t[k] for k in names}
 
 
 def format_plan(p: dict) -> str:
