@@ -140,6 +140,12 @@ def autocast_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     return q, k, v
 
 
+def compute_dtype(t: torch.Tensor) -> torch.Tensor:
+    """t in the autocast dtype under autocast (as autocast_inputs casts q, k, v), else as is."""
+    device = t.device.type
+    return t.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else t
+
+
 class BlockAttention(torch.autograd.Function):
     """block_attn / block_attn_bwd of one kernel as an autograd Function (causal or not)."""
 
@@ -178,6 +184,48 @@ class LocalAttention:
         q2, k2, v2 = autocast_inputs(q, k, v)
         dq, dk, dv = block_attn_bwd(dout.to(out.dtype), q2, k2, v2, out, lse, causal=True, impl=self.kernel)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+    def by_rows(self) -> LocalAttention:
+        """The callable whose rows methods MEMO's backward may use (sequence parallelism returns
+        None while it shards the sequence)."""
+        return self
+
+    def forward_rows(self, q, k, v, start: int):
+        """(out, lse) of the queries at positions [start, start + Sq) of one sequence, causal:
+        the keys before `start` unmasked, the diagonal block [start, start + Sq) causal. `k`, `v`
+        hold at least the keys [0, start + Sq), in the kernels' dtype; `out` comes in q's
+        kernel dtype, as forward_lse returns it."""
+        q2 = compute_dtype(q)
+        end = start + q.shape[1]
+        out, lse = block_attn(q2, k[:, start:end], v[:, start:end], causal=True, impl=self.kernel)
+        if start:
+            acc, acc_lse = merge(None, None, out, lse)
+            merge_into(acc, acc_lse, *block_attn(q2, k[:, :start], v[:, :start], causal=False, impl=self.kernel))
+            out, lse = acc.to(out.dtype), acc_lse
+        return out, lse
+
+    def backward_rows(self, dout, q, k, v, out, lse, start: int, dk, dv, key_block: int):
+        """dq of the queries at [start, start + Sq) given their (out, lse) over all their keys;
+        their share of dK and dV is added to the fp32 accumulators dk, dv [B, S, Hkv, D] (whole
+        sequence). The keys before `start` go in blocks of `key_block` positions, so no kernel
+        output larger than that exists; the backward of a block against the rows' global
+        (out, lse) is that block's exact share (module docstring)."""
+        q2 = compute_dtype(q)
+        dout = dout.to(out.dtype)
+        end = start + q.shape[1]
+        dq, dk_i, dv_i = block_attn_bwd(dout, q2, k[:, start:end], v[:, start:end], out, lse, causal=True,
+                                        impl=self.kernel)
+        dq = dq.float()
+        dk[:, start:end] += dk_i
+        dv[:, start:end] += dv_i
+        for j in range(0, start, key_block):
+            keys = slice(j, min(j + key_block, start))
+            dq_j, dk_i, dv_i = block_attn_bwd(dout, q2, k[:, keys], v[:, keys], out, lse, causal=False,
+                                              impl=self.kernel)
+            dq += dq_j
+            dk[:, keys] += dk_i
+            dv[:, keys] += dv_i
+        return dq.to(q.dtype)
 
     def describe(self, device, dtype: torch.dtype, head_dim: int) -> str:
         """What runs, for the run log: the block kernel, `sdpa:<kernel>` for SDPA restricted to

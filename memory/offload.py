@@ -461,6 +461,12 @@ class _MemoBlock(torch.autograd.Function):
             torch.set_rng_state(ctx.rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, dy.device)
+            rows = getattr(block.attention_fn, "by_rows", lambda: None)()
+            if rows is not None:
+                dx, dparams = _backward_by_rows(ctx, dy, rows, params)
+                rec.release()
+                ctx.graphs = ctx.keep = None
+                return (None, dx, None, None, *dparams)
             dx_parts, dparams = [], [None] * len(params)
 
             # 1. q, k, v of the dropped tokens, recomputed without a graph (rebuilt chunk by chunk
@@ -537,6 +543,106 @@ class _MemoBlock(torch.autograd.Function):
         ctx.graphs = ctx.keep = None
         dx = torch.cat(dx_parts, 1) if len(dx_parts) > 1 else dx_parts[0]
         return (None, dx, None, None, *dparams)
+
+
+# Keys before a query tile go through attention's backward in blocks of this many tiles, so its
+# dK/dV outputs never exceed that many tiles' tokens.
+KEY_BLOCK_TILES = 8
+
+
+def _backward_by_rows(ctx, dy, attn, params):
+    """A block's backward where attention is local (sp 1): query tiles from the last to the first,
+    each one's work after attention, attention's backward (`attn.backward_rows`) and its work
+    before attention in turn. Tiles later in the sequence are the only ones that attend to a
+    tile's keys, so when a tile is reached its dK, dV are complete and its q, k, v graph can be
+    back-propagated at once. Of the whole local sequence only k, v (kernel dtype), their fp32
+    gradient accumulators and the residual stream's gradients are live, never q, the attention
+    output's gradient or dQ (issue 21: the backward's whole-sequence workspace)."""
+    from ..kernels.attention import autocast_inputs
+
+    lay, rec, keep, a, policy = ctx.lay, ctx.rec, ctx.keep, ctx.a, ctx.policy
+    block = lay.block
+    B, S = dy.shape[0], dy.shape[1]
+    cos, sin = ctx.cos, ctx.sin
+    dparams = [None] * len(params)
+    dx = torch.empty(dy.shape, dtype=ctx.x_dtype, device=dy.device)
+    chunks = _chunks(S - a, B, lay.chunk_tokens) if a < S else []
+    key_block = max(1, lay.chunk_tokens // max(B, 1)) * KEY_BLOCK_TILES
+    if a < S:
+        x_kept = rec.get(keep["x_b"]).detach()
+
+        def xb_at(c):  # the kept input may be a bf16 copy: cast back one tile at a time
+            return x_kept[:, c].to(ctx.x_dtype)
+
+    def grads_of(outputs, inputs, grads):
+        return _grad(outputs, inputs, [g.to(o.dtype) for g, o in zip(grads, outputs)])
+
+    # k, v of the whole local sequence in the kernels' dtype: the kept tokens' from their graphs,
+    # the dropped tokens' recomputed tile by tile without a graph
+    k = v = None
+    with torch.no_grad():
+        qkv_a = tuple(rec.get(h) for h in keep["qkv_a"]) if a else None
+        pieces = ([(slice(0, a), lambda: autocast_inputs(*qkv_a))] if a else []) + [
+            (slice(a + c.start, a + c.stop),
+             (lambda c=c: autocast_inputs(*block.before_attention(xb_at(c), cos[:, a:][:, c], sin[:, a:][:, c]))))
+            for c in chunks]
+        for at, make in pieces:
+            _, kc, vc = make()
+            if k is None:
+                k = torch.empty((B, S, *kc.shape[2:]), dtype=kc.dtype, device=kc.device)
+                v = torch.empty((B, S, *vc.shape[2:]), dtype=vc.dtype, device=vc.device)
+            k[:, at], v[:, at] = kc, vc
+            del kc, vc
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        out_b = rec.get(keep["out_b"]) if policy.keep_attention and a < S else None
+        lse = rec.get(keep["lse"]) if policy.keep_attention else None
+
+    # the dropped tokens' tiles, last first
+    for c in reversed(chunks):
+        at = slice(a + c.start, a + c.stop)
+        with torch.enable_grad():
+            xq = xb_at(c).requires_grad_()
+            qkv_c = block.before_attention(xq, cos[:, at], sin[:, at])
+        q_c = qkv_c[0].detach()
+        with torch.no_grad():
+            if out_b is not None:
+                o_c, lse_c = out_b[:, c], lse[:, :, at]
+            else:
+                o_c, lse_c = attn.forward_rows(q_c, k, v, at.start)
+        with torch.enable_grad():
+            xo = xb_at(c).requires_grad_()
+            oc = o_c.detach().requires_grad_()
+            yc = block.after_attention(xo, oc)
+        g = _grad([yc], [xo, oc, *params], [dy[:, at]])
+        dx[:, at], dout_c = g[0], g[1]
+        dparams = [_add(p, n) for p, n in zip(dparams, g[2:])]
+        del xo, oc, yc, g
+        with torch.no_grad():
+            dq_c = attn.backward_rows(dout_c, q_c, k, v, o_c, lse_c, at.start, dk, dv, key_block)
+        del dout_c, o_c, lse_c
+        g = grads_of(list(qkv_c), [xq, *params], [dq_c, dk[:, at], dv[:, at]])
+        dx[:, at] += g[0]
+        dparams = [_add(p, n) for p, n in zip(dparams, g[1:])]
+        del xq, qkv_c, q_c, dq_c, g
+
+    # the kept tokens (the first a): their stored graphs, once every later tile has added its dK, dV
+    if a:
+        xa, oa, (qa, ka, va), ya = ctx.graphs
+        g = _grad([ya], [xa, oa, *params], [dy[:, :a]])
+        dx_a, dout_a = g[0], g[1]
+        dparams = [_add(p, n) for p, n in zip(dparams, g[2:])]
+        with torch.no_grad():
+            q_a = qkv_a[0]  # the stored copy: the graph's own tensors may have been freed into the host tier
+            if policy.keep_attention:
+                o_a, lse_a = rec.get(keep["out_a"]), lse[:, :, :a]
+            else:
+                o_a, lse_a = attn.forward_rows(q_a, k, v, 0)
+            dq_a = attn.backward_rows(dout_a, q_a, k, v, o_a, lse_a, 0, dk, dv, key_block)
+        g = grads_of([qa, ka, va], [xa, *params], [dq_a, dk[:, :a], dv[:, :a]])
+        dx[:, :a] = _add(dx_a, g[0])
+        dparams = [_add(p, n) for p, n in zip(dparams, g[1:])]
+    return dx, dparams
 
 
 def wrap(block: nn.Module, policy: Callable[[int], LayerPolicy] | LayerPolicy, pool: HostPool | None,

@@ -140,6 +140,11 @@ class SequenceParallelAttention:
         return SCHEDULE_FUNCTIONS[self.name](*autocast_inputs(q, k, v), self.plan.group, kernel=self.kernel)
 
     # For memory/offload.py, which keeps (out, lse) and runs attention's backward itself.
+    def by_rows(self):
+        """The local kernel while this step runs at sp 1 (MEMO's backward then goes query rows at a
+        time); None while the schedule shards the sequence (its backward takes the whole shard)."""
+        return self.local if self.sp == 1 else None
+
     def forward_lse(self, q, k, v):
         if self.sp == 1:
             return self.local.forward_lse(q, k, v)

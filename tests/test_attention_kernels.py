@@ -119,6 +119,34 @@ def test_block_attention_function_gives_autograd_gradients(standins, kernel):
         _close(g, w, dtype, f"d{n}")
 
 
+@pytest.mark.parametrize("kernel", CUDA_KERNELS + ["aten_cpu", "reference"])
+def test_rows_of_a_causal_sequence_match_the_whole(standins, kernel):
+    """LocalAttention.forward_rows/backward_rows (MEMO's backward at sp 1 goes query tile by
+    query tile): the rows [start, start + n) against the keys before them (unmasked, in key
+    blocks) and their own diagonal block (causal) give the whole causal sequence's out, lse and,
+    summed over the tiles, dq, dk, dv; the CUDA kernels through their stand-ins."""
+    from longctx.kernels.attention import LocalAttention
+
+    dtype = DTYPE.get(kernel, torch.float32)
+    B, S, Hq, Hkv, D, n = 2, 36, 4, 2, 64, 12
+    q, k, v, dout = _inputs(B, S, S, Hq, Hkv, D, dtype)
+    want_out, want_lse = reference_block_attn(q, k, v, True)
+    want = reference_block_attn_bwd(dout, q, k, v, want_out, want_lse, True)
+    attn = LocalAttention(kernel)
+    dk = torch.zeros(k.shape, dtype=torch.float32)
+    dv = torch.zeros(v.shape, dtype=torch.float32)
+    dq = torch.empty(q.shape, dtype=torch.float32)
+    for start in reversed(range(0, S, n)):
+        rows = slice(start, start + n)
+        out, lse = attn.forward_rows(q[:, rows], k, v, start)
+        assert out.dtype == dtype and lse.dtype == torch.float32
+        _close(out, want_out[:, rows], dtype, f"out of rows {start}")
+        torch.testing.assert_close(lse, want_lse[:, :, rows], atol=1e-4, rtol=1e-4)
+        dq[:, rows] = attn.backward_rows(dout[:, rows], q[:, rows], k, v, out, lse, start, dk, dv, key_block=5)
+    for g, w, name in zip((dq, dk, dv), want, ("dq", "dk", "dv")):
+        _close(g, w, dtype, name)
+
+
 # --- what `auto` picks ------------------------------------------------------------------------------
 def _pretend_cuda(monkeypatch, flash_attn: bool, sm=(9, 0)):
     monkeypatch.setattr(capability, "has_cuda", lambda: True)
