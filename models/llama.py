@@ -32,10 +32,61 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32, scale in the input dtype: the order transformers uses.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in fp32, scale in the input dtype: the order transformers uses.
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+class _TiledHead(torch.autograd.Function):
+    """The final norm and the loss over tiles of `tile` tokens, their gradients computed in forward
+    tile by tile (as Cut Cross-Entropy computes its own): what stays for backward is the gradient
+    of the residual stream's last value (its dtype, per token) and of the two weights, instead of
+    the norm's saved input, statistics and output and the loss's input and gradient over the whole
+    local sequence (issue 21, the loss head tiled; ALST's tiled loss). Summed loss, as `loss_fn`
+    returns it; the one backward scales the stored gradients in place."""
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, out_weight, labels, eps, loss_fn, tile):
+        wanted = ctx.needs_input_grad[:3]
+        dx = torch.zeros_like(x) if wanted[0] else None
+        dnorm = dout = None
+        total = None
+        for start in range(0, x.shape[0], tile):
+            t = slice(start, start + tile)
+            with torch.enable_grad():
+                leaves = [a.detach().requires_grad_(w) for a, w in zip((x[t], norm_weight, out_weight), wanted)]
+                loss = loss_fn(rms_norm(leaves[0], leaves[1], eps), leaves[2], labels[t])
+            inputs = [a for a, w in zip(leaves, wanted) if w]
+            grads = iter(torch.autograd.grad(loss, inputs, allow_unused=True) if inputs and loss.requires_grad
+                         else [None] * len(inputs))
+            if wanted[0]:
+                g = next(grads)
+                if g is not None:
+                    dx[t] = g
+            if wanted[1]:
+                dnorm = _accumulate(dnorm, next(grads), norm_weight)
+            if wanted[2]:
+                dout = _accumulate(dout, next(grads), out_weight)
+            total = loss.detach() if total is None else total + loss.detach()
+            del leaves, loss, inputs, grads
+        ctx.save_for_backward(dx, dnorm, dout)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        dx, dnorm, dout = ctx.saved_tensors
+        return (*(None if g is None else g.mul_(grad) for g in (dx, dnorm, dout)), None, None, None, None)
+
+
+def _accumulate(total, g, like):
+    if g is None:
+        return total if total is not None else torch.zeros_like(like)
+    return g if total is None else total.add_(g)
 
 
 class Attention(nn.Module):
@@ -128,6 +179,9 @@ class CausalLM(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.loss_fn = loss
+        # tokens per tile of the final norm + loss in training (`_TiledHead`); None: one pass over
+        # the whole local sequence. The trainer sets memory.recompute_chunk_tokens under recompute.
+        self.loss_tile_tokens: int | None = None
         self.set_attention(attention)
 
     # --- injected pieces ---------------------------------------------------------------------
@@ -153,6 +207,11 @@ class CausalLM(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                       seq_len: int | None = None) -> torch.Tensor:
+        return self.model.norm(self.residual_stream(input_ids, position_ids, seq_len))
+
+    def residual_stream(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                        seq_len: int | None = None) -> torch.Tensor:
+        """The last block's output, before the final norm."""
         B, S = input_ids.shape
         window = self.config.sliding_window
         if window is not None and (seq_len or S) > window:
@@ -164,7 +223,7 @@ class CausalLM(nn.Module):
             position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope_cos_sin(position_ids, x.dtype, seq_len)
-        return self.model.norm(self.run_layers(x, cos, sin))
+        return self.run_layers(x, cos, sin)
 
     def run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The blocks in order (memory/offload.py `segment` replaces this on an instance)."""
@@ -179,9 +238,15 @@ class CausalLM(nn.Module):
         labels: torch.Tensor | None = None,
         seq_len: int | None = None,
     ) -> torch.Tensor:
-        hidden = self.hidden_states(input_ids, position_ids, seq_len)
         if labels is None:
-            return hidden
+            return self.hidden_states(input_ids, position_ids, seq_len)
+        tile = self.loss_tile_tokens
+        if tile and torch.is_grad_enabled():
+            x = self.residual_stream(input_ids, position_ids, seq_len)
+            norm = self.model.norm
+            return _TiledHead.apply(x.flatten(0, 1), norm.weight, self.output_weight, labels.flatten(), norm.eps,
+                                    self.loss_fn, tile)
+        hidden = self.hidden_states(input_ids, position_ids, seq_len)
         return self.loss_fn(hidden.flatten(0, 1), self.output_weight, labels.flatten())
 
     def logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -146,7 +146,7 @@ class MemoryRecipe:
     recompute_num_layers: int = _f(
         1, "Blocks per recomputed segment (Megatron's uniform recompute): > 1 keeps only each segment's input and reruns the segment's forward, attention included, in backward; fewer block inputs live, one more forward.", ge=1
     )
-    recompute_chunk_tokens: int = _f(4096, "full/memo: tokens per tile of a block's per-token work that runs without a graph: backward's recomputation, and forward's MLP of the tokens not kept (bounds both transients).", ge=1)
+    recompute_chunk_tokens: int = _f(4096, "full/memo: tokens per tile of the per-token work that runs without a graph: backward's recomputation and attention's backward (query tiles at sp 1), forward's MLP of the tokens not kept, and the final norm + loss (bounds these transients).", ge=1)
     host_memory_gib: float | None = _f(None, "memo auto: host memory per node for activations (null = 80% of this machine's RAM).", gt=0)
     link_gbps: float | None = _f(None, "memo auto: device<->host copy bandwidth in GB/s (null = 25 on CUDA, 5 on CPU).", gt=0)
     device_tflops: float | None = _f(None, "memo auto: sustained TFLOP/s for a layer's time (null = 300 on CUDA, 0.05 on CPU).", gt=0)

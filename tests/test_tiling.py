@@ -4,6 +4,8 @@ of `chunk_tokens` tokens, as its backward already does, so no [tokens, intermedi
 the whole local sequence exists. Exact against the unwrapped model (fp32, values and gradients),
 alone, with MEMO's host tier, and with the Cut Cross-Entropy loss."""
 
+import copy
+
 import pytest
 import torch
 from longctx.kernels.loss import linear_cross_entropy
@@ -236,3 +238,91 @@ def test_backward_by_query_tiles_under_bf16_autocast_matches_unwrapped():
         err_plain = (plain[name] - ref[name]).abs().max().item()
         err_got = (got[name] - ref[name]).abs().max().item()
         assert err_got <= 2 * err_plain + 1e-6, (name, err_got, err_plain)
+
+
+# --- the final norm and the loss in tiles (issue 21: the loss head tiled) --------------------------
+def _kept_bytes(fn):
+    """Bytes of the distinct storages autograd still keeps once fn() returns (a graph's tensors
+    freed inside it, e.g. a tile's, do not count); parameters aside."""
+    import weakref
+
+    seen = []
+
+    def pack(t):
+        seen.append(weakref.ref(t))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    params = {p.untyped_storage().data_ptr() for p in fn.model.parameters()}
+    alive = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for r in seen if (t := r()) is not None}
+    return out, sum(n for ptr, n in alive.items() if ptr not in params)
+
+
+def _head_bytes(model, ids, labels):
+    """What the final norm + loss keep for backward: the whole forward's kept bytes less the blocks'."""
+    def whole():
+        return model(ids, labels=labels)
+
+    def blocks():
+        return model.residual_stream(ids)
+
+    whole.model = blocks.model = model
+    return _kept_bytes(whole)[1] - _kept_bytes(blocks)[1]
+
+
+@pytest.mark.parametrize("impl", ["reference", "cce_torch"])
+@pytest.mark.parametrize("tile", [CHUNK, 4096])
+def test_tiled_head_matches_and_keeps_only_the_residual_gradient(impl, tile):
+    """model.loss_tile_tokens: the final norm + loss run over token tiles with their gradients
+    computed in forward; loss and every gradient equal the untiled head (fp32, 1e-6, two steps so
+    in-place scaling cannot leak into the next), with ignored labels in the batch; and of the
+    head only the residual stream's gradient stays for backward: [tokens, hidden] fp32, not the
+    norm's input, statistics and output."""
+    def loss(h, w, y):
+        return linear_cross_entropy(h, w, y, reduction="sum", impl=impl)
+
+    model = tiny()
+    model.loss_fn = loss
+    ids, labels = batch()
+    labels = labels.clone()
+    labels[0, :5] = -100
+    want = run(model, ids, labels, steps=2)
+    tiled = copy.deepcopy(model)
+    tiled.loss_tile_tokens = tile
+    assert_same(want, run(tiled, ids, labels, steps=2))
+    N, h, V = ids.numel(), model.config.hidden_size, model.config.vocab_size
+    # the residual stream's gradient and the two weights' gradients, nothing else
+    assert _head_bytes(tiled, ids, labels) == 4 * (N * h + h + V * h)
+    assert _head_bytes(model, ids, labels) >= 4 * 2 * N * h  # the norm's input and output, at least
+
+
+def test_tiled_head_under_bf16_autocast_and_frozen_weights():
+    """Under bf16 autocast, within 2x the untiled head's error against fp32; with the output weight
+    frozen (no gradient asked) the tiled head returns none for it, like the untiled one."""
+    model = tiny()
+    ids, labels = batch()
+    _, ref = _grads(model, ids, labels, autocast=False)
+    _, plain = _grads(model, ids, labels, autocast=True)
+    tiled = copy.deepcopy(model)
+    tiled.loss_tile_tokens = CHUNK
+    _, got = _grads(tiled, ids, labels, autocast=True)
+    for name in ref:
+        err_plain = (plain[name] - ref[name]).abs().max().item()
+        assert (got[name] - ref[name]).abs().max().item() <= 2 * err_plain + 1e-6, name
+    tiled.lm_head.weight.requires_grad_(False)
+    tiled.zero_grad(set_to_none=True)
+    tiled(ids, labels=labels).backward()
+    assert tiled.lm_head.weight.grad is None and tiled.model.norm.weight.grad is not None
+
+
+def test_trainer_tiles_the_head_under_recompute():
+    from longctx.parallel.mesh import Mesh
+    from longctx.recipes import schema
+    from longctx.train.build import apply_memory
+
+    for policy, want in (("none", None), ("full", 333), ("memo", 333)):
+        recipe = schema.load(None, [f"memory.policy={policy}", "memory.recompute_chunk_tokens=333"])
+        model = tiny()
+        apply_memory(model, recipe, Mesh(0, 1, 0, 1, None, torch.device("cpu")), None)
+        assert model.loss_tile_tokens == want, policy

@@ -254,13 +254,15 @@ def memory_hardware(recipe: Recipe, device: torch.device) -> dict:
 def apply_memory(model: CausalLM, recipe: Recipe, mesh: mesh_lib.Mesh,
                  sp_attention: SequenceParallelAttention | None) -> MemoPlanner | None:
     """memory.policy: full = every block keeps its input only; memo = MEMO on all but the last
-    `resident_layers` blocks, alpha fixed or planned per bucket (memory/plan.py);
+    `resident_layers` blocks, alpha fixed or planned per bucket (memory/plan.py); both also run the
+    final norm and the loss in tiles of memory.recompute_chunk_tokens;
     memory.recompute_num_layers > 1 recomputes segments of blocks (offload.segment)."""
     m = recipe.memory
     layers = model.model.layers
     offload.segment(model, m.recompute_num_layers)
     if m.policy == "none":
         return None
+    model.loss_tile_tokens = m.recompute_chunk_tokens  # the final norm + loss in tiles (models/llama._TiledHead)
     # under bf16 autocast the recomputed tokens' block inputs are kept in bf16 (offload.LayerPolicy)
     input_dtype = torch.bfloat16 if recipe.run.dtype == "bf16" else None
     if m.policy == "full":
