@@ -119,3 +119,64 @@ def pinned_bytes(nbytes: int) -> int:
     """Host bytes a pinned allocation of `nbytes` really takes: PyTorch's CUDA caching host
     allocator rounds every request up to the next power of two (so it can reuse blocks)."""
     return 0 if nbytes <= 0 else 1 << (int(nbytes) - 1).bit_length()
+
+
+class LiveBytes:
+    """The bytes of tensor storages created while it is active that are still alive, after every
+    op, and their peak: what the code keeps, tensor by tensor, to hold a memory model against
+    (tests/test_memory.py). A storage counts from the op that makes it until the last tensor
+    using it is gone (PyTorch keeps a tensor's Python object alive as long as C++ holds the
+    tensor, so autograd's saved tensors count). Storages that existed before (parameters,
+    inputs) are not counted, nor an op kernel's internal scratch, which never surfaces."""
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        meter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                meter._seen(out, args, kwargs)
+                return out
+
+        self.live = 0
+        self.peak = 0
+        self._storages: dict[int, list[int]] = {}  # data ptr -> [bytes, tensors alive]
+        self._mode = _Mode()
+
+    def _seen(self, out, args, kwargs) -> None:
+        import weakref
+
+        leaves = torch.utils._pytree.tree_leaves
+        inputs = {t.untyped_storage().data_ptr() for t in leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            st = t.untyped_storage()
+            ptr, n = st.data_ptr(), st.nbytes()
+            entry = self._storages.get(ptr)
+            if entry is None:
+                if n == 0 or ptr in inputs:  # a view or an in-place result of a storage from before
+                    continue
+                entry = self._storages[ptr] = [n, 0]
+                self.live += n
+            entry[1] += 1
+            weakref.finalize(t, self._drop, ptr, entry)
+        self.peak = max(self.peak, self.live)
+
+    def _drop(self, ptr: int, entry: list[int]) -> None:
+        entry[1] -= 1
+        if entry[1] == 0 and self._storages.get(ptr) is entry:
+            del self._storages[ptr]
+            self.live -= entry[0]
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+    def __enter__(self) -> LiveBytes:
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)

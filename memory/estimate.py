@@ -116,10 +116,25 @@ def saved_bytes_per_token_layer(m: ModelShape, autocast: bool, policy: str, alph
     return lb.inp + lb.attn + alpha * lb.other
 
 
-def outside_bytes_per_token(m: ModelShape, autocast: bool) -> float:
+def outside_bytes_per_token(m: ModelShape, autocast: bool, tiled_head: bool = False) -> float:
     """Saved outside the blocks: token ids, final norm (input, rsqrt, normalised), the loss's
-    hidden input and its gradient (CCE computes it in forward)."""
-    return 8 + (8 * m.hidden + 4) + 2 * 4 * m.hidden + 16
+    hidden input and its gradient (CCE computes it in forward). With the head in tiles
+    (models/llama._TiledHead): token ids and the residual stream's gradient (fp32, the residual
+    stream's dtype under autocast too). Both: RoPE's cos and sin (found by the traced step in
+    tests/test_memory.py)."""
+    rope = 2 * 4 * m.head_dim  # RoPE's cos and sin per position (fp32), which every block's backward reads
+    if tiled_head:
+        return 8 + 4 * m.hidden + rope
+    return 8 + (8 * m.hidden + 4) + 2 * 4 * m.hidden + 16 + rope
+
+
+def tiled_head_transient(m: ModelShape, tokens: int, tile: int) -> float:
+    """Live in the loss phase besides the kept activations when the head runs in tiles: the last
+    block's output (its input, freed when it returns), one tile's graph (norm input, normalised and
+    scaled values, the loss's input gradient and the tile's input gradient: 16 B x hidden per
+    token) and, from the second tile on, the gradient of the output weight being accumulated next
+    to the tile's own."""
+    return 4.0 * m.hidden * tokens + 16.0 * m.hidden * min(tokens, tile) + (4.0 * m.vocab * m.hidden if tokens > tile else 0.0)
 
 
 OPTIMIZER_TEMP_BYTES_PER_PARAM = 4.0  # foreach AdamW's transient at its step, per local parameter
@@ -149,6 +164,10 @@ class Setting:
     optimizer_foreach: bool = True  # the trainer's AdamW; bench/max_context.py steps without foreach
     # recomputed tokens' block inputs kept in the autocast dtype (the trainer since 2026-11-30)
     kept_inputs_in_compute_dtype: bool = True
+    # the final norm + loss in tiles of this many tokens under recompute (None: whole; the trainer
+    # uses recompute_chunk_tokens), and attention's backward by query tiles at sp 1 (offload.py)
+    loss_tile_tokens: int | None = 4096
+    attention_by_rows: bool = True
 
 
 @dataclass
@@ -200,7 +219,11 @@ def segment_peaks(layers: int, per_segment: int) -> list[tuple[int, int]]:
     return [(n - 1, sizes[-1]), (n - 2, sizes[0])]
 
 
-def backward_workspace(m: ModelShape, tokens: int, autocast: bool, recomputes: bool, chunk_tokens: int | None) -> float:
+KEY_BLOCK_TILES = 8  # memory/offload.KEY_BLOCK_TILES (not imported: offload imports torch)
+
+
+def backward_workspace(m: ModelShape, tokens: int, autocast: bool, recomputes: bool, chunk_tokens: int | None,
+                       by_rows: bool = False) -> float:
     """Transient bytes at the peak of one block's backward. Without recompute: gradient
     temporaries only; recomputing the whole block at once (chunk_tokens None, as transformers'
     checkpointing does): also its saved tensors. Recomputing in chunks (offload.py), the larger of
@@ -211,7 +234,11 @@ def backward_workspace(m: ModelShape, tokens: int, autocast: bool, recomputes: b
       and one chunk's recomputed activations (at most a block's saved bytes per token) and
       gradient temporaries. (After attention the chunk also meets q, k, v, the output and its
       gradient; measured peaks at 16K-64K tokens with 4K-token chunks show attention's backward
-      as the peak there, bench/max_context.py.)"""
+      as the peak there, bench/max_context.py.)
+    By query tiles (`by_rows`, sp 1: offload._backward_by_rows), the whole sequence's k, v, their
+    fp32 gradient accumulators and the residual stream's two gradients stay all along, next to
+    one tile's recomputed activations, gradient temporaries and attention scratch, and the dK, dV
+    of one block of keys (KEY_BLOCK_TILES tiles)."""
     act = 2 if autocast else 4
     grads_tmp = act * WORKSPACE_INTERMEDIATE * m.intermediate
     if not recomputes:
@@ -221,8 +248,12 @@ def backward_workspace(m: ModelShape, tokens: int, autocast: bool, recomputes: b
         return (base + grads_tmp) * tokens
     q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
     residual_grads, qkv = 2 * 4 * m.hidden, act * (q + 2 * kv)
-    attention = residual_grads + 2 * qkv + 2 * act * q + 4 * m.heads + attention_backward_scratch(m)
     chunk = min(tokens, chunk_tokens) * (base + grads_tmp)
+    if by_rows:
+        whole = residual_grads + (act + 4) * 2 * kv
+        keys = 2 * act * kv * min(tokens, KEY_BLOCK_TILES * chunk_tokens)
+        return whole * tokens + chunk + min(tokens, chunk_tokens) * attention_backward_scratch(m) + keys
+    attention = residual_grads + 2 * qkv + 2 * act * q + 4 * m.heads + attention_backward_scratch(m)
     return max(attention * tokens, (residual_grads + qkv) * tokens + chunk)
 
 
@@ -273,11 +304,14 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
     # term the plan was 10-16% low at 32K-64K tokens, bench/results/gpu-h200-step.jsonl.)
     in_flight = min(2, swapped) * per_layer * tokens if host_tier else 0.0
     recomputes = s.policy != "none"
-    workspace = backward_workspace(m, tokens, s.autocast, recomputes, s.recompute_chunk_tokens)
+    by_rows = recomputes and s.attention_by_rows and s.sp == 1 and s.recompute_chunk_tokens is not None
+    tiled_head = recomputes and s.loss_tile_tokens is not None
+    workspace = backward_workspace(m, tokens, s.autocast, recomputes, s.recompute_chunk_tokens, by_rows)
+    n = min(tokens, s.loss_tile_tokens) if tiled_head else tokens  # the tokens the loss sees at once
     if s.loss == "cce":
-        loss_ws = 3 * 4 * min(tokens * m.vocab, 1 << 24) + 4 * m.vocab * m.hidden  # slab + dW
+        loss_ws = 3 * 4 * min(n * m.vocab, 1 << 24) + 4 * m.vocab * m.hidden  # slab + dW
     else:  # logits, fp32 copy, log-softmax and their gradients
-        loss_ws = tokens * m.vocab * (2 if s.autocast else 4) + 4 * 4 * tokens * m.vocab
+        loss_ws = n * m.vocab * (2 if s.autocast else 4) + 4 * 4 * n * m.vocab
     kv = m.kv_heads * m.head_dim * (2 if s.autocast else 4)
     attn_ws = 4 * kv * tokens if s.sp > 1 else 0.0
     layer_params = m.params_per_layer() * 4
@@ -286,7 +320,7 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
         "params": 4.0 * P / shard[0],
         "grads": 4.0 * P / shard[1],
         "optimizer": 8.0 * P / shard[2],
-        "activations": device_act + outside_bytes_per_token(m, s.autocast) * tokens,
+        "activations": device_act + outside_bytes_per_token(m, s.autocast, tiled_head) * tokens,
         "staging_buffers": staging,
         "swap_in_flight": in_flight,
         "layer_workspace": workspace,
@@ -296,16 +330,37 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
         "runtime": s.runtime_bytes,
     }
     head_grad = 4.0 * m.vocab * m.hidden * (1 if m.tied else 2) / shard[1]
-    outside = outside_bytes_per_token(m, s.autocast) * tokens
+    outside = outside_bytes_per_token(m, s.autocast, tiled_head) * tokens
+    head_tiles = tiled_head_transient(m, tokens, s.loss_tile_tokens) if tiled_head else 0.0
     # the first block's backward still meets the swapped copies when a resident block comes first
     first_in_flight = in_flight if s.resident_layers > 0 else 0.0
+    # With the head in tiles, the gradient reaching the last block is the head's stored one (in the
+    # activations), which the by-rows workspace counts as its incoming gradient too; once the last
+    # block's backward is done it is freed. (Both found by the traced step, tests/test_memory.py.)
+    head_dy = 4.0 * m.hidden * tokens if tiled_head else 0.0
+    first_head_dy = head_dy if by_rows else 0.0
+    # forward of the last block: the kept tensors so far (the head's gradient not yet made) and
+    # the block's whole-sequence transients: by query tiles k, v and the output next to one tile's
+    # work; otherwise q, k, v (and their RoPE'd copies), the attention output and the output
+    act = 2 if s.autocast else 4
+    q_w, kv_w = m.heads * m.head_dim, m.kv_heads * m.head_dim
+    if not recomputes:  # the plain blocks: what they make is what they save
+        fwd_whole = 0.0
+    elif by_rows:
+        fwd_whole = act * 2 * kv_w + 4 * m.hidden
+    else:
+        fwd_whole = act * (2 * q_w + 4 * kv_w) + 4 * m.heads + 3 * 4 * m.hidden
+    fwd_tile = min(tokens, s.recompute_chunk_tokens or tokens) * base if recomputes else 0.0
     # each phase's parts by name (a term's own name where it is one), summed in this order
     parts = {
-        "loss": {"activations": terms["activations"], "loss_head": terms["loss_head"], "swap_in_flight": in_flight},
-        "backward_first_block": {"activations": terms["activations"], "head_grad": head_grad,
+        "loss": {"activations": terms["activations"], "loss_head": terms["loss_head"], "swap_in_flight": in_flight,
+                 **({"head_tiles": head_tiles} if tiled_head else {})},
+        "forward_block": {"activations": terms["activations"] - head_dy, "forward_transient": fwd_whole * tokens + fwd_tile,
+                          "swap_in_flight": in_flight},
+        "backward_first_block": {"activations": terms["activations"] - first_head_dy, "head_grad": head_grad,
                                  "layer_workspace": workspace, "attention_workspace": attn_ws,
                                  "swap_in_flight": first_in_flight},
-        "backward_last_block": {"grads": terms["grads"], "outside": outside, "layer_workspace": workspace,
+        "backward_last_block": {"grads": terms["grads"], "outside": outside - head_dy, "layer_workspace": workspace,
                                 "attention_workspace": attn_ws},
         # torch.optim.AdamW(foreach=True) (train/optim.py): the gradients and one temporary of the
         # (local) parameters' size, 4 B each (measured on an H200: 7.2 GiB at 1.92 B parameters);
@@ -334,7 +389,8 @@ def hf_checkpointing_estimate(m: ModelShape, seq_len: int, autocast: bool, runti
     block inputs kept, one block recomputed at a time, full logits and their gradients."""
     s = Setting(seq_len=seq_len, autocast=autocast, policy="full", loss="reference", runtime_bytes=runtime_bytes,
                 gpus_per_node=1, recompute_chunk_tokens=None, optimizer_foreach=False,
-                kept_inputs_in_compute_dtype=False)  # checkpoint keeps its fp32 inputs
+                kept_inputs_in_compute_dtype=False,  # checkpoint keeps its fp32 inputs
+                loss_tile_tokens=None, attention_by_rows=False)
     e = estimate(m, s)
     # transformers upcasts the logits to fp32 and keeps more [N, V] buffers than our reference head
     e.terms["loss_head"] = seq_len * m.vocab * HF_LOGIT_BYTES_PER_VOCAB_ENTRY

@@ -385,43 +385,49 @@ class _MemoBlock(torch.autograd.Function):
         ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
 
         hooks = torch.autograd.graph.saved_tensors_hooks(pack, unpack)
-        xa = xb = None
+        xa = None
+        xb = (x[:, a:].contiguous() if a else x) if a < S else None
         graphs = None
         if a:  # kept tokens: build their graphs now, saved tensors packed into the tier
             with torch.enable_grad(), hooks:
                 xa = x[:, :a].detach().clone().requires_grad_()
                 qa, ka, va = block.before_attention(xa, cos[:, :a], sin[:, :a])
-        with torch.no_grad():
-            if a < S:
-                qb, kb, vb = block.before_attention(x[:, a:], cos[:, a:], sin[:, a:])
-                if a:
-                    q, k, v = (torch.cat([p.detach(), r], 1) for p, r in zip((qa, ka, va), (qb, kb, vb)))
+        rows = getattr(block.attention_fn, "by_rows", lambda: None)()
+        if rows is not None:  # sp 1: query tiles, first to last (_forward_by_rows)
+            out_a, out_b, lse, y = _forward_by_rows(lay, rows, xb, cos, sin, a, (qa, ka, va) if a else None,
+                                                    policy.keep_attention)
+        else:
+            with torch.no_grad():
+                if a < S:
+                    qb, kb, vb = block.before_attention(xb, cos[:, a:], sin[:, a:])
+                    if a:
+                        q, k, v = (torch.cat([p.detach(), r], 1) for p, r in zip((qa, ka, va), (qb, kb, vb)))
+                    else:
+                        q, k, v = qb, kb, vb
+                    del qb, kb, vb
                 else:
-                    q, k, v = qb, kb, vb
-            else:
-                q, k, v = qa.detach(), ka.detach(), va.detach()
-            out, lse = attn_fwd(q, k, v)
+                    q, k, v = qa.detach(), ka.detach(), va.detach()
+                out, lse = attn_fwd(q, k, v)
+                del q, k, v
+                out_a = out[:, :a] if a else None
+                out_b = (out[:, a:].contiguous() if a else out) if a < S else None
+                del out
+                y = None
+                if a < S:
+                    # the recomputed tokens' MLP in tiles, as backward runs it: no transient of the
+                    # whole local sequence's intermediate width (issue 21, sequence tiling)
+                    y = torch.empty_like(x)
+                    for c in _chunks(S - a, x.shape[0], lay.chunk_tokens):
+                        y[:, a:][:, c] = block.after_attention(xb[:, c], out_b[:, c])
         if a:
             with torch.enable_grad(), hooks:
-                oa = out[:, :a].detach().clone().requires_grad_()
+                oa = out_a.detach().clone().requires_grad_()
                 ya = block.after_attention(xa, oa)
             graphs = (xa, oa, (qa, ka, va), ya)
-        with torch.no_grad():
-            if a < S:
-                # the recomputed tokens' MLP in tiles, as backward runs it: no transient of the
-                # whole local sequence's intermediate width (issue 21, sequence tiling)
-                xb = x[:, a:].contiguous() if a else x
-                y = None
-                for c in _chunks(S - a, x.shape[0], lay.chunk_tokens):
-                    yc = block.after_attention(xb[:, c], out[:, a:][:, c])
-                    if y is None:
-                        y = torch.empty((x.shape[0], S, *yc.shape[2:]), dtype=yc.dtype, device=yc.device)
-                        if a:
-                            y[:, :a] = ya.detach()
-                    y[:, a:][:, c] = yc
-                    del yc
-            else:
+            if y is None:
                 y = ya.detach().clone()
+            else:
+                y[:, :a] = ya.detach()
 
         # What backward needs besides the graphs: kept tokens' q/k/v, attention's (out, lse) or
         # (full recompute) nothing of attention, and the input of the recomputed tokens.
@@ -432,7 +438,7 @@ class _MemoBlock(torch.autograd.Function):
             if a:
                 keep["out_a"] = rec.put(oa.detach())
             if a < S:
-                keep["out_b"] = rec.put(out[:, a:].contiguous() if a else out)
+                keep["out_b"] = rec.put(out_b)
             keep["lse"] = rec.put(lse)
         if a < S:
             # in the autocast dtype only under autocast in that dtype (the projections then only see
@@ -550,6 +556,52 @@ class _MemoBlock(torch.autograd.Function):
 KEY_BLOCK_TILES = 8
 
 
+def _forward_by_rows(lay: _Layer, attn, xb, cos, sin, a: int, qkv_a, keep_attention: bool):
+    """A block's forward where attention is local (sp 1), for the tokens it does not keep (from
+    `a` on: `xb`), query tile by query tile from the first: a tile's q, k, v, its rows of
+    attention against the keys so far (`attn.forward_rows`) and its work after attention. Of the
+    whole local sequence only k, v (kernel dtype), the output and, when kept, the attention
+    output and LSE are made, never q (issue 21: forward's whole-sequence transients). The kept
+    tokens' rows (the first a, their q, k, v from their graphs) go first, as one tile.
+    Returns (kept tokens' attention output, the others', lse, output without the kept tokens')."""
+    from ..kernels.attention import autocast_inputs
+
+    block = lay.block
+    B = (xb if xb is not None else qkv_a[0]).shape[0]
+    S = a + (xb.shape[1] if xb is not None else 0)
+    chunks = _chunks(S - a, B, lay.chunk_tokens) if xb is not None else []
+    k = v = lse = out_a = out_b = y = None
+    with torch.no_grad():
+        def place(at, qc, kc, vc):
+            nonlocal k, v, lse
+            if k is None:
+                k = torch.empty((B, S, *kc.shape[2:]), dtype=kc.dtype, device=kc.device)
+                v = torch.empty((B, S, *vc.shape[2:]), dtype=vc.dtype, device=vc.device)
+            k[:, at], v[:, at] = kc, vc
+            oc, lse_c = attn.forward_rows(qc, k, v, at.start)
+            if lse is None and keep_attention:
+                lse = torch.empty((B, lse_c.shape[1], S), dtype=lse_c.dtype, device=lse_c.device)
+            if keep_attention:
+                lse[:, :, at] = lse_c
+            return oc
+
+        if a:
+            out_a = place(slice(0, a), *autocast_inputs(*(t.detach() for t in qkv_a)))
+        for c in chunks:
+            at = slice(a + c.start, a + c.stop)
+            oc = place(at, *autocast_inputs(*block.before_attention(xb[:, c], cos[:, at], sin[:, at])))
+            if keep_attention:
+                if out_b is None:
+                    out_b = torch.empty((B, S - a, *oc.shape[2:]), dtype=oc.dtype, device=oc.device)
+                out_b[:, c] = oc
+            yc = block.after_attention(xb[:, c], oc)
+            if y is None:
+                y = torch.empty((B, S, *yc.shape[2:]), dtype=yc.dtype, device=yc.device)
+            y[:, at] = yc
+            del oc, yc
+    return out_a, out_b, lse, y
+
+
 def _backward_by_rows(ctx, dy, attn, params):
     """A block's backward where attention is local (sp 1): query tiles from the last to the first,
     each one's work after attention, attention's backward (`attn.backward_rows`) and its work
@@ -661,6 +713,9 @@ def wrap(block: nn.Module, policy: Callable[[int], LayerPolicy] | LayerPolicy, p
             chunks = _chunks(x.shape[1], x.shape[0], chunk_tokens)
             if len(chunks) == 1:
                 return inner(x, cos, sin)
+            rows = getattr(block.attention_fn, "by_rows", lambda: None)()
+            if rows is not None:  # sp 1: attention in query tiles too
+                return _forward_by_rows(lay, rows, x, cos, sin, 0, None, False)[3]
             out = block.attention_fn(*block.before_attention(x, cos, sin))
             return _tiled(block.after_attention, chunks, lambda c: x[:, c], lambda c: out[:, c])
         return _MemoBlock.apply(lay, x, cos, sin, *block.parameters())

@@ -255,7 +255,8 @@ def test_plan_counts_the_two_blocks_whose_copies_are_in_flight(fake_cuda):
     held = sum(r.nbytes for r in holding)
     loss.backward()
     e = estimate(model_shape(model.config), Setting(seq_len=S, rows=B, autocast=False, policy="memo", alpha=0.5,
-                                                    tier="host", resident_layers=0, gpus_per_node=1))
+                                                    tier="host", resident_layers=0, gpus_per_node=1,
+                                                    loss_tile_tokens=None))  # this model's head is whole
     assert len(holding) == 2, len(holding)
     assert e.terms["swap_in_flight"] == pytest.approx(held, rel=0.05), (e.terms["swap_in_flight"], held)
     # with no resident block the first backward is a swapped block's: its fetch releases them first

@@ -82,7 +82,9 @@ def test_full_recompute_and_odd_split_qwen3():
     ids, labels = batch(B=1, S=37)
     ref = run(model, ids, labels)
     m, _ = wrapped(model, [FULL_RECOMPUTE, LayerPolicy(0.3), LayerPolicy(0.7, "device"), LayerPolicy(1.0)])
-    assert_same(ref, run(m, ids, labels))
+    # attention by query tiles merges a tile's partial outputs (keys before it, its own block) in
+    # fp32: rounding reaches 1.03e-6 of the largest gradient of a qk-norm weight here
+    assert_same(ref, run(m, ids, labels), tol=2e-6)
 
 
 @pytest.mark.parametrize("chunk_tokens", [1, 10, 64])
@@ -324,7 +326,8 @@ def test_estimate_peak_is_persistent_terms_plus_the_largest_phase():
     from longctx.memory.estimate import ModelShape, Setting, estimate
 
     shape = ModelShape(576, 1536, 30, 9, 3, 64, 49152, tied=True)
-    s = Setting(seq_len=16384, autocast=False, policy="full", loss="cce", gpus_per_node=1, runtime_bytes=0.0)
+    s = Setting(seq_len=16384, autocast=False, policy="full", loss="cce", gpus_per_node=1, runtime_bytes=0.0,
+                loss_tile_tokens=None, attention_by_rows=False)  # the whole-sequence head and attention
     e = estimate(shape, s)
     assert e.peak_phase == "backward_first_block"  # (at 8K AdamW's step, grads + a temporary, binds)
     assert e.total == pytest.approx(e.persistent + e.phases["backward_first_block"])
@@ -371,3 +374,44 @@ def test_max_context_shows_each_techniques_share(monkeypatch):
     assert lengths == sorted(lengths) and lengths[0] < lengths[1], shares
     ours = longest_fitting(lambda n: max_context._predict("longctx", n, 30, 0.5 * GiB), 4 * GiB)
     assert lengths[-1] == ours
+
+
+@pytest.mark.parametrize("per_segment", [1, 2])
+def test_plan_matches_what_a_traced_step_keeps_alive(per_segment):
+    """Issue 21: the plan is consistent with the code's own accounting. A tiny fp32 step in the
+    trainer's regime at sp 1 (full recomputation, tiles of 256 tokens for recompute, attention's
+    backward and the head, CCE), traced op by op with accounting.LiveBytes (every tensor storage
+    the step makes, from its op to its last use): after forward the live bytes are exactly the
+    modelled activations (less the token ids, which the caller made, plus the head's weight
+    gradients), and the forward and backward peaks are within 5% of the modelled phases (at this
+    size: +3.5% and +1.3% without segments, -1.4% in backward with them). (Attention kernels' internal scratch does not surface as tensors: this checks what the
+    code keeps, the GPU suite what a kernel adds.)"""
+    from longctx.memory.accounting import LiveBytes
+    from longctx.memory.estimate import Setting, estimate
+    from longctx.train.build import model_shape
+
+    S, tile = 8192, 256
+    model = tiny(vocab_size=256)
+    model.loss_fn = lambda h, w, y: linear_cross_entropy(h, w, y, reduction="sum", impl="cce_torch")
+    for layer in model.model.layers:
+        offload.wrap(layer, FULL_RECOMPUTE, None, tile)
+    offload.segment(model, per_segment)
+    model.loss_tile_tokens = tile
+    ids, labels = batch(B=1, S=S)
+    meter = LiveBytes()
+    with meter:
+        loss = model(ids, labels=labels)
+        after_forward, forward_peak = meter.live, meter.peak
+        meter.reset_peak()
+        loss.backward()
+        backward_peak = meter.peak
+    shape = model_shape(model.config)
+    e = estimate(shape, Setting(seq_len=S, autocast=False, policy="full", loss="cce", gpus_per_node=1, runtime_bytes=0,
+                                recompute_chunk_tokens=tile, loss_tile_tokens=tile, recompute_num_layers=per_segment))
+    ids_bytes, head_grads = 8 * S, 4 * (shape.vocab * shape.hidden + shape.hidden)
+    assert after_forward == e.terms["activations"] - ids_bytes + head_grads + 4  # + the loss scalar
+    p = e.phases
+    for measured, modelled, what in ((forward_peak, max(p["loss"], p["forward_block"]), "forward"),
+                                     (backward_peak, max(p["backward_first_block"], p["backward_last_block"]), "backward")):
+        ratio = (modelled - ids_bytes) / measured
+        assert abs(ratio - 1) <= 0.05, f"{what}: modelled {modelled - ids_bytes} vs traced {measured} ({ratio:.3f})"

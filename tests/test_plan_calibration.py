@@ -18,9 +18,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 MEASURED = REPO / "bench" / "results" / "gpu-h200-step.jsonl"
 H200_BYTES = 150109880320  # torch.cuda.get_device_properties(0).total_memory there (gpu-h200-suite.json)
-# The H200 run predates keeping recomputed tokens' inputs in bf16 (offload.LayerPolicy.input_dtype):
-# its MEMO kept them in fp32, so the rows are predicted for that code.
-AS_RUN = {"kept_inputs_in_compute_dtype": False}
+# The H200 run predates keeping recomputed tokens' inputs in bf16 (offload.LayerPolicy.input_dtype),
+# the head in tiles and attention's backward by query tiles: its MEMO kept fp32 inputs, its head
+# and attention's backward ran over the whole sequence, so the rows are predicted for that code.
+AS_RUN = {"kept_inputs_in_compute_dtype": False, "loss_tile_tokens": None, "attention_by_rows": False}
 
 
 def _rows():

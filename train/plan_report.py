@@ -39,6 +39,8 @@ def setting_for(r: dict, gpus: int, gpu_mem: float, host_mem: float, gpus_per_no
         recompute_chunk_tokens=r["recompute_chunk_tokens"], loss=r["loss"], device_bytes=gpu_mem, host_bytes_per_node=host_mem,
         link_bytes_per_s=link, flops_per_s=flops, runtime_bytes=runtime_bytes,
         kept_inputs_in_compute_dtype=r.get("kept_inputs_in_compute_dtype", True),
+        loss_tile_tokens=r.get("loss_tile_tokens", r["recompute_chunk_tokens"]),
+        attention_by_rows=r.get("attention_by_rows", True),
     )
 
 
