@@ -25,7 +25,8 @@ allocator with expandable segments; both implementations run under it.
 
 The summary also gives the predicted longest step as each technique is added in turn
 (`predicted_longest_by_technique`: transformers + checkpointing, + CCE, + chunked recompute,
-+ segments), so each one's share shows.
++ segments, + the final norm and loss in tiles, + attention by query tiles), so each one's
+share shows.
 
 A case is impl:length:blocks[:blocks per recomputed segment, longctx only, default SEGMENT].
 """
@@ -152,13 +153,17 @@ def _case(impl: str, seq_len: int, layers: int, per_segment: int = SEGMENT) -> d
 # Each adds one technique to the one before, from transformers' path (checkpointing whole blocks,
 # N x V logits) to longctx's (memory/estimate.py Setting fields; fp32, one process).
 TECHNIQUES = [
-    ("cce", dict(loss="cce", recompute_chunk_tokens=None, recompute_num_layers=1)),
+    ("cce", dict(loss="cce", recompute_chunk_tokens=None, recompute_num_layers=1, loss_tile_tokens=None,
+                 attention_by_rows=False)),
     ("chunked_recompute", dict(recompute_chunk_tokens=4096)),
     ("segments", dict(recompute_num_layers=SEGMENT)),
+    ("tiled_head", dict(loss_tile_tokens=4096)),
+    ("attention_by_query_tiles", dict(attention_by_rows=True)),
 ]
 NOT_MODELLED = {
-    "forward_tiles": "forward's tiled MLP bounds a transient the model does not count (below the loss phase)",
     "swap": "on a CPU the host tier is the same memory: MEMO's swap moves nothing out of it",
+    "transformers_checkpoint_offload": "transformers' CPU offload of checkpoints moves them to the same memory on a "
+                                       "CPU: its longest step is transformers + checkpointing's",
 }
 
 

@@ -318,12 +318,24 @@ class _Layer:
     """Per wrapped block: the block, its policy source, the host pool, the recompute chunk."""
 
     def __init__(self, block: nn.Module, policy: Callable[[int], LayerPolicy], pool: HostPool | None,
-                 chunk_tokens: int) -> None:
+                 chunk_tokens: int, arena=None) -> None:
         if pool is None and policy(1).tier == "host":
             raise ValueError("a host-tier policy needs a HostPool")
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens={chunk_tokens}: expected a positive number of tokens")
         self.block, self.policy, self.pool, self.chunk_tokens = block, policy, pool, chunk_tokens
+        self.arena = arena  # memory/arena.Arena for the whole-sequence buffers by query tiles, or None
+
+    def buffers(self, specs, zero=()) -> list[torch.Tensor]:
+        """Tensors of these (shape, dtype) specs: views into the arena, or from the allocator;
+        those whose index is in `zero` filled with zeros."""
+        if self.arena is not None:
+            out = self.arena.views(specs)
+        else:
+            out = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in specs]
+        for i in zero:
+            out[i].zero_()
+        return out
 
 
 def _chunks(length: int, rows: int, chunk_tokens: int) -> list[slice]:
@@ -575,8 +587,8 @@ def _forward_by_rows(lay: _Layer, attn, xb, cos, sin, a: int, qkv_a, keep_attent
         def place(at, qc, kc, vc):
             nonlocal k, v, lse
             if k is None:
-                k = torch.empty((B, S, *kc.shape[2:]), dtype=kc.dtype, device=kc.device)
-                v = torch.empty((B, S, *vc.shape[2:]), dtype=vc.dtype, device=vc.device)
+                k, v = lay.buffers([((B, S, *kc.shape[2:]), kc.dtype, kc.device),
+                                    ((B, S, *vc.shape[2:]), vc.dtype, vc.device)])
             k[:, at], v[:, at] = kc, vc
             oc, lse_c = attn.forward_rows(qc, k, v, at.start)
             if lse is None and keep_attention:
@@ -641,12 +653,12 @@ def _backward_by_rows(ctx, dy, attn, params):
         for at, make in pieces:
             _, kc, vc = make()
             if k is None:
-                k = torch.empty((B, S, *kc.shape[2:]), dtype=kc.dtype, device=kc.device)
-                v = torch.empty((B, S, *vc.shape[2:]), dtype=vc.dtype, device=vc.device)
+                k, v, dk, dv = lay.buffers([((B, S, *kc.shape[2:]), kc.dtype, kc.device),
+                                            ((B, S, *vc.shape[2:]), vc.dtype, vc.device),
+                                            ((B, S, *kc.shape[2:]), torch.float32, kc.device),
+                                            ((B, S, *vc.shape[2:]), torch.float32, vc.device)], zero=(2, 3))
             k[:, at], v[:, at] = kc, vc
             del kc, vc
-        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         out_b = rec.get(keep["out_b"]) if policy.keep_attention and a < S else None
         lse = rec.get(keep["lse"]) if policy.keep_attention else None
 
@@ -698,15 +710,16 @@ def _backward_by_rows(ctx, dy, attn, params):
 
 
 def wrap(block: nn.Module, policy: Callable[[int], LayerPolicy] | LayerPolicy, pool: HostPool | None,
-         chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> nn.Module:
+         chunk_tokens: int = DEFAULT_CHUNK_TOKENS, arena=None) -> nn.Module:
     """Wraps `block.forward` in place (parameter names unchanged). `policy` is a LayerPolicy or a
     function of the block's tokens (rows x length) giving one (alpha per bucket); `pool` is the
     host tier, needed when a policy says tier="host"; backward recomputes the dropped tokens'
-    per-token work `chunk_tokens` tokens at a time. Under no_grad (eval, a checkpointed segment's
+    per-token work `chunk_tokens` tokens at a time; `arena` (memory/arena.Arena) holds the
+    whole-sequence buffers of attention by query tiles (allocator otherwise). Under no_grad (eval, a checkpointed segment's
     first forward) the block runs its MLP in the same tiles, without keeping anything."""
     inner = block.forward
     source = policy if callable(policy) else (lambda tokens: policy)
-    lay = _Layer(block, source, pool, chunk_tokens)
+    lay = _Layer(block, source, pool, chunk_tokens, arena)
 
     def forward(x, cos, sin):
         if not torch.is_grad_enabled():  # eval, or a checkpointed segment's first forward: the MLP in tiles

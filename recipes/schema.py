@@ -147,6 +147,8 @@ class MemoryRecipe:
         1, "Blocks per recomputed segment (Megatron's uniform recompute): > 1 keeps only each segment's input and reruns the segment's forward, attention included, in backward; fewer block inputs live, one more forward.", ge=1
     )
     recompute_chunk_tokens: int = _f(4096, "full/memo: tokens per tile of the per-token work that runs without a graph: backward's recomputation and attention's backward (query tiles at sp 1), forward's MLP of the tokens not kept, and the final norm + loss (bounds these transients).", ge=1)
+    arena: bool = _f(False, "full/memo at sp 1: the whole-sequence buffers of attention by query tiles (k, v, their fp32 gradients) are views into one buffer per device reused by every block (memory/arena.py), instead of the allocator's.")
+    expandable_segments: bool = _f(True, "CUDA: start the caching allocator with expandable_segments:True (PYTORCH_CUDA_ALLOC_CONF; a value you set yourself is kept), so freed blocks of different sizes do not fragment memory.")
     host_memory_gib: float | None = _f(None, "memo auto: host memory per node for activations (null = 80% of this machine's RAM).", gt=0)
     link_gbps: float | None = _f(None, "memo auto: device<->host copy bandwidth in GB/s (null = 25 on CUDA, 5 on CPU).", gt=0)
     device_tflops: float | None = _f(None, "memo auto: sustained TFLOP/s for a layer's time (null = 300 on CUDA, 0.05 on CPU).", gt=0)

@@ -370,7 +370,8 @@ def test_max_context_shows_each_techniques_share(monkeypatch):
     monkeypatch.setattr(max_context, "_shape", lambda layers: dataclasses.replace(smollm2, layers=layers))
     shares = max_context.longest_by_technique(4 * GiB, 0.5 * GiB, 0.5 * GiB)
     lengths = list(shares.values())
-    assert list(shares) == ["transformers_ckpt", "+cce", "+chunked_recompute", "+segments"]
+    assert list(shares) == ["transformers_ckpt", "+cce", "+chunked_recompute", "+segments", "+tiled_head",
+                            "+attention_by_query_tiles"]
     assert lengths == sorted(lengths) and lengths[0] < lengths[1], shares
     ours = longest_fitting(lambda n: max_context._predict("longctx", n, 30, 0.5 * GiB), 4 * GiB)
     assert lengths[-1] == ours

@@ -326,3 +326,70 @@ def test_trainer_tiles_the_head_under_recompute():
         model = tiny()
         apply_memory(model, recipe, Mesh(0, 1, 0, 1, None, torch.device("cpu")), None)
         assert model.loss_tile_tokens == want, policy
+
+
+# --- planned buffers (issue 21: the arena) ----------------------------------------------------------
+@pytest.mark.parametrize("policy", [FULL_RECOMPUTE, LayerPolicy(alpha=0.25, tier="host")], ids=["full", "memo-0.25"])
+@pytest.mark.parametrize("per_segment", [1, 2])
+def test_arena_buffers_are_reused_by_every_block_and_exact(policy, per_segment):
+    """memory.arena: attention's whole-sequence buffers by query tiles come from one buffer, laid out
+    once per shape and reused by every block's forward and backward (and a recomputed segment's);
+    values and gradients are bitwise those of the allocator's buffers, over two steps."""
+    from longctx.memory import offload
+    from longctx.memory.arena import Arena
+
+    model = tiny()
+    ids, labels = batch()
+    plain, _ = wrapped(model, [policy] * model.config.num_layers, chunk_tokens=CHUNK)
+    offload.segment(plain, per_segment)
+    arena = Arena("cpu")
+    m = copy.deepcopy(model)
+    pool = offload.HostPool("cpu")
+    for layer in m.model.layers:
+        offload.wrap(layer, policy, pool, CHUNK, arena)
+    offload.segment(m, per_segment)
+    want, got = run(plain, ids, labels, steps=1), run(m, ids, labels, steps=1)
+    grows = arena.grows
+    assert grows == 2 and arena.nbytes > 0  # forward's k, v, then backward's k, v, dk, dv: once per length
+    want += run(plain, ids, labels, steps=1)
+    got += run(m, ids, labels, steps=1)
+    for (l0, g0), (l1, g1) in zip(want, got):
+        assert torch.equal(l0, l1)
+        for name in g0:
+            assert torch.equal(g0[name], g1[name]), name
+    assert arena.grows == grows  # the second step reuses it
+    assert arena.requests >= 2 * 2 * model.config.num_layers  # forward and backward of every block, two steps
+    assert arena.layouts and all(peak <= arena.nbytes for _, peak in arena.layouts.values())
+
+
+def test_arena_rejects_another_device_and_lays_out_without_overlap():
+    from longctx.memory.arena import Arena
+    from longctx.memory.plan import check_layout
+
+    arena = Arena("cpu")
+    with pytest.raises(ValueError, match="arena on cpu"):
+        arena.views([((2, 3), torch.float32, torch.device("meta"))])
+    a, b = arena.views([((5, 7), torch.float32, torch.device("cpu")), ((3,), torch.bfloat16, torch.device("cpu"))])
+    a.fill_(1.0)
+    b.fill_(2.0)
+    assert a.sum().item() == 35 and b.float().sum().item() == 6  # disjoint bytes
+    offsets, peak = next(iter(arena.layouts.values()))
+    check_layout([5 * 7 * 4, 3 * 2], [(0, 1), (0, 1)], offsets)
+
+
+def test_trainer_wires_the_arena_and_expandable_segments(monkeypatch):
+    from longctx.parallel.mesh import Mesh
+    from longctx.recipes import schema
+    from longctx.train.build import allocator_settings, apply_memory
+
+    recipe = schema.load(None, ["memory.policy=full", "memory.arena=true"])
+    model = tiny()
+    apply_memory(model, recipe, Mesh(0, 1, 0, 1, None, torch.device("cpu")), None)
+    arenas = {id(layer.forward.memo_layer.arena) for layer in model.model.layers}
+    assert len(arenas) == 1 and model.model.layers[0].forward.memo_layer.arena is not None
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert allocator_settings(recipe) == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")  # the user's own: kept
+    assert allocator_settings(recipe) == "max_split_size_mb:128"
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    assert allocator_settings(schema.load(None, ["memory.expandable_segments=false"])) is None

@@ -30,6 +30,7 @@ from ..kernels.attention import LocalAttention, check_kernel_available, resolve_
 from ..kernels.capability import default_device
 from ..kernels.loss import linear_cross_entropy, resolve_impl
 from ..memory import offload
+from ..memory.arena import Arena
 from ..memory.estimate import GiB, ModelShape, layer_bytes
 from ..memory.offload import FULL_RECOMPUTE, HostPool
 from ..memory.plan import MemoPlanner
@@ -266,9 +267,10 @@ def apply_memory(model: CausalLM, recipe: Recipe, mesh: mesh_lib.Mesh,
     # under bf16 autocast the recomputed tokens' block inputs are kept in bf16 (offload.LayerPolicy)
     input_dtype = torch.bfloat16 if recipe.run.dtype == "bf16" else None
     if m.policy == "full":
+        arena = Arena(mesh.device) if m.arena else None
         for layer in layers:
             offload.wrap(layer, dataclasses.replace(FULL_RECOMPUTE, input_dtype=input_dtype), None,
-                         m.recompute_chunk_tokens)
+                         m.recompute_chunk_tokens, arena)
         return None
     shape = model_shape(model.config)
     _, lb = layer_bytes(shape, recipe.run.dtype == "bf16")
@@ -279,10 +281,11 @@ def apply_memory(model: CausalLM, recipe: Recipe, mesh: mesh_lib.Mesh,
     )
     pool = HostPool(mesh.device) if m.tier == "host" else None
     planner.pool = pool
+    arena = Arena(mesh.device) if m.arena else None
     resident = planner.resident()  # same alpha, kept on the device: no copy to wait for
     for i, layer in enumerate(layers):
         swapped = i < len(layers) - m.resident_layers
-        offload.wrap(layer, planner if swapped else resident, pool, m.recompute_chunk_tokens)
+        offload.wrap(layer, planner if swapped else resident, pool, m.recompute_chunk_tokens, arena)
     return planner
 
 
@@ -423,7 +426,18 @@ def settle_run_folder(run: Run, folder: RunFolder) -> None:
         dist.barrier()
 
 
+def allocator_settings(recipe: Recipe) -> str | None:
+    """memory.expandable_segments: PYTORCH_CUDA_ALLOC_CONF gets expandable_segments:True before the
+    CUDA caching allocator starts (it reads the variable once), unless the user set the variable;
+    returns what the variable holds."""
+    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    if recipe.memory.expandable_segments and conf is None:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = conf = "expandable_segments:True"
+    return conf
+
+
 def build(recipe: Recipe) -> Run:
+    allocator_settings(recipe)
     try:
         device = default_device(recipe.run.device)
     except RuntimeError as e:
