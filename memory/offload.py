@@ -17,7 +17,10 @@ the dropped tokens' q, k, v (no graph), run their work after attention forward a
 chunk by chunk (`chunk_tokens` tokens at a time), attention's backward from the kept (out, lse),
 then their work before attention chunk by chunk; the kept tokens back-propagate through their
 stored graphs. So a block's backward holds the whole sequence's q, k, v, out and their gradients
-but only one chunk's other activations. Parameter gradients are returned from the autograd
+but only one chunk's other activations. That is the path under sequence parallelism, where a
+schedule's backward takes the whole shard. At sp 1 (`_forward_by_rows`, `_backward_by_rows`)
+attention too goes query tile by query tile, forward from the first and backward from the last,
+so only k, v, their fp32 gradients and the residual stream's gradients span the sequence. Parameter gradients are returned from the autograd
 Function, so recomputation is exact: the same ops on the same values, autocast state and RNG
 state (chunked sums differ from the unchunked ones by rounding only).
 

@@ -65,24 +65,74 @@ def plan_alpha(tokens_per_gpu: int, layer: LayerBytes, layer_seconds: float, lin
     return AlphaPlan(alpha, binding, swap, pinned_bytes(int(swap * swapped_layers)) * gpus_per_node)
 
 
+def plan_alpha_layers(tokens_per_gpu: int, layers: list[LayerBytes], layer_seconds: list[float],
+                      link_bytes_per_s: float, host_bytes_per_node: float, gpus_per_node: int) -> list[AlphaPlan]:
+    """alpha for each swapped layer, layers that differ (LeMo's sparse and dense layers, another
+    shape) each their own. Each layer's alpha is capped by its own link budget, (i) above for that
+    layer (its copy hides under its own forward). Host memory (ii) is shared: when the caps
+    overflow the pinned slab, what is left after every layer's input and attention bytes goes
+    first to the layers that save the most recompute time per kept byte (forward seconds per
+    byte of `other`), equal alphas among layers alike (water-filling). Identical layers get
+    `plan_alpha`'s alpha."""
+    n = len(layers)
+    if n == 0:
+        return []
+    slab = pinned_slab_limit(host_bytes_per_node / gpus_per_node)
+    fixed = [(lb.inp + lb.attn) * tokens_per_gpu for lb in layers]
+    other = [lb.other * tokens_per_gpu for lb in layers]
+    caps = [min(max((link_bytes_per_s * t - f) / o, 0.0), 1.0) if o else 1.0
+            for t, f, o in zip(layer_seconds, fixed, other)]
+    alphas, binding = list(caps), ["bandwidth" if c < 1.0 else "none" for c in caps]
+    left = slab - sum(fixed)
+    if sum(f + c * o for f, c, o in zip(fixed, caps, other)) > slab:
+        alphas = [0.0] * n
+        # groups of equal density, densest first; within a group, raise every alpha alike until
+        # one reaches its cap or the bytes run out
+        density = [t / o if o else float("inf") for t, o in zip(layer_seconds, other)]
+        for d in sorted(set(density), reverse=True):
+            group = [i for i in range(n) if density[i] == d]
+            while group and left > 0:
+                level = left / sum(other[i] for i in group)
+                step = min(level, *(caps[i] - alphas[i] for i in group))
+                for i in group:
+                    alphas[i] += step
+                left -= step * sum(other[i] for i in group)
+                group = [i for i in group if alphas[i] < caps[i] - 1e-12]
+                if step == level:
+                    break
+        for i in range(n):
+            binding[i] = "bandwidth" if alphas[i] >= caps[i] - 1e-12 and caps[i] < 1.0 else "host_memory"
+        alphas = [max(a, 0.0) for a in alphas]
+    swaps = [f + a * o for f, a, o in zip(fixed, alphas, other)]
+    host = pinned_bytes(int(sum(swaps))) * gpus_per_node
+    return [AlphaPlan(a, b, sw, host) for a, b, sw in zip(alphas, binding, swaps)]
+
+
 def pinned_slab_limit(host_bytes_per_gpu: float) -> float:
     """The largest pinned slab whose power-of-two rounding fits in a GPU's share of host memory."""
     return float(pinned_bytes(int(host_bytes_per_gpu) + 1) // 2) if host_bytes_per_gpu >= 1 else 0.0
 
 
 class MemoPlanner:
-    """The policy source for MEMO-wrapped blocks: called with a block's tokens (rows x local
-    length), returns its LayerPolicy, alpha planned once per token count (i.e. per bucket) or
-    fixed. Keeps the last plan for the trainer's metrics."""
+    """The policy source for MEMO-wrapped blocks: `for_layer(i)` is called with a block's tokens
+    (rows x local length) and returns its LayerPolicy, alpha planned once per token count (i.e.
+    per bucket) and per layer (`plan_alpha_layers`: layers that differ get their own; `layers`
+    gives each swapped layer's bytes, all `layer` by default) or fixed. Calling the planner itself
+    is the first layer's source. Keeps the last plan for the trainer's metrics."""
 
     def __init__(self, layer: LayerBytes, params_per_layer: int, attn_width: int, num_layers: int,
                  resident_layers: int, alpha: float | None, tier: str, sp_of, host_bytes_per_node: float,
-                 link_bytes_per_s: float, flops_per_s: float, gpus_per_node: int, input_dtype=None) -> None:
+                 link_bytes_per_s: float, flops_per_s: float, gpus_per_node: int, input_dtype=None,
+                 layers: list[LayerBytes] | None = None) -> None:
         import functools
 
         from .offload import LayerPolicy
 
         self._policy = functools.partial(LayerPolicy, input_dtype=input_dtype)
+        swapped = max(num_layers - resident_layers, 0)
+        self.layers = list(layers) if layers is not None else [layer] * swapped
+        if len(self.layers) != swapped:
+            raise ValueError(f"{len(self.layers)} layers' bytes for {swapped} swapped layers")
         self.layer, self.params_per_layer, self.attn_width = layer, params_per_layer, attn_width
         self.num_layers, self.resident_layers, self.alpha, self.tier = num_layers, resident_layers, alpha, tier
         self.sp_of = sp_of
@@ -102,18 +152,31 @@ class MemoPlanner:
             return self._policy(self(tokens).alpha, "device")
         return policy
 
-    def __call__(self, tokens: int):
-        sp = self.sp_of()
-        key = (tokens, sp)
-        if key not in self._cache:
-            if self.alpha is None:
-                p = self.plan(tokens, tokens * sp)  # one row per bucket step is the worst case
-            else:
-                swap = (self.layer.inp + self.layer.attn + self.alpha * self.layer.other) * tokens
-                p = AlphaPlan(self.alpha, "fixed", swap, swap * max(self.num_layers - self.resident_layers, 0))
-            self._cache[key] = (p, self._policy(p.alpha, self.tier))
-        self.last, policy = self._cache[key]
+    def plans(self, tokens: int, seq_len: int) -> list[AlphaPlan]:
+        """Each swapped layer's plan."""
+        host, link, flops, gpus = self.hw
+        seconds = (2.0 * self.params_per_layer * tokens + 2.0 * tokens * seq_len * self.attn_width) / flops
+        return plan_alpha_layers(tokens, self.layers, [seconds] * len(self.layers), link, host, gpus)
+
+    def for_layer(self, index: int):
+        """The policy source of the swapped layer `index`."""
+        def policy(tokens: int):
+            sp = self.sp_of()
+            key = (tokens, sp)
+            if key not in self._cache:
+                if self.alpha is None:  # one row per bucket step is the worst case
+                    plans = self.plans(tokens, tokens * sp) if self.layers else [self.plan(tokens, tokens * sp)]
+                else:
+                    swaps = [(lb.inp + lb.attn + self.alpha * lb.other) * tokens for lb in self.layers or [self.layer]]
+                    plans = [AlphaPlan(self.alpha, "fixed", sw, sum(swaps)) for sw in swaps]
+                self._cache[key] = [(p, self._policy(p.alpha, self.tier)) for p in plans]
+            entries = self._cache[key]
+            self.last, chosen = entries[min(index, len(entries) - 1)]
+            return chosen
         return policy
+
+    def __call__(self, tokens: int):
+        return self.for_layer(0)(tokens)
 
 
 # --- (b) layout ----------------------------------------------------------------------------------

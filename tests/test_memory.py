@@ -261,6 +261,32 @@ def test_alpha_closed_form():
     assert plan_alpha(1000, lb, 1e-9, 1.0, 1e12, 1, 10, 2).alpha == 0.0
 
 
+def test_alpha_per_layer():
+    """plan_alpha_layers: identical layers get plan_alpha's alpha; a layer whose link budget is
+    smaller gets its own, lower alpha; when host memory binds, the bytes go first to the layers
+    that save the most recompute per byte, alike layers alike, and the slab is never exceeded."""
+    from longctx.memory.plan import LayerBytes, pinned_slab_limit, plan_alpha, plan_alpha_layers
+
+    lb = LayerBytes(inp=10.0, attn=10.0, other=100.0)
+    for host in (1e12, 2.0**24, 1.6e7):
+        one = plan_alpha(16384, lb, 1.0, 1e12, host, 4, 10, 2)
+        per = plan_alpha_layers(16384, [lb] * 8, [1.0] * 8, 1e12, host, 4)
+        assert all(p.alpha == pytest.approx(one.alpha) and p.binding == one.binding for p in per), host
+        assert per[0].host_bytes_per_node == one.host_bytes_per_node
+    # link: the second layer's forward is half as long -> its copy hides only half as much
+    per = plan_alpha_layers(10000, [lb, lb], [1.0, 0.5], 1e6, 1e12, 1)
+    assert [p.alpha for p in per] == pytest.approx([0.8, 0.3]) and {p.binding for p in per} == {"bandwidth"}
+    # host: 4 layers, two dense (twice the forward per byte kept) and two sparse; a 2^22 slab per
+    # GPU holds 4 x 12000 x 20 fixed bytes + 3,234,304 more: the dense layers take theirs first
+    # (alpha 1 each, 2 x 1.2e6), the sparse share the rest alike (alpha 0.3476 each)
+    per = plan_alpha_layers(12000, [lb] * 4, [2.0, 1.0, 2.0, 1.0], 1e12, 2.0**24, 4)
+    slab = pinned_slab_limit(2.0**24 / 4)
+    left = slab - 4 * 12000 * 20 - 2 * 1.2e6
+    assert 0 < left / 2.4e6 < 1
+    assert [p.alpha for p in per] == pytest.approx([1.0, left / 2.4e6, 1.0, left / 2.4e6])
+    assert per[1].binding == "host_memory" and sum(p.swap_bytes_per_layer for p in per) <= slab + 1
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_estimated_layer_bytes_equal_measured(family, autocast):

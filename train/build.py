@@ -285,7 +285,7 @@ def apply_memory(model: CausalLM, recipe: Recipe, mesh: mesh_lib.Mesh,
     resident = planner.resident()  # same alpha, kept on the device: no copy to wait for
     for i, layer in enumerate(layers):
         swapped = i < len(layers) - m.resident_layers
-        offload.wrap(layer, planner if swapped else resident, pool, m.recompute_chunk_tokens, arena)
+        offload.wrap(layer, planner.for_layer(i) if swapped else resident, pool, m.recompute_chunk_tokens, arena)
     return planner
 
 
