@@ -82,6 +82,25 @@ class ModelShape:
         return self.layers * self.params_per_layer() + embed + self.hidden
 
 
+def param_tensor_elements(m: ModelShape) -> list[int]:
+    """Elements of each parameter tensor (FSDP2 shards and offloads them one by one)."""
+    h, i, q, kv = m.hidden, m.intermediate, m.heads * m.head_dim, m.kv_heads * m.head_dim
+    layer = [h * q, h * kv, h * kv, q * h, h * i, h * i, i * h, h, h]
+    if m.qkv_bias:
+        layer += [q, kv, kv]
+    if m.qk_norm:
+        layer += [m.head_dim, m.head_dim]
+    return layer * m.layers + [m.vocab * h] * (1 if m.tied else 2) + [h]
+
+
+def offloaded_host_bytes(m: ModelShape, world: int, gpus_per_node: int) -> float:
+    """Host bytes per node under FSDP2's CPUOffloadPolicy over `world` ranks: each rank's sharded
+    parameters and gradients in pinned memory (each tensor rounded up to a power of two by the
+    pinned allocator) and AdamW's two states in ordinary memory."""
+    pinned = sum(2 * pinned_bytes(int(4 * n / world)) for n in param_tensor_elements(m))
+    return (pinned + 8.0 * m.params() / world) * gpus_per_node
+
+
 def layer_bytes(m: ModelShape, autocast: bool, inputs_in_compute_dtype: bool = True) -> tuple[float, LayerBytes]:
     """(bytes an unwrapped block saves per token, MEMO's split of what a kept token stores).
 
@@ -168,6 +187,10 @@ class Setting:
     # uses recompute_chunk_tokens), and attention's backward by query tiles at sp 1 (offload.py)
     loss_tile_tokens: int | None = 4096
     attention_by_rows: bool = True
+    # fsdp2 only: parallel.cpu_offload (parameters, gradients and AdamW on the host) and
+    # parallel.fsdp_param_dtype bf16 (unsharded copies in bf16)
+    cpu_offload: bool = False
+    fsdp_param_bf16: bool = False
 
 
 @dataclass
@@ -271,10 +294,12 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
     base, lb = layer_bytes(m, s.autocast, s.kept_inputs_in_compute_dtype)
     swapped = max(m.layers - s.resident_layers, 0) if s.policy == "memo" else 0
     layer_s = layer_forward_flops(m, tokens, s.seq_len) / s.flops_per_s
+    offloaded = s.cpu_offload and s.sharding == "fsdp2"
+    offload_host = offloaded_host_bytes(m, world_dp, s.gpus_per_node) if offloaded else 0.0
     if s.policy == "memo":
-        if s.alpha == "auto":
-            ap = plan_alpha(tokens, lb, layer_s, s.link_bytes_per_s, s.host_bytes_per_node, s.gpus_per_node,
-                            m.layers, s.resident_layers)
+        if s.alpha == "auto":  # MEMO's share of host memory: what the offloaded states leave
+            ap = plan_alpha(tokens, lb, layer_s, s.link_bytes_per_s, max(s.host_bytes_per_node - offload_host, 0.0),
+                            s.gpus_per_node, m.layers, s.resident_layers)
             alpha, binding = ap.alpha, ap.binding
         else:
             alpha, binding = float(s.alpha), "fixed"
@@ -314,12 +339,18 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
         loss_ws = n * m.vocab * (2 if s.autocast else 4) + 4 * 4 * n * m.vocab
     kv = m.kv_heads * m.head_dim * (2 if s.autocast else 4)
     attn_ws = 4 * kv * tokens if s.sp > 1 else 0.0
-    layer_params = m.params_per_layer() * 4
+    pbytes = 2 if s.fsdp_param_bf16 and s.sharding == "fsdp2" else 4  # unsharded copies (fsdp_param_dtype)
+    layer_params = m.params_per_layer() * pbytes
     comm = 3 * layer_params if s.sharding in ("fsdp2", "zero3") else 0.0
+    if s.sharding == "fsdp2":
+        # the root unit (embedding, head, final norm) stays unsharded from its forward to its
+        # backward: FSDP2 does not reshard the root after forward
+        comm += pbytes * (m.params() - m.layers * m.params_per_layer())
+    host += offload_host
     terms = {
-        "params": 4.0 * P / shard[0],
-        "grads": 4.0 * P / shard[1],
-        "optimizer": 8.0 * P / shard[2],
+        "params": 0.0 if offloaded else 4.0 * P / shard[0],
+        "grads": 0.0 if offloaded else 4.0 * P / shard[1],
+        "optimizer": 0.0 if offloaded else 8.0 * P / shard[2],
         "activations": device_act + outside_bytes_per_token(m, s.autocast, tiled_head) * tokens,
         "staging_buffers": staging,
         "swap_in_flight": in_flight,
@@ -360,13 +391,16 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
         "backward_first_block": {"activations": terms["activations"] - first_head_dy, "head_grad": head_grad,
                                  "layer_workspace": workspace, "attention_workspace": attn_ws,
                                  "swap_in_flight": first_in_flight},
-        "backward_last_block": {"grads": terms["grads"], "outside": outside - head_dy, "layer_workspace": workspace,
+        # offloaded, a unit's gradients leave the GPU once reduced: the root's (head) and about two
+        # blocks' (the one reducing, the next computing) are on it at a time
+        "backward_last_block": {"grads": head_grad + 2 * 4 * m.params_per_layer() if offloaded else terms["grads"],
+                                "outside": outside - head_dy, "layer_workspace": workspace,
                                 "attention_workspace": attn_ws},
         # torch.optim.AdamW(foreach=True) (train/optim.py): the gradients and one temporary of the
         # (local) parameters' size, 4 B each (measured on an H200: 7.2 GiB at 1.92 B parameters);
         # without foreach one parameter at a time, two temporaries of the largest (sqrt, then the
         # division; the embedding or an MLP matrix)
-        "optimizer_step": {"grads": terms["grads"], "optimizer_temp": OPTIMIZER_TEMP_BYTES_PER_PARAM * (
+        "optimizer_step": {"grads": terms["grads"], "optimizer_temp": 0.0 if offloaded else OPTIMIZER_TEMP_BYTES_PER_PARAM * (
             P / shard[2] if s.optimizer_foreach else 2 * max(m.vocab, m.intermediate) * m.hidden)},
     }
     phases = {name: sum(p.values()) for name, p in parts.items()}

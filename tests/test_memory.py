@@ -324,6 +324,49 @@ def test_plan_cli_reports_terms_and_longest_length(capsys):
     assert "--gpu-mem" in capsys.readouterr().err
 
 
+OFFLOAD = ["parallel.sharding=fsdp2", "parallel.cpu_offload=true", "parallel.fsdp_param_dtype=bf16",
+           "memory.resident_layers=0"]
+
+
+@pytest.mark.parametrize("gpus,host,at_least", [(1, "1TiB", 512 * 1024), (8, "4TiB", 3_700_000)])
+def test_plan_llama_8b_against_alst(capsys, gpus, host, at_least):
+    """Issue 21: Llama-3.1-8B planned at ALST's lengths (arXiv 2506.13996: 500K tokens on one H100,
+    3.7M on eight) under a stated host memory: one 80 GB GPU >= 512K tokens and eight >= 3.7M
+    (the issue's 4M is not reached: 3,989,504, bound by the sequence-parallel backward's
+    workspace), with FSDP2's CPU offload of parameters, gradients and AdamW, bf16 unsharded
+    copies and every block swapped; the binding term printed."""
+    import json
+
+    from longctx.cli import main
+
+    main(["plan", "recipes/llama3-8b-128k.yaml", *OFFLOAD, "--gpus", str(gpus), "--gpu-mem", "80GiB",
+          "--host-mem", host, "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["longest_tokens"] >= at_least, report["longest_tokens"]
+    assert report["binding_term"] and report["cpu_offload"]
+    assert report["terms_bytes"]["params"] == report["terms_bytes"]["optimizer"] == 0  # on the host
+    main(["plan", "recipes/llama3-8b-128k.yaml", *OFFLOAD, "--gpus", str(gpus), "--gpu-mem", "80GiB",
+          "--host-mem", host, "--seq-len", str(report["longest_tokens"] + 1024 * gpus), "--json"])
+    assert not json.loads(capsys.readouterr().out)["fits"]  # the next length does not
+
+
+def test_cpu_offload_moves_states_to_the_host_and_memo_gets_the_rest():
+    from longctx.memory.estimate import GiB, ModelShape, Setting, estimate, offloaded_host_bytes, param_tensor_elements
+
+    m = ModelShape(4096, 14336, 32, 32, 8, 128, 128256)
+    assert sum(param_tensor_elements(m)) == m.params()
+    s = Setting(seq_len=1 << 19, sp=1, dp=1, gpus_per_node=1, sharding="fsdp2", host_bytes_per_node=1024 * GiB)
+    plain, off = estimate(m, s), estimate(m, dataclasses.replace(s, cpu_offload=True))
+    assert plain.terms["optimizer"] == 8 * m.params() and off.terms["optimizer"] == 0
+    states = offloaded_host_bytes(m, 1, 1)
+    assert states >= 16 * m.params()  # pinned tensors round up
+    assert off.host_bytes_per_node <= 1024 * GiB and off.host_bytes_per_node >= states
+    assert off.alpha <= plain.alpha  # MEMO plans with what the states leave
+    # the root unit (embedding, head) stays unsharded under FSDP2: 4 B per parameter of it
+    root = m.params() - m.layers * m.params_per_layer()
+    assert plain.terms["communication"] == pytest.approx(4 * (3 * m.params_per_layer() + root))
+
+
 def test_plan_lowers_alpha_where_auto_overflows_the_gpu():
     """With ample host memory, alpha auto (bandwidth and host bounds only) overflows a 64 GiB GPU
     at 1M tokens; the plan lowers it to the largest alpha that fits, and says so."""
@@ -442,3 +485,20 @@ def test_plan_matches_what_a_traced_step_keeps_alive(per_segment):
                                      (backward_peak, max(p["backward_first_block"], p["backward_last_block"]), "backward")):
         ratio = (modelled - ids_bytes) / measured
         assert abs(ratio - 1) <= 0.05, f"{what}: modelled {modelled - ids_bytes} vs traced {measured} ({ratio:.3f})"
+
+
+def test_trainer_plans_memo_with_the_host_memory_offloading_leaves():
+    from longctx.memory.estimate import GiB, offloaded_host_bytes
+    from longctx.parallel.mesh import Mesh
+    from longctx.recipes import schema
+    from longctx.train.build import apply_memory, model_shape
+
+    def planned_host(*extra):
+        recipe = schema.load(None, ["memory.policy=memo", "memory.host_memory_gib=64", *extra])
+        model = tiny()
+        return apply_memory(model, recipe, Mesh(0, 1, 0, 1, None, torch.device("cpu")), None).hw[0], model
+
+    alone, model = planned_host()
+    offloaded, _ = planned_host("parallel.sharding=fsdp2", "parallel.cpu_offload=true")
+    assert alone == 64 * GiB
+    assert offloaded == pytest.approx(64 * GiB - offloaded_host_bytes(model_shape(model.config), 1, 1))

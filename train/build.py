@@ -31,7 +31,7 @@ from ..kernels.capability import default_device
 from ..kernels.loss import linear_cross_entropy, resolve_impl
 from ..memory import offload
 from ..memory.arena import Arena
-from ..memory.estimate import GiB, ModelShape, layer_bytes
+from ..memory.estimate import GiB, ModelShape, layer_bytes, offloaded_host_bytes
 from ..memory.offload import FULL_RECOMPUTE, HostPool
 from ..memory.plan import MemoPlanner
 from ..models.config import ModelConfig, RopeConfig
@@ -274,10 +274,14 @@ def apply_memory(model: CausalLM, recipe: Recipe, mesh: mesh_lib.Mesh,
         return None
     shape = model_shape(model.config)
     _, lb = layer_bytes(shape, recipe.run.dtype == "bf16")
+    hw = memory_hardware(recipe, mesh.device)
+    if recipe.parallel.sharding == "fsdp2" and recipe.parallel.cpu_offload:  # MEMO gets what the offloaded states leave
+        hw["host_bytes_per_node"] = max(
+            hw["host_bytes_per_node"] - offloaded_host_bytes(shape, mesh.world, hw["gpus_per_node"]), 0.0)
     planner = MemoPlanner(
         lb, shape.params_per_layer(), shape.heads * shape.head_dim, shape.layers, m.resident_layers,
         None if m.alpha == "auto" else float(m.alpha), m.tier, sp_of=lambda: sp_attention.sp if sp_attention else 1,
-        **memory_hardware(recipe, mesh.device), input_dtype=input_dtype,
+        **hw, input_dtype=input_dtype,
     )
     pool = HostPool(mesh.device) if m.tier == "host" else None
     planner.pool = pool
@@ -577,4 +581,5 @@ def plan_inputs(recipe: Recipe) -> tuple[ModelShape, dict]:
         "autocast": recipe.run.dtype == "bf16", "policy": m.policy, "alpha": m.alpha, "tier": m.tier,
         "resident_layers": m.resident_layers, "recompute_num_layers": m.recompute_num_layers,
         "recompute_chunk_tokens": m.recompute_chunk_tokens, "loss": "reference" if recipe.loss.impl == "reference" else "cce",
+        "cpu_offload": recipe.parallel.cpu_offload, "fsdp_param_bf16": recipe.parallel.fsdp_param_dtype == "bf16",
     }

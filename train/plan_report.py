@@ -41,6 +41,7 @@ def setting_for(r: dict, gpus: int, gpu_mem: float, host_mem: float, gpus_per_no
         kept_inputs_in_compute_dtype=r.get("kept_inputs_in_compute_dtype", True),
         loss_tile_tokens=r.get("loss_tile_tokens", r["recompute_chunk_tokens"]),
         attention_by_rows=r.get("attention_by_rows", True),
+        cpu_offload=r.get("cpu_offload", False), fsdp_param_bf16=r.get("fsdp_param_bf16", False),
     )
 
 
@@ -114,7 +115,7 @@ def plan(shape: ModelShape, r: dict, gpus: int, gpu_mem: float, host_mem: float,
         "longest_seq_len": longest,
         # the same figures under the names scripts check (issue 16): per GPU, longest in tokens
         "peak_bytes_per_gpu": e.total, "longest_tokens": longest, "binding_term": binding,
-        "calibration": CALIBRATION,
+        "calibration": CALIBRATION, "cpu_offload": bool(r.get("cpu_offload")) and sharding == "fsdp2",
     }
 
 
@@ -133,7 +134,8 @@ def format_plan(p: dict) -> str:
                  f"= {(p['total_bytes'] + p['reserve_bytes']) / GiB:.2f} of {p['gpu_bytes'] / GiB:.0f} GiB "
                  f"({100 * ALLOCATOR_RESERVE:.0f}% of the peak, measured on an H200)")
     lines += ["", f"dominant term: {p['dominant']}",
-              f"host memory per node for activations: {p['host_bytes_per_node'] / GiB:.1f} GiB "
+              f"host memory per node (activations{', offloaded parameters and optimizer' if p.get('cpu_offload') else ''}): "
+              f"{p['host_bytes_per_node'] / GiB:.1f} GiB "
               f"of {p['host_limit_bytes'] / GiB:.0f} GiB",
               f"step time (modelled): {p['step_seconds']:.1f} s, {p['tokens_per_second_per_gpu']:.0f} tokens/s/GPU",
               f"fits: {'yes' if p['fits'] else 'NO'}; longest sequence that fits: {p['longest_seq_len']:,} tokens "
