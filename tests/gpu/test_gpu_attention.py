@@ -213,3 +213,33 @@ def test_causal_block_with_more_queries_than_keys_is_refused(kernel):
     q, k, v, _ = _inputs(1, 64, 32, 4, 4, 64, torch.bfloat16)
     with pytest.raises(ValueError, match="more queries"):
         block_attn(q, k, v, True, impl=kernel)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "aten_flash", "aten_efficient",
+                                    pytest.param("flash_attn", marks=_needs_flash_attn)])
+def test_local_attention_rows_path_under_autocast(kernel):
+    """MEMO's sp-1 path by query tiles (memory/offload.py _forward_by_rows/_backward_by_rows):
+    forward_rows/backward_rows over tiles of 256 queries, last first, keys before a tile in blocks
+    of 512, under torch.autocast(cuda, bf16) with k, v held in bf16 and dK/dV accumulated in fp32;
+    out and the summed dq, dk, dv within twice the naive bf16 error of the whole causal sequence."""
+    dtype = torch.bfloat16
+    q, k, v, dout = _inputs(1, 1061, 1061, 12, 4, 128, dtype)
+    gold_out, gold_lse, *gold_grads = _gold(q, k, v, dout, True)
+    naive_out, *naive_grads = _naive_same_dtype(q, k, v, dout, True)
+    attention = LocalAttention(kernel)
+    S, tile = q.shape[1], 256
+    out = torch.empty_like(q)
+    dq = torch.empty(q.shape, dtype=torch.float32, device="cuda")
+    dk = torch.zeros(k.shape, dtype=torch.float32, device="cuda")
+    dv = torch.zeros(v.shape, dtype=torch.float32, device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        for start in reversed(range(0, S, tile)):
+            rows = slice(start, min(start + tile, S))
+            o, lse = attention.forward_rows(q[:, rows].float(), k, v, start)
+            assert o.dtype == dtype and lse.dtype == torch.float32
+            assert _gpu.max_abs(lse - gold_lse[:, :, rows]) <= 1e-4
+            out[:, rows] = o
+            dq[:, rows] = attention.backward_rows(dout[:, rows], q[:, rows].float(), k, v, o, lse, start, dk, dv, 512)
+    _check(f"{kernel} forward_rows out", out, gold_out, naive_out, dtype)
+    for name, g, x, r in zip(("dq", "dk", "dv"), (dq, dk, dv), gold_grads, naive_grads):
+        _check(f"{kernel} backward_rows {name}", g.to(dtype), x, r, dtype)

@@ -219,3 +219,28 @@ def test_memo_swap_under_cuda_sanitizer():
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "1 passed" in proc.stdout, f"exit code {proc.returncode}:\n{output[-6000:]}"
     assert "CSAN detected" not in output, output[-6000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_arena_and_tiled_head_match_on_cuda(dtype):
+    """memory.arena (attention's whole-sequence buffers by query tiles from one device buffer,
+    reused by every block) and the final norm + loss in tiles (model.loss_tile_tokens) on CUDA:
+    loss and gradients equal to the plain model's over two steps, the arena allocated once per
+    length, and nothing of it left besides its own buffer after backward."""
+    from longctx.memory.arena import Arena
+
+    shape = SMALL
+    ids, labels = _batch(shape)
+    plain = _model(shape, dtype)
+    ref = _step(plain, ids, labels, dtype)[:2]
+    del plain
+    arena = Arena("cuda")
+    model = _model(shape, dtype)
+    for layer in model.model.layers:
+        offload.wrap(layer, LayerPolicy(0.5, "device"), None, CHUNK_TOKENS, arena)
+    model.loss_tile_tokens = CHUNK_TOKENS
+    for step in (1, 2):
+        loss, grads, _, left = _step(model, ids, labels, dtype)
+        _assert_same(f"arena step {step}", ref, (loss, grads), TOLERANCE[dtype])
+        assert arena.grows == 2, arena.grows  # forward's k, v, then backward's k, v, dk, dv: once per length
+        assert left <= arena.nbytes + 4 * _gpu.MiB, f"{left / _gpu.MiB:.1f} MiB left besides the gradients"
