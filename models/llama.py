@@ -68,25 +68,33 @@ class _TiledHead(torch.autograd.Function):
                 g = next(grads)
                 if g is not None:
                     dx[t] = g
-            if wanted[1]:
+            if wanted[1]:  # summed in fp32 whatever the weights' dtype (bf16 under FSDP2's bf16 copies)
                 dnorm = _accumulate(dnorm, next(grads), norm_weight)
             if wanted[2]:
                 dout = _accumulate(dout, next(grads), out_weight)
             total = loss.detach() if total is None else total + loss.detach()
             del leaves, loss, inputs, grads
         ctx.save_for_backward(dx, dnorm, dout)
+        ctx.dtypes = (norm_weight.dtype, out_weight.dtype)
         return total
 
     @staticmethod
     def backward(ctx, grad):
+        # one backward: the stored gradients are scaled in place (no second copy of the residual
+        # stream's gradient), so a retained graph cannot be back-propagated twice
         dx, dnorm, dout = ctx.saved_tensors
-        return (*(None if g is None else g.mul_(grad) for g in (dx, dnorm, dout)), None, None, None, None)
+        dnorm = None if dnorm is None else dnorm.mul_(grad).to(ctx.dtypes[0])
+        dout = None if dout is None else dout.mul_(grad).to(ctx.dtypes[1])
+        return None if dx is None else dx.mul_(grad), dnorm, dout, None, None, None, None
 
 
 def _accumulate(total, g, like):
+    """total + g in fp32 (g None: nothing to add)."""
     if g is None:
-        return total if total is not None else torch.zeros_like(like)
-    return g if total is None else total.add_(g)
+        return total if total is not None else torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+    if total is None:
+        return g.float()  # the first tile's own buffer when it is fp32 already
+    return total.add_(g)
 
 
 class Attention(nn.Module):
