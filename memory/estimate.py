@@ -16,7 +16,7 @@ Memory terms (bytes, per GPU):
 - runtime: CUDA context / process baseline.
 The peak is not the sum of the terms: the loss head's slab and a block's backward workspace are
 never live together, and the blocks' gradients fill up as their saved activations are freed. So
-the peak is the persistent terms (params, optimizer, staging, communication, runtime) plus the
+the peak is the persistent terms (params, optimizer, staging, communication, arena, runtime) plus the
 largest of four phases: the loss (activations + loss head + the swapped blocks still in flight),
 the first block's backward (activations + the head's gradient + workspace, + the blocks in flight
 when a resident block comes first), the last block's (all gradients + workspace) and the
@@ -191,6 +191,7 @@ class Setting:
     # parallel.fsdp_param_dtype bf16 (unsharded copies in bf16)
     cpu_offload: bool = False
     fsdp_param_bf16: bool = False
+    arena: bool = False  # memory.arena: attention's whole-sequence buffers by query tiles in one persistent buffer
 
 
 @dataclass
@@ -207,7 +208,7 @@ class Estimate:
     @property
     def persistent(self) -> float:
         t = self.terms
-        return t["params"] + t["optimizer"] + t["staging_buffers"] + t["communication"] + t["runtime"]
+        return t["params"] + t["optimizer"] + t["staging_buffers"] + t["communication"] + t.get("arena", 0.0) + t["runtime"]
 
     @property
     def peak_phase(self) -> str:
@@ -246,7 +247,7 @@ KEY_BLOCK_TILES = 8  # memory/offload.KEY_BLOCK_TILES (not imported: offload imp
 
 
 def backward_workspace(m: ModelShape, tokens: int, autocast: bool, recomputes: bool, chunk_tokens: int | None,
-                       by_rows: bool = False) -> float:
+                       by_rows: bool = False, kept_tokens: int = 0, arena: bool = False) -> float:
     """Transient bytes at the peak of one block's backward. Without recompute: gradient
     temporaries only; recomputing the whole block at once (chunk_tokens None, as transformers'
     checkpointing does): also its saved tensors. Recomputing in chunks (offload.py), the larger of
@@ -261,7 +262,9 @@ def backward_workspace(m: ModelShape, tokens: int, autocast: bool, recomputes: b
     By query tiles (`by_rows`, sp 1: offload._backward_by_rows), the whole sequence's k, v, their
     fp32 gradient accumulators and the residual stream's two gradients stay all along, next to
     one tile's recomputed activations, gradient temporaries and attention scratch, and the dK, dV
-    of one block of keys (KEY_BLOCK_TILES tiles)."""
+    of one block of keys (KEY_BLOCK_TILES tiles); or, at the end, MEMO's kept tokens' gradients
+    (their graph is whole: the attention output's and q's gradients and the input's). With the
+    arena (memory/arena.py) k, v and their gradients are its buffer, a persistent term instead."""
     act = 2 if autocast else 4
     grads_tmp = act * WORKSPACE_INTERMEDIATE * m.intermediate
     if not recomputes:
@@ -273,9 +276,11 @@ def backward_workspace(m: ModelShape, tokens: int, autocast: bool, recomputes: b
     residual_grads, qkv = 2 * 4 * m.hidden, act * (q + 2 * kv)
     chunk = min(tokens, chunk_tokens) * (base + grads_tmp)
     if by_rows:
-        whole = residual_grads + (act + 4) * 2 * kv
+        whole = residual_grads + (0 if arena else (act + 4) * 2 * kv)
         keys = 2 * act * kv * min(tokens, KEY_BLOCK_TILES * chunk_tokens)
-        return whole * tokens + chunk + min(tokens, chunk_tokens) * attention_backward_scratch(m) + keys
+        tile = chunk + min(tokens, chunk_tokens) * attention_backward_scratch(m) + keys
+        kept = kept_tokens * ((act + 4) * q + 4 * m.hidden)
+        return whole * tokens + max(tile, kept)
     attention = residual_grads + 2 * qkv + 2 * act * q + 4 * m.heads + attention_backward_scratch(m)
     return max(attention * tokens, (residual_grads + qkv) * tokens + chunk)
 
@@ -315,10 +320,14 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
     # recomputed its own input is held by the checkpoint as well: the same storage as its first
     # block's kept input, unless that block keeps a bf16 copy (then one more fp32 input).
     copies = s.autocast and s.kept_inputs_in_compute_dtype and s.policy != "none"
+    # a MEMO block kept on the device also holds its kept tokens' graph output (the residual
+    # stream's dtype) until backward; the host tier releases it once copied (traced step, tests)
+    device_extra = alpha * 4 * m.hidden if s.policy == "memo" else 0.0
     for i, (seg_inputs, live_blocks) in enumerate(segment_peaks(m.layers, s.recompute_num_layers)):
         seg_inputs += 1 if copies and i == 1 else 0  # the second candidate is the recomputed segment's
         live_swapped = max(live_blocks - s.resident_layers, 0) if host_tier else 0
-        device_act = max(device_act, ((live_blocks - live_swapped) * per_layer + seg_inputs * 4 * m.hidden) * tokens)
+        device_act = max(device_act, ((live_blocks - live_swapped) * (per_layer + device_extra)
+                                      + seg_inputs * 4 * m.hidden) * tokens)
         host = max(host, pinned_bytes(int(live_swapped * per_layer * tokens)) * s.gpus_per_node)  # pinned slabs
     # Two blocks' kept bytes: the two staging buffers HostPool keeps from step to step (live in
     # forward too, on every step after the first at this length).
@@ -331,7 +340,13 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
     recomputes = s.policy != "none"
     by_rows = recomputes and s.attention_by_rows and s.sp == 1 and s.recompute_chunk_tokens is not None
     tiled_head = recomputes and s.loss_tile_tokens is not None
-    workspace = backward_workspace(m, tokens, s.autocast, recomputes, s.recompute_chunk_tokens, by_rows)
+    arena = by_rows and s.arena
+    kept_tokens = round(alpha * tokens) if s.policy == "memo" else 0
+    workspace = backward_workspace(m, tokens, s.autocast, recomputes, s.recompute_chunk_tokens, by_rows, kept_tokens,
+                                   arena)
+    act_b = 2 if s.autocast else 4
+    kv_width = m.kv_heads * m.head_dim
+    arena_bytes = (act_b + 4) * 2 * kv_width * tokens if arena else 0.0  # k, v and their fp32 gradients
     n = min(tokens, s.loss_tile_tokens) if tiled_head else tokens  # the tokens the loss sees at once
     if s.loss == "cce":
         loss_ws = 3 * 4 * min(n * m.vocab, 1 << 24) + 4 * m.vocab * m.hidden  # slab + dW
@@ -358,6 +373,7 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
         "loss_head": float(loss_ws),
         "attention_workspace": float(attn_ws),
         "communication": comm,
+        "arena": arena_bytes,
         "runtime": s.runtime_bytes,
     }
     head_grad = 4.0 * m.vocab * m.hidden * (1 if m.tied else 2) / shard[1]
@@ -369,7 +385,7 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
     # activations), which the by-rows workspace counts as its incoming gradient too; once the last
     # block's backward is done it is freed. (Both found by the traced step, tests/test_memory.py.)
     head_dy = 4.0 * m.hidden * tokens if tiled_head else 0.0
-    first_head_dy = head_dy if by_rows else 0.0
+    first_head_dy = head_dy  # both workspaces count the incoming gradient (review: sp > 1 double counted it)
     # forward of the last block: the kept tensors so far (the head's gradient not yet made) and
     # the block's whole-sequence transients: by query tiles k, v and the output next to one tile's
     # work; otherwise q, k, v (and their RoPE'd copies), the attention output and the output
@@ -378,7 +394,7 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
     if not recomputes:  # the plain blocks: what they make is what they save
         fwd_whole = 0.0
     elif by_rows:
-        fwd_whole = act * 2 * kv_w + 4 * m.hidden
+        fwd_whole = (0 if arena else act * 2 * kv_w) + 4 * m.hidden
     else:
         fwd_whole = act * (2 * q_w + 4 * kv_w) + 4 * m.heads + 3 * 4 * m.hidden
     fwd_tile = min(tokens, s.recompute_chunk_tokens or tokens) * base if recomputes else 0.0

@@ -366,7 +366,13 @@ def _tiled(fn, chunks: list[slice], *inputs: Callable[[slice], torch.Tensor]):
 
 
 def _grad(outputs, inputs, grads):
-    return torch.autograd.grad(outputs, inputs, grads, allow_unused=True)
+    """Gradients of `inputs` (None for those that need none: frozen parameters, e.g. LoRA's base)."""
+    wanted = [i for i, t in enumerate(inputs) if t.requires_grad]
+    got = torch.autograd.grad(outputs, [inputs[i] for i in wanted], grads, allow_unused=True)
+    out = [None] * len(inputs)
+    for i, g in zip(wanted, got):
+        out[i] = g
+    return out
 
 
 def _add(a, b):
@@ -600,8 +606,14 @@ def _forward_by_rows(lay: _Layer, attn, xb, cos, sin, a: int, qkv_a, keep_attent
                 lse[:, :, at] = lse_c
             return oc
 
-        if a:
-            out_a = place(slice(0, a), *autocast_inputs(*(t.detach() for t in qkv_a)))
+        if a:  # the kept tokens' rows, in tiles as well (their q, k, v come whole from their graphs)
+            qa, ka, va = (t.detach() for t in qkv_a)
+            for t in _chunks(a, B, lay.chunk_tokens):
+                oc = place(t, *autocast_inputs(qa[:, t], ka[:, t], va[:, t]))
+                if out_a is None:
+                    out_a = torch.empty((B, a, *oc.shape[2:]), dtype=oc.dtype, device=oc.device)
+                out_a[:, t] = oc
+                del oc
         for c in chunks:
             at = slice(a + c.start, a + c.stop)
             oc = place(at, *autocast_inputs(*block.before_attention(xb[:, c], cos[:, at], sin[:, at])))
@@ -701,11 +713,15 @@ def _backward_by_rows(ctx, dy, attn, params):
         dparams = [_add(p, n) for p, n in zip(dparams, g[2:])]
         with torch.no_grad():
             q_a = qkv_a[0]  # the stored copy: the graph's own tensors may have been freed into the host tier
-            if policy.keep_attention:
-                o_a, lse_a = rec.get(keep["out_a"]), lse[:, :, :a]
-            else:
-                o_a, lse_a = attn.forward_rows(q_a, k, v, 0)
-            dq_a = attn.backward_rows(dout_a, q_a, k, v, o_a, lse_a, 0, dk, dv, key_block)
+            out_a = rec.get(keep["out_a"]) if policy.keep_attention else None
+            dq_a = torch.empty_like(q_a)  # whole, as the graph takes it; filled tile by tile, last first
+            for t in reversed(_chunks(a, B, lay.chunk_tokens)):
+                if out_a is not None:
+                    o_t, lse_t = out_a[:, t], lse[:, :, t]
+                else:
+                    o_t, lse_t = attn.forward_rows(q_a[:, t], k, v, t.start)
+                dq_a[:, t] = attn.backward_rows(dout_a[:, t], q_a[:, t], k, v, o_t, lse_t, t.start, dk, dv, key_block)
+                del o_t, lse_t
         g = grads_of([qa, ka, va], [xa, *params], [dq_a, dk[:, :a], dv[:, :a]])
         dx[:, :a] = _add(dx_a, g[0])
         dparams = [_add(p, n) for p, n in zip(dparams, g[1:])]

@@ -89,8 +89,11 @@ def plan_alpha_layers(tokens_per_gpu: int, layers: list[LayerBytes], layer_secon
         # groups of equal density, densest first; within a group, raise every alpha alike until
         # one reaches its cap or the bytes run out
         density = [t / o if o else float("inf") for t, o in zip(layer_seconds, other)]
-        for d in sorted(set(density), reverse=True):
-            group = [i for i in range(n) if density[i] == d]
+        for i in range(n):
+            if not other[i]:  # nothing beyond input and attention: alpha 1 costs no bytes
+                alphas[i] = caps[i]
+        for d in sorted({d for d, o in zip(density, other) if o}, reverse=True):
+            group = [i for i in range(n) if density[i] == d and other[i]]
             while group and left > 0:
                 level = left / sum(other[i] for i in group)
                 step = min(level, *(caps[i] - alphas[i] for i in group))
@@ -101,7 +104,10 @@ def plan_alpha_layers(tokens_per_gpu: int, layers: list[LayerBytes], layer_secon
                 if step == level:
                     break
         for i in range(n):
-            binding[i] = "bandwidth" if alphas[i] >= caps[i] - 1e-12 and caps[i] < 1.0 else "host_memory"
+            if alphas[i] >= caps[i] - 1e-12:
+                binding[i] = "bandwidth" if caps[i] < 1.0 else "none"
+            else:
+                binding[i] = "host_memory"
         alphas = [max(a, 0.0) for a in alphas]
     swaps = [f + a * o for f, a, o in zip(fixed, alphas, other)]
     host = pinned_bytes(int(sum(swaps))) * gpus_per_node
@@ -168,7 +174,8 @@ class MemoPlanner:
                     plans = self.plans(tokens, tokens * sp) if self.layers else [self.plan(tokens, tokens * sp)]
                 else:
                     swaps = [(lb.inp + lb.attn + self.alpha * lb.other) * tokens for lb in self.layers or [self.layer]]
-                    plans = [AlphaPlan(self.alpha, "fixed", sw, sum(swaps)) for sw in swaps]
+                    host = sum(swaps) if self.layers else 0.0  # no swapped layer: nothing on the host
+                    plans = [AlphaPlan(self.alpha, "fixed", sw, host) for sw in swaps]
                 self._cache[key] = [(p, self._policy(p.alpha, self.tier)) for p in plans]
             entries = self._cache[key]
             self.last, chosen = entries[min(index, len(entries) - 1)]

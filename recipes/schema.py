@@ -399,6 +399,9 @@ def _no_effect(r: Recipe, problems: list[str], set_keys: set[str]) -> None:
                 problems.append(f"data.{key}={getattr(r.data, key)!r}: has no effect with data.batching=pack; remove it")
         if "train.micro_batch_tokens" in set_keys:
             problems.append("train.micro_batch_tokens: has no effect with data.batching=pack (use train.grad_accum)")
+    if "memory.arena" in set_keys and r.memory.arena and r.memory.policy == "none":
+        problems.append("memory.arena=true: has no effect with memory.policy=none (the arena holds the buffers of "
+                        "full/memo blocks); set memory.policy: full or memo, or remove it")
     p = r.parallel
     if "parallel.sp_inner" in set_keys and p.attention not in ("hybrid", "auto"):
         problems.append(f"parallel.sp_inner={p.sp_inner!r}: has no effect with parallel.attention={p.attention!r} "

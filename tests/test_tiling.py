@@ -430,3 +430,32 @@ def test_tiled_head_sums_weight_gradients_in_fp32_for_bf16_weights():
     for name, p, t, r in zip(("norm", "output"), plain, tiled, want):
         err_plain, err_tiled = (p - r).abs().max().item(), (t - r).abs().max().item()
         assert err_tiled <= 2 * err_plain, (name, err_tiled, err_plain)
+
+
+@pytest.mark.parametrize("policy", [FULL_RECOMPUTE, LayerPolicy(alpha=0.25, tier="host")], ids=["full", "memo-0.25"])
+def test_wrapped_blocks_with_frozen_weights(policy):
+    """A wrapped block whose weights are partly frozen (LoRA's base, an embedding-only run):
+    backward returns no gradient for them and equal ones for the rest (it used to raise)."""
+    model = tiny()
+    for name, p in model.named_parameters():
+        if "q_proj" in name or "gate_proj" in name:
+            p.requires_grad_(False)
+    ids, labels = batch()
+
+    def step(mod):
+        mod.zero_grad(set_to_none=True)
+        loss = mod(ids, labels=labels)
+        loss.backward()
+        assert all(p.grad is None for p in mod.parameters() if not p.requires_grad)
+        return [(loss.detach(), {n: p.grad.clone() for n, p in mod.named_parameters() if p.requires_grad})]
+
+    want = step(model)
+    m, _ = wrapped(model, [policy] * model.config.num_layers, chunk_tokens=CHUNK)
+    assert_same(want, step(m), tol=2e-6)
+
+
+def test_arena_without_recompute_is_refused():
+    from longctx.recipes import schema
+
+    with pytest.raises(schema.RecipeError, match="memory.arena=true: has no effect with memory.policy=none"):
+        schema.load(None, ["memory.arena=true"])

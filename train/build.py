@@ -582,4 +582,5 @@ def plan_inputs(recipe: Recipe) -> tuple[ModelShape, dict]:
         "resident_layers": m.resident_layers, "recompute_num_layers": m.recompute_num_layers,
         "recompute_chunk_tokens": m.recompute_chunk_tokens, "loss": "reference" if recipe.loss.impl == "reference" else "cce",
         "cpu_offload": recipe.parallel.cpu_offload, "fsdp_param_bf16": recipe.parallel.fsdp_param_dtype == "bf16",
+        "arena": m.arena,
     }

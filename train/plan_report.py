@@ -42,6 +42,7 @@ def setting_for(r: dict, gpus: int, gpu_mem: float, host_mem: float, gpus_per_no
         loss_tile_tokens=r.get("loss_tile_tokens", r["recompute_chunk_tokens"]),
         attention_by_rows=r.get("attention_by_rows", True),
         cpu_offload=r.get("cpu_offload", False), fsdp_param_bf16=r.get("fsdp_param_bf16", False),
+        arena=r.get("arena", False),
     )
 
 
@@ -101,7 +102,7 @@ def plan(shape: ModelShape, r: dict, gpus: int, gpu_mem: float, host_mem: float,
     elif nxt.host_bytes_per_node > host_mem:
         binding = "host_memory"
     else:
-        parts = {k: nxt.terms[k] for k in ("params", "optimizer", "staging_buffers", "communication", "runtime")}
+        parts = {k: nxt.terms[k] for k in ("params", "optimizer", "staging_buffers", "communication", "arena", "runtime")}
         parts.update({k: v for k, v in nxt.phase_parts.get(nxt.peak_phase, {}).items() if k in nxt.terms})
         binding = f"gpu_memory: {nxt.peak_phase} phase (largest term {max(parts, key=parts.get)})"
     return {
