@@ -407,7 +407,9 @@ class _MemoBlock(torch.autograd.Function):
 
         hooks = torch.autograd.graph.saved_tensors_hooks(pack, unpack)
         xa = None
-        xb = (x[:, a:].contiguous() if a else x) if a < S else None
+        # a copy, not a view: with one row x[:, a:] is contiguous already, and a view kept for
+        # backward would hold the whole input's storage (found by the traced step, tests/test_memory.py)
+        xb = (x[:, a:].clone(memory_format=torch.contiguous_format) if a else x) if a < S else None
         graphs = None
         if a:  # kept tokens: build their graphs now, saved tensors packed into the tier
             with torch.enable_grad(), hooks:
