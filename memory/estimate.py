@@ -12,7 +12,9 @@ Memory terms (bytes, per GPU):
   plus gradient buffers (coefficients measured on CPU, see bench/max_context.py);
 - loss head: CCE's [T, V] slab (or the full N x V logits and their gradients for `reference`);
 - attention workspace: K/V (or Q) blocks in flight under sequence parallelism;
-- communication: FSDP's all-gathered layer (two in flight) and reduce-scatter buffer;
+- communication: FSDP's all-gathered layer (two in flight) and reduce-scatter buffer, and under
+  FSDP2 the root unit's unsharded embedding and head;
+- arena: memory.arena's buffer (attention's whole-sequence buffers by query tiles);
 - runtime: CUDA context / process baseline.
 The peak is not the sum of the terms: the loss head's slab and a block's backward workspace are
 never live together, and the blocks' gradients fill up as their saved activations are freed. So
@@ -279,7 +281,8 @@ def backward_workspace(m: ModelShape, tokens: int, autocast: bool, recomputes: b
         whole = residual_grads + (0 if arena else (act + 4) * 2 * kv)
         keys = 2 * act * kv * min(tokens, KEY_BLOCK_TILES * chunk_tokens)
         tile = chunk + min(tokens, chunk_tokens) * attention_backward_scratch(m) + keys
-        kept = kept_tokens * ((act + 4) * q + 4 * m.hidden)
+        # the kept tokens' phase: their gradients next to one of their tiles' attention work
+        kept = kept_tokens * ((act + 4) * q + 4 * m.hidden) + min(tokens, chunk_tokens) * attention_backward_scratch(m) + keys
         return whole * tokens + max(tile, kept)
     attention = residual_grads + 2 * qkv + 2 * act * q + 4 * m.heads + attention_backward_scratch(m)
     return max(attention * tokens, (residual_grads + qkv) * tokens + chunk)

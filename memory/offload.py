@@ -444,7 +444,8 @@ class _MemoBlock(torch.autograd.Function):
                         y[:, a:][:, c] = block.after_attention(xb[:, c], out_b[:, c])
         if a:
             with torch.enable_grad(), hooks:
-                oa = out_a.detach().clone().requires_grad_()
+                # by query tiles out_a is a buffer of its own; otherwise a slice of the whole output
+                oa = (out_a.detach() if rows is not None else out_a.detach().clone()).requires_grad_()
                 ya = block.after_attention(xa, oa)
             graphs = (xa, oa, (qa, ka, va), ya)
             if y is None:
@@ -724,6 +725,7 @@ def _backward_by_rows(ctx, dy, attn, params):
                     o_t, lse_t = attn.forward_rows(q_a[:, t], k, v, t.start)
                 dq_a[:, t] = attn.backward_rows(dout_a[:, t], q_a[:, t], k, v, o_t, lse_t, t.start, dk, dv, key_block)
                 del o_t, lse_t
+            del dout_a, out_a
         g = grads_of([qa, ka, va], [xa, *params], [dq_a, dk[:, :a], dv[:, :a]])
         dx[:, :a] = _add(dx_a, g[0])
         dparams = [_add(p, n) for p, n in zip(dparams, g[1:])]

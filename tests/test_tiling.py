@@ -459,3 +459,31 @@ def test_arena_without_recompute_is_refused():
 
     with pytest.raises(schema.RecipeError, match="memory.arena=true: has no effect with memory.policy=none"):
         schema.load(None, ["memory.arena=true"])
+
+
+def test_kept_tokens_go_through_attention_in_query_tiles(monkeypatch):
+    """MEMO's kept tokens (alpha x length, more than a tile here) go through forward_rows and
+    backward_rows one tile at a time as well, never as one tile of all of them."""
+    from longctx.kernels.attention import LocalAttention
+
+    seen = []
+    fwd, bwd = LocalAttention.forward_rows, LocalAttention.backward_rows
+
+    def forward_rows(self, q, k, v, start):
+        seen.append(q.shape[1])
+        return fwd(self, q, k, v, start)
+
+    def backward_rows(self, dout, q, *args):
+        seen.append(q.shape[1])
+        return bwd(self, dout, q, *args)
+
+    monkeypatch.setattr(LocalAttention, "forward_rows", forward_rows)
+    monkeypatch.setattr(LocalAttention, "backward_rows", backward_rows)
+    model = tiny()
+    ids, labels = batch()
+    B, S = ids.shape
+    policy = LayerPolicy(alpha=0.75, tier="host")
+    assert round(policy.alpha * S) > max(1, CHUNK // B)
+    m, _ = wrapped(model, [policy] * model.config.num_layers, chunk_tokens=CHUNK)
+    assert_same(run(model, ids, labels), run(m, ids, labels), tol=2e-6)
+    assert seen and max(seen) <= max(1, CHUNK // B), sorted(set(seen))
