@@ -95,7 +95,9 @@ def test_backward_recomputes_in_token_chunks_exactly(chunk_tokens):
     ref = run(model, ids, labels)
     policies = [FULL_RECOMPUTE, LayerPolicy(0.3), LayerPolicy(0.0, "device"), LayerPolicy(1.0)]
     m, pool = wrapped(model, policies, chunk_tokens=chunk_tokens)
-    assert_same(ref * 2, run(m, ids, labels, steps=2))
+    # attention by query tiles merges each tile's two partial outputs in fp32: with tiles of one
+    # position that rounding reaches 1.09e-6 of a norm weight's largest gradient
+    assert_same(ref * 2, run(m, ids, labels, steps=2), tol=2e-6)
     assert not pool.records
     with pytest.raises(ValueError, match="chunk_tokens=0"):
         offload.wrap(tiny().model.layers[0], FULL_RECOMPUTE, None, chunk_tokens=0)
