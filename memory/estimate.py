@@ -347,15 +347,15 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
     kept_tokens = round(alpha * tokens) if s.policy == "memo" else 0
     workspace = backward_workspace(m, tokens, s.autocast, recomputes, s.recompute_chunk_tokens, by_rows, kept_tokens,
                                    arena)
-    act_b = 2 if s.autocast else 4
-    kv_width = m.kv_heads * m.head_dim
-    arena_bytes = (act_b + 4) * 2 * kv_width * tokens if arena else 0.0  # k, v and their fp32 gradients
+    act = 2 if s.autocast else 4  # bytes per element of the compute dtype
+    q_w, kv_w = m.heads * m.head_dim, m.kv_heads * m.head_dim
+    arena_bytes = (act + 4) * 2 * kv_w * tokens if arena else 0.0  # k, v and their fp32 gradients
     n = min(tokens, s.loss_tile_tokens) if tiled_head else tokens  # the tokens the loss sees at once
     if s.loss == "cce":
         loss_ws = 3 * 4 * min(n * m.vocab, 1 << 24) + 4 * m.vocab * m.hidden  # slab + dW
     else:  # logits, fp32 copy, log-softmax and their gradients
         loss_ws = n * m.vocab * (2 if s.autocast else 4) + 4 * 4 * n * m.vocab
-    kv = m.kv_heads * m.head_dim * (2 if s.autocast else 4)
+    kv = kv_w * act
     attn_ws = 4 * kv * tokens if s.sp > 1 else 0.0
     pbytes = 2 if s.fsdp_param_bf16 and s.sharding == "fsdp2" else 4  # unsharded copies (fsdp_param_dtype)
     layer_params = m.params_per_layer() * pbytes
@@ -385,15 +385,12 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
     # the first block's backward still meets the swapped copies when a resident block comes first
     first_in_flight = in_flight if s.resident_layers > 0 else 0.0
     # With the head in tiles, the gradient reaching the last block is the head's stored one (in the
-    # activations), which the by-rows workspace counts as its incoming gradient too; once the last
-    # block's backward is done it is freed. (Both found by the traced step, tests/test_memory.py.)
+    # activations), which every workspace counts as its incoming gradient too; once the last
+    # block's backward is done it is freed. (Found by the traced step, tests/test_memory.py.)
     head_dy = 4.0 * m.hidden * tokens if tiled_head else 0.0
-    first_head_dy = head_dy  # both workspaces count the incoming gradient (review: sp > 1 double counted it)
     # forward of the last block: the kept tensors so far (the head's gradient not yet made) and
     # the block's whole-sequence transients: by query tiles k, v and the output next to one tile's
     # work; otherwise q, k, v (and their RoPE'd copies), the attention output and the output
-    act = 2 if s.autocast else 4
-    q_w, kv_w = m.heads * m.head_dim, m.kv_heads * m.head_dim
     if not recomputes:  # the plain blocks: what they make is what they save
         fwd_whole = 0.0
     elif by_rows:
@@ -407,7 +404,7 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
                  **({"head_tiles": head_tiles} if tiled_head else {})},
         "forward_block": {"activations": terms["activations"] - head_dy, "forward_transient": fwd_whole * tokens + fwd_tile,
                           "swap_in_flight": in_flight},
-        "backward_first_block": {"activations": terms["activations"] - first_head_dy, "head_grad": head_grad,
+        "backward_first_block": {"activations": terms["activations"] - head_dy, "head_grad": head_grad,
                                  "layer_workspace": workspace, "attention_workspace": attn_ws,
                                  "swap_in_flight": first_in_flight},
         # offloaded, a unit's gradients leave the GPU once reduced: the root's (head) and about two
