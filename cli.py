@@ -1,4 +1,4 @@
-"""`longctx` command line: train, export, convert, recipe.
+"""`longctx` command line: train, eval, export, convert, data, plan, recipe.
 
 Errors the user can fix (recipe keys, data, model folders, checkpoints) print one message naming
 the key or file and exit with status 2; nothing written earlier is touched.
@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--link-gbps", type=float, default=25.0, help="GPU<->host GB/s per GPU (default 25)")
     pl.add_argument("--runtime-mem", default="1GiB", help="CUDA context / process baseline (default 1GiB)")
     pl.add_argument("--json", action="store_true", help="print JSON instead of the table (exit 1 when it does not fit)")
+    _add_eval_parser(sub)
     r = sub.add_parser("recipe", help="validate / show a recipe, or print the reference table")
     rsub = r.add_subparsers(dest="action", required=True)
     show = rsub.add_parser("show", help="print the resolved recipe")
@@ -67,15 +68,46 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_eval_parser(sub) -> None:
+    e = sub.add_parser("eval", help="long-context evaluation: passkey, niah, ruler (synthetic tasks), ppl (loss by position)",
+                       description="Runs on the training path (the same model code, attention schedules and memory "
+                                   "policies; under torchrun with --sp N the sequence is split over N ranks). Writes "
+                                   "OUT/results.json after every cell (a rerun with the same options resumes) and PNGs.")
+    e.add_argument("suite", choices=("passkey", "niah", "ruler", "ppl"))
+    e.add_argument("model", nargs="?", help="an HF folder, export, training checkpoint (step-N), hub name or 'default'")
+    e.add_argument("--lengths", default="4k", help="context lengths, e.g. 2k,4k,8k,16384 (k = 1024)")
+    e.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths (fractions of the context)")
+    e.add_argument("--samples", type=int, default=1, help="samples per (task, length, depth) cell")
+    e.add_argument("--tasks", default="", help="ruler: a subset of niah_single,niah_multikey,niah_multivalue,"
+                                               "niah_multiquery,variable_tracking")
+    e.add_argument("--documents", type=int, default=4, help="ppl: held-out windows per length")
+    e.add_argument("--bucket", type=int, default=512, help="ppl: positions per bucket")
+    e.add_argument("--source", default="default", help="text for haystacks and ppl (data.source; default corpus)")
+    e.add_argument("--held-out", type=float, default=0.05,
+                   help="fraction of the source's documents held out as a run with the same run.seed holds them out "
+                        "(ppl reads those; 0 = every document)")
+    e.add_argument("--seed", type=int, default=0, help="samples' seed and the held-out split's run.seed")
+    e.add_argument("--sp", type=int, default=1, help="sequence-parallel degree under torchrun (divides the world size)")
+    e.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="recipe keys for the model, e.g. model.rope.type=yarn, model.rope.factor=2, run.dtype=bf16, "
+                        "parallel.attention=token_ring, memory.policy=full (repeatable)")
+    e.add_argument("--label", help="the model's name on figures (default: its folder name)")
+    e.add_argument("--out", required=True, help="output folder (results.json, PNGs)")
+    e.add_argument("--compare", nargs="+", metavar="DIR", help="draw earlier --out folders on one figure in --out")
+    e.add_argument("--mark", type=int, action="append", help="--compare ppl: a vertical line at this position "
+                                                             "(e.g. the native context length; repeatable)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[longctx] %(message)s", stream=sys.stderr)
     from .data.sources import DataError
+    from .eval.runner import EvalError
     from .models.config import ModelConfigError
     from .models.hf import CheckpointError
     from .recipes.schema import RecipeError
 
-    user_errors = (RecipeError, DataError, ModelConfigError, CheckpointError)
+    user_errors = (RecipeError, DataError, ModelConfigError, CheckpointError, EvalError)
     try:
         return _dispatch(args)
     except user_errors as e:
@@ -139,6 +171,10 @@ def _dispatch(args) -> int:
             report["attention"] = _plan_attention(args, par, shape, report, tflops, inputs["autocast"])
         print(json.dumps(report, indent=2) if args.json else format_plan(report))
         return 0 if report["fits"] else 1  # scripts can ask "does it fit?" by the exit status
+    if args.command == "eval":
+        from .train.evaluation import eval_command
+
+        return eval_command(args)
     if args.command == "recipe":
         from omegaconf import OmegaConf
 

@@ -67,6 +67,18 @@ class HFTokenizer:
     def decode(self, ids) -> str:
         return self._tok.decode(ids)
 
+    def chat_wrap(self) -> tuple[str, str] | None:
+        """The text the chat template puts before and after one user message, through the
+        assistant's turn opening (None without a template): prompts are built as before + message
+        + after, so the reply is what follows."""
+        if not getattr(self._tok, "chat_template", None):
+            return None
+        mark = "\u0000MESSAGE\u0000"
+        text = self._tok.apply_chat_template([{"role": "user", "content": mark}], tokenize=False,
+                                             add_generation_prompt=True)
+        before, found, after = text.partition(mark)
+        return (before, after) if found else None
+
 
 def load_tokenizer(kind: str, model_folder: str | Path | None):
     if kind == "bytes":

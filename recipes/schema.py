@@ -205,6 +205,13 @@ class EvalRecipe:
     batches: int = _f(2, "Held-out batches per evaluation.", gt=0)
     batch_size: int = _f(4, "Held-out rows per batch, over all data-parallel ranks.", gt=0)
     seq_len: int | None = _f(None, "Held-out row length (null = data.seq_len).", gt=1)
+    tasks: list[Literal["passkey", "niah", "ruler", "ppl"]] = _f(
+        [], "Long-context evaluations before and after training (and every tasks_every steps) on the training path: passkey, niah (needle in the data's text), ruler (RULER-style synthetic tasks), ppl (loss by position on held-out documents); results and PNGs in the run folder under eval/step-N/SUITE/, logged to W&B.")
+    lengths: list[int] = _f([], "Context lengths of eval.tasks (empty = the data's longest).")
+    depths: list[float] = _f([0.0, 0.5, 1.0], "Needle depths of eval.tasks (fractions of the context).")
+    samples: int = _f(1, "Samples per (task, length, depth) cell of eval.tasks.", gt=0)
+    documents: int = _f(1, "ppl: held-out documents (windows of the length) per length.", gt=0)
+    tasks_every: int = _f(0, "eval.tasks every N steps as well (0 = only before and after training).", ge=0)
 
 
 @dataclass(kw_only=True)
@@ -319,7 +326,8 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
             continue
         ok, coerced = _coerce(value, hint)
         if not ok:
-            problems.append(f"{path}={value!r}: expected {_describe(hint)}{_RENAMED.get((path, value), '')}")
+            renamed = _RENAMED.get((path, value), "") if isinstance(value, str) else ""
+            problems.append(f"{path}={value!r}: expected {_describe(hint)}{renamed}")
             continue
         for bound, test, word in (("ge", lambda a, b: a >= b, ">="), ("gt", lambda a, b: a > b, ">"),
                                   ("le", lambda a, b: a <= b, "<="), ("lt", lambda a, b: a < b, "<")):
@@ -354,6 +362,11 @@ def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
         return isinstance(value, str), value
     if hint is dict or origin is dict:
         return isinstance(value, dict), value
+    if origin is list:  # every item of the item type
+        if not isinstance(value, list):
+            return False, None
+        items = [_coerce(v, typing.get_args(hint)[0]) for v in value]
+        return all(ok for ok, _ in items), [v for _, v in items]
     return False, None
 
 
@@ -365,6 +378,8 @@ def _describe(hint: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
     if hint is type(None):
         return "null"
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
     return getattr(hint, "__name__", str(hint))
 
 
@@ -409,6 +424,11 @@ def _no_effect(r: Recipe, problems: list[str], set_keys: set[str]) -> None:
     if "parallel.hybrid_outer" in set_keys and p.attention != "hybrid":
         problems.append(f"parallel.hybrid_outer={p.hybrid_outer!r}: has no effect with parallel.attention="
                         f"{p.attention!r} (only with hybrid; auto picks the outer schedule itself); remove it")
+    if not r.eval.tasks:
+        for key in ("lengths", "depths", "samples", "documents", "tasks_every"):
+            if f"eval.{key}" in set_keys:
+                problems.append(f"eval.{key}={getattr(r.eval, key)!r}: has no effect without eval.tasks (passkey, "
+                                "niah, ruler, ppl); set eval.tasks or remove it")
     for key, rope_types in _ROPE_ONLY.items():
         if f"model.rope.{key}" in set_keys and r.model.rope.type not in rope_types:
             problems.append(f"model.rope.{key}={getattr(r.model.rope, key)!r}: has no effect with "
@@ -437,6 +457,15 @@ def _cross_checks(r: Recipe, problems: list[str]) -> None:
         problems.append(
             f"train.batch_size={r.train.batch_size}: must be a multiple of train.grad_accum={r.train.grad_accum}"
         )
+    e = r.eval
+    if any(not 0.0 <= d <= 1.0 for d in e.depths) or not e.depths:
+        problems.append(f"eval.depths={e.depths}: expected one or more fractions of the context in [0, 1]")
+    if any(n < 64 for n in e.lengths):
+        problems.append(f"eval.lengths={e.lengths}: expected token counts of at least 64")
+    if "ppl" in e.tasks and r.data.eval_fraction == 0:
+        problems.append("eval.tasks=[..., 'ppl']: loss by position reads held-out documents: set data.eval_fraction > 0")
+    if len(set(e.tasks)) != len(e.tasks):
+        problems.append(f"eval.tasks={e.tasks}: lists a task twice")
     if r.eval.every and r.data.eval_fraction == 0:
         problems.append(f"eval.every={r.eval.every}: needs data.eval_fraction > 0 to hold out documents")
     if r.run.device == "cpu" and r.parallel.backend == "nccl":

@@ -34,7 +34,7 @@ from ..memory.arena import Arena
 from ..memory.estimate import GiB, ModelShape, layer_bytes, offloaded_host_bytes
 from ..memory.offload import FULL_RECOMPUTE, HostPool
 from ..memory.plan import MemoPlanner
-from ..models.config import ModelConfig, RopeConfig
+from ..models.config import ModelConfig, RopeConfig, load_hf_config
 from ..models.hf import CheckpointError, convert_gguf, load_model_folder, load_weights
 from ..models.llama import CausalLM
 from ..parallel import mesh as mesh_lib
@@ -115,6 +115,12 @@ def _fetch_model(path: str) -> Path:
     if path == "default":
         return default_model_dir()
     local = Path(path).expanduser()
+    if is_checkpoint(local):  # a training checkpoint's weights (DCP) and config.json
+        why = ckpt.problem(local)
+        if why is not None:
+            raise CheckpointError(f"model.path={path!r}: not a usable checkpoint: {why}")
+        load_hf_config(local)
+        return local
     if local.exists() or path.startswith((".", "/", "~")):
         load_model_folder(local)
         return local
@@ -124,6 +130,11 @@ def _fetch_model(path: str) -> Path:
         return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja"]))
     except Exception as e:
         raise RecipeError(f"model.path={path!r}: not a local folder and not downloadable ({type(e).__name__}: {e})") from None
+
+
+def is_checkpoint(folder: Path) -> bool:
+    """A step folder written by train/checkpoint.py (what `longctx export` reads)."""
+    return (folder / ckpt.MANIFEST).is_file() and (folder / "dcp").is_dir()
 
 
 # --- the model -----------------------------------------------------------------------------------
@@ -158,7 +169,7 @@ def build_model(recipe: Recipe, mesh: mesh_lib.Mesh) -> tuple[CausalLM, Path | N
         model_dir = None
     else:
         model_dir = resolve_model_dir(recipe.model.path, mesh)
-        cfg = load_model_folder(model_dir)
+        cfg = load_hf_config(model_dir) if is_checkpoint(model_dir) else load_model_folder(model_dir)
     cfg = apply_rope_recipe(cfg, recipe)
     kernel = recipe.parallel.attention_kernel
     why_not = check_kernel_available(kernel, mesh.device, _attention_dtype(recipe), cfg.head_dim)
@@ -173,6 +184,8 @@ def build_model(recipe: Recipe, mesh: mesh_lib.Mesh) -> tuple[CausalLM, Path | N
     model = CausalLM(cfg, attention=attention, loss=loss)
     if model_dir is None:
         model.init_weights(recipe.run.seed)
+    elif is_checkpoint(model_dir):
+        ckpt.dcp_load({"model": model.state_dict()}, model_dir, "weights do not match its config.json")
     else:
         load_weights(model, model_dir)
     model = model.to(mesh.device)
@@ -301,22 +314,11 @@ def build_data(recipe: Recipe, model_dir: Path | None, mesh: mesh_lib.Mesh, voca
         raise RecipeError(
             f"model.tokenizer: tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {vocab_size}"
         )
-    ident = source_identity(d.source, d.text_field, d.split, d.max_documents)
-
-    def documents():
-        return load_documents(d.source, d.text_field, d.split, d.max_documents)
-
-    cache = cache_dir() if d.cache else None
     t0 = time.time()
-    # Every rank asks the cache at once: the first on each cache (node-local or shared) tokenizes
-    # under a file lock while the others wait on the lock, not in a collective that would time out.
-    store = tokenize_to_cache(tokenizer, documents, ident, cache, num_proc=d.num_proc, progress=mesh.is_main)
+    store = token_store(recipe, tokenizer, mesh)
     n_docs = store.num_documents
-    order = np.random.default_rng([recipe.run.seed, 1]).permutation(n_docs)
-    n_eval = int(round(n_docs * d.eval_fraction))
-    if n_eval >= n_docs:
-        raise DataError(f"data.eval_fraction={d.eval_fraction}: leaves no training document of {n_docs}")
-    eval_docs, train_docs = np.sort(order[:n_eval]), np.sort(order[n_eval:])
+    eval_docs, train_docs = held_out_split(n_docs, recipe.run.seed, d.eval_fraction)
+    n_eval = len(eval_docs)
     eval_data = None
     if n_eval:
         eval_rows = PackedRows([store.document(i) for i in eval_docs], recipe.eval.seq_len or d.seq_len, seed=recipe.run.seed)
@@ -330,6 +332,29 @@ def build_data(recipe: Recipe, model_dir: Path | None, mesh: mesh_lib.Mesh, voca
         log.info("data: %d documents (%d held out), %d tokens (%.1fs), %s: %s", n_docs, n_eval,
                  int(store.offsets[-1]), time.time() - t0, d.batching, data.describe())
     return data, eval_data, getattr(tokenizer, "folder", None), _pad_id(tokenizer)
+
+
+def token_store(recipe: Recipe, tokenizer, mesh: mesh_lib.Mesh) -> TokenStore:
+    """The recipe's documents tokenized (from the cache when it has them)."""
+    d = recipe.data
+    ident = source_identity(d.source, d.text_field, d.split, d.max_documents)
+
+    def documents():
+        return load_documents(d.source, d.text_field, d.split, d.max_documents)
+
+    cache = cache_dir() if d.cache else None
+    # Every rank asks the cache at once: the first on each cache (node-local or shared) tokenizes
+    # under a file lock while the others wait on the lock, not in a collective that would time out.
+    return tokenize_to_cache(tokenizer, documents, ident, cache, num_proc=d.num_proc, progress=mesh.is_main)
+
+
+def held_out_split(n_docs: int, seed: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(held-out, training) document indices, sorted: the same for a run and its evaluations."""
+    order = np.random.default_rng([seed, 1]).permutation(n_docs)
+    n_eval = int(round(n_docs * fraction))
+    if n_eval >= n_docs:
+        raise DataError(f"data.eval_fraction={fraction}: leaves no training document of {n_docs}")
+    return np.sort(order[:n_eval]), np.sort(order[n_eval:])
 
 
 def _pad_id(tokenizer) -> int:
@@ -458,6 +483,14 @@ def build(recipe: Recipe) -> Run:
     torch.manual_seed(recipe.run.seed)
     model, model_dir, sp_attention = build_model(recipe, mesh)
     data, eval_data, tokenizer_dir, pad_id = build_data(recipe, model_dir, mesh, model.config.vocab_size)
+    if recipe.eval.tasks:
+        from .evaluation import check_tasks
+
+        longest = recipe.data.max_len if recipe.data.batching == "decompose" else recipe.data.seq_len
+        why = check_tasks(recipe.eval.tasks, list(recipe.eval.lengths) or [longest], recipe.model.tokenizer,
+                          tokenizer_dir, model.config.vocab_size)
+        if why:
+            raise RecipeError(f"eval.lengths={list(recipe.eval.lengths) or [longest]}: {why}")
     t = recipe.train
     optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
     scheduler = build_scheduler(optimizer, t.max_steps, t.warmup_steps, t.min_lr_ratio)

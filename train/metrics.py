@@ -51,6 +51,8 @@ class Console:
             line += f" | eval before {record['eval_loss_before']:.4f}"
         if "eval_loss" in record:
             line += f" | eval {record['eval_loss']:.4f}"
+        for key in sorted(k for k in record if k.startswith("eval/") and k.endswith("/score")):
+            line += f" | {key[5:-6]} {record[key]:.3f}"
         if "seq_len" in record:
             line += f" | {record['rows']}x{record['seq_len']}"
         print(line, file=self.stream or sys.stdout, flush=True)
@@ -111,6 +113,17 @@ class WandB:
     def log(self, record: dict) -> None:
         self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
+    def log_eval(self, step: int, suite: str, results: dict, folder: Path) -> None:
+        """An evaluation's figures as images and its cells as a table."""
+        import wandb
+
+        cells = results["cells"]
+        columns = sorted({k for c in cells for k in c if not isinstance(c[k], (list, dict))})
+        payload = {f"eval/{suite}/cells": wandb.Table(columns=columns, data=[[c.get(k) for k in columns] for c in cells])}
+        for name in results.get("figures", []):
+            payload[f"eval/{suite}/{Path(name).stem}"] = wandb.Image(str(folder / name))
+        self.run.log(payload, step=step)
+
     def close(self) -> None:
         self.run.finish()
 
@@ -123,6 +136,11 @@ class Metrics:
     def log(self, record: dict) -> None:
         for sink in self.sinks:
             sink.log(record)
+
+    def log_eval(self, step: int, suite: str, results: dict, folder: Path) -> None:
+        for sink in self.sinks:
+            if hasattr(sink, "log_eval"):
+                sink.log_eval(step, suite, results, folder)
 
     def close(self) -> None:
         for sink in self.sinks:

@@ -28,6 +28,7 @@ from ..parallel.sharding import clip_grad_norm
 from ..recipes import schema
 from . import checkpoint as ckpt
 from .build import Run, train_hparams
+from .evaluation import TrainingEvals
 from .export import full_state_dict, save_folder
 from .metrics import Console, Jsonl, Metrics, WandB
 
@@ -222,6 +223,14 @@ def evaluate(run: Run) -> float:
     return (total[0] / total[1]).item()
 
 
+def _eval_tasks(run: Run, tasks, metrics: Metrics, step: int) -> dict:
+    """eval.tasks at `step` (collective): numbers for the record; figures and tables to W&B."""
+    numbers, done = tasks(step)
+    for suite, results, folder in done:
+        metrics.log_eval(step, suite, results, folder)
+    return numbers
+
+
 def save_checkpoint(run: Run, step: int) -> Path:
     """Collective (every rank writes its shard): model, optimizer, scheduler, sampler, RNG, counters."""
     state = {"step": step, "tokens": run.tokens_seen, "dp": run.mesh.dp_world, "sp": run.mesh.sp_world,
@@ -291,6 +300,8 @@ def train(run: Run) -> dict:
     stop = StopSignal()
     heartbeat = Heartbeat(mesh.rank, mesh.world) if mesh.world > 1 and "MASTER_ADDR" in os.environ else None
     eval_before = evaluate(run) if r.eval.every and run.start_step == 0 else None
+    tasks = TrainingEvals(run) if r.eval.tasks else None
+    tasks_before = _eval_tasks(run, tasks, metrics, 0) if tasks is not None and run.start_step == 0 else None
     stopped = 0
     try:
         run.model.train()
@@ -320,6 +331,12 @@ def train(run: Run) -> dict:
             if r.eval.every and (step + 1) % r.eval.every == 0:
                 record["eval_loss"] = evaluate(run)
                 run.model.train()
+            if tasks_before:
+                record.update({k.replace("eval/", "eval_before/", 1): v for k, v in tasks_before.items()})
+                tasks_before = None
+            last = step + 1 == r.train.max_steps
+            if tasks is not None and (last or (r.eval.tasks_every and (step + 1) % r.eval.tasks_every == 0)):
+                record.update(_eval_tasks(run, tasks, metrics, step + 1))
             history.append(record)
             if (step + 1) % r.log.every == 0 or step + 1 == r.train.max_steps:
                 metrics.log(record)
