@@ -13,7 +13,6 @@ from longctx.cli import main
 from longctx.data.tokenize import ByteTokenizer, HFTokenizer
 from longctx.eval import runner
 from longctx.eval.perplexity import loss_by_position
-from longctx.eval.score import Scorer
 from longctx.eval.tasks import NIAH, PASSKEY, RULER_TASKS, SNAP_TOKENS, TASKS, Generator, TaskError
 from longctx.models.hf import save_folder
 from longctx.parallel import mesh as mesh_lib
