@@ -212,6 +212,7 @@ class EvalRecipe:
     samples: int = _f(1, "Samples per (task, length, depth) cell of eval.tasks.", gt=0)
     documents: int = _f(1, "ppl: held-out documents (windows of the length) per length.", gt=0)
     tasks_every: int = _f(0, "eval.tasks every N steps as well (0 = only before and after training).", ge=0)
+    native_rope: bool = _f(False, "eval.tasks: before training, also evaluate the starting weights with the model's own RoPE and length (before model.rope / model.max_seq_len), and draw it beside the run's first and last evaluations (RUN/eval/compare/): what the extension and the training bought.")
 
 
 @dataclass(kw_only=True)
@@ -425,7 +426,7 @@ def _no_effect(r: Recipe, problems: list[str], set_keys: set[str]) -> None:
         problems.append(f"parallel.hybrid_outer={p.hybrid_outer!r}: has no effect with parallel.attention="
                         f"{p.attention!r} (only with hybrid; auto picks the outer schedule itself); remove it")
     if not r.eval.tasks:
-        for key in ("lengths", "depths", "samples", "documents", "tasks_every"):
+        for key in ("lengths", "depths", "samples", "documents", "tasks_every", "native_rope"):
             if f"eval.{key}" in set_keys:
                 problems.append(f"eval.{key}={getattr(r.eval, key)!r}: has no effect without eval.tasks (passkey, "
                                 "niah, ruler, ppl); set eval.tasks or remove it")

@@ -339,3 +339,40 @@ def test_eval_tasks_too_short_for_the_tokenizer_fail_before_the_run(tmp_path):
     with pytest.raises(RecipeError, match=r"eval.lengths=\[320\]: length 320: too short for task niah_multikey"):
         build(schema.load(TINY, [f"run.dir={tmp_path / 'run'}", "eval.tasks=[ruler]", "eval.lengths=[320]"]))
     assert not (tmp_path / "run").exists()
+
+
+def _launch(nproc: int, *args, timeout: int = 600):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "longctx", *args] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", "longctx",
+        *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_torchrun_eval_cli_and_training_evals_with_sp_equal_one_process(tmp_path, tiny_folder):
+    """`longctx eval --sp 2` under torchrun (TokenRing), and eval.tasks in a training run at sp 2
+    with MEMO: the one-process cells within 1e-5."""
+    grid = ["--lengths", "512", "--depths", "0,1", "--samples", "2", "--set", "data.max_documents=4"]
+    for name, nproc, extra in (("one", 1, []), ("sp2", 2, ["--sp", "2", "--set", "parallel.attention=token_ring"])):
+        _launch(nproc, "eval", "passkey", str(tiny_folder), *grid, *extra, "--out", str(tmp_path / name))
+    one, sp2 = (json.loads((tmp_path / n / "results.json").read_text())["cells"] for n in ("one", "sp2"))
+    assert len(one) == len(sp2) == 2
+    for a, b in zip(one, sp2):
+        assert a["score"] == b["score"] and a["answer_logprob"] == pytest.approx(b["answer_logprob"], abs=1e-5)
+    run = ["train", str(TINY), "log.wandb=false", "train.max_steps=2", "eval.tasks=[passkey,ppl]",
+           "eval.lengths=[320]", "eval.depths=[0.5]", "data.eval_fraction=0.25", "data.max_documents=8"]
+    _launch(1, *run, f"run.dir={tmp_path / 'run1'}")
+    _launch(2, *run, f"run.dir={tmp_path / 'run2'}", "parallel.sp_degree=2", "parallel.attention=token_ring",
+            "memory.policy=memo", "memory.alpha=0.5", "memory.resident_layers=0")
+    for line in (0, -1):  # before training, after it
+        one, two = [json.loads((tmp_path / r / "metrics.jsonl").read_text().splitlines()[line]) for r in ("run1", "run2")]
+        keys = [k for k in one if k.startswith(("eval/", "eval_before/"))]
+        assert len(keys) == 5 and all(k in two for k in keys)
+        for k in keys:
+            assert two[k] == pytest.approx(one[k], abs=1e-5), k

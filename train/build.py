@@ -70,6 +70,7 @@ class Run:
     tokens_seen: int = 0
     describe: dict | None = None
     run_id: str = ""  # the run that owns run_dir (run.json): checkpoints, metrics and W&B carry it
+    native_config: ModelConfig | None = None  # the model's own config, before the recipe's RoPE and length
 
 
 # --- the default model ---------------------------------------------------------------------------
@@ -499,6 +500,7 @@ def build(recipe: Recipe) -> Run:
         run_dir=recipe.run_dir, tokenizer_dir=tokenizer_dir,
         autocast_dtype=torch.bfloat16 if recipe.run.dtype == "bf16" else None, pad_id=pad_id,
         sp_attention=sp_attention, run_id=folder.run_id,
+        native_config=ModelConfig(**recipe.model.config) if model_dir is None else load_hf_config(model_dir),
     )
     if recipe.parallel.sharding == "deepspeed":
         try:

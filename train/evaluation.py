@@ -199,30 +199,61 @@ class TrainingEvals:
             self._data = EvalData(store, held, others, getattr(self.tokenizer, "eos_token_id", None))
         return self._data
 
-    def __call__(self, step: int) -> tuple[dict, list[tuple[str, dict, Path]]]:
-        """(metrics, [(suite, results, folder)]) after evaluating at `step`."""
+    def __call__(self, step: int, native: bool = False) -> tuple[dict, list[tuple[str, dict, Path]]]:
+        """(metrics, [(suite, results, folder)]) after evaluating at `step`; `native`: the model
+        with its own RoPE config instead of the recipe's (same weights), in step-N-native-rope/."""
         r, mesh = self.run.recipe, self.run.mesh
         metrics, done = {}, []
-        for suite in r.eval.tasks:
-            settings = Settings(suite=suite, lengths=self.lengths, depths=list(r.eval.depths), samples=r.eval.samples,
-                                seed=r.run.seed, documents=r.eval.documents, label=f"step {step}",
-                                model=str(self.run.run_dir))
-            out = self.run.run_dir / "eval" / f"step-{step}" / suite
-            results = run_suite(suite, settings, self.scorer, self.tokenizer, self.data(), out, ranks_of(mesh),
-                                mesh.device, progress=False)
-            cells = results["cells"]
-            metrics[f"eval/{suite}/score"] = float(np.mean([c["score"] for c in cells]))
-            for n in settings.lengths:
-                metrics[f"eval/{suite}/score@{n}"] = float(np.mean([c["score"] for c in cells if c["length"] == n]))
-            if suite != "ppl":
-                metrics[f"eval/{suite}/answer_token_logprob"] = float(np.mean([c["answer_token_logprob"] for c in cells]))
-            done.append((suite, results, out))
-            if mesh.is_main:
-                log.info("eval %s at step %d: %s (%s)", suite, step, ", ".join(
-                    f"{n}: {metrics[f'eval/{suite}/score@{n}']:.3f}" for n in settings.lengths),
-                    "loss" if suite == "ppl" else "exact match")
-        self.run.model.train()
+        name = f"step-{step}" + ("-native-rope" if native else "")
+        label = f"step {step}" + (", native RoPE" if native else "")
+        prefix = "eval_native_rope" if native else "eval"
+        model = self.run.model
+        config = model.config
+        if native:
+            model.config = self.run.native_config
+        try:
+            for suite in r.eval.tasks:
+                settings = Settings(suite=suite, lengths=self.lengths, depths=list(r.eval.depths),
+                                    samples=r.eval.samples, seed=r.run.seed, documents=r.eval.documents, label=label,
+                                    model=str(self.run.run_dir))
+                out = self.run.run_dir / "eval" / name / suite
+                results = run_suite(suite, settings, self.scorer, self.tokenizer, self.data(), out, ranks_of(mesh),
+                                    mesh.device, progress=False)
+                cells = results["cells"]
+                metrics[f"{prefix}/{suite}/score"] = float(np.mean([c["score"] for c in cells]))
+                for n in settings.lengths:
+                    metrics[f"{prefix}/{suite}/score@{n}"] = float(np.mean([c["score"] for c in cells
+                                                                            if c["length"] == n]))
+                if suite != "ppl":
+                    metrics[f"{prefix}/{suite}/answer_token_logprob"] = float(np.mean([c["answer_token_logprob"]
+                                                                                       for c in cells]))
+                done.append((suite, results, out))
+                if mesh.is_main:
+                    log.info("eval %s, %s: %s (%s)", suite, label, ", ".join(
+                        f"{n}: {metrics[f'{prefix}/{suite}/score@{n}']:.3f}" for n in settings.lengths),
+                        "loss" if suite == "ppl" else "exact match")
+        finally:
+            model.config = config
+        model.train()
         return metrics, done
+
+    def compare(self) -> list[Path]:
+        """The run's evaluations side by side (native RoPE, the first, the last) in eval/compare/SUITE/."""
+        root = self.run.run_dir / "eval"
+        steps = sorted((p for p in root.glob("step-*") if p.name.removeprefix("step-").isdigit()),
+                       key=lambda p: int(p.name.removeprefix("step-")))
+        folders = ([root / "step-0-native-rope"] if (root / "step-0-native-rope").is_dir() else []) + (
+            [steps[0], steps[-1]] if len(steps) > 1 else steps)
+        if len(folders) < 2 or not self.run.mesh.is_main:
+            return []
+        native = self.run.native_config
+        marks = (native.max_position_embeddings,) if native is not None else ()
+        made = []
+        for suite in self.run.recipe.eval.tasks:
+            out = root / "compare" / suite
+            runner.compare([f / suite for f in folders], out, marks=marks)
+            made.append(out)
+        return made
 
 
 def check_tasks(tasks: list[str], lengths: list[int], tokenizer_kind: str, tokenizer_dir, vocab_size: int) -> str | None:

@@ -223,11 +223,11 @@ def evaluate(run: Run) -> float:
     return (total[0] / total[1]).item()
 
 
-def _eval_tasks(run: Run, tasks, metrics: Metrics, step: int) -> dict:
+def _eval_tasks(run: Run, tasks, metrics: Metrics, step: int, native: bool = False) -> dict:
     """eval.tasks at `step` (collective): numbers for the record; figures and tables to W&B."""
-    numbers, done = tasks(step)
+    numbers, done = tasks(step, native)
     for suite, results, folder in done:
-        metrics.log_eval(step, suite, results, folder)
+        metrics.log_eval(step, suite + ("_native_rope" if native else ""), results, folder)
     return numbers
 
 
@@ -301,7 +301,11 @@ def train(run: Run) -> dict:
     heartbeat = Heartbeat(mesh.rank, mesh.world) if mesh.world > 1 and "MASTER_ADDR" in os.environ else None
     eval_before = evaluate(run) if r.eval.every and run.start_step == 0 else None
     tasks = TrainingEvals(run) if r.eval.tasks else None
-    tasks_before = _eval_tasks(run, tasks, metrics, 0) if tasks is not None and run.start_step == 0 else None
+    tasks_before = None
+    if tasks is not None and run.start_step == 0:
+        tasks_before = _eval_tasks(run, tasks, metrics, 0)
+        if r.eval.native_rope:
+            tasks_before.update(_eval_tasks(run, tasks, metrics, 0, native=True))
     stopped = 0
     try:
         run.model.train()
@@ -337,6 +341,9 @@ def train(run: Run) -> dict:
             last = step + 1 == r.train.max_steps
             if tasks is not None and (last or (r.eval.tasks_every and (step + 1) % r.eval.tasks_every == 0)):
                 record.update(_eval_tasks(run, tasks, metrics, step + 1))
+                if last:
+                    for folder in tasks.compare():
+                        log.info("eval: %s", folder)
             history.append(record)
             if (step + 1) % r.log.every == 0 or step + 1 == r.train.max_steps:
                 metrics.log(record)
