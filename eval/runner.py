@@ -90,7 +90,7 @@ def parse_lengths(text: str) -> list[int]:
         item = item.strip().lower()
         try:
             out.append(int(float(item[:-1]) * 1024) if item.endswith("k") else int(item))
-        except ValueError:
+        except (ValueError, OverflowError):
             raise EvalError(f"--lengths: {item!r} is not a token count (a number, or with a k suffix: 4k = 4096)") from None
     return out
 
@@ -116,7 +116,7 @@ def read_results(out: Path, settings: Settings | None = None) -> dict:
     path = out / RESULTS
     try:
         results = json.loads(path.read_text())
-        results["settings"], results["cells"]  # noqa: B018 - both must be there
+        results["settings"]["suite"], results["cells"]  # noqa: B018 - both must be there
     except FileNotFoundError:
         raise EvalError(f"{path}: not found (no evaluation was written to {out})") from None
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
@@ -160,7 +160,11 @@ def run(settings: Settings, scorer: Scorer, out: Path, generator: Generator | No
     todo = [c for c in _cells(settings) if c not in done]
     _check(settings, generator, documents, todo)  # before anything is written
     if ranks.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / (RESULTS + ".part")).write_text("")
+        except OSError as e:
+            raise EvalError(f"--out {out}: cannot write there ({e.strerror})") from None
         if todo and done:
             print(f"[longctx] eval: {len(done)} cell(s) already in {out / RESULTS}; {len(todo)} to go", file=sys.stderr)
     bar = _bar(len(todo), settings.suite, progress and ranks.is_main)
@@ -253,13 +257,16 @@ def _k(n: int) -> str:
 def compare(folders: list[Path], out: Path, marks: tuple[int, ...] = ()) -> dict:
     """Several evaluations (their --out folders) on one figure: loss curves at each one's longest
     length, or one heatmap row per model (and task); writes out/compare.json and a PNG."""
+    if out.exists() and not out.is_dir():
+        raise EvalError(f"--out {out}: exists and is not a folder")
     runs = [read_results(Path(f)) for f in folders]
     suites = {r["settings"]["suite"] for r in runs}
     if len(suites) != 1:
         raise EvalError(f"--compare: the folders hold different suites ({', '.join(sorted(suites))}); compare one at a time")
     suite = suites.pop()
     out.mkdir(parents=True, exist_ok=True)
-    names = [r["settings"]["label"] or Path(r["settings"]["model"]).name or f"model {i}" for i, r in enumerate(runs)]
+    names = [r["settings"].get("label") or Path(str(r["settings"].get("model", ""))).name or f"model {i}"
+             for i, r in enumerate(runs)]
     summary = {"suite": suite, "models": []}
     if suite == "ppl":
         series = []

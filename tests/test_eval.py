@@ -27,6 +27,9 @@ CPU = torch.device("cpu")
 
 
 # --- generators ------------------------------------------------------------------------------------
+NEEDLE = re.compile(r" One of the special magic numbers for \w+ is: \d+\.| VAR \w+ = (?:VAR )?\w+\."
+                    r"| The pass key is \d+\. Remember it: \d+ is the pass key\.")
+
 def _haystack(tok) -> np.ndarray:
     text = "In the beginning the earth was without form; and darkness was upon the face of the deep. " * 60
     return np.asarray(tok.encode(text))
@@ -47,12 +50,15 @@ def test_generators_are_seeded_exact_length_and_place_the_needle_at_the_depth(ta
         # the asked needle is where the sample says, decoded from the prompt itself
         needle = tok.decode(s.prompt[s.needle_at:s.needle_at + len(s.needle)])
         assert needle == tok.decode(s.needle) and needle.strip() in text
+        # the filler before the asked needle is depth x the filler, within the snap to a sentence end:
+        # found by decoding (bytes: one token per byte), every needle's sentence taken out
         start, end = s.context
-        if task in (PASSKEY, NIAH, "niah_single"):  # one needle: the filler before it is depth x filler
-            n_fill = end - start - len(s.needle)
-            assert abs((s.needle_at - start) - depth * n_fill) <= SNAP_TOKENS
-            assert tok.decode(s.prompt[start:s.needle_at]).rstrip()[-1:] in ".!?;:" or s.needle_at == start \
-                or abs((s.needle_at - start) - depth * n_fill) <= 0.5
+        before, context = tok.decode(s.prompt[start:s.needle_at]), tok.decode(s.prompt[start:end])
+        n_fill = len(NEEDLE.sub("", context))
+        filler_before = len(NEEDLE.sub("", before))
+        assert abs(filler_before - depth * n_fill) <= SNAP_TOKENS, (filler_before, depth * n_fill)
+        assert len(NEEDLE.findall(context)) == (1 if task in (PASSKEY, NIAH, "niah_single") else 4)
+        assert before.rstrip()[-1:] in ".!?;:" or filler_before == 0 or abs(filler_before - depth * n_fill) <= 0.5
         # the answer is in the prompt's needles
         values = re.findall(r"\d+|[A-Z]{5}", s.answer_text)
         assert values
@@ -125,6 +131,16 @@ def test_scorer_equals_full_logits_and_greedy_decoding():
     assert not scorer.answer(prompt.tolist(), wrong)["exact"]
 
 
+def test_scorer_under_bf16_autocast_follows_fp32():
+    """The trainer's bf16 regime (run.dtype=bf16: autocast): close to the fp32 reference."""
+    model = _tiny()
+    ids = torch.randint(0, 256, (256,), generator=torch.Generator().manual_seed(2))
+    fp32, _ = evaluation.scorer_for(model, mesh_lib.init(CPU), None, 258, None).targets(ids, 0)
+    bf16, _ = evaluation.scorer_for(model, mesh_lib.init(CPU), None, 258, torch.bfloat16).targets(ids, 0)
+    assert not torch.equal(bf16, fp32)  # autocast did run in bf16
+    assert (bf16 - fp32).abs().mean().item() < 0.02 and (bf16 - fp32).abs().max().item() < 0.1
+
+
 def test_loss_by_position_equals_reference_buckets():
     model = _tiny()
     scorer = evaluation.scorer_for(model, mesh_lib.init(CPU), None, 258, None)
@@ -154,10 +170,21 @@ def _configs(world: int) -> list[tuple[int, list[str]]]:
     configs.append((world, ["parallel.attention=token_ring", "memory.policy=memo", "memory.alpha=0.5",
                             "memory.resident_layers=0", "memory.recompute_chunk_tokens=16"]))
     configs.append((world, ["parallel.attention=ring", "memory.policy=full", "memory.recompute_chunk_tokens=16"]))
+    configs.append((world // 2 if world == 4 else 2, ["parallel.attention=ring", "parallel.sharding=fsdp2"]))
     if world == 4:
         configs.append((4, ["parallel.attention=hybrid", "parallel.sp_inner=2", "parallel.hybrid_outer=token_ring"]))
         configs.append((2, ["parallel.attention=token_ring"]))  # dp 2 x sp 2
     return configs
+
+
+def _documents():
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(0, 256, (n,), generator=g).numpy() for n in (300, 650, 330)]
+
+
+PPL = runner.Settings(suite="ppl", lengths=[300], documents=3, bucket=64)
+RULER = dict(suite="ruler", lengths=[640], depths=[0.0, 1.0], samples=3, tasks=["niah_multikey", "variable_tracking"],
+             seed=1)
 
 
 def _inputs():
@@ -175,28 +202,29 @@ def _eval_worker(rank, world, out_root):
         model, _, spa = build_model(recipe, mesh)
         scorer = evaluation.scorer_for(model, mesh, spa, 258, None)
         logp, hit = scorer.targets(ids, 0)
-        settings = runner.Settings(suite="ruler", lengths=[640], depths=[0.0, 1.0], samples=3,
-                                   tasks=["niah_multikey", "variable_tracking"], seed=1)
-        suite = runner.run(settings, scorer, Path(out_root) / f"{world}-{len(results)}", Generator(ByteTokenizer(), None, 1),
-                           ranks=evaluation.ranks_of(mesh), progress=False, draw=False)
-        results.append((logp, hit, scorer.answer(prompt, answer), suite["cells"]))
+        ranks = evaluation.ranks_of(mesh, "parallel.sharding=fsdp2" in overrides)
+        where = Path(out_root) / f"{world}-{len(results)}"
+        suite = runner.run(runner.Settings(**RULER), scorer, where / "ruler", Generator(ByteTokenizer(), None, 1),
+                           ranks=ranks, progress=False, draw=False)
+        ppl = runner.run(PPL, scorer, where / "ppl", documents=_documents(), ranks=ranks, progress=False, draw=False)
+        results.append((logp, hit, scorer.answer(prompt, answer), suite["cells"] + ppl["cells"]))
     return results
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_sequence_parallel_eval_equals_one_process(world, tmp_path):
-    """Per-position log-likelihoods, an answer's log-likelihood and whole RULER cells (samples split
-    over data-parallel groups at dp 2) under every schedule, MEMO and full recompute: one process's
-    within 1e-5."""
+    """Per-position log-likelihoods, an answer's log-likelihood, whole RULER cells and loss by
+    position (samples and windows split over data-parallel groups at dp 2; every group runs every
+    sample under FSDP2, whose forwards are collective over all ranks) under every schedule, MEMO,
+    full recompute and FSDP2: one process's within 1e-5."""
     ids, prompt, answer = _inputs()
     model = _tiny()
     scorer = evaluation.scorer_for(model, mesh_lib.init(CPU), None, 258, None)
     logp, hit = scorer.targets(ids, 0)
     ans = scorer.answer(prompt, answer)
-    settings = runner.Settings(suite="ruler", lengths=[640], depths=[0.0, 1.0], samples=3,
-                               tasks=["niah_multikey", "variable_tracking"], seed=1)
-    cells = runner.run(settings, scorer, tmp_path / "one", Generator(ByteTokenizer(), None, 1), progress=False,
-                       draw=False)["cells"]
+    cells = runner.run(runner.Settings(**RULER), scorer, tmp_path / "one", Generator(ByteTokenizer(), None, 1),
+                       progress=False, draw=False)["cells"]
+    cells += runner.run(PPL, scorer, tmp_path / "one-ppl", documents=_documents(), progress=False, draw=False)["cells"]
     per_rank = _dist.run(_eval_worker, world, str(tmp_path / "sp"))
     for rank_results in per_rank:
         for (sp, overrides), (lp, h, a, c) in zip(_configs(world), rank_results):
@@ -204,10 +232,16 @@ def test_sequence_parallel_eval_equals_one_process(world, tmp_path):
             torch.testing.assert_close(lp, logp, atol=1e-5, rtol=0, msg=what)
             assert torch.equal(h, hit), what
             assert a["answer_logprob"] == pytest.approx(ans["answer_logprob"], abs=1e-5) and a["exact"] == ans["exact"]
-            for got, want in zip(c, cells):
+            assert len(c) == len(cells) == 5, what
+            for got, want in zip(c[:4], cells[:4]):
                 assert got["samples"] == want["samples"] == 3, what
                 for key in ("score", "answer_logprob", "answer_token_logprob", "answer_tokens_right"):
                     assert got[key] == pytest.approx(want[key], abs=1e-5), (what, key)
+            ppl, want = c[4], cells[4]  # three 300-token windows, one per dp group's share
+            assert ppl["documents"] == want["documents"] == 3, what
+            assert [b["tokens"] for b in ppl["by_position"]] == [b["tokens"] for b in want["by_position"]], what
+            assert [b["loss"] for b in ppl["by_position"]] == pytest.approx([b["loss"] for b in want["by_position"]],
+                                                                            abs=1e-5), what
 
 
 # --- the CLI ----------------------------------------------------------------------------------------------
@@ -264,6 +298,7 @@ def test_cli_ppl_and_passkey_write_results_resume_and_compare(tmp_path, tiny_fol
     assert [m["label"] for m in cmp["models"]] == ["tiny-model", "other"]
     assert (tmp_path / "cmp" / cmp["figure"]).stat().st_size > 1000
     assert _eval("ppl", "--compare", ppl, keys, "--out", tmp_path / "cmp2") == 2  # different suites
+    assert _eval("ppl", "--compare", ppl, second, "--out", tmp_path / "ppl" / "results.json") == 2  # a file
 
 
 @pytest.mark.parametrize("args, message", [
@@ -276,10 +311,16 @@ def test_cli_ppl_and_passkey_write_results_resume_and_compare(tmp_path, tiny_fol
     (["passkey", "{model}", "--set", "parallel.attention=sideways"], "parallel.attention='sideways'"),
     (["passkey", "{model}", "--sp", "2"], "--sp 2"),
     (["passkey"], "give a MODEL"),
+    (["passkey", "{model}", "--lengths", "infk"], "--lengths: 'infk' is not a token count"),
+    (["passkey", "{model}", "--lengths", "320", "--out", "{file}/sub"], "cannot write there"),
+    (["passkey", "{model}", "--set", "parallel.sharding=deepspeed"], "evaluation runs unsharded or under fsdp2"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(args, message, tmp_path, tiny_folder, capsys):
-    argv = [a.format(model=tiny_folder, tmp=tmp_path) for a in args]
-    assert _eval(*argv, "--set", "data.max_documents=4", "--out", tmp_path / "out") == 2
+    (tmp_path / "a-file").write_text("not a folder")
+    argv = [a.format(model=tiny_folder, tmp=tmp_path, file=tmp_path / "a-file") for a in args]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    assert _eval(*argv, "--set", "data.max_documents=4") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "out" / "results.json").exists()
@@ -307,7 +348,7 @@ def test_eval_tasks_run_before_and_after_training_and_log(tmp_path, monkeypatch)
     run = build(schema.load(TINY, [f"run.dir={tmp_path / 'run'}", *EVAL_RUN, "eval.tasks_every=1", "log.wandb=true"]))
     history = train(run)["history"]
     folder = tmp_path / "run" / "eval"
-    assert sorted(p.name for p in folder.iterdir()) == ["step-0", "step-1", "step-2"]
+    assert sorted(p.name for p in folder.iterdir()) == ["compare", "step-0", "step-1", "step-2"]
     for step in ("step-0", "step-2"):
         for suite in ("passkey", "ppl", "ruler"):
             results = json.loads((folder / step / suite / "results.json").read_text())
@@ -376,3 +417,38 @@ def test_torchrun_eval_cli_and_training_evals_with_sp_equal_one_process(tmp_path
         assert len(keys) == 5 and all(k in two for k in keys)
         for k in keys:
             assert two[k] == pytest.approx(one[k], abs=1e-5), k
+
+
+NATIVE_RUN = ["train.max_steps=2", "eval.tasks=[ppl]", "eval.lengths=[640]", "data.eval_fraction=0.25",
+              "data.max_documents=8", "log.wandb=false"]
+
+
+def test_native_rope_is_the_starting_weights_with_their_own_rope(tmp_path):
+    """eval.native_rope evaluates the same weights with the model's config RoPE: what a run without
+    the recipe's RoPE scaling gets at step 0, and not what the scaled one gets; all three on one
+    figure; an eval folder of other settings is set aside, not mixed in; run.overwrite deletes eval/."""
+    scaled = build(schema.load(TINY, [f"run.dir={tmp_path / 'a'}", *NATIVE_RUN, "model.rope.type=linear",
+                                      "model.rope.factor=8", "eval.native_rope=true"]))
+    history = train(scaled)["history"]
+    plain = train(build(schema.load(TINY, [f"run.dir={tmp_path / 'b'}", *NATIVE_RUN])))["history"]
+    native, before = history[0]["eval_native_rope/ppl/score"], history[0]["eval_before/ppl/score"]
+    assert native == pytest.approx(plain[0]["eval_before/ppl/score"], abs=1e-6)
+    assert abs(native - before) > 2e-5  # a random model barely uses positions: 50x the tolerance above
+    cmp = json.loads((tmp_path / "a" / "eval" / "compare" / "ppl" / "compare.json").read_text())
+    assert [m["label"] for m in cmp["models"]] == ["step 0, native RoPE", "step 0", "step 2"]
+    assert scaled.model.config.rope.type == "linear"  # restored after the native pass
+
+    # a folder of other settings at a step the run evaluates: renamed beside it
+    tasks = evaluation.TrainingEvals(scaled)
+    other = tmp_path / "a" / "eval" / "step-7" / "ppl"
+    other.mkdir(parents=True)
+    (other / "results.json").write_text(json.dumps({"settings": {"suite": "ppl", "lengths": [9]}, "cells": []}))
+    numbers, _ = tasks(7)
+    assert numbers["eval/ppl/score@640"] == pytest.approx(history[-1]["eval/ppl/score@640"], abs=1e-6)
+    aside = list(other.parent.glob("ppl.replaced-*"))
+    assert len(aside) == 1 and json.loads((aside[0] / "results.json").read_text())["settings"]["lengths"] == [9]
+
+    train(build(schema.load(TINY, [f"run.dir={tmp_path / 'a'}", *NATIVE_RUN, "run.overwrite=true"])))
+    assert sorted(p.name for p in (tmp_path / "a" / "eval").iterdir()) == ["compare", "step-0", "step-2"]
+    cmp = json.loads((tmp_path / "a" / "eval" / "compare" / "ppl" / "compare.json").read_text())
+    assert [m["label"] for m in cmp["models"]] == ["step 0", "step 2"]  # the new run's own

@@ -435,10 +435,11 @@ def settle_run_folder(run: Run, folder: RunFolder) -> None:
     run_dir = run.run_dir
     if run.mesh.is_main:
         if folder.replace:
-            for name in ("checkpoints", "export"):
+            for name in ("checkpoints", "export", "eval"):
                 shutil.rmtree(run_dir / name, ignore_errors=True)
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-            log.warning("run.overwrite: deleted the earlier run's checkpoints, metrics and export in %s", run_dir)
+            log.warning("run.overwrite: deleted the earlier run's checkpoints, metrics, evaluations and export in %s",
+                        run_dir)
         if run.recipe.train.resume not in ("none", "auto"):
             for step in ckpt.step_folders(run_dir / "checkpoints"):
                 if ckpt._step_of(step) > run.start_step and ckpt.run_id_of(step) == folder.run_id:
@@ -492,6 +493,14 @@ def build(recipe: Recipe) -> Run:
                           tokenizer_dir, model.config.vocab_size)
         if why:
             raise RecipeError(f"eval.lengths={list(recipe.eval.lengths) or [longest]}: {why}")
+        if "ppl" in recipe.eval.tasks:
+            lengths = list(recipe.eval.lengths) or [longest]
+            store = token_store(recipe, load_tokenizer(recipe.model.tokenizer, tokenizer_dir), mesh)
+            held, _ = held_out_split(store.num_documents, recipe.run.seed, recipe.data.eval_fraction)
+            have = max((len(store.document(int(i))) for i in held), default=0)
+            if have < max(lengths):
+                raise RecipeError(f"eval.lengths={lengths}: ppl reads held-out documents and the longest has {have} "
+                                  "tokens; lower the lengths or raise data.eval_fraction")
     t = recipe.train
     optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
     scheduler = build_scheduler(optimizer, t.max_steps, t.warmup_steps, t.min_lr_ratio)

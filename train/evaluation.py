@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,10 +38,10 @@ def training_forward(model, mesh: mesh_lib.Mesh, sp_attention, pad_id: int, auto
         positions, seq_len = torch.arange(S, device=mesh.device)[None], None
         if sp_attention is not None:
             sp = mesh.sp_world
-            seq_len = layout.padded_length(S, sp)
-            sp_attention.set_step(sp, seq_len, rows=1)
+            sp_attention.set_step(sp, layout.padded_length(S, sp), rows=1)
             ids, positions, _ = layout.split_batch(ids, torch.full_like(ids, layout.IGNORE_INDEX), mesh.sp_rank, sp,
                                                    pad_id)
+            seq_len = S  # the sequence's own length (dynamic RoPE's), as one process has it
         autocast = (torch.autocast(mesh.device.type, dtype=autocast_dtype) if autocast_dtype is not None
                     else torch.autocast(mesh.device.type, enabled=False))
         with torch.no_grad(), autocast:
@@ -50,20 +51,28 @@ def training_forward(model, mesh: mesh_lib.Mesh, sp_attention, pad_id: int, auto
     return forward
 
 
-def output_weight(model) -> torch.Tensor:
-    """The loss head's weight, whole (gathered when FSDP2 holds it sharded: every rank calls)."""
+def output_weight(model, device: torch.device) -> torch.Tensor:
+    """The loss head's weight, whole, on `device` (gathered when FSDP2 holds it sharded: every rank
+    calls; FSDP2's cpu_offload keeps the shard on the host, so it moves first)."""
     w = model.output_weight
-    return w.full_tensor() if hasattr(w, "full_tensor") else w
+    if hasattr(w, "full_tensor"):
+        return w.to(device).full_tensor()
+    return w.to(device)
 
 
 def scorer_for(model, mesh: mesh_lib.Mesh, sp_attention, pad_id: int, autocast_dtype) -> Scorer:
-    return Scorer(training_forward(model, mesh, sp_attention, pad_id, autocast_dtype), lambda: output_weight(model),
-                  mesh.sp_group if sp_attention is not None else None)
+    return Scorer(training_forward(model, mesh, sp_attention, pad_id, autocast_dtype),
+                  lambda: output_weight(model, mesh.device), mesh.sp_group if sp_attention is not None else None)
 
 
-def ranks_of(mesh: mesh_lib.Mesh) -> Ranks:
-    return Ranks(mesh.dp_rank, mesh.dp_world, dist.group.WORLD if mesh.world > 1 else None, mesh.sp_rank == 0,
-                 mesh.is_main)
+def ranks_of(mesh: mesh_lib.Mesh, sharded: bool = False) -> Ranks:
+    """How the ranks share a cell. `sharded` (FSDP2 holds the weights over every rank, so each
+    forward is collective over the world): every data-parallel group runs every sample (the same
+    forwards in the same order everywhere) and only the first group's first rank contributes."""
+    group = dist.group.WORLD if mesh.world > 1 else None
+    if sharded:
+        return Ranks(0, 1, group, mesh.sp_rank == 0 and mesh.dp_rank == 0, mesh.is_main)
+    return Ranks(mesh.dp_rank, mesh.dp_world, group, mesh.sp_rank == 0, mesh.is_main)
 
 
 def eval_tokenizer(kind: str, model_dir: Path | None, vocab_size: int):
@@ -85,10 +94,17 @@ class EvalData:
     def documents(self) -> list[np.ndarray]:
         return [np.asarray(self.store.document(int(i))) for i in self.held_out]
 
-    def haystack(self) -> np.ndarray:
-        docs = [np.asarray(self.store.document(int(i))) for i in [*self.held_out, *self.others]]
-        stream = np.concatenate(docs).astype(np.int64)
-        return stream[stream != self.eos] if self.eos is not None else stream
+    def haystack(self, tokens: int) -> np.ndarray:
+        """About `tokens` of text (whole documents until there are that many): the held-out ones
+        first, then the others."""
+        docs, total = [], 0
+        for i in [*self.held_out, *self.others]:
+            doc = np.asarray(self.store.document(int(i)), dtype=np.int64)
+            docs.append(doc[doc != self.eos] if self.eos is not None else doc)
+            total += len(docs[-1])
+            if total >= tokens:
+                break
+        return np.concatenate(docs) if docs else np.zeros(0, dtype=np.int64)
 
 
 def run_suite(suite: str, settings: Settings, scorer: Scorer, tokenizer, data: EvalData, out: Path, ranks: Ranks,
@@ -97,7 +113,8 @@ def run_suite(suite: str, settings: Settings, scorer: Scorer, tokenizer, data: E
         if suite == "ppl":
             return runner.run(settings, scorer, out, documents=data.documents(), ranks=ranks, device=device,
                               progress=progress)
-        generator = Generator(tokenizer, data.haystack(), seed=settings.seed)
+        # the haystack: a few times the longest context, so samples start at different places
+        generator = Generator(tokenizer, data.haystack(4 * max(settings.lengths)), seed=settings.seed)
         return runner.run(settings, scorer, out, generator=generator, ranks=ranks, device=device, progress=progress)
     except TaskError as e:
         raise EvalError(str(e)) from None
@@ -120,12 +137,13 @@ def eval_command(args) -> int:
         suite=args.suite, lengths=runner.parse_lengths(args.lengths), depths=runner.parse_depths(args.depths),
         samples=args.samples, seed=args.seed, tasks=args.tasks.split(",") if args.tasks else [],
         documents=args.documents, bucket=args.bucket, label=args.label or "", model=args.model,
-        overrides=list(args.set or []))
+        overrides=[f"data.source={args.source}", f"data.eval_fraction={args.held_out}", *(args.set or [])])
     if (out / runner.RESULTS).exists():
         runner.read_results(out, settings)  # other settings: refused before any work
-    recipe = schema.load(None, [f"model.path={args.model}", f"parallel.sp_degree={args.sp}",
-                                f"data.source={args.source}", f"data.eval_fraction={args.held_out}",
-                                f"run.seed={args.seed}", "log.wandb=false", *settings.overrides])
+    recipe = schema.load(None, [f"model.path={args.model}", f"parallel.sp_degree={args.sp}", f"run.seed={args.seed}",
+                                "log.wandb=false", *settings.overrides])
+    if recipe.parallel.sharding == "deepspeed":
+        raise EvalError("--set parallel.sharding=deepspeed: evaluation runs unsharded or under fsdp2")
     allocator_settings(recipe)
     from ..kernels.capability import default_device
 
@@ -150,7 +168,8 @@ def eval_command(args) -> int:
         data = EvalData(store, held, others, getattr(tokenizer, "eos_token_id", None))
         scorer = scorer_for(model, mesh, sp_attention, _pad_id(tokenizer),
                             torch.bfloat16 if recipe.run.dtype == "bf16" else None)
-        results = run_suite(args.suite, settings, scorer, tokenizer, data, out, ranks_of(mesh), mesh.device)
+        results = run_suite(args.suite, settings, scorer, tokenizer, data, out,
+                            ranks_of(mesh, recipe.parallel.sharding == "fsdp2"), mesh.device)
         if mesh.is_main:
             print(json.dumps(_summary(results, out)))
     finally:
@@ -213,12 +232,16 @@ class TrainingEvals:
             model.config = self.run.native_config
         try:
             for suite in r.eval.tasks:
+                # what the cells depend on besides the step: the run (its weights) and the RoPE in use
                 settings = Settings(suite=suite, lengths=self.lengths, depths=list(r.eval.depths),
                                     samples=r.eval.samples, seed=r.run.seed, documents=r.eval.documents, label=label,
-                                    model=str(self.run.run_dir))
+                                    model=f"{self.run.run_dir} (run {self.run.run_id})",
+                                    overrides=[f"rope={model.config.rope}", f"data.source={r.data.source}",
+                                               f"data.eval_fraction={r.data.eval_fraction}"])
                 out = self.run.run_dir / "eval" / name / suite
-                results = run_suite(suite, settings, self.scorer, self.tokenizer, self.data(), out, ranks_of(mesh),
-                                    mesh.device, progress=False)
+                self._set_aside_other(out, settings)
+                results = run_suite(suite, settings, self.scorer, self.tokenizer, self.data(), out,
+                                    ranks_of(mesh, r.parallel.sharding == "fsdp2"), mesh.device, progress=False)
                 cells = results["cells"]
                 metrics[f"{prefix}/{suite}/score"] = float(np.mean([c["score"] for c in cells]))
                 for n in settings.lengths:
@@ -237,6 +260,20 @@ class TrainingEvals:
         model.train()
         return metrics, done
 
+    def _set_aside_other(self, out: Path, settings: Settings) -> None:
+        """Results of other settings in `out` (the run resumed with other eval.* keys): renamed
+        beside it, never mixed in or lost; every rank waits for the rename."""
+        mesh = self.run.mesh
+        if mesh.is_main and (out / runner.RESULTS).exists():
+            try:
+                runner.read_results(out, settings)
+            except EvalError as e:
+                aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+                out.rename(aside)
+                log.warning("eval: %s: set aside as %s (%s)", out, aside.name, e)
+        if mesh.world > 1:
+            dist.barrier()
+
     def compare(self) -> list[Path]:
         """The run's evaluations side by side (native RoPE, the first, the last) in eval/compare/SUITE/."""
         root = self.run.run_dir / "eval"
@@ -251,7 +288,11 @@ class TrainingEvals:
         made = []
         for suite in self.run.recipe.eval.tasks:
             out = root / "compare" / suite
-            runner.compare([f / suite for f in folders], out, marks=marks)
+            try:
+                runner.compare([f / suite for f in folders], out, marks=marks)
+            except (EvalError, OSError) as e:  # a figure is not worth the run's end (final checkpoint, export)
+                log.warning("eval: no comparison figure for %s: %s", suite, e)
+                continue
             made.append(out)
         return made
 
