@@ -33,11 +33,13 @@ def _length_label(n: int) -> str:
 def heatmaps(panels: list[tuple[str, list[dict]]], path: Path, title: str) -> Path:
     """One row per panel (a model or a task): exact match and the answer's mean token log-prob."""
     plt = _pyplot()
-    fig, axes = plt.subplots(len(panels), 2, figsize=(11, 3.2 * len(panels) + 0.6), squeeze=False)
+    fig, axes = plt.subplots(len(panels), 2, figsize=(11, 2.4 * len(panels) + 0.8), squeeze=False)
+    # one colour scale per column, shared by every panel, so models compare by colour too
+    floor = min((c["answer_token_logprob"] for _, cells in panels for c in cells), default=-1.0)
     for row, (name, cells) in enumerate(panels):
         for col, (key, label, vmin, vmax, cmap) in enumerate((
                 ("score", "exact match", 0.0, 1.0, "RdYlGn"),
-                ("answer_token_logprob", "answer log p per token", None, 0.0, "viridis"))):
+                ("answer_token_logprob", "answer log p per token", min(floor, -1e-3), 0.0, "viridis"))):
             ax = axes[row][col]
             lengths, depths, grid = _grid(cells, key)
             im = ax.imshow(grid, aspect="auto", origin="upper", cmap=cmap, vmin=vmin, vmax=vmax)
@@ -48,7 +50,9 @@ def heatmaps(panels: list[tuple[str, list[dict]]], path: Path, title: str) -> Pa
             ax.set_title(f"{name}: {label}", fontsize=9)
             for (i, j), v in np.ndenumerate(grid):
                 if np.isfinite(v):
-                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+                    r, g, b, _ = im.cmap(im.norm(v))
+                    dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color="white" if dark else "black")
             fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(title)
     fig.tight_layout()

@@ -435,7 +435,7 @@ def test_native_rope_is_the_starting_weights_with_their_own_rope(tmp_path):
     assert native == pytest.approx(plain[0]["eval_before/ppl/score"], abs=1e-6)
     assert abs(native - before) > 2e-5  # a random model barely uses positions: 50x the tolerance above
     cmp = json.loads((tmp_path / "a" / "eval" / "compare" / "ppl" / "compare.json").read_text())
-    assert [m["label"] for m in cmp["models"]] == ["step 0, native RoPE", "step 0", "step 2"]
+    assert [m["label"] for m in cmp["models"]] == ["step 0, the model's own RoPE", "step 0, before training", "step 2"]
     assert scaled.model.config.rope.type == "linear"  # restored after the native pass
 
     # a folder of other settings at a step the run evaluates: renamed beside it
@@ -451,4 +451,4 @@ def test_native_rope_is_the_starting_weights_with_their_own_rope(tmp_path):
     train(build(schema.load(TINY, [f"run.dir={tmp_path / 'a'}", *NATIVE_RUN, "run.overwrite=true"])))
     assert sorted(p.name for p in (tmp_path / "a" / "eval").iterdir()) == ["compare", "step-0", "step-2"]
     cmp = json.loads((tmp_path / "a" / "eval" / "compare" / "ppl" / "compare.json").read_text())
-    assert [m["label"] for m in cmp["models"]] == ["step 0", "step 2"]  # the new run's own
+    assert [m["label"] for m in cmp["models"]] == ["step 0, before training", "step 2"]  # the new run's own

@@ -224,7 +224,7 @@ class TrainingEvals:
         r, mesh = self.run.recipe, self.run.mesh
         metrics, done = {}, []
         name = f"step-{step}" + ("-native-rope" if native else "")
-        label = f"step {step}" + (", native RoPE" if native else "")
+        label = f"step {step}" + (", the model's own RoPE" if native else ", before training" if step == 0 else "")
         prefix = "eval_native_rope" if native else "eval"
         model = self.run.model
         config = model.config
