@@ -22,11 +22,11 @@ from ..eval import runner
 from ..eval.runner import EvalError, Ranks, Settings
 from ..eval.score import Scorer
 from ..eval.tasks import Generator, TaskError
+from ..models.hf import TOKENIZER_FILES
 from ..parallel import layout
 from ..parallel import mesh as mesh_lib
 
 log = logging.getLogger("longctx")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def training_forward(model, mesh: mesh_lib.Mesh, sp_attention, pad_id: int, autocast_dtype):
@@ -78,7 +78,7 @@ def ranks_of(mesh: mesh_lib.Mesh, sharded: bool = False) -> Ranks:
 def eval_tokenizer(kind: str, model_dir: Path | None, vocab_size: int):
     """model.tokenizer; `auto` on a folder without tokenizer files (or a random init) whose vocabulary
     is the byte tokenizer's: the byte tokenizer (the tiny test models)."""
-    has_files = model_dir is not None and any((Path(model_dir) / f).is_file() for f in TOKENIZER_FILES)
+    has_files = model_dir is not None and any((Path(model_dir) / f).is_file() for f in TOKENIZER_FILES[:5])
     if kind == "auto" and not has_files and vocab_size == ByteTokenizer.vocab_size:
         return ByteTokenizer()
     return load_tokenizer(kind, model_dir)
@@ -124,7 +124,7 @@ def run_suite(suite: str, settings: Settings, scorer: Scorer, tokenizer, data: E
 def eval_command(args) -> int:
     """`longctx eval SUITE MODEL --lengths ... --out DIR` (or `--compare DIR ...`)."""
     from ..recipes import schema
-    from .build import allocator_settings, build_model, held_out_split, token_store
+    from .build import _pad_id, allocator_settings, build_model, held_out_split, token_store
 
     out = Path(args.out)
     if args.compare:
@@ -175,11 +175,6 @@ def eval_command(args) -> int:
     finally:
         mesh_lib.destroy()
     return 0
-
-
-def _pad_id(tokenizer) -> int:
-    pad = getattr(tokenizer, "pad_token_id", None)
-    return pad if pad is not None else 0
 
 
 def _summary(results: dict, out: Path) -> dict:
