@@ -194,6 +194,10 @@ class Setting:
     cpu_offload: bool = False
     fsdp_param_bf16: bool = False
     arena: bool = False  # memory.arena: attention's whole-sequence buffers by query tiles in one persistent buffer
+    # memory.elimination (LeMo): the fraction of the tokens each layer runs on (None: every token
+    # everywhere). A layer's saved bytes scale with it, its linear work too and its attention with
+    # its square; an eliminating layer also scores its blocks exactly (one non-causal QK^T).
+    elimination_keep: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -293,6 +297,16 @@ def layer_forward_flops(m: ModelShape, tokens: int, seq_len: int) -> float:
     return 2.0 * m.params_per_layer() * tokens + 2.0 * tokens * seq_len * m.heads * m.head_dim
 
 
+def elimination_flops(m: ModelShape, tokens: int, seq_len: int, keep: float) -> float:
+    """Forward FLOPs of a layer that keeps `keep` of its tokens: linear work on the kept tokens,
+    causal attention among them, and the exact block score of every token (the q and k
+    projections and a non-causal QK^T against the whole sequence)."""
+    if keep >= 1.0:
+        return layer_forward_flops(m, tokens, seq_len)
+    score = 2.0 * tokens * m.hidden * (m.heads + m.kv_heads) * m.head_dim + 2.0 * tokens * seq_len * m.heads * m.head_dim
+    return layer_forward_flops(m, round(keep * tokens), round(keep * seq_len)) + score
+
+
 def estimate(m: ModelShape, s: Setting) -> Estimate:
     P = m.params()
     world_dp = s.dp
@@ -315,6 +329,8 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
     else:
         alpha, binding = (1.0 if s.policy == "none" else 0.0), s.policy
         per_layer = saved_bytes_per_token_layer(m, s.autocast, s.policy, 0.0, s.kept_inputs_in_compute_dtype)
+    keep = s.elimination_keep or (1.0,) * m.layers
+    per_layer *= sum(keep) / len(keep)  # eliminated tokens save nothing in that layer (the mean over layers)
     host_tier = s.policy == "memo" and s.tier == "host"
     # Blocks whose saved activations are live at the peak, and segment inputs kept besides them
     # (offload.segment): all blocks without segments.
@@ -421,7 +437,7 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
     }
     phases = {name: sum(p.values()) for name, p in parts.items()}
     # step time: fwd (1) + bwd (2) + recomputed forward work
-    fwd = m.layers * layer_forward_flops(m, tokens, s.seq_len) + 2.0 * tokens * m.hidden * m.vocab
+    fwd = sum(elimination_flops(m, tokens, s.seq_len, k) for k in keep) + 2.0 * tokens * m.hidden * m.vocab
     if s.policy == "full":
         extra = m.layers * layer_forward_flops(m, tokens, s.seq_len)
     elif s.policy == "memo":

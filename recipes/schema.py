@@ -133,6 +133,21 @@ class ParallelRecipe:
 
 
 @dataclass(kw_only=True)
+class EliminationRecipe:
+    keep_ratio: float | list[float] = _f(
+        1.0, "LeMo token elimination (arXiv 2501.09767): fraction of the token blocks an eliminating layer keeps; the others skip that layer (attention and, with skip_mlp, the MLP) and pass on the residual. 1 = off; a list gives one ratio per layer.", gt=0.0, le=1.0
+    )
+    dense_layers: list[int] | Literal["auto"] = _f(
+        "auto", "Layers that never eliminate; auto = the first num_layers // 2 - 1 layers and the last (the LeMo artifact's 0-14 and 31 of Llama's 32)."
+    )
+    block_tokens: int = _f(64, "Tokens per scored block (the artifact's 64): blocks are kept or eliminated whole.", gt=0)
+    source: Literal["exact"] = _f(
+        "exact", "Where the block scores come from: exact = the attention a block receives, sum over query blocks of the tile max of sum_h ReLU(q k), computed in tiles (sequence parallel: one all-gather of keys, one all-reduce of scores)."
+    )
+    skip_mlp: bool = _f(True, "Eliminated tokens also skip the layer's MLP (LeMo); false = only attention is sparse (needs memory.policy: none).")
+
+
+@dataclass(kw_only=True)
 class MemoryRecipe:
     policy: Literal["none", "full", "memo"] = _f(
         "none",
@@ -152,6 +167,7 @@ class MemoryRecipe:
     host_memory_gib: float | None = _f(None, "memo auto: host memory per node for activations (null = 80% of this machine's RAM).", gt=0)
     link_gbps: float | None = _f(None, "memo auto: device<->host copy bandwidth in GB/s (null = 25 on CUDA, 5 on CPU).", gt=0)
     device_tflops: float | None = _f(None, "memo auto: sustained TFLOP/s for a layer's time (null = 300 on CUDA, 0.05 on CPU).", gt=0)
+    elimination: EliminationRecipe = field(default_factory=EliminationRecipe)
 
 
 @dataclass(kw_only=True)
@@ -425,6 +441,12 @@ def _no_effect(r: Recipe, problems: list[str], set_keys: set[str]) -> None:
     if "parallel.hybrid_outer" in set_keys and p.attention != "hybrid":
         problems.append(f"parallel.hybrid_outer={p.hybrid_outer!r}: has no effect with parallel.attention="
                         f"{p.attention!r} (only with hybrid; auto picks the outer schedule itself); remove it")
+    el = r.memory.elimination
+    if el.keep_ratio == 1.0:
+        for key in ("dense_layers", "block_tokens", "source", "skip_mlp"):
+            if f"memory.elimination.{key}" in set_keys:
+                problems.append(f"memory.elimination.{key}={getattr(el, key)!r}: has no effect with "
+                                "memory.elimination.keep_ratio=1 (elimination off); set a keep_ratio below 1 or remove it")
     if not r.eval.tasks:
         for key in ("lengths", "depths", "samples", "documents", "tasks_every", "native_rope"):
             if f"eval.{key}" in set_keys:
@@ -458,6 +480,14 @@ def _cross_checks(r: Recipe, problems: list[str]) -> None:
         problems.append(
             f"train.batch_size={r.train.batch_size}: must be a multiple of train.grad_accum={r.train.grad_accum}"
         )
+    el = r.memory.elimination
+    if isinstance(el.keep_ratio, list) and (not el.keep_ratio or any(not 0.0 < k <= 1.0 for k in el.keep_ratio)):
+        problems.append(f"memory.elimination.keep_ratio={el.keep_ratio}: expected fractions in (0, 1], one per layer")
+    if isinstance(el.dense_layers, list) and any(i < 0 for i in el.dense_layers):
+        problems.append(f"memory.elimination.dense_layers={el.dense_layers}: expected layer numbers >= 0, or auto")
+    if not el.skip_mlp and r.memory.policy != "none":
+        problems.append(f"memory.elimination.skip_mlp=false: runs the MLP of every token outside the {r.memory.policy!r} "
+                        "block; use it with memory.policy: none, or keep skip_mlp: true")
     e = r.eval
     if any(not 0.0 <= d <= 1.0 for d in e.depths) or not e.depths:
         problems.append(f"eval.depths={e.depths}: expected one or more fractions of the context in [0, 1]")

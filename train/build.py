@@ -29,7 +29,7 @@ from ..data.tokenize import TokenStore, load_tokenizer, tokenize_to_cache
 from ..kernels.attention import LocalAttention, check_kernel_available, resolve_kernel
 from ..kernels.capability import default_device
 from ..kernels.loss import linear_cross_entropy, resolve_impl
-from ..memory import offload
+from ..memory import elimination, offload
 from ..memory.arena import Arena
 from ..memory.estimate import GiB, ModelShape, layer_bytes, offloaded_host_bytes
 from ..memory.offload import FULL_RECOMPUTE, HostPool
@@ -178,6 +178,8 @@ def build_model(recipe: Recipe, mesh: mesh_lib.Mesh) -> tuple[CausalLM, Path | N
         raise RecipeError(f"parallel.attention_kernel={kernel!r}: {why_not}; use auto")
     # Features are applied in this fixed order (DESIGN.md "The step"): SP attention, token
     # elimination, offload/recompute, compile, FSDP/ZeRO. Only those built so far appear here.
+    # Elimination decides which tokens a block sees, so it wraps the block outermost: it is
+    # applied after offload/recompute has wrapped the block, whose work then covers the kept tokens.
     attention = LocalAttention(kernel)
     sp_attention = None
     if mesh.sp_world > 1:
@@ -191,6 +193,7 @@ def build_model(recipe: Recipe, mesh: mesh_lib.Mesh) -> tuple[CausalLM, Path | N
         load_weights(model, model_dir)
     model = model.to(mesh.device)
     model.memory = apply_memory(model, recipe, mesh, sp_attention)
+    apply_elimination(model, recipe, sp_attention)
     if recipe.parallel.sharding == "fsdp2":
         try:
             sharding.fully_shard_model(
@@ -305,6 +308,21 @@ def apply_memory(model: CausalLM, recipe: Recipe, mesh: mesh_lib.Mesh,
         swapped = i < len(layers) - m.resident_layers
         offload.wrap(layer, planner.for_layer(i) if swapped else resident, pool, m.recompute_chunk_tokens, arena)
     return planner
+
+
+def apply_elimination(model: CausalLM, recipe: Recipe, sp_attention: SequenceParallelAttention | None) -> None:
+    """memory.elimination (LeMo): wraps the eliminating blocks around what apply_memory made of them,
+    so the block's recompute/offload runs on the kept tokens only (memory/elimination.py);
+    model.elimination lists them (empty when off)."""
+    e, n = recipe.memory.elimination, model.config.num_layers
+    model.elimination = []
+    if isinstance(e.keep_ratio, list) and len(e.keep_ratio) != n:
+        raise RecipeError(f"memory.elimination.keep_ratio: lists {len(e.keep_ratio)} ratios; the model has {n} layers")
+    if isinstance(e.dense_layers, list) and any(i >= n for i in e.dense_layers):
+        raise RecipeError(f"memory.elimination.dense_layers={e.dense_layers}: the model's layers are 0-{n - 1}")
+    policy = elimination.Elimination.of(n, e.keep_ratio, e.dense_layers, e.block_tokens, e.skip_mlp)
+    if policy.active:
+        elimination.apply(model, policy, sp_attention)
 
 
 def build_data(recipe: Recipe, model_dir: Path | None, mesh: mesh_lib.Mesh, vocab_size: int):
@@ -626,5 +644,16 @@ def plan_inputs(recipe: Recipe) -> tuple[ModelShape, dict]:
         "resident_layers": m.resident_layers, "recompute_num_layers": m.recompute_num_layers,
         "recompute_chunk_tokens": m.recompute_chunk_tokens, "loss": "reference" if recipe.loss.impl == "reference" else "cce",
         "cpu_offload": recipe.parallel.cpu_offload, "fsdp_param_bf16": recipe.parallel.fsdp_param_dtype == "bf16",
-        "arena": m.arena,
+        "arena": m.arena, "elimination_keep": elimination_keep(recipe),
     }
+
+
+def elimination_keep(recipe: Recipe) -> tuple[float, ...] | None:
+    """Per layer, the share of tokens memory.elimination keeps (None when off), for the memory model."""
+    e = recipe.memory.elimination
+    if e.keep_ratio == 1.0:
+        return None
+    n = shape_of(recipe).layers
+    if isinstance(e.keep_ratio, list) and len(e.keep_ratio) != n:
+        raise RecipeError(f"memory.elimination.keep_ratio: lists {len(e.keep_ratio)} ratios; the model has {n} layers")
+    return elimination.Elimination.of(n, e.keep_ratio, e.dense_layers, e.block_tokens, e.skip_mlp).keep

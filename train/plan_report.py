@@ -42,7 +42,7 @@ def setting_for(r: dict, gpus: int, gpu_mem: float, host_mem: float, gpus_per_no
         loss_tile_tokens=r.get("loss_tile_tokens", r["recompute_chunk_tokens"]),
         attention_by_rows=r.get("attention_by_rows", True),
         cpu_offload=r.get("cpu_offload", False), fsdp_param_bf16=r.get("fsdp_param_bf16", False),
-        arena=r.get("arena", False),
+        arena=r.get("arena", False), elimination_keep=r.get("elimination_keep"),
     )
 
 

