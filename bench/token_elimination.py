@@ -16,6 +16,7 @@ The LeMo pattern predictors are not built yet: `predictor_recall_min` is absent 
 Prints one JSON object per case, then the summary (dense / LeMo ratios per length).
 
   python -m longctx.bench.token_elimination [--lengths 8192,16384] [--steps 3] [--policy none]
+  python -m longctx.bench.token_elimination --quality 2048 --eval-windows 2   # how blocks are chosen
 """
 
 from __future__ import annotations
@@ -64,8 +65,10 @@ def _case(variant: str, length: int, steps: int, policy: str, eval_windows: int)
 
     overrides = [f"memory.policy={policy}", "run.dtype=bf16", "model.rope.type=yarn", "model.rope.factor=2.0",
                  f"model.max_seq_len={max(length, 8192)}"]
-    if variant == "lemo_exact":
+    if variant.startswith("lemo_exact"):
         overrides += [f"memory.elimination.keep_ratio={KEEP}", f"memory.elimination.block_tokens={BLOCK}"]
+    if variant == "lemo_exact_attention":  # eliminated tokens still go through the MLP (the artifact's code)
+        overrides += ["memory.elimination.skip_mlp=false"]
     recipe = schema.load(None, overrides)
     model, _, _ = build_model(recipe, Mesh(0, 1, 0, 1, None, torch.device("cpu")))
     train_rows = _rows(length, steps + 1, held_out=False)
@@ -108,11 +111,66 @@ def _case(variant: str, length: int, steps: int, policy: str, eval_windows: int)
            "held_out_loss": None, "held_out_loss_dense": None, "kept_ratio_per_layer": kept,
            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
            "threads": torch.get_num_threads()}
-    out["held_out_loss"] = round(held_out_loss(), 5)
-    for lay in getattr(model, "elimination", []):  # the same weights, dense
-        lay.block.forward = lay.inner
-    out["held_out_loss_dense"] = round(held_out_loss(), 5)
+    out["held_out_loss_dense"] = round(held_out_loss(), 5)  # eval mode: the model runs dense, as exported
+    for lay in getattr(model, "elimination", []):
+        lay.in_eval = True
+    out["held_out_loss"] = round(held_out_loss(), 5)  # the same weights, eliminating
     return out
+
+
+def _received_attention(model, lay, x):
+    """Oracle scores: the causal softmax attention each key block actually receives in this layer
+    (post-RoPE, summed over heads and queries; dense S x S, so short lengths only)."""
+    import torch
+
+    B, S, _ = x.shape
+    cos, sin = model.rope_cos_sin(torch.arange(S)[None], torch.float32)
+    q, k, _ = lay.block.self_attn.qkv(lay.block.input_layernorm(x.float()), cos, sin)
+    k = k.repeat_interleave(q.shape[2] // k.shape[2], 2)
+    causal = torch.ones(S, S, dtype=torch.bool).tril()
+    p = (torch.einsum("bihd,bjhd->bhij", q, k) / q.shape[-1] ** 0.5).masked_fill(~causal, float("-inf")).softmax(-1)
+    return p.sum((1, 2)).view(B, -1, BLOCK).sum(2)
+
+
+def _quality(length: int, windows: int) -> list[dict]:
+    """Held-out loss of the untrained model, forward only, with 0.4 of the blocks kept as the exact
+    score chooses them, as chosen at random, and as the attention actually received chooses them
+    (an oracle), with and without the MLP skipped: what elimination costs before any training."""
+    import torch
+    from longctx.memory import elimination as el
+    from longctx.parallel.mesh import Mesh
+    from longctx.recipes import schema
+    from longctx.train.build import build_model
+
+    held = _rows(length, windows, held_out=True)
+
+    def loss(overrides, selection=None):
+        model, _, _ = build_model(schema.load(None, ["run.dtype=bf16", *overrides]),
+                                  Mesh(0, 1, 0, 1, None, torch.device("cpu")))
+        model.eval()
+        for lay in getattr(model, "elimination", []):
+            lay.in_eval = True  # eliminate in eval mode too: what it costs the untrained model
+            def kept(x, lay=lay, exact=lay.kept):
+                idx = exact(x)
+                if idx is None or selection == "exact":
+                    return idx
+                B, S, _ = x.shape
+                if selection == "random":
+                    scores = torch.rand(B, S // BLOCK, generator=torch.Generator().manual_seed(lay.index))
+                else:
+                    scores = _received_attention(model, lay, x)
+                return el.select(scores, S, 1, KEEP, BLOCK)
+            lay.kept = kept
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return sum((model(r[None, :-1], labels=r[None, 1:]) / length).item() for r in held) / len(held)
+
+    rows = [{"seq_len": length, "selection": "dense", "held_out_loss": round(loss([]), 4)}]
+    for skip in (True, False):
+        for selection in ("exact", "random", "attention_received"):
+            rows.append({"seq_len": length, "selection": selection, "skip_mlp": skip, "keep_ratio": KEEP,
+                         "held_out_loss": round(loss([f"memory.elimination.keep_ratio={KEEP}",
+                                                      f"memory.elimination.skip_mlp={str(skip).lower()}"], selection), 4)})
+    return rows
 
 
 def main(argv=None) -> int:
@@ -122,8 +180,14 @@ def main(argv=None) -> int:
     p.add_argument("--policy", default="none", help="memory.policy of both variants (none, full, memo)")
     p.add_argument("--eval-windows", type=int, default=2, help="held-out windows of each length")
     p.add_argument("--variants", default="dense,lemo_exact")
+    p.add_argument("--quality", type=int, metavar="LENGTH",
+                   help="instead: held-out loss before training, forward only, by how the kept blocks are chosen")
     p.add_argument("--case", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.quality:
+        for row in _quality(args.quality, args.eval_windows):
+            print(json.dumps(row), flush=True)
+        return 0
     if args.case:
         variant, length = args.case.split(":")
         print(json.dumps(_case(variant, int(length), args.steps, args.policy, args.eval_windows)))

@@ -41,6 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..kernels.capability import has_triton_gpu
+from . import accounting
 
 BLOCK_TOKENS = 64  # the artifact's block
 SCORE_TILE_TOKENS = 1024  # query/key tokens per tile of the blockwise score (a multiple of the block)
@@ -54,9 +55,10 @@ def _grouped(q: torch.Tensor, heads_kv: int) -> torch.Tensor:
 
 
 def _pad_to(t: torch.Tensor, length: int) -> torch.Tensor:
+    """t [B, S, ...] zero padded on dim 1 to `length`."""
     if t.shape[1] == length:
         return t
-    return torch.nn.functional.pad(t, (0, 0, 0, 0, 0, length - t.shape[1]))
+    return torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, length - t.shape[1]))
 
 
 def block_scores_reference(q: torch.Tensor, k: torch.Tensor, block_tokens: int = BLOCK_TOKENS) -> torch.Tensor:
@@ -148,7 +150,10 @@ def select(scores: torch.Tensor, length: int, chunks: int, keep_ratio: float,
 
 def spans_to_blocks(x: torch.Tensor, spans: list[list[tuple[int, int]]], block_tokens: int) -> torch.Tensor:
     """x [B, S, ...] -> [B, blocks * block_tokens, ...]: every block padded to block_tokens with zeros,
-    so the tiled score sees whole blocks in `block_spans` order."""
+    so the tiled score sees whole blocks in `block_spans` order; x itself (no copy) when every
+    block is whole."""
+    if all(e - s == block_tokens for chunk in spans for s, e in chunk):
+        return x
     parts = []
     for chunk in spans:
         s, e = chunk[0][0], chunk[-1][1]
@@ -190,16 +195,18 @@ class Elimination:
 
 
 # --- the wrapped block ----------------------------------------------------------------------------
-def _projections(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pre-RoPE q [B, S, Hq, D] and k [B, S, Hkv, D] of the block's input x, as attention sees them."""
+def _projections(block: nn.Module, x: torch.Tensor, keys: bool = True):
+    """Pre-RoPE q [B, S, Hq, D] (and k [B, S, Hkv, D]) of the block's input x, as attention sees them."""
     attn = block.self_attn
     B, S, _ = x.shape
     h = block.input_layernorm(x)
     q = attn.q_proj(h).view(B, S, attn.num_heads, attn.head_dim)
-    k = attn.k_proj(h).view(B, S, attn.num_kv_heads, attn.head_dim)
     if hasattr(attn, "q_norm"):
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    return q, k
+        q = attn.q_norm(q)
+    if not keys:
+        return q
+    k = attn.k_proj(h).view(B, S, attn.num_kv_heads, attn.head_dim)
+    return q, attn.k_norm(k) if hasattr(attn, "k_norm") else k
 
 
 class SequenceGroup:
@@ -216,47 +223,111 @@ class SequenceGroup:
         return a.sp, a.groups[a.sp]
 
 
-def global_scores(block: nn.Module, x: torch.Tensor, spans, block_tokens: int, sp: int, group) -> torch.Tensor:
-    """The key blocks' scores [B, blocks] of this rank's tokens against every query of the sequence."""
-    q, k = _projections(block, x)
-    q, k = spans_to_blocks(q, spans, block_tokens), spans_to_blocks(k, spans, block_tokens)
+def global_scores(block: nn.Module, x: torch.Tensor, spans, block_tokens: int, sp: int, group,
+                  tile_tokens: int = SCORE_TILE_TOKENS * 4) -> torch.Tensor:
+    """The key blocks' scores [B, blocks] of this rank's tokens against every query of the sequence.
+    The keys are projected once (the whole local sequence: Hkv x D per token), the queries a tile
+    of `tile_tokens` at a time (a score is a sum over query blocks, so tiles add up)."""
+    xb = spans_to_blocks(x, spans, block_tokens)  # a copy only when some block is partial
+    k = spans_to_blocks(_projections(block, x)[1], spans, block_tokens) if xb is x else \
+        _projections(block, xb)[1]
+    if xb is not x:  # zero-padded rows of x do not project to zero (biases, norms): zero their keys
+        k = k * _whole_mask(spans, block_tokens, k)
+    keys = [k]
+    if sp > 1:
+        keys = [torch.empty_like(k) for _ in range(sp)]
+        dist.all_gather(keys, k.contiguous(), group=group)
+    tile = max(block_tokens, tile_tokens // block_tokens * block_tokens)
+    out = torch.zeros(len(keys), k.shape[0], k.shape[1] // block_tokens, dtype=torch.float32, device=x.device)
+    for qs in range(0, xb.shape[1], tile):
+        q = _projections(block, xb[:, qs:qs + tile], keys=False)
+        if xb is not x:
+            q = q * _whole_mask(spans, block_tokens, k)[:, qs:qs + tile]
+        for r, kr in enumerate(keys):
+            out[r] += block_scores(q, kr, block_tokens)
     if sp == 1:
-        return block_scores(q, k, block_tokens)
-    keys = [torch.empty_like(k) for _ in range(sp)]
-    dist.all_gather(keys, k.contiguous(), group=group)
-    partial = torch.stack([block_scores(q, kr, block_tokens) for kr in keys])  # [sp, B, blocks]
-    dist.all_reduce(partial, group=group)
-    return partial[dist.get_rank(group)]
+        return out[0]
+    dist.all_reduce(out, group=group)
+    return out[dist.get_rank(group)]
+
+
+def _whole_mask(spans, block_tokens: int, like: torch.Tensor) -> torch.Tensor:
+    """[1, blocks * block_tokens, 1, 1]: 1 at the positions of real tokens, 0 at a partial block's padding."""
+    mask = torch.zeros(sum(len(c) for c in spans) * block_tokens, dtype=like.dtype, device=like.device)
+    at = 0
+    for chunk in spans:
+        for s, e in chunk:
+            mask[at:at + e - s] = 1
+            at += block_tokens
+    return mask[None, :, None, None]
+
+
+class _PutRows(torch.autograd.Function):
+    """x [N, H] with rows `index` replaced by y [n, H]: `index_copy` without keeping y for backward
+    (autograd's index_copy saves its source, a kept-token activation per layer for nothing)."""
+
+    @staticmethod
+    def forward(ctx, x, index, y):
+        ctx.save_for_backward(index)
+        return x.index_copy(0, index, y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return grad.index_fill(0, index, 0), None, grad.index_select(0, index)
 
 
 class EliminatingLayer:
-    """One block's elimination: decides the kept tokens and runs the block's forward on them."""
+    """One block's elimination: decides the kept tokens and runs the block's forward on them.
+
+    In eval mode the block runs dense (the exported model is dense) unless `in_eval` is set. A
+    forward without a graph in training mode is a checkpointed segment's first pass
+    (memory/offload.segment): its kept indices are queued and its recomputation in backward takes
+    them instead of scoring again, whose inputs come from another code path and could tip a
+    near-tie the other way (a different graph than the forward's)."""
 
     def __init__(self, block: nn.Module, index: int, keep_ratio: float, policy: Elimination,
                  group: SequenceGroup) -> None:
         self.block, self.index, self.keep_ratio, self.policy, self.group = block, index, keep_ratio, policy, group
         self.inner = block.forward
         self.kept_tokens = self.tokens = 0  # training forwards since `take_counts` (a ratio: recomputation counts twice)
-        self.forced: torch.Tensor | None = None  # tests: kept indices to use instead of the score
         self.last_kept: torch.Tensor | None = None
+        self.in_eval = False
+        self.scored = 0  # times the blocks were scored (tests)
+        self._queued: list[tuple[tuple, torch.Tensor | None]] = []
+
+    def _choose(self, x: torch.Tensor) -> torch.Tensor | None:
+        if not self.block.training:  # in_eval: no recomputation follows
+            return self.kept(x)
+        if not torch.is_grad_enabled():
+            idx = self.kept(x)
+            self._queued.append((tuple(x.shape), idx))
+            return idx
+        if self._queued:  # the recomputation of a checkpointed forward: its blocks
+            shape, idx = self._queued.pop(0)
+            if shape == tuple(x.shape):
+                return idx
+            self._queued.clear()  # not that forward's recomputation: what is queued is stale
+        return self.kept(x)
 
     def kept(self, x: torch.Tensor) -> torch.Tensor | None:
         sp, group = self.group.current()
         chunks = 1 if sp == 1 else 2
         length, bt = x.shape[1], self.policy.block_tokens
-        if self.forced is not None:
-            return self.forced
         spans = block_spans(length, chunks, bt)
         full = sum(1 for s, e in spans[0] if e - s == bt)
         if length % chunks or full == 0 or kept_blocks(self.keep_ratio, full) == full:
             return None  # nothing to eliminate at this length: the layer runs dense
+        self.scored += 1
         with torch.no_grad():
             scores = global_scores(self.block, x, spans, bt, sp, group)
         return select(scores, length, chunks, self.keep_ratio, bt)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, S, H = x.shape
-        idx = self.last_kept = self.kept(x)
+        if not (self.block.training or self.in_eval):
+            return self.inner(x, cos, sin)
+        idx = self.last_kept = self._choose(x)
         if torch.is_grad_enabled():
             self.tokens += B * S
             self.kept_tokens += B * S if idx is None else idx.numel()
@@ -267,12 +338,16 @@ class EliminatingLayer:
         cosk, sink = (t.expand(B, -1, -1).reshape(B * S, t.shape[-1]).index_select(0, flat).view(B, -1, t.shape[-1])
                       for t in (cos, sin))
         if self.policy.skip_mlp:
+            if torch.is_grad_enabled() and hasattr(self.inner, "memo_layer"):
+                # memory/offload keeps the block's cos/sin until backward outside autograd's saved
+                # tensors: for the whole-sequence ones that is shared, these gathered copies are this layer's
+                accounting.record("device", 2 * cosk.untyped_storage().nbytes())
             yk = self.inner(xk, cosk, sink)
-            return x.reshape(B * S, H).index_copy(0, flat, yk.reshape(-1, H)).view(B, S, H)
+            return _PutRows.apply(x.reshape(B * S, H), flat, yk.reshape(-1, H)).view(B, S, H)
         blk = self.block  # attention on the kept tokens, the MLP on every token
         q, k, v = blk.before_attention(xk, cosk, sink)
         hk = xk + blk.self_attn.o_proj(blk.attention_fn(q, k, v).flatten(2))
-        h = x.reshape(B * S, H).index_copy(0, flat, hk.reshape(-1, H)).view(B, S, H)
+        h = _PutRows.apply(x.reshape(B * S, H), flat, hk.reshape(-1, H)).view(B, S, H)
         return h + blk.mlp(blk.post_attention_layernorm(h))
 
 

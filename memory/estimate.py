@@ -297,14 +297,14 @@ def layer_forward_flops(m: ModelShape, tokens: int, seq_len: int) -> float:
     return 2.0 * m.params_per_layer() * tokens + 2.0 * tokens * seq_len * m.heads * m.head_dim
 
 
-def elimination_flops(m: ModelShape, tokens: int, seq_len: int, keep: float) -> float:
-    """Forward FLOPs of a layer that keeps `keep` of its tokens: linear work on the kept tokens,
-    causal attention among them, and the exact block score of every token (the q and k
-    projections and a non-causal QK^T against the whole sequence)."""
+def elimination_flops(m: ModelShape, tokens: int, seq_len: int, keep: float) -> tuple[float, float]:
+    """(forward FLOPs, scoring FLOPs) of a layer that keeps `keep` of its tokens: linear work on the
+    kept tokens and causal attention among them; the exact block score of every token (the q and k
+    projections and a non-causal QK^T against the whole sequence) runs in forward only."""
     if keep >= 1.0:
-        return layer_forward_flops(m, tokens, seq_len)
+        return layer_forward_flops(m, tokens, seq_len), 0.0
     score = 2.0 * tokens * m.hidden * (m.heads + m.kv_heads) * m.head_dim + 2.0 * tokens * seq_len * m.heads * m.head_dim
-    return layer_forward_flops(m, round(keep * tokens), round(keep * seq_len)) + score
+    return layer_forward_flops(m, round(keep * tokens), round(keep * seq_len)), score
 
 
 def estimate(m: ModelShape, s: Setting) -> Estimate:
@@ -437,16 +437,20 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
     }
     phases = {name: sum(p.values()) for name, p in parts.items()}
     # step time: fwd (1) + bwd (2) + recomputed forward work
-    fwd = sum(elimination_flops(m, tokens, s.seq_len, k) for k in keep) + 2.0 * tokens * m.hidden * m.vocab
+    layer_flops = [elimination_flops(m, tokens, s.seq_len, k) for k in keep]
+    fwd = sum(f for f, _ in layer_flops) + 2.0 * tokens * m.hidden * m.vocab
+    scoring = sum(sc for _, sc in layer_flops)
+    mean_layer = (layer_forward_flops(m, tokens, s.seq_len) if s.elimination_keep is None else
+                  sum(f for f, _ in layer_flops) / m.layers)  # a block's forward (of the tokens it keeps)
     if s.policy == "full":
-        extra = m.layers * layer_forward_flops(m, tokens, s.seq_len)
+        extra = m.layers * mean_layer
     elif s.policy == "memo":
         extra = swapped * (1 - alpha) * 2.0 * m.params_per_layer() * tokens
     else:
         extra = 0.0
     # segments but the last run their forward twice (nothing without segments)
-    extra += (m.layers - segment_sizes(m.layers, s.recompute_num_layers)[-1]) * layer_forward_flops(m, tokens, s.seq_len)
-    step = (3 * fwd + extra) / s.flops_per_s
+    extra += (m.layers - segment_sizes(m.layers, s.recompute_num_layers)[-1]) * mean_layer
+    step = (3 * fwd + scoring + extra) / s.flops_per_s
     return Estimate(terms, host, alpha, binding, step, asdict(s), phases, parts)
 
 

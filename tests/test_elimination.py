@@ -111,10 +111,10 @@ def _loss_and_grads(model, ids, labels, positions=None, seq_len=None):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _masked_reference(kept: dict, skip_mlp=True, inputs: dict | None = None):
+def _masked_reference(kept: dict, skip_mlp=True, inputs: dict | None = None, overrides=()):
     """The dense tiny model (same seed, same weights) whose layers in `kept` run
     elimination.reference_layer with those kept indices; `inputs` collects each layer's input."""
-    model, _ = _model()
+    model, _ = _model(*overrides)
     for i, block in enumerate(model.model.layers):
         def forward(x, cos, sin, block=block, i=i):
             if inputs is not None:
@@ -152,26 +152,47 @@ MEMORY = {
     "alone": [],
     "memo": ["memory.policy=memo", "memory.alpha=0.5", "memory.resident_layers=0", "memory.recompute_chunk_tokens=16"],
     "full recompute": ["memory.policy=full", "memory.recompute_chunk_tokens=16"],
-    "segments": ["memory.policy=full", "memory.recompute_num_layers=2"],
+    # two segments of two blocks: the first is recomputed in backward (offload.segment)
+    "segments": ["memory.policy=full", "memory.recompute_num_layers=2", "model.config.num_layers=4"],
 }
 
 
 @pytest.mark.parametrize("memory", list(MEMORY))
 def test_eliminated_model_equals_the_masked_reference(memory):
-    """Two rows of 100 tokens (12 whole blocks of 8 + a partial one), half the blocks kept in both
-    layers: loss and every gradient equal the dense model that masks the same blocks (fp32 1e-5)."""
+    """Two rows of 100 tokens (12 whole blocks of 8 + a partial one), half the blocks kept in every
+    layer: loss and every gradient equal the dense model that masks the same blocks (fp32 1e-5).
+    Each layer scores once a step: a recomputed segment reuses its forward's blocks."""
     ids, labels = _batch()
+    layers = [o for o in MEMORY[memory] if o.startswith("model.config")]
     model, _ = _model(*ELIM, *MEMORY[memory])
     got = _loss_and_grads(model, ids, labels)
     kept = {lay.index: lay.last_kept for lay in model.elimination}
-    assert set(kept) == {0, 1}
+    assert set(kept) == set(range(model.config.num_layers))
+    assert [lay.scored for lay in model.elimination] == [1] * len(kept)
+    assert all(not lay._queued for lay in model.elimination)
     for idx in kept.values():
         assert idx.shape == (2, 6 * BT + 4)  # 6 of 12 blocks + the partial block, per row
     assert not torch.equal(kept[0][0], kept[0][1])  # each row its own blocks
     assert not torch.equal(kept[0], kept[1])  # each layer its own
-    _assert_same(got, _loss_and_grads(_masked_reference(kept), ids, labels), memory)
+    _assert_same(got, _loss_and_grads(_masked_reference(kept, overrides=layers), ids, labels), memory)
     dense = _loss_and_grads(_model(*MEMORY[memory])[0], ids, labels)
     assert not torch.allclose(got[0], dense[0])  # elimination changed the result
+
+
+def test_eval_mode_runs_dense_unless_asked():
+    """The exported model is dense, so evaluation (eval mode) is too; in_eval eliminates there as well."""
+    ids, labels = _batch()
+    model, _ = _model(*ELIM)
+    dense, _ = _model()
+    model.eval()
+    dense.eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids, labels=labels), dense(ids, labels=labels))
+        assert all(lay.scored == 0 and not lay._queued for lay in model.elimination)
+        for lay in model.elimination:
+            lay.in_eval = True
+        assert not torch.allclose(model(ids, labels=labels), dense(ids, labels=labels))
+        assert all(lay.scored == 1 and not lay._queued for lay in model.elimination)
 
 
 def test_skip_mlp_false_runs_every_token_through_the_mlp():
@@ -280,11 +301,28 @@ def test_recipe_keys_are_checked(overrides, message):
 @pytest.mark.parametrize("overrides, message", [
     (["memory.elimination.keep_ratio=[0.5,0.5,0.5]"], "lists 3 ratios; the model has 2 layers"),
     (["memory.elimination.keep_ratio=0.5", "memory.elimination.dense_layers=[2]"], "the model's layers are 0-1"),
+    (["memory.elimination.keep_ratio=0.5", "memory.elimination.dense_layers=[0,1]"], "no layer eliminates"),
 ])
 def test_build_checks_the_model_and_writes_nothing(overrides, message, tmp_path):
     with pytest.raises(RecipeError, match=re.escape(message)):
         build(schema.load(TINY, [f"run.dir={tmp_path / 'run'}", *overrides]))
     assert not (tmp_path / "run").exists()
+
+
+def test_plan_checks_the_keys_and_scales_the_activations(tmp_path, capsys):
+    from longctx.cli import main
+
+    assert main(["plan", str(TINY), "memory.elimination.keep_ratio=0.5", "memory.elimination.dense_layers=[5]",
+                 "--gpus", "1"]) == 2
+    assert "memory.elimination.dense_layers=[5]: the model's layers are 0-1" in capsys.readouterr().err
+    plans = {}
+    for keep, extra in (("1.0", []), ("0.25", ["memory.elimination.dense_layers=[]"])):
+        assert main(["plan", str(TINY), "memory.policy=full", f"memory.elimination.keep_ratio={keep}", *extra,
+                     "--gpus", "1", "--json", "--seq-len", "65536"]) in (0, 1)
+        plans[keep] = json.loads(capsys.readouterr().out)
+    dense, sparse = plans["1.0"]["terms_bytes"], plans["0.25"]["terms_bytes"]
+    assert dense["activations"] > sparse["activations"]
+    assert plans["1.0"]["step_seconds"] > plans["0.25"]["step_seconds"]
 
 
 def test_training_logs_the_kept_ratio_per_layer(tmp_path):
@@ -298,3 +336,39 @@ def test_training_logs_the_kept_ratio_per_layer(tmp_path):
         assert 0.25 <= rec["elimination_kept_ratio/layers.1"] < 0.35
         assert rec["elimination_kept_ratio"] == pytest.approx(
             (rec["elimination_kept_ratio/layers.0"] + rec["elimination_kept_ratio/layers.1"]) / 2)
+
+
+def test_memo_plans_an_eliminating_layer_for_the_tokens_it_keeps():
+    """MEMO's policy of an eliminating block is asked for the kept tokens only (its saved bytes and
+    alpha follow them); a dense block's for every token."""
+    ids, labels = _batch()
+    model, _ = _model("memory.elimination.keep_ratio=0.5", f"memory.elimination.block_tokens={BT}",
+                      "memory.elimination.dense_layers=[1]", "memory.policy=memo", "memory.resident_layers=0")
+    asked = {}
+    for i, block in enumerate(model.model.layers):
+        memo = (block.forward.__self__.inner if i == 0 else block.forward).memo_layer
+        def spy(tokens, i=i, source=memo.policy):
+            asked.setdefault(i, []).append(tokens)
+            return source(tokens)
+        memo.policy = spy
+    _loss_and_grads(model, ids, labels)
+    kept = model.elimination[0].last_kept.numel()
+    assert kept == 2 * (6 * BT + 4) and set(asked[0]) == {kept} and set(asked[1]) == {2 * 100}
+
+
+def test_saved_bytes_shrink_with_the_kept_tokens():
+    """Under full recompute with bf16 autocast an eliminating layer keeps its kept tokens' bf16 input,
+    their index and their gathered cos/sin (fp32), nothing of the whole sequence (autograd's
+    index_copy would keep the block's fp32 output rows too: seen at 1.2x a dense layer's bytes on
+    SmolLM2 at 8K)."""
+    from longctx.memory.accounting import SavedBytes
+
+    model, _ = _model("memory.policy=full", "memory.elimination.keep_ratio=0.5", "memory.elimination.dense_layers=[1]",
+                      f"memory.elimination.block_tokens={BT}", "run.dtype=bf16")
+    ids = torch.randint(0, 256, (1, 128), generator=torch.Generator().manual_seed(0))
+    with SavedBytes(model, list(model.model.layers)) as saved, torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids, labels=ids).backward()
+    dense, kept = saved.bytes[("layers.1", "device")], saved.bytes[("layers.0", "device")]
+    assert dense == 128 * 64 * 2  # the bf16 block input
+    head_dim = 16
+    assert kept == 64 * 64 * 2 + 64 * 8 + 2 * 64 * head_dim * 4  # half the tokens' bf16 input, index, cos/sin

@@ -314,15 +314,25 @@ def apply_elimination(model: CausalLM, recipe: Recipe, sp_attention: SequencePar
     """memory.elimination (LeMo): wraps the eliminating blocks around what apply_memory made of them,
     so the block's recompute/offload runs on the kept tokens only (memory/elimination.py);
     model.elimination lists them (empty when off)."""
-    e, n = recipe.memory.elimination, model.config.num_layers
-    model.elimination = []
+    policy = elimination_policy(recipe, model.config.num_layers)
+    model.elimination = elimination.apply(model, policy, sp_attention) if policy else []
+
+
+def elimination_policy(recipe: Recipe, n: int) -> elimination.Elimination | None:
+    """memory.elimination for a model of n layers; None when off. RecipeError where it does not fit."""
+    e = recipe.memory.elimination
+    if e.keep_ratio == 1.0:
+        return None
     if isinstance(e.keep_ratio, list) and len(e.keep_ratio) != n:
         raise RecipeError(f"memory.elimination.keep_ratio: lists {len(e.keep_ratio)} ratios; the model has {n} layers")
     if isinstance(e.dense_layers, list) and any(i >= n for i in e.dense_layers):
         raise RecipeError(f"memory.elimination.dense_layers={e.dense_layers}: the model's layers are 0-{n - 1}")
     policy = elimination.Elimination.of(n, e.keep_ratio, e.dense_layers, e.block_tokens, e.skip_mlp)
-    if policy.active:
-        elimination.apply(model, policy, sp_attention)
+    if not policy.active:
+        raise RecipeError(f"memory.elimination.keep_ratio={e.keep_ratio}: no layer eliminates (dense_layers "
+                          f"{e.dense_layers!r} covers every eliminating layer of the {n}); list fewer dense layers, "
+                          "or set keep_ratio: 1")
+    return policy
 
 
 def build_data(recipe: Recipe, model_dir: Path | None, mesh: mesh_lib.Mesh, vocab_size: int):
@@ -650,10 +660,6 @@ def plan_inputs(recipe: Recipe) -> tuple[ModelShape, dict]:
 
 def elimination_keep(recipe: Recipe) -> tuple[float, ...] | None:
     """Per layer, the share of tokens memory.elimination keeps (None when off), for the memory model."""
-    e = recipe.memory.elimination
-    if e.keep_ratio == 1.0:
+    if recipe.memory.elimination.keep_ratio == 1.0:
         return None
-    n = shape_of(recipe).layers
-    if isinstance(e.keep_ratio, list) and len(e.keep_ratio) != n:
-        raise RecipeError(f"memory.elimination.keep_ratio: lists {len(e.keep_ratio)} ratios; the model has {n} layers")
-    return elimination.Elimination.of(n, e.keep_ratio, e.dense_layers, e.block_tokens, e.skip_mlp).keep
+    return elimination_policy(recipe, shape_of(recipe).layers).keep
