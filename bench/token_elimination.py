@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
-import sys
 import time
+
+from ._subprocess import run_case
 
 KEEP = 0.4
 BLOCK = 64
@@ -195,22 +194,14 @@ def main(argv=None) -> int:
     rows = []
     for length in map(int, args.lengths.split(",")):
         for variant in args.variants.split(","):
-            out = subprocess.run([sys.executable, "-m", "longctx.bench.token_elimination", "--case", f"{variant}:{length}",
-                                  "--steps", str(args.steps), "--policy", args.policy,
-                                  "--eval-windows", str(args.eval_windows)], capture_output=True, text=True)
-            if out.returncode != 0:
-                row = {"variant": variant, "seq_len": length,
-                       "error": out.stderr.strip().splitlines()[-1] if out.stderr else f"exit {out.returncode}"}
-            else:
-                row = json.loads(out.stdout.strip().splitlines()[-1])
-            row["machine"] = f"{platform.machine()} {platform.processor() or ''}".strip()
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            rows.append(run_case("longctx.bench.token_elimination",
+                                 ["--case", f"{variant}:{length}", "--steps", str(args.steps), "--policy", args.policy,
+                                  "--eval-windows", str(args.eval_windows)], {"variant": variant, "seq_len": length}))
     summary = {"measured_on": "CPU, one process", "policy": args.policy, "keep_ratio": KEEP, "block_tokens": BLOCK}
     for length in sorted({r["seq_len"] for r in rows}):
         by = {r["variant"]: r for r in rows if r["seq_len"] == length and "error" not in r}
         if {"dense", "lemo_exact"} <= set(by):
-            d, e, k = by["dense"], by["lemo_exact"], f"_{length // 1024}k"
+            d, e, k = by["dense"], by["lemo_exact"], (f"_{length // 1024}k" if length % 1024 == 0 else f"_{length}")
             summary["saved_bytes_ratio" + k] = round(d["saved_bytes"] / e["saved_bytes"], 3)
             summary["step_time_ratio" + k] = round(d["step_seconds"] / e["step_seconds"], 3)
             summary["loss_ratio" + k] = round(e["held_out_loss_dense"] / d["held_out_loss_dense"], 4)

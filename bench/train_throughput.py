@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
-import sys
 import time
+
+from ._subprocess import run_case
 
 
 def _case(impl: str, seq_len: int, checkpointing: bool, steps: int, loss_impl: str) -> dict:
@@ -88,18 +87,9 @@ def main(argv=None) -> int:
     for ck in args.checkpointing.split(","):
         for seq_len in map(int, args.lengths.split(",")):
             for impl in args.impls.split(","):
-                out = subprocess.run(
-                    [sys.executable, "-m", "longctx.bench.train_throughput", "--case", f"{impl}:{seq_len}:{ck}",
-                     "--steps", str(args.steps), "--loss", args.loss], capture_output=True, text=True,
-                )
-                if out.returncode != 0:
-                    row = {"impl": impl, "seq_len": seq_len, "activation_checkpointing": ck == "true",
-                           "error": out.stderr.strip().splitlines()[-1] if out.stderr else f"exit {out.returncode}"}
-                else:
-                    row = json.loads(out.stdout.strip().splitlines()[-1])
-                row["machine"] = f"{platform.machine()} {platform.processor() or ''}".strip()
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                rows.append(run_case("longctx.bench.train_throughput",
+                                     ["--case", f"{impl}:{seq_len}:{ck}", "--steps", str(args.steps), "--loss", args.loss],
+                                     {"impl": impl, "seq_len": seq_len, "activation_checkpointing": ck == "true"}))
     pairs = {}
     for r in rows:
         if "error" not in r:
