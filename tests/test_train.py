@@ -169,7 +169,7 @@ def test_quickstart_path_end_to_end_short(tmp_path, smollm2_dir):
     quick = TINY.parent / "quickstart.yaml"
     code = main(["train", str(quick), f"run.dir={tmp_path / 'q'}", "data.min_len=64", "data.max_len=128",
                  "data.tokens_per_step=256", "eval.seq_len=128", "train.max_steps=2", "eval.every=2",
-                 "log.wandb=false"])
+                 "eval.lengths=[1024]", "log.wandb=false"])  # its eval.tasks at 1K: 16K forwards take minutes here
     assert code == 0
     folder = tmp_path / "q" / "export"
     assert (folder / "tokenizer.json").is_file()
@@ -179,6 +179,7 @@ def test_quickstart_path_end_to_end_short(tmp_path, smollm2_dir):
     assert hf.config.rope_parameters["rope_type"] != "default"
     records = _metrics(tmp_path / "q")
     assert "eval_loss_before" in records[0] and "eval_loss" in records[-1]
+    assert "eval/ppl/score@1024" in records[-1] and "eval/passkey/score@1024" in records[-1]
 
 
 def test_cce_loss_head_matches_reference_in_training(tmp_path):
