@@ -438,10 +438,11 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
     phases = {name: sum(p.values()) for name, p in parts.items()}
     # step time: fwd (1) + bwd (2) + recomputed forward work
     layer_flops = [elimination_flops(m, tokens, s.seq_len, k) for k in keep]
-    fwd = sum(f for f, _ in layer_flops) + 2.0 * tokens * m.hidden * m.vocab
+    blocks_fwd = sum(f for f, _ in layer_flops)
+    fwd = blocks_fwd + 2.0 * tokens * m.hidden * m.vocab
     scoring = sum(sc for _, sc in layer_flops)
     mean_layer = (layer_forward_flops(m, tokens, s.seq_len) if s.elimination_keep is None else
-                  sum(f for f, _ in layer_flops) / m.layers)  # a block's forward (of the tokens it keeps)
+                  blocks_fwd / m.layers)  # a block's forward (of the tokens it keeps)
     if s.policy == "full":
         extra = m.layers * mean_layer
     elif s.policy == "memo":

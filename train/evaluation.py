@@ -78,7 +78,8 @@ def ranks_of(mesh: mesh_lib.Mesh, sharded: bool = False) -> Ranks:
 def eval_tokenizer(kind: str, model_dir: Path | None, vocab_size: int):
     """model.tokenizer; `auto` on a folder without tokenizer files (or a random init) whose vocabulary
     is the byte tokenizer's: the byte tokenizer (the tiny test models)."""
-    has_files = model_dir is not None and any((Path(model_dir) / f).is_file() for f in TOKENIZER_FILES[:5])
+    has_files = model_dir is not None and any((Path(model_dir) / f).is_file() for f in TOKENIZER_FILES
+                                              if f != "generation_config.json")  # the rest are the tokenizer's
     if kind == "auto" and not has_files and vocab_size == ByteTokenizer.vocab_size:
         return ByteTokenizer()
     return load_tokenizer(kind, model_dir)
