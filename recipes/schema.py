@@ -141,8 +141,14 @@ class EliminationRecipe:
         "auto", "Layers that never eliminate; auto = the first num_layers // 2 - 1 layers and the last (the LeMo artifact's 0-14 and 31 of Llama's 32)."
     )
     block_tokens: int = _f(64, "Tokens per scored block (the artifact's 64): blocks are kept or eliminated whole.", gt=0)
-    source: Literal["exact"] = _f(
-        "exact", "Where the block scores come from: exact = the attention a block receives, sum over query blocks of the tile max of sum_h ReLU(q k), computed in tiles (sequence parallel: one all-gather of keys, one all-reduce of scores)."
+    source: Literal["exact", "predictor"] = _f(
+        "exact", "Where the block scores come from: exact = the attention a block receives, sum over query blocks of the tile max of sum_h ReLU(q k), computed in tiles (sequence parallel: one all-gather of keys, one all-reduce of scores); predictor = each layer's pattern predictor from `predictors` (sequence parallel: one all-reduce of a small vector)."
+    )
+    predictors: str | None = _f(
+        None, "source predictor: the folder (or its predictors.safetensors) that `longctx elimination fit RECIPE --out FOLDER` wrote for this model and block_tokens."
+    )
+    recall_every: int = _f(
+        10, "source predictor: every N steps each layer also computes the exact scores once and logs elimination_predictor_recall (the share of the exact choice's tokens the predictor kept); 0 = never.", ge=0
     )
     skip_mlp: bool = _f(True, "Eliminated tokens also skip the layer's MLP (LeMo); false = only attention is sparse (needs memory.policy: none).")
 
@@ -443,10 +449,15 @@ def _no_effect(r: Recipe, problems: list[str], set_keys: set[str]) -> None:
                         f"{p.attention!r} (only with hybrid; auto picks the outer schedule itself); remove it")
     el = r.memory.elimination
     if el.keep_ratio == 1.0:
-        for key in ("dense_layers", "block_tokens", "source", "skip_mlp"):
+        for key in ("dense_layers", "block_tokens", "source", "skip_mlp", "predictors", "recall_every"):
             if f"memory.elimination.{key}" in set_keys:
                 problems.append(f"memory.elimination.{key}={getattr(el, key)!r}: has no effect with "
                                 "memory.elimination.keep_ratio=1 (elimination off); set a keep_ratio below 1 or remove it")
+    elif el.source == "exact":
+        for key in ("predictors", "recall_every"):
+            if f"memory.elimination.{key}" in set_keys:
+                problems.append(f"memory.elimination.{key}={getattr(el, key)!r}: has no effect with "
+                                "memory.elimination.source='exact'; set source: predictor or remove it")
     if not r.eval.tasks:
         for key in ("lengths", "depths", "samples", "documents", "tasks_every", "native_rope"):
             if f"eval.{key}" in set_keys:
@@ -485,6 +496,9 @@ def _cross_checks(r: Recipe, problems: list[str]) -> None:
         problems.append(f"memory.elimination.keep_ratio={el.keep_ratio}: expected fractions in (0, 1], one per layer")
     if isinstance(el.dense_layers, list) and any(i < 0 for i in el.dense_layers):
         problems.append(f"memory.elimination.dense_layers={el.dense_layers}: expected layer numbers >= 0, or auto")
+    if el.keep_ratio != 1.0 and el.source == "predictor" and not el.predictors:
+        problems.append("memory.elimination.source='predictor': needs memory.elimination.predictors, the folder "
+                        "`longctx elimination fit RECIPE --out FOLDER` writes")
     if not el.skip_mlp and r.memory.policy != "none":
         problems.append(f"memory.elimination.skip_mlp=false: runs the MLP of every token outside the {r.memory.policy!r} "
                         "block; use it with memory.policy: none, or keep skip_mlp: true")

@@ -287,8 +287,8 @@ def test_sequence_parallel_elimination_equals_the_masked_reference(world):
     (["memory.elimination.keep_ratio=[0.5,1.5]"], "memory.elimination.keep_ratio=[0.5, 1.5]: expected fractions"),
     (["memory.elimination.block_tokens=32"], "memory.elimination.block_tokens=32: has no effect with "
                                               "memory.elimination.keep_ratio=1"),
-    (["memory.elimination.keep_ratio=0.5", "memory.elimination.source=predictor"],
-     "memory.elimination.source='predictor': expected one of 'exact'"),
+    (["memory.elimination.keep_ratio=0.5", "memory.elimination.source=oracle"],
+     "memory.elimination.source='oracle': expected one of 'exact', 'predictor'"),
     (["memory.elimination.keep_ratio=0.5", "memory.elimination.skip_mlp=false", "memory.policy=full"],
      "memory.elimination.skip_mlp=false: runs the MLP of every token outside the 'full' block"),
     (["memory.elimination.keep_ratio=0.5", "memory.elimination.dense_layers=[-1]"], "expected layer numbers >= 0"),

@@ -315,7 +315,33 @@ def apply_elimination(model: CausalLM, recipe: Recipe, sp_attention: SequencePar
     so the block's recompute/offload runs on the kept tokens only (memory/elimination.py);
     model.elimination lists them (empty when off)."""
     policy = elimination_policy(recipe, model.config.num_layers)
+    if policy and recipe.memory.elimination.source == "predictor":
+        policy = dataclasses.replace(policy, predictors=load_predictors(recipe, policy, model.config.hidden_size,
+                                                                          model.output_weight.device))
     model.elimination = elimination.apply(model, policy, sp_attention) if policy else []
+
+
+def load_predictors(recipe: Recipe, policy: elimination.Elimination, hidden: int, device: torch.device):
+    """memory.elimination.predictors for this model: one predictor per eliminating layer, fitted for
+    its hidden size and block_tokens. RecipeError naming what does not match."""
+    from ..memory.predictors import Predictors
+
+    where = recipe.memory.elimination.predictors
+    try:
+        pred = Predictors.load(Path(where), device)
+    except ValueError as e:
+        raise RecipeError(f"memory.elimination.predictors={where!r}: {e}") from None
+    if pred.shape.hidden != hidden:
+        raise RecipeError(f"memory.elimination.predictors={where!r}: fitted for hidden size {pred.shape.hidden}, the "
+                          f"model's is {hidden}; fit them for this model")
+    if pred.shape.block_tokens != policy.block_tokens:
+        raise RecipeError(f"memory.elimination.predictors={where!r}: fitted for block_tokens {pred.shape.block_tokens}; "
+                          f"memory.elimination.block_tokens is {policy.block_tokens}")
+    missing = [i for i, k in enumerate(policy.keep) if k < 1.0 and i not in pred.layers]
+    if missing:
+        raise RecipeError(f"memory.elimination.predictors={where!r}: has layers {sorted(pred.layers)}, not the "
+                          f"eliminating layers {missing}; fit them with this recipe's dense_layers")
+    return pred
 
 
 def elimination_policy(recipe: Recipe, n: int) -> elimination.Elimination | None:
@@ -655,7 +681,20 @@ def plan_inputs(recipe: Recipe) -> tuple[ModelShape, dict]:
         "recompute_chunk_tokens": m.recompute_chunk_tokens, "loss": "reference" if recipe.loss.impl == "reference" else "cce",
         "cpu_offload": recipe.parallel.cpu_offload, "fsdp_param_bf16": recipe.parallel.fsdp_param_dtype == "bf16",
         "arena": m.arena, "elimination_keep": elimination_keep(recipe),
+        "elimination_predictor_flops": predictor_flops(recipe),
     }
+
+
+def predictor_flops(recipe: Recipe) -> float | None:
+    """source predictor: FLOPs per token of a layer's pattern predictors, from the file's settings
+    when it is there (plan runs before any fit too: then the `fit` defaults)."""
+    e = recipe.memory.elimination
+    if e.keep_ratio == 1.0 or e.source != "predictor":
+        return None
+    from ..memory.predictors import PredictorShape, flops_per_token, read_shape
+
+    shape = read_shape(Path(e.predictors)) if e.predictors else None
+    return float(flops_per_token(shape or PredictorShape(shape_of(recipe).hidden, e.block_tokens)))
 
 
 def elimination_keep(recipe: Recipe) -> tuple[float, ...] | None:

@@ -43,6 +43,7 @@ def setting_for(r: dict, gpus: int, gpu_mem: float, host_mem: float, gpus_per_no
         attention_by_rows=r.get("attention_by_rows", True),
         cpu_offload=r.get("cpu_offload", False), fsdp_param_bf16=r.get("fsdp_param_bf16", False),
         arena=r.get("arena", False), elimination_keep=r.get("elimination_keep"),
+        elimination_predictor_flops=r.get("elimination_predictor_flops"),
     )
 
 

@@ -317,6 +317,9 @@ def train(run: Run) -> dict:
                 heartbeat.step(step + 1)
             if mesh.device.type == "cuda":  # peak_memory_bytes is this step's
                 torch.cuda.reset_peak_memory_stats(mesh.device)
+            every = r.memory.elimination.recall_every
+            if every and step % every == 0 and getattr(run.model, "elimination", None):
+                elimination.measure_recall(run.model.elimination)  # this step's first forward, every layer
             t0 = time.perf_counter()
             out = _guarded(run, heartbeat, step + 1, train_step, run, step)
             seconds = time.perf_counter() - t0

@@ -79,3 +79,39 @@ def test_eliminated_model_on_cuda_equals_the_masked_reference():
     for (name, p), (_, r) in zip(model.named_parameters(), ref.named_parameters()):
         cos = torch.nn.functional.cosine_similarity(p.grad.flatten().float(), r.grad.flatten().float(), dim=0)
         assert cos > 0.99, name
+
+
+def test_predictor_source_on_cuda_equals_the_masked_reference(tmp_path):
+    """memory.elimination.source: predictor on CUDA under bf16 autocast: the predicted scores are fp32
+    (autocast off) and select what the same predictors select on the CPU from the same layer input,
+    and the model equals the masked dense model (fp32 weights, values and gradients)."""
+    from longctx.memory.predictors import BlockPredictor, PredictorShape, Predictors
+
+    shape = PredictorShape(hidden=256, block_tokens=64)
+    torch.manual_seed(0)
+    Predictors(shape, {i: BlockPredictor(shape) for i in (1, 2, 3)}).save(tmp_path)
+    ids = torch.randint(0, 32000, (1, 2048), device="cuda", generator=torch.Generator(device="cuda").manual_seed(3))
+    labels = ids.roll(-1, 1)
+    model = _model(*ELIM, "run.dtype=fp32", "memory.elimination.source=predictor",
+                   f"memory.elimination.predictors={tmp_path}")
+    inputs = {}
+    for i, block in enumerate(model.model.layers):
+        block.register_forward_pre_hook(lambda mod, args, i=i: inputs.__setitem__(i, args[0].detach()))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(ids, labels=labels)
+    loss.backward()
+    kept = {lay.index: lay.last_kept for lay in model.elimination}
+    cpu = Predictors.load(tmp_path)
+    for i, idx in kept.items():
+        block = model.model.layers[i]
+        h = block.input_layernorm(inputs[i]).float().cpu()
+        want = el.select(cpu.layers[i].scores(h), 2048, 1, 0.4, 64)
+        assert torch.equal(idx.cpu(), want), f"layer {i}"
+    ref = _reference(kept)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want = ref(ids, labels=labels)
+    want.backward()
+    assert loss.item() == pytest.approx(want.item(), rel=2e-3)
+    for (name, p), (_, r) in zip(model.named_parameters(), ref.named_parameters()):
+        cos = torch.nn.functional.cosine_similarity(p.grad.flatten().float(), r.grad.flatten().float(), dim=0)
+        assert cos > 0.99, name
