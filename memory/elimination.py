@@ -110,26 +110,6 @@ def _accumulate_scores(out, q, k, block_tokens, tile):
                 s.view(B, tq, block_tokens, tk, block_tokens).amax(dim=(2, 4)).sum(1))
 
 
-def block_matrix(q: torch.Tensor, k: torch.Tensor, block_tokens: int = BLOCK_TOKENS,
-                 tile_tokens: int = SCORE_TILE_TOKENS) -> torch.Tensor:
-    """The tile matrix [B, query blocks, key blocks] whose sum over query blocks is `block_scores`:
-    the target the pattern predictors (memory/predictors.py) are fitted to. Torch, tile by tile."""
-    tile = max(block_tokens, tile_tokens // block_tokens * block_tokens)
-    B, Hq, Hkv = q.shape[0], q.shape[2], k.shape[2]
-    nq, nk = math.ceil(q.shape[1] / block_tokens), math.ceil(k.shape[1] / block_tokens)
-    out = torch.zeros(B, nq, nk, dtype=torch.float32, device=q.device)
-    with torch.autocast(q.device.type, enabled=False):
-        for ks in range(0, nk * block_tokens, tile):
-            kt = _pad_to(k[:, ks:ks + tile].float(), min(tile, nk * block_tokens - ks))
-            for qs in range(0, nq * block_tokens, tile):
-                qt = _pad_to(q[:, qs:qs + tile].float(), min(tile, nq * block_tokens - qs))
-                s = torch.einsum("bihgd,bjhd->bhgij", _grouped(qt, Hkv), kt).relu_().sum((1, 2)).div_(Hq)
-                tq, tk = s.shape[1] // block_tokens, s.shape[2] // block_tokens
-                out[:, qs // block_tokens:qs // block_tokens + tq, ks // block_tokens:ks // block_tokens + tk] = (
-                    s.view(B, tq, block_tokens, tk, block_tokens).amax(dim=(2, 4)))
-    return out
-
-
 # --- the selection --------------------------------------------------------------------------------
 def kept_blocks(keep_ratio: float, full_blocks: int) -> int:
     """Whole blocks a chunk keeps (at least one, round half up)."""

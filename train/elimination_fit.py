@@ -1,14 +1,14 @@
-"""`longctx elimination fit RECIPE --out FOLDER` (options in cli.py): trains the pattern predictors (memory/predictors.py)
-of the recipe's eliminating layers against the exact block scores, with the model frozen.
+"""`longctx elimination fit RECIPE --out FOLDER` (options in cli.py): trains the pattern predictors
+(memory/predictors.py) of the recipe's eliminating layers against the exact block scores, with the
+model frozen.
 
 1. Capture: the recipe's model (dense, no gradient) runs `--samples` rows of `--seq-len` tokens of
    the recipe's training documents (and `--held-out` rows of its held-out documents) up to the last
-   eliminating layer; each eliminating layer keeps its normed input (bf16) and the exact tile
-   matrix (elimination.block_matrix).
-2. Fit: per layer, Adam on SmoothL1 between the predicted tile matrix and the exact one (scaled by
-   its mean over the training rows), plus the same on the key blocks' scores (the matrix's column
-   sums, what the selection ranks). The tower's per-token projection starts at the top right
-   singular vectors of the layer's q_proj (k_proj for K^).
+   eliminating layer; each eliminating layer keeps its normed input (bf16) and the exact score of
+   each key block (elimination.block_scores, over the number of query blocks).
+2. Fit: per layer, Adam on SmoothL1 between the predicted score of every key block and the log of
+   its exact score (over their mean on the training rows, + 1e-3): the selection only ranks the
+   scores, and the log keeps the attention-sink block from drowning the others.
 3. Recall: on the held-out rows, the share of the tokens the exact scores keep (at the layer's
    keep ratio, memory.elimination) that the predicted scores keep too.
 
@@ -97,7 +97,7 @@ def fit_command(args) -> int:
     h_inputs, h_targets = _capture(model, layers, held, bt, device, autocast, "capture (held-out rows)")
     log.info("captured %d + %d rows of %d tokens at %d layers (%.0fs)", len(rows), len(held), args.seq_len,
              len(layers), time.perf_counter() - t0)
-    preds = {i: _init_predictor(shape, model.model.layers[i], device) for i in layers}
+    preds = {i: BlockPredictor(shape).to(device).train() for i in layers}
     opts = {i: torch.optim.Adam(preds[i].parameters(), lr=args.lr) for i in layers}
     history, start = [], 0
     if state is not None:
@@ -190,8 +190,8 @@ def _rows(recipe, model_dir, mesh, args) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def _capture(model, layers: list[int], rows: torch.Tensor, bt: int, device, autocast, desc: str):
-    """Per eliminating layer: the normed inputs [N, S, hidden] (bf16, host) and the exact tile matrices
-    [N, S/bt, S/bt] (fp32, host)."""
+    """Per eliminating layer: the normed inputs [N, S, hidden] (bf16, host) and the exact key-block
+    scores over the number of query blocks [N, S/bt] (fp32, host)."""
     from tqdm import tqdm
 
     inputs = {i: [] for i in layers}
@@ -206,26 +206,14 @@ def _capture(model, layers: list[int], rows: torch.Tensor, bt: int, device, auto
                 if i in inputs:
                     inputs[i].append(block.input_layernorm(x).to(torch.bfloat16).cpu())
                     q, k = el._projections(block, x)
-                    targets[i].append(el.block_matrix(q, k, bt).cpu())
+                    targets[i].append((el.block_scores(q, k, bt) / (ids.shape[1] // bt)).cpu())
                 x = block(x, cos, sin)
     return ({i: torch.cat(v) for i, v in inputs.items()}, {i: torch.cat(v) for i, v in targets.items()})
 
 
-def _init_predictor(shape: PredictorShape, block, device) -> BlockPredictor:
-    """The towers' per-token projections start at the top right singular vectors of q_proj / k_proj."""
-    p = BlockPredictor(shape)
-    with torch.no_grad():
-        for tower, proj in ((p.q, block.self_attn.q_proj), (p.k, block.self_attn.k_proj)):
-            v = torch.linalg.svd(proj.weight.float().cpu(), full_matrices=False).Vh
-            r = min(shape.token_rank, v.shape[0])
-            tower.token.weight[:r] = v[:r]
-    return p.to(device).train()
-
-
 def _loss(pred: BlockPredictor, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    m = pred.matrix(h.float())
-    nb = target.shape[1]
-    return F.smooth_l1_loss(m, target) + F.smooth_l1_loss(m.sum(1) / nb, target.sum(1) / nb)
+    """target: the exact scores [B, nb] over their training mean."""
+    return F.smooth_l1_loss(pred.predict(h.float()), torch.log(target + 1e-3))
 
 
 @torch.no_grad()
@@ -234,7 +222,7 @@ def _recall(pred: BlockPredictor, h: torch.Tensor, target: torch.Tensor, keep: f
     for row, t in zip(h, target):
         scores = pred.scores(row[None].to(device).float())
         length = row.shape[0]
-        a, b = recall(el.select(scores, length, 1, keep, bt), el.select(t.sum(0)[None].to(device), length, 1, keep, bt))
+        a, b = recall(el.select(scores, length, 1, keep, bt), el.select(t[None].to(device), length, 1, keep, bt))
         hits, total = hits + a, total + b
     return hits / max(total, 1)
 
