@@ -12,7 +12,8 @@ kept in all but the first num_layers // 2 - 1 layers and the last (memory.elimin
   and not timed);
 - held-out loss after the same N optimizer steps from the same weights on the same rows (AdamW,
   lr 5e-5), evaluated dense (elimination is a training-time device: the exported model is dense)
-  and also with the elimination on.
+  and also with the elimination on: the mean over positions 1 .. length-1 of the held-out windows,
+  and by position in 8 buckets (`loss_by_position`, `loss_by_position_dense`; eval/perplexity.py).
 - predictor recall (lemo_predictor): on each held-out window, every eliminating layer also computes
   the exact scores' choice, and the share of its tokens the predictor kept is reported per layer
   (`predictor_recall_per_layer`) and as the minimum (`predictor_recall_min`).
@@ -61,9 +62,12 @@ def _case(variant: str, length: int, steps: int, policy: str, eval_windows: int,
     import resource
 
     import torch
+    from longctx.eval.perplexity import bucket_sums, summarize
+    from longctx.eval.score import Scorer
     from longctx.memory import elimination
     from longctx.memory.accounting import SavedBytes
     from longctx.parallel.mesh import Mesh
+    from longctx.train.evaluation import training_forward
     from longctx.recipes import schema
     from longctx.train.build import build_model
 
@@ -76,7 +80,8 @@ def _case(variant: str, length: int, steps: int, policy: str, eval_windows: int,
     if variant == "lemo_exact_attention":  # eliminated tokens still go through the MLP (the artifact's code)
         overrides += ["memory.elimination.skip_mlp=false"]
     recipe = schema.load(None, overrides)
-    model, _, _ = build_model(recipe, Mesh(0, 1, 0, 1, None, torch.device("cpu")))
+    mesh = Mesh(0, 1, 0, 1, None, torch.device("cpu"))
+    model, _, _ = build_model(recipe, mesh)
     train_rows = _rows(length, steps + 1, held_out=False)
     held = _rows(length, eval_windows, held_out=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, foreach=True)
@@ -105,14 +110,17 @@ def _case(variant: str, length: int, steps: int, policy: str, eval_windows: int,
     kept = {f"layers.{lay.index}": lay.kept_tokens / lay.tokens for lay in getattr(model, "elimination", [])
             if lay.tokens}
 
+    scorer = Scorer(training_forward(model, mesh, None, 0, torch.bfloat16), lambda: model.output_weight)
+
     def held_out_loss(measure=False):
-        total = 0.0
-        with torch.no_grad(), autocast:
-            for row in held:
-                if measure:  # the exact choice beside the predicted one (not timed)
-                    elimination.measure_recall(model.elimination)
-                total += loss_of(row).item()
-        return total / len(held)
+        """Mean loss of positions 1 .. length-1 of the held-out windows, and by position (8 buckets)."""
+        sums = counts = None
+        for row in held:
+            if measure:  # the exact choice beside the predicted one (not timed)
+                elimination.measure_recall(model.elimination)
+            s, c = bucket_sums(scorer.targets(row[:length])[0], length // 8)
+            sums, counts = (s, c) if sums is None else (sums + s, counts + c)
+        return summarize(length, length // 8, sums, counts, len(held))
 
     model.eval()
     out = {"variant": variant, "seq_len": length, "policy": policy, "dtype": "bf16 autocast", "steps": steps,
@@ -122,10 +130,12 @@ def _case(variant: str, length: int, steps: int, policy: str, eval_windows: int,
            "held_out_loss": None, "held_out_loss_dense": None, "kept_ratio_per_layer": kept,
            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
            "threads": torch.get_num_threads()}
-    out["held_out_loss_dense"] = round(held_out_loss(), 5)  # eval mode: the model runs dense, as exported
-    for lay in getattr(model, "elimination", []):
-        lay.in_eval = True
-    out["held_out_loss"] = round(held_out_loss(measure=variant == "lemo_predictor"), 5)  # the same weights, eliminating
+    for key, eliminating in (("_dense", False), ("", True)):  # eval mode runs dense (as exported), then eliminating
+        for lay in getattr(model, "elimination", []):
+            lay.in_eval = eliminating
+        result = held_out_loss(measure=eliminating and variant == "lemo_predictor")
+        out["held_out_loss" + key] = round(result["score"], 5)
+        out["loss_by_position" + key] = [round(b["loss"], 4) for b in result["by_position"]]
     if variant == "lemo_predictor":
         recall = {f"layers.{lay.index}": round(lay.recall_hits / lay.recall_total, 4)
                   for lay in model.elimination if lay.recall_total}

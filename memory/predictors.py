@@ -14,7 +14,7 @@ the ranking matters). It costs O(s * hidden * token_rank) per layer, and under s
 parallelism one all-reduce of a [B, heads x head_dim] sum, against the exact score's
 O(s^2 * heads * head_dim) and an all-gather of every key. (The artifact flattens a block's tokens
 into 3 linear layers; max/mean pooling generalized better from the few rows a CPU fit captures:
-held-out recall 0.78 against 0.66 on SmolLM2 at 4K, bench/results/cpu-elimination-fit*.)
+held-out recall 0.78 against 0.66, compared once on 5 of SmolLM2's layers at 4K with 24 rows.)
 
 Saved as safetensors (`predictors.safetensors`) with their settings in the file's metadata;
 `longctx elimination fit` (train/elimination_fit.py) trains them, `memory.elimination.source:
