@@ -140,7 +140,7 @@ def _case(variant: str, length: int, steps: int, policy: str, eval_windows: int,
         recall = {f"layers.{lay.index}": round(lay.recall_hits / lay.recall_total, 4)
                   for lay in model.elimination if lay.recall_total}
         out["predictor_recall_per_layer"] = recall
-        out["predictor_recall_min"] = min(recall.values())
+        out["predictor_recall_min"] = min(recall.values()) if recall else None
         out["predictors"] = predictors
     return out
 

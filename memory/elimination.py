@@ -259,8 +259,10 @@ def predicted_scores(block: nn.Module, predictor, x: torch.Tensor, spans, block_
     the same normed input the layer's projections read; fp32. Under sequence parallelism one
     all-reduce of the predictors' query sums makes them the scores of the whole sequence."""
     with torch.autocast(x.device.type, enabled=False):
-        h = spans_to_blocks(block.input_layernorm(x).float(), spans, block_tokens)  # RMSNorm(0) = 0: padding stays 0
-        return predictor.scores(h, sp, group)
+        h = spans_to_blocks(block.input_layernorm(x).float(), spans, block_tokens)
+        whole = all(e - s == block_tokens for chunk in spans for s, e in chunk)
+        valid = None if whole else _whole_mask(spans, block_tokens, h).flatten()
+        return predictor.scores(h, sp, group, valid)
 
 
 def _whole_mask(spans, block_tokens: int, like: torch.Tensor) -> torch.Tensor:

@@ -55,9 +55,15 @@ class Tower(nn.Module):
                                    nn.ReLU())
         self.block = nn.Sequential(nn.Linear(2 * s.width, s.width), nn.ReLU(), nn.Linear(s.width, s.heads * s.head_dim))
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """valid [nb * block_tokens] (1 = a real token, 0 = a partial block's padding): the pooling
+        reads the real tokens only (features are >= 0, so a zeroed one never wins the max)."""
         t = self.token(h).view(h.shape[0], -1, self.block_tokens, self.width)
-        return self.block(torch.cat([t.amax(2), t.mean(2)], dim=-1))
+        if valid is None:
+            return self.block(torch.cat([t.amax(2), t.mean(2)], dim=-1))
+        v = valid.to(t.dtype).view(1, -1, self.block_tokens, 1)
+        t = t * v
+        return self.block(torch.cat([t.amax(2), t.sum(2) / v.sum(2).clamp_min(1)], dim=-1))
 
 
 class BlockPredictor(nn.Module):
@@ -73,13 +79,14 @@ class BlockPredictor(nn.Module):
         process (the scores divided by the number of blocks: the same ranking)."""
         return torch.einsum("bd,bjd->bj", self.q(h).mean(1), self.k(h))
 
-    def scores(self, h: torch.Tensor, sp: int = 1, group=None) -> torch.Tensor:
+    def scores(self, h: torch.Tensor, sp: int = 1, group=None, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Predicted key-block scores [B, nb]: (sum of this sequence's Q^) . K^. Under sequence
-        parallelism h is this rank's blocks, and the Q^ sums of every rank are added first."""
-        qsum = self.q(h).sum(1)  # [B, heads * head_dim]
+        parallelism h is this rank's blocks, and the Q^ sums of every rank are added first.
+        `valid`: see Tower.forward (partial blocks zero padded to whole ones)."""
+        qsum = self.q(h, valid).sum(1)  # [B, heads * head_dim]
         if sp > 1:
             dist.all_reduce(qsum, group=group)
-        return torch.einsum("bd,bjd->bj", qsum, self.k(h))
+        return torch.einsum("bd,bjd->bj", qsum, self.k(h, valid))
 
     def flops_per_token(self) -> int:
         return flops_per_token(self.shape)

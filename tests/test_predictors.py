@@ -60,6 +60,19 @@ def test_predicted_scores():
     assert p.flops_per_token() > 0
 
 
+def test_a_partial_block_pools_its_real_tokens_only():
+    torch.manual_seed(2)
+    p = BlockPredictor(SHAPE)
+    h = torch.randn(2, 3 * BT + 3, 64)
+    spans = el.block_spans(h.shape[1], 1, BT)
+    hb = el.spans_to_blocks(h, spans, BT)
+    k = p.k(hb, el._whole_mask(spans, BT, hb).flatten())
+    t = p.k.token(h[:, 3 * BT:])  # the partial block's 3 real tokens
+    torch.testing.assert_close(k[:, 3], p.k.block(torch.cat([t.amax(1), t.mean(1)], -1)), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(k[:, :3], p.k(h[:, :3 * BT]), atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(p.k(hb)[:, 3], k[:, 3])  # unmasked, the padding would count
+
+
 def test_save_and_load(tmp_path):
     folder = _predictors(tmp_path / "p")
     loaded = Predictors.load(folder)
@@ -147,7 +160,9 @@ def test_sequence_parallel_predictors_select_globally(world, tmp_path):
             block = _model()[0].model.layers[i]
             spans = el.block_spans(SP_LENGTH, 2 * world, BT)
             h = el.spans_to_blocks(block.input_layernorm(inputs[i]), spans, BT)
-            assert torch.equal(idx, el.select(pred.layers[i].scores(h), SP_LENGTH, 2 * world, 0.5, BT)), f"layer {i}"
+            valid = el._whole_mask(spans, BT, h).flatten()  # the partial blocks pool their real tokens only
+            scores = pred.layers[i].scores(h, valid=valid)
+            assert torch.equal(idx, el.select(scores, SP_LENGTH, 2 * world, 0.5, BT)), f"layer {i}"
         for r in per_rank:
             _assert_same(r[c][:2], want, f"sp {world} config {c}")
 
@@ -168,6 +183,7 @@ def test_recipe_checks_the_predictor_keys(overrides, message):
 
 @pytest.mark.parametrize("case, message", [
     ("missing", "does not exist (longctx elimination fit RECIPE --out FOLDER writes it)"),
+    ("model", "fitted for a model of 3 layers, this one has 2"),
     ("hidden", "fitted for hidden size 32, the model's is 64"),
     ("block", "fitted for block_tokens 16; memory.elimination.block_tokens is 8"),
     ("layers", "has layers [0], not the eliminating layers [1]"),
@@ -182,6 +198,9 @@ def test_build_refuses_predictors_that_do_not_fit_and_writes_nothing(case, messa
         _predictors(folder, shape=dataclasses.replace(SHAPE, block_tokens=16))
     elif case == "layers":
         _predictors(folder, layers=(0,))
+    elif case == "model":
+        torch.manual_seed(0)
+        Predictors(SHAPE, {i: BlockPredictor(SHAPE) for i in (0, 1, 2)}, {"num_layers": 3}).save(folder)
     recipe = str(tmp_path / "r.yaml")
     schema.save(schema.load(TINY, [f"run.dir={tmp_path / 'run'}", *_with(folder)]), recipe)
     assert main(["train", recipe]) == 2
@@ -206,6 +225,25 @@ def test_training_logs_the_predictors_recall(tmp_path):
     assert sum(lay.scored for lay in run.model.elimination) > 0
 
 
+@pytest.mark.parametrize("ranking, low, high", [("exact", 1.0, 1.0), ("reversed", 0.0, 0.35)])
+def test_recall_measures_the_exact_choice(ranking, low, high, tmp_path, monkeypatch):
+    """A predictor that ranks as the exact score does has recall 1; one that ranks the other way keeps
+    only what the exact choice drops (the partial tail blocks, always kept, are the only hits)."""
+    exact = el.global_scores
+
+    def predicted(block, predictor, x, spans, bt, sp, group):
+        s = exact(block, x, spans, bt, sp, group)
+        return s if ranking == "exact" else -s
+
+    monkeypatch.setattr(el, "predicted_scores", predicted)
+    folder = _predictors(tmp_path / "p")
+    run = build(schema.load(TINY, [f"run.dir={tmp_path / 'run'}", "train.max_steps=1", "train.warmup_steps=0",
+                                   *_with(folder)]))
+    rec = train(run)["history"][-1]
+    for i in (0, 1):
+        assert low <= rec[f"elimination_predictor_recall/layers.{i}"] <= high, rec
+
+
 # --- longctx elimination fit ----------------------------------------------------------------------------
 FIT = ["memory.elimination.keep_ratio=0.5", "memory.elimination.dense_layers=[]",
        f"memory.elimination.block_tokens={BT}", "data.max_documents=8", "data.eval_fraction=0.25"]
@@ -214,8 +252,10 @@ FIT_ARGS = ["--seq-len", "128", "--samples", "4", "--held-out", "2", "--epochs",
 
 
 def test_fit_writes_predictors_the_trainer_loads(tmp_path, capsys):
+    """Also from a recipe that trains with FSDP2 and sp 2: the fit runs the model alone, in one process."""
     out = tmp_path / "fit"
-    assert main(["elimination", "fit", str(TINY), *FIT, "--out", str(out), *FIT_ARGS]) == 0
+    assert main(["elimination", "fit", str(TINY), *FIT, "parallel.sharding=fsdp2", "parallel.sp_degree=2",
+                 "--out", str(out), *FIT_ARGS]) == 0
     info = json.loads((out / "fit.json").read_text())
     assert info["layers"] == [0, 1] and set(info["recall"]) == {"0", "1"}
     assert all(0.0 <= r <= 1.0 for r in info["recall"].values())
@@ -265,6 +305,25 @@ def test_an_interrupted_fit_resumes_to_the_same_predictors(tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert "holds a fit with other settings (epochs: 4 -> 5)" in err and "Traceback" not in err
     assert (cut / "predictors.safetensors").read_bytes() == before
+    # the same settings again: the fit is finished, nothing is captured or written
+    monkeypatch.setattr(elimination_fit, "_capture", None)
+    assert main(["elimination", "fit", str(TINY), *FIT, "--out", str(cut), *FIT_ARGS]) == 0
+    assert (cut / "predictors.safetensors").read_bytes() == before
+    # predictors of another fit without its state, or a torn state: refused, untouched
+    for damage in ("state gone", "state torn"):
+        state = cut / "fit_state.pt"
+        if damage == "state gone":
+            saved = state.read_bytes()
+            state.unlink()
+            message = "holds predictors.safetensors from another fit"
+        else:
+            state.write_bytes(saved[:100])
+            message = "fit_state.pt cannot be read"
+        capsys.readouterr()
+        assert main(["elimination", "fit", str(TINY), *FIT, "--out", str(cut), *FIT_ARGS]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+        assert (cut / "predictors.safetensors").read_bytes() == before
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -273,9 +332,16 @@ def test_an_interrupted_fit_resumes_to_the_same_predictors(tmp_path, monkeypatch
     ([*FIT, "--epochs", "0"], "--epochs=0: expected a positive integer"),
     ([*FIT, "data.eval_fraction=0"], "data.eval_fraction=0.0: the recall is measured on held-out documents"),
     ([*FIT, "--seq-len", "8000000"], "--seq-len=8000000: the training documents do not fill one row"),
+    ([*FIT, "run.device=cuda"], "run.device"),
+    ([*FIT, "--out", "{file}/o"], "cannot write there"),
 ])
 def test_fit_refuses_bad_input_with_one_line(extra, message, tmp_path, capsys):
-    assert main(["elimination", "fit", str(TINY), *extra, "--out", str(tmp_path / "o")]) == 2
+    if "run.device=cuda" in extra and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    (tmp_path / "file").write_text("a file, not a folder")
+    extra = [a.replace("{file}", str(tmp_path / "file")) for a in extra]
+    out = [] if "--out" in extra else ["--out", str(tmp_path / "o")]
+    assert main(["elimination", "fit", str(TINY), *extra, *out]) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("longctx: error:")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in err

@@ -331,6 +331,10 @@ def load_predictors(recipe: Recipe, policy: elimination.Elimination, hidden: int
         pred = Predictors.load(Path(where), device)
     except ValueError as e:
         raise RecipeError(f"memory.elimination.predictors={where!r}: {e}") from None
+    fitted_layers = pred.info.get("num_layers")
+    if fitted_layers is not None and fitted_layers != len(policy.keep):
+        raise RecipeError(f"memory.elimination.predictors={where!r}: fitted for a model of {fitted_layers} layers, this "
+                          f"one has {len(policy.keep)}; fit them for this model")
     if pred.shape.hidden != hidden:
         raise RecipeError(f"memory.elimination.predictors={where!r}: fitted for hidden size {pred.shape.hidden}, the "
                           f"model's is {hidden}; fit them for this model")
