@@ -234,19 +234,16 @@ def main(argv=None) -> int:
     summary = {"measured_on": "CPU, one process", "policy": args.policy, "keep_ratio": KEEP, "block_tokens": BLOCK}
     for length in sorted({r["seq_len"] for r in rows}):
         by = {r["variant"]: r for r in rows if r["seq_len"] == length and "error" not in r}
-        if {"dense", "lemo_exact"} <= set(by):
-            d, e, k = by["dense"], by["lemo_exact"], (f"_{length // 1024}k" if length % 1024 == 0 else f"_{length}")
-            summary["saved_bytes_ratio" + k] = round(d["saved_bytes"] / e["saved_bytes"], 3)
-            summary["step_time_ratio" + k] = round(d["step_seconds"] / e["step_seconds"], 3)
-            summary["loss_ratio" + k] = round(e["held_out_loss_dense"] / d["held_out_loss_dense"], 4)
-            summary["loss_ratio_eliminating" + k] = round(e["held_out_loss"] / d["held_out_loss"], 4)
+        k = f"_{length // 1024}k" if length % 1024 == 0 else f"_{length}"
+        for variant, tag in (("lemo_exact", ""), ("lemo_predictor", "_predictor")):
+            if {"dense", variant} <= set(by):
+                d, e = by["dense"], by[variant]
+                summary[f"saved_bytes_ratio{tag}{k}"] = round(d["saved_bytes"] / e["saved_bytes"], 3)
+                summary[f"step_time_ratio{tag}{k}"] = round(d["step_seconds"] / e["step_seconds"], 3)
+                summary[f"loss_ratio{tag}{k}"] = round(e["held_out_loss_dense"] / d["held_out_loss_dense"], 4)
+                summary[f"loss_ratio{tag}_eliminating{k}"] = round(e["held_out_loss"] / d["held_out_loss"], 4)
         if {"dense", "lemo_predictor"} <= set(by):
-            d, e, k = by["dense"], by["lemo_predictor"], (f"_{length // 1024}k" if length % 1024 == 0 else f"_{length}")
-            summary["saved_bytes_ratio_predictor" + k] = round(d["saved_bytes"] / e["saved_bytes"], 3)
-            summary["step_time_ratio_predictor" + k] = round(d["step_seconds"] / e["step_seconds"], 3)
-            summary["loss_ratio_predictor" + k] = round(e["held_out_loss_dense"] / d["held_out_loss_dense"], 4)
-            summary["loss_ratio_predictor_eliminating" + k] = round(e["held_out_loss"] / d["held_out_loss"], 4)
-            summary["predictor_recall_min" + k] = e["predictor_recall_min"]
+            summary["predictor_recall_min" + k] = by["lemo_predictor"]["predictor_recall_min"]
     print(json.dumps({"summary": summary}))
     return 0
 
