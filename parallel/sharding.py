@@ -33,8 +33,11 @@ DEEPSPEED_INSTALL = "install it with DS_BUILD_OPS=0 pip install deepspeed (or pi
 
 
 def fully_shard_model(model: torch.nn.Module, blocks, device: torch.device, param_dtype: torch.dtype | None = None,
-                      reduce_dtype: torch.dtype | None = None, cpu_offload: bool = False) -> torch.nn.Module:
-    """FSDP2 over the default process group, each of `blocks` its own unit, then the root."""
+                      reduce_dtype: torch.dtype | None = None, cpu_offload: bool = False,
+                      ignored_params: set | None = None) -> torch.nn.Module:
+    """FSDP2 over the default process group, each of `blocks` its own unit, then the root;
+    `ignored_params` (the vocabulary shards, sharded already) stay plain tensors that FSDP2 neither
+    gathers nor reduces."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -50,7 +53,7 @@ def fully_shard_model(model: torch.nn.Module, blocks, device: torch.device, para
     }
     for block in blocks:
         fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
+    fully_shard(model, **kwargs, ignored_params=ignored_params or None)
     for module in model.modules():
         if hasattr(module, "set_gradient_divide_factor"):
             module.set_gradient_divide_factor(1.0)  # sum: the loss is normalised globally already
@@ -64,9 +67,25 @@ def _dtensor_type():
     return DTensor
 
 
-def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
-    """Global gradient norm (clipped to max_norm when > 0) over plain or DTensor gradients."""
+def clip_grad_norm(params, max_norm: float, vocab_params=(), vocab_shard=None) -> torch.Tensor:
+    """Global gradient norm (clipped to max_norm when > 0) over plain or DTensor gradients.
+    `vocab_params` hold rows of weights sharded over `vocab_shard.group` (parallel/vocab.py): their
+    squared norms add over the group, then every gradient is scaled by the one coefficient."""
     params = [p for p in params if p.grad is not None]
+    if vocab_shard is not None:
+        from .vocab import grad_norm_squared
+
+        sharded = {id(p) for p in vocab_params}
+        others = [p for p in params if id(p) not in sharded]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in others]) if others else torch.zeros(())
+        if isinstance(norm, _dtensor_type()):
+            norm = norm.full_tensor()
+        total = (norm.double().to(params[0].device) ** 2 + grad_norm_squared(vocab_params, vocab_shard)).sqrt()
+        if max_norm > 0:
+            coef = min(1.0, max_norm / (total.item() + 1e-6))  # torch's clip_grads_with_norm_
+            for p in params:
+                p.grad.mul_(coef)
+        return total.float()
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     if isinstance(norm, _dtensor_type()):
         norm = norm.full_tensor()

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..kernels.cce_torch import _chunk_grads, _chunk_lse_target
+from . import p2p
 from .p2p import communicator, compute
 
 VARIANTS = ("gather", "stream")
@@ -399,6 +400,7 @@ class VocabParallel:
         self.shard, self.variant, self.hidden = shard, variant, hidden
         self.flops_per_s, self.link_bytes_per_s = flops_per_s, link_bytes_per_s
         self.last = None  # the variant of the last call (for the run log and metrics)
+        self.device_mesh, self.placements = None, ()  # how a checkpoint describes the shards (new_groups)
 
     def pick(self, tokens: int, weight: torch.Tensor, hidden_bytes: int) -> str:
         v = self.variant
@@ -483,3 +485,58 @@ def grad_norm_squared(params, shard: VocabShard) -> torch.Tensor:
     return total
 
 
+
+
+# --- groups and checkpoints ------------------------------------------------------------------------
+def new_groups(world: int, size: int, rank: int):
+    """The vocabulary groups: `size` consecutive ranks each (the sp groups; one group of every rank
+    under FSDP2), with their return channels. Collective: every rank makes every group, in order.
+    Returns this rank's group and the DeviceMesh + placements a checkpoint describes the shards by
+    (replicated over the groups, Shard(0) within one)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+
+    mine = None
+    for start in range(0, world, size):
+        group = p2p.new_group(list(range(start, start + size)))
+        if start <= rank < start + size:
+            mine = group
+    device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    if size == world:
+        return mine, init_device_mesh(device_type, (world,), mesh_dim_names=("vocab",)), (Shard(0),)
+    mesh = init_device_mesh(device_type, (world // size, size), mesh_dim_names=("vocab_replica", "vocab"))
+    return mine, mesh, (Replicate(), Shard(0))
+
+
+def sharded_names(model: nn.Module) -> dict[str, nn.Parameter]:
+    """State-dict name -> parameter of each vocabulary-sharded weight."""
+    sharded = {id(p) for p in sharded_parameters(model)}
+    return {name: p for name, p in model.named_parameters() if id(p) in sharded}
+
+
+def as_dtensors(model: nn.Module, model_state: dict, optim_state: dict) -> list[tuple[dict, str]]:
+    """Wraps the shards in a model and a flattened optimizer state dict as DTensors over the
+    vocabulary mesh (in place, sharing storage), so torch.distributed.checkpoint saves each rank's
+    rows once and loads them resharded (or whole, in one process: `longctx export`). Returns what
+    it wrapped, for `as_local`."""
+    vp = getattr(model, "vocab_parallel", None)
+    if vp is None:
+        return []
+    from torch.distributed.tensor import DTensor
+
+    wrapped = []
+    for name, p in sharded_names(model).items():
+        shape = torch.Size((vp.shard.vocab_size, p.shape[1]))
+        for state, key in [(model_state, name)] + [(optim_state, k) for k in optim_state
+                                                   if k.startswith(f"state.{name}.")]:
+            value = state.get(key)
+            if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                state[key] = DTensor.from_local(value, vp.device_mesh, vp.placements, run_check=False, shape=shape,
+                                                stride=(p.shape[1], 1))
+                wrapped.append((state, key))
+    return wrapped
+
+
+def as_local(wrapped: list[tuple[dict, str]]) -> None:
+    for state, key in wrapped:
+        state[key] = state[key].to_local()

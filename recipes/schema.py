@@ -130,6 +130,9 @@ class ParallelRecipe:
     zero_stage: Literal[1, 2, 3] = _f(3, "deepspeed: ZeRO stage (1 optimizer states, 2 + gradients, 3 + parameters).")
     fsdp_param_dtype: Literal["fp32", "bf16"] = _f("fp32", "fsdp2: dtype parameters are gathered in (gradients reduce in fp32).")
     cpu_offload: bool = _f(False, "fsdp2: keep sharded parameters, gradients and optimizer states in host memory (CUDA).")
+    vocab_parallel: Literal["off", "gather", "stream", "auto"] = _f(
+        "off", "Vocabulary parallelism (arXiv 2411.05288): the embedding and the loss head (one weight when tied) sharded by vocabulary rows over the sp group (over every rank under sharding fsdp2, which then leaves them alone); gather = the group's tokens come to every shard (cheaper for few tokens), stream = the shards travel the ring past tokens that stay (cheaper for long sequences), auto = the byte model's pick per micro-batch (`longctx plan` prints it). Exact; the checkpoint and export hold the whole weights."
+    )
 
 
 @dataclass(kw_only=True)
@@ -527,6 +530,9 @@ def _cross_checks(r: Recipe, problems: list[str]) -> None:
     if r.memory.recompute_num_layers > 1 and r.parallel.sharding != "none":
         problems.append(f"memory.recompute_num_layers={r.memory.recompute_num_layers}: segments are recomputed with "
                         "torch's reentrant checkpoint, tested with parallel.sharding none only")
+    if r.parallel.vocab_parallel != "off" and r.parallel.sharding == "deepspeed":
+        problems.append(f"parallel.vocab_parallel={r.parallel.vocab_parallel!r}: not with parallel.sharding=deepspeed "
+                        "(ZeRO would partition the shards again); use sharding fsdp2 or none")
     if r.parallel.cpu_offload and r.parallel.sharding != "fsdp2":
         problems.append("parallel.cpu_offload: only with parallel.sharding=fsdp2")
     if r.parallel.cpu_offload and r.run.device == "cpu":
@@ -559,11 +565,21 @@ def _cross_checks(r: Recipe, problems: list[str]) -> None:
             problems.append("train.grad_accum: only for data.batching=pack; with decompose use train.micro_batch_tokens")
 
 
+def vocab_group_size(r: Recipe, world_size: int) -> int:
+    """Ranks a vocabulary-parallel run shards the vocabulary over: every rank under fsdp2, else the sp group."""
+    return world_size if r.parallel.sharding == "fsdp2" else r.parallel.sp_degree
+
+
 def check_world(r: Recipe, world_size: int) -> None:
     """Checks that need the launch's world size (known only at run time)."""
     dp = world_size // r.parallel.sp_degree
     if world_size % r.parallel.sp_degree:
         raise RecipeError(f"parallel.sp_degree={r.parallel.sp_degree}: does not divide the world size {world_size}")
+    vp = r.parallel.vocab_parallel
+    if vp != "off" and vocab_group_size(r, world_size) == 1:
+        raise RecipeError(f"parallel.vocab_parallel={vp!r}: shards the vocabulary over the sp group (every rank under "
+                          f"parallel.sharding fsdp2), and this run has one rank there (world {world_size}, sp_degree "
+                          f"{r.parallel.sp_degree}, sharding {r.parallel.sharding}); raise sp_degree, use fsdp2 or set off")
     if r.data.eval_fraction and r.eval.batch_size % dp:
         raise RecipeError(f"eval.batch_size={r.eval.batch_size}: must be a multiple of data-parallel ranks ({dp})")
     if r.data.batching == "decompose":

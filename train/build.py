@@ -38,10 +38,10 @@ from ..models.config import ModelConfig, RopeConfig, load_hf_config
 from ..models.hf import CheckpointError, convert_gguf, load_model_folder, load_weights
 from ..models.llama import CausalLM
 from ..parallel import mesh as mesh_lib
-from ..parallel import sharding
+from ..parallel import sharding, vocab
 from ..parallel.attention import SequenceParallelAttention
 from ..parallel.topology import machine_for_run, ranks_per_node
-from ..recipes.schema import Recipe, RecipeError, check_world
+from ..recipes.schema import Recipe, RecipeError, check_world, vocab_group_size
 from . import checkpoint as ckpt
 from .optim import build_optimizer, build_scheduler
 from .plan_report import KNOWN_SHAPES
@@ -194,15 +194,35 @@ def build_model(recipe: Recipe, mesh: mesh_lib.Mesh) -> tuple[CausalLM, Path | N
     model = model.to(mesh.device)
     model.memory = apply_memory(model, recipe, mesh, sp_attention)
     apply_elimination(model, recipe, sp_attention)
+    apply_vocab_parallel(model, recipe, mesh)
     if recipe.parallel.sharding == "fsdp2":
         try:
             sharding.fully_shard_model(
                 model, model.model.layers, mesh.device,
                 param_dtype=torch.bfloat16 if recipe.parallel.fsdp_param_dtype == "bf16" else None,
-                reduce_dtype=torch.float32, cpu_offload=recipe.parallel.cpu_offload)
+                reduce_dtype=torch.float32, cpu_offload=recipe.parallel.cpu_offload,
+                ignored_params=set(vocab.sharded_parameters(model)))
         except sharding.ShardingError as e:
             raise RecipeError(str(e)) from None
     return model, model_dir, sp_attention
+
+
+def apply_vocab_parallel(model: CausalLM, recipe: Recipe, mesh: mesh_lib.Mesh) -> None:
+    """parallel.vocab_parallel: the embedding and the loss head sharded by vocabulary rows over the
+    sp group, or over every rank under FSDP2, which then leaves them out (parallel/vocab.py). The
+    model's weights are whole here (loaded or initialised), so each rank keeps its rows; the
+    groups are made collectively on every rank."""
+    variant = recipe.parallel.vocab_parallel
+    if variant == "off":
+        return
+    size = vocab_group_size(recipe, mesh.world)
+    group, device_mesh, placements = vocab.new_groups(mesh.world, size, mesh.rank)
+    hw = memory_hardware(recipe, mesh.device)
+    vp = vocab.VocabParallel(vocab.VocabShard.of(model.config.vocab_size, group), variant, model.config.hidden_size,
+                             hw["flops_per_s"], hw["link_bytes_per_s"])
+    vp.device_mesh, vp.placements = device_mesh, placements
+    loss = vocab.loss_fn(vp, z_loss=recipe.loss.z_loss)
+    vocab.shard_model(model, vp, loss)
 
 
 def sequence_parallel_attention(recipe: Recipe, mesh: mesh_lib.Mesh, cfg: ModelConfig) -> SequenceParallelAttention:
@@ -560,7 +580,8 @@ def build(recipe: Recipe) -> Run:
                 raise RecipeError(f"eval.lengths={lengths}: ppl reads held-out documents and the longest has {have} "
                                   "tokens; lower the lengths or raise data.eval_fraction")
     t = recipe.train
-    optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
+    optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps,
+                                separate=vocab.sharded_parameters(model))
     scheduler = build_scheduler(optimizer, t.max_steps, t.warmup_steps, t.min_lr_ratio)
     run = Run(
         recipe=recipe, mesh=mesh, model=model, optimizer=optimizer, scheduler=scheduler, data=data, eval_data=eval_data,
@@ -588,6 +609,9 @@ def build(recipe: Recipe) -> Run:
         "params": sum(p.numel() for p in model.parameters()), "model": str(model_dir or "random init"),
         "dtype": recipe.run.dtype,
     }
+    vp = getattr(model, "vocab_parallel", None)
+    if vp is not None:
+        run.describe["vocab_parallel"] = f"{vp.variant} over {vp.shard.world} ranks (rows {vp.shard.start}-{vp.shard.stop})"
     return run
 
 
@@ -647,7 +671,7 @@ def _apply_recipe_hparams(run: Run, state: dict) -> None:
         "beta2": groups[0]["betas"][1], "eps": groups[0]["eps"]}
     for i, group in enumerate(groups):
         group["betas"], group["eps"], group["initial_lr"] = (now["beta1"], now["beta2"]), now["eps"], now["lr"]
-        if i == 0:  # the decayed group (build_optimizer); norms and biases stay at 0
+        if i != 1:  # the decayed groups (build_optimizer); norms and biases (group 1) stay at 0
             group["weight_decay"] = now["weight_decay"]
     sched.base_lrs = [now["lr"]] * len(groups)
     for group, factor in zip(groups, sched.lr_lambdas):

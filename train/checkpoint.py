@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorS
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from ..models.hf import CheckpointError, copy_tokenizer
+from ..parallel import vocab
 
 log = logging.getLogger("longctx")
 MANIFEST = "manifest.json"
@@ -105,6 +106,7 @@ def save(folder: Path, model, optimizer, scheduler, state: dict, keep_last: int,
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
     optim_tensors, hparams = _split_optimizer(optim_sd)
+    vocab.as_dtensors(model, model_sd, optim_tensors)  # vocabulary shards saved as the rows of the whole weight
     dcp.save({"model": model_sd, "optim": optim_tensors}, checkpoint_id=tmp / "dcp", no_dist=not _distributed())
     (tmp / "rng").mkdir(parents=True, exist_ok=True)
     rng = {"cpu": torch.get_rng_state()}
@@ -314,7 +316,9 @@ def load(folder: Path, model, optimizer, scheduler) -> dict:
     state = json.loads((folder / STATE).read_text())
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
     optim_tensors, _ = _split_optimizer(optim_sd)
+    wrapped = vocab.as_dtensors(model, model_sd, optim_tensors)  # loaded as this run's rows of the whole weight
     dcp_load({"model": model_sd, "optim": optim_tensors}, folder, "the model/optimizer do not match this checkpoint")
+    vocab.as_local(wrapped)
     hparams = {k: (tuple(v) if isinstance(v, list) else v) for k, v in state["optimizer_hparams"].items()}
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict={**optim_tensors, **hparams},
                    options=_OPTIONS)

@@ -23,7 +23,7 @@ from ..eval.runner import EvalError, Ranks, Settings
 from ..eval.score import Scorer
 from ..eval.tasks import Generator, TaskError
 from ..models.hf import TOKENIZER_FILES
-from ..parallel import layout
+from ..parallel import layout, vocab
 from ..parallel import mesh as mesh_lib
 
 log = logging.getLogger("longctx")
@@ -57,7 +57,8 @@ def output_weight(model, device: torch.device) -> torch.Tensor:
     w = model.output_weight
     if hasattr(w, "full_tensor"):
         return w.to(device).full_tensor()
-    return w.to(device)
+    vp = getattr(model, "vocab_parallel", None)  # rows sharded over the vocabulary group: gathered
+    return w.to(device) if vp is None else vocab.full_weight(w.to(device), vp.shard)
 
 
 def scorer_for(model, mesh: mesh_lib.Mesh, sp_attention, pad_id: int, autocast_dtype) -> Scorer:

@@ -12,6 +12,7 @@ from ..kernels.attention import local_attention
 from ..models.config import load_hf_config
 from ..models.hf import CheckpointError, check_destination, save_folder
 from ..models.llama import CausalLM
+from ..parallel import vocab
 from . import checkpoint as ckpt
 
 
@@ -36,5 +37,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, dtype: torch.dtyp
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Collective under FSDP2: every rank gathers; the full tensors, on the CPU."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    """Collective under FSDP2 and vocabulary parallelism: every rank gathers; the full tensors, on
+    the CPU (rank 0's; FSDP2 leaves the others empty)."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    vp = getattr(model, "vocab_parallel", None)
+    for name, p in vocab.sharded_names(model).items():
+        state[name] = vocab.full_weight(p.detach(), vp.shard).cpu()
+    return state

@@ -7,12 +7,18 @@ import math
 import torch
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas, eps: float):
-    decay, no_decay = [], []
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas, eps: float, separate=()):
+    """Groups: [decayed, not decayed (norms, biases)] and, when `separate` names parameters (the
+    vocabulary shards: plain tensors beside FSDP2's DTensors, which one foreach call cannot mix),
+    a third decayed group of those."""
+    separate_ids = {id(p) for p in separate}
+    decay, no_decay, own = [], [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
+            (own if id(p) in separate_ids else no_decay if p.ndim < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if own:
+        groups.append({"params": own, "weight_decay": weight_decay})
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
 
 

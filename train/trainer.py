@@ -25,6 +25,7 @@ from ..parallel import layout
 from ..parallel.data_parallel import all_reduce_gradients, all_reduce_sum
 from ..parallel.health import Heartbeat, RankFailure
 from ..parallel.p2p import communicator
+from ..parallel import vocab
 from ..parallel.sharding import clip_grad_norm
 from ..recipes import schema
 from . import checkpoint as ckpt
@@ -158,9 +159,14 @@ def train_step(run: Run, step: int) -> dict:
         )
     if run.engine is not None:
         return _deepspeed_step(run, step, mean_loss, global_valid, length, inputs)
+    vp = getattr(model, "vocab_parallel", None)
+    sharded = vocab.sharded_parameters(model)
     if r.parallel.sharding == "none":  # FSDP2 reduce-scattered them in backward
-        all_reduce_gradients(model.parameters(), mesh.grad_group)
-    grad_norm = clip_grad_norm(model.parameters(), r.train.clip_grad_norm)
+        ids = {id(p) for p in sharded}
+        all_reduce_gradients([p for p in model.parameters() if id(p) not in ids], mesh.grad_group)
+        if sharded and mesh.dp_world > 1:  # each rank owns its rows over the sp group; replicas differ by dp
+            all_reduce_gradients(sharded, mesh.dp_group)
+    grad_norm = clip_grad_norm(model.parameters(), r.train.clip_grad_norm, sharded, vp.shard if vp else None)
     if not torch.isfinite(grad_norm):
         run.optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLossError(f"step {step + 1}: gradient norm is {grad_norm.item()}; the step was not applied")
@@ -194,6 +200,11 @@ def _step_record(run: Run, mean_loss: float, grad_norm: float, lr: float, global
         if attention.name == "hybrid":
             out["attention_outer"], out["sp_inner"] = attention.plan.outer, attention.plan.sp_inner
         out.update(communicator_stats(run))
+    vp = getattr(run.model, "vocab_parallel", None)
+    if vp is not None:
+        comm = communicator(vp.shard.group)
+        out["vocab_parallel"], out["vocab_bytes_sent"] = vp.last, comm.stats()["bytes_sent"]
+        comm.reset()
     return out
 
 
@@ -331,7 +342,8 @@ def train(run: Run) -> dict:
                 "seq_len": out["seq_len"], "rows": out["rows"],
             }
             record.update({k: out[k] for k in ("sp_degree", "attention", "attention_outer", "sp_inner",
-                                               "attention_bytes_sent", "attention_max_bytes_per_pair_direction")
+                                               "attention_bytes_sent", "attention_max_bytes_per_pair_direction",
+                                               "vocab_parallel", "vocab_bytes_sent")
                            if k in out})
             record.update(memory_metrics(run.model))
             if not history:  # the first record of this run names the kernels that ran
