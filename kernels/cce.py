@@ -341,3 +341,62 @@ def linear_cross_entropy(
     chosen = blocks if blocks is not None else resolve_blocks(dtype, hidden.device, block_n, block_v, block_d, autotune)
     opts = (resolve_filter_eps(filter_eps, dtype), sort_vocab, chosen)
     return _CCE.apply(hidden, weight, labels, ignore_index, softcap, z_loss, reduction, opts)
+
+
+# --- one vocabulary shard (parallel/vocab.py): the same kernels, statistics merged by the caller ------
+def _kernel_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _inside(labels: torch.Tensor, V: int) -> torch.Tensor:
+    """Labels of other shards -> -1: the kernels' padding columns (>= V) would match a label past
+    the shard and pick their -inf."""
+    return torch.where((labels >= 0) & (labels < V), labels, -1).contiguous()
+
+
+def shard_lse_target(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, softcap: float | None = None):
+    """(log-sum-exp over weight's rows, target logit) per row of hidden, fp32 [N] each: the forward
+    kernel over a vocabulary shard; a label outside [0, rows) picks nothing (target 0), an empty
+    shard gives -inf. Cast as `linear_cross_entropy` casts."""
+    N, D = hidden.shape
+    V = weight.shape[0]
+    lse = torch.full((N,), float("-inf"), dtype=torch.float32, device=hidden.device)
+    target = torch.zeros(N, dtype=torch.float32, device=hidden.device)
+    if N == 0 or V == 0:
+        return lse, target
+    dtype = _kernel_dtype(hidden, weight)
+    hidden, weight = hidden.to(dtype).contiguous(), weight.to(dtype).contiguous()
+    rows = torch.arange(N, device=hidden.device)
+    _launch(resolve_blocks(dtype, hidden.device), 0, _cce_fwd, lambda bn, bv: (triton.cdiv(N, bn),),
+            hidden, weight, rows, _inside(labels, V), lse, target, lse, N, V, D, hidden.stride(0), weight.stride(0),
+            float(softcap or 1.0), HAS_SOFTCAP=softcap is not None, COLLECT_COLSUM=False,
+            DOT_FP32=_dot_fp32(dtype), DOT_PRECISION=_dot_precision(dtype))
+    return lse, target
+
+
+def shard_grads(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
+                z_loss: float, softcap: float | None, dw: torch.Tensor, filter_eps: float | str | None = "auto"):
+    """dHidden [N, D] fp32 of a vocabulary shard given the *global* LSE (so the softmax is the whole
+    vocabulary's), the per-token upstream gradient g; dWeight added into dw (fp32, contiguous
+    [rows, D]) by the kernel's atomics. Filtering is valid: |u| uses the global softmax."""
+    N, D = hidden.shape
+    V = weight.shape[0]
+    dh = torch.zeros((N, D), dtype=torch.float32, device=hidden.device)
+    if N == 0 or V == 0:
+        return dh
+    dtype = _kernel_dtype(hidden, weight)
+    hidden, weight = hidden.to(dtype).contiguous(), weight.to(dtype).contiguous()
+    if dw.dtype != torch.float32 or not dw.is_contiguous():
+        raise ValueError("dw: expected a contiguous fp32 buffer (the kernel adds into it atomically)")
+    eps = resolve_filter_eps(filter_eps, dtype)
+    order = torch.arange(V, device=hidden.device, dtype=torch.int32)
+    rows = torch.arange(N, device=hidden.device)
+    _launch(resolve_blocks(dtype, hidden.device), 1, _cce_bwd, lambda bn, bv: (triton.cdiv(N, bn), triton.cdiv(V, bv)),
+            hidden, weight, rows, _inside(labels, V), order, lse.contiguous(), g.float().contiguous(), dh, dw, N, V, D,
+            hidden.stride(0), weight.stride(0), float(softcap or 1.0), float(z_loss), float(eps or 0.0),
+            HAS_SOFTCAP=softcap is not None, FILTER=eps is not None, DOT_FP32=_dot_fp32(dtype),
+            DOT_PRECISION=_dot_precision(dtype))
+    return dh

@@ -42,6 +42,7 @@ from . import p2p
 from .p2p import communicator, compute
 
 VARIANTS = ("gather", "stream")
+SHARD_IMPLS = ("torch", "triton")
 SLAB_ELEMENTS = 1 << 24  # the [tokens, vocab] fp32 logit slab of one chunk (64 MiB), as kernels/cce_torch.py
 
 
@@ -124,9 +125,14 @@ def _chunks(n_tokens: int, n_rows: int):
     return [slice(t, t + token_chunk) for t in range(0, n_tokens, token_chunk)], max(vocab_chunk, 1)
 
 
-def shard_lse_target(h, w, y_local, softcap):
+def shard_lse_target(h, w, y_local, softcap, impl: str = "torch"):
     """Per token: log-sum-exp over the shard's rows and the target logit (0 where y_local is
-    outside the shard). fp32 [N] each; an empty shard gives -inf and 0."""
+    outside the shard). fp32 [N] each; an empty shard gives -inf and 0. impl: torch = the chunked
+    path (any device), triton = kernels/cce.py's forward kernel (CUDA, or TRITON_INTERPRET=1)."""
+    if impl == "triton":
+        from ..kernels.cce import shard_lse_target as kernel
+
+        return kernel(h, w, y_local, softcap)
     lse = torch.full((h.shape[0],), float("-inf"), dtype=torch.float32, device=h.device)
     target = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
     if w.shape[0] == 0:
@@ -137,8 +143,15 @@ def shard_lse_target(h, w, y_local, softcap):
     return lse, target
 
 
-def shard_grads(h, w, y_local, lse, g, g_lse, softcap, dw):
-    """dHidden [N, D] fp32 of the shard's rows given the global LSE; adds dWeight into dw (fp32)."""
+def shard_grads(h, w, y_local, lse, g, z_loss, softcap, dw, impl: str = "torch", filter_eps=None):
+    """dHidden [N, D] fp32 of the shard's rows given the global LSE and the per-token upstream
+    gradient g; adds dWeight into dw (fp32). triton: the backward kernel, which skips tiles whose
+    |softmax - onehot| < filter_eps (valid: the softmax is the global one)."""
+    if impl == "triton":
+        from ..kernels.cce import shard_grads as kernel
+
+        return kernel(h, w, y_local, lse, g, z_loss, softcap, dw, filter_eps)
+    g_lse = 2 * z_loss * lse * g if z_loss else torch.zeros_like(g)
     if w.shape[0] == 0:
         return torch.zeros(h.shape, dtype=torch.float32, device=h.device)
     tokens, vocab_chunk = _chunks(h.shape[0], w.shape[0])
@@ -169,7 +182,7 @@ def _ring(comm, x: torch.Tensor, step: int, what: str):
 # --- the loss head ------------------------------------------------------------------------------
 class _StreamLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, shard, ignore_index, softcap, z_loss):
+    def forward(ctx, hidden, weight, labels, shard, ignore_index, softcap, z_loss, impl, filter_eps):
         comm = communicator(shard.group)
         keep = (labels != ignore_index).nonzero().squeeze(1)
         h, y = hidden[keep], labels[keep]
@@ -180,7 +193,7 @@ class _StreamLoss(torch.autograd.Function):
             start, n = shard.owner((comm.rank - step) % shard.world)
             pending, nxt = _ring(comm, cur, step, "vocab shard")
             with compute(f"vocab {step}"):
-                part_lse, part_target = shard_lse_target(h, cur[:n], y - start, softcap)
+                part_lse, part_target = shard_lse_target(h, cur[:n], y - start, softcap, impl)
                 lse = torch.logaddexp(lse, part_lse)
                 target += part_target
             if pending is not None:
@@ -188,6 +201,7 @@ class _StreamLoss(torch.autograd.Function):
                 cur = nxt
         ctx.save_for_backward(h, weight, y, keep, lse)
         ctx.shard, ctx.softcap, ctx.z_loss, ctx.N = shard, softcap, z_loss, labels.shape[0]
+        ctx.impl, ctx.filter_eps = impl, filter_eps
         ctx.autocast = _autocast_state(h.device)
         per_token = lse - target + (z_loss * lse * lse if z_loss else 0)
         return torch.zeros(labels.shape[0], dtype=torch.float32, device=h.device).index_copy_(0, keep, per_token)
@@ -197,7 +211,6 @@ class _StreamLoss(torch.autograd.Function):
         h, weight, y, keep, lse = ctx.saved_tensors
         shard, comm = ctx.shard, communicator(ctx.shard.group)
         g = grad[keep].float()
-        g_lse = 2 * ctx.z_loss * lse * g if ctx.z_loss else torch.zeros_like(g)
         dh = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
         cur = _padded(weight.detach(), shard.rows)
         acc_recv = None
@@ -210,7 +223,8 @@ class _StreamLoss(torch.autograd.Function):
                 acc_recv[0].wait()
                 acc = acc_recv[1]
             with compute(f"vocab bwd {step}"), _replay(ctx.autocast):
-                dh += shard_grads(h, cur[:n], y - start, lse, g, g_lse, ctx.softcap, acc[:n])
+                dh += shard_grads(h, cur[:n], y - start, lse, g, ctx.z_loss, ctx.softcap, acc[:n], ctx.impl,
+                                  ctx.filter_eps)
             incoming = torch.empty_like(acc)  # after the last step it goes home, to rank + 1
             acc_recv = (comm.exchange([(acc, comm.next)], [(incoming, comm.prev)], channel="return",
                                       what=f"vocab dw {step}"), incoming)
@@ -220,24 +234,25 @@ class _StreamLoss(torch.autograd.Function):
         acc_recv[0].wait()
         dweight = acc_recv[1][:weight.shape[0]].to(weight.dtype)
         dhidden = torch.zeros((ctx.N, h.shape[1]), dtype=h.dtype, device=h.device)
-        return dhidden.index_copy_(0, keep, dh.to(h.dtype)), dweight, None, None, None, None, None
+        return dhidden.index_copy_(0, keep, dh.to(h.dtype)), dweight, None, None, None, None, None, None, None
 
 
 class _GatherLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, shard, ignore_index, softcap, z_loss):
+    def forward(ctx, hidden, weight, labels, shard, ignore_index, softcap, z_loss, impl, filter_eps):
         comm = communicator(shard.group)
         N = labels.shape[0]
         every_h = _all_gather(comm, hidden.detach()).flatten(0, 1)
         every_y = _all_gather(comm, labels).flatten()
         keep = (every_y != ignore_index).nonzero().squeeze(1)
         h, y = every_h[keep], every_y[keep] - shard.start
-        part = torch.stack(shard_lse_target(h, weight, y, softcap))
+        part = torch.stack(shard_lse_target(h, weight, y, softcap, impl))
         stats = _all_gather(comm, part)  # [P, 2, kept]: one collective for the statistics
         lse = torch.logsumexp(stats[:, 0], 0)
         target = stats[:, 1].sum(0)
         ctx.save_for_backward(h, weight, y, keep, lse)
         ctx.shard, ctx.softcap, ctx.z_loss, ctx.N = shard, softcap, z_loss, N
+        ctx.impl, ctx.filter_eps = impl, filter_eps
         ctx.autocast = _autocast_state(h.device)
         per_token = lse - target + (z_loss * lse * lse if z_loss else 0)
         every = torch.zeros(comm.world * N, dtype=torch.float32, device=h.device).index_copy_(0, keep, per_token)
@@ -248,27 +263,31 @@ class _GatherLoss(torch.autograd.Function):
         h, weight, y, keep, lse = ctx.saved_tensors
         comm = communicator(ctx.shard.group)
         g = _all_gather(comm, grad.float().contiguous()).flatten()[keep]  # every token's upstream gradient
-        g_lse = 2 * ctx.z_loss * lse * g if ctx.z_loss else torch.zeros_like(g)
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
         with _replay(ctx.autocast):
-            dh = shard_grads(h, weight, y, lse, g, g_lse, ctx.softcap, dw)
+            dh = shard_grads(h, weight, y, lse, g, ctx.z_loss, ctx.softcap, dw, ctx.impl, ctx.filter_eps)
         every = torch.zeros((comm.world * ctx.N, h.shape[1]), dtype=torch.float32, device=h.device)
         every.index_copy_(0, keep, dh)
         dhidden = _reduce_scatter(comm, every.view(comm.world, ctx.N, -1))
-        return dhidden.to(h.dtype), dw.to(weight.dtype), None, None, None, None, None
+        return dhidden.to(h.dtype), dw.to(weight.dtype), None, None, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, shard: VocabShard,
                          variant: str = "stream", ignore_index: int = -100, reduction: str = "sum",
-                         softcap: float | None = None, z_loss: float = 0.0) -> torch.Tensor:
+                         softcap: float | None = None, z_loss: float = 0.0, impl: str = "torch",
+                         filter_eps: float | str | None = None) -> torch.Tensor:
     """Cross-entropy of this rank's tokens, hidden [N, D] and labels [N] (global ids), against the
     vocabulary whose rows [shard.start, shard.stop) are `weight`; collective over shard.group
     (every rank calls it with the same N). Equals kernels.loss.linear_cross_entropy with the full
-    weight. reduction: sum, mean (over this rank's valid labels) or none (fp32 per token)."""
+    weight. reduction: sum, mean (over this rank's valid labels) or none (fp32 per token).
+    impl: the per-shard kernels, torch (chunked, exact) or triton (kernels/cce.py; filter_eps as
+    its gradient filtering: None computes every tile)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r}: expected one of {VARIANTS}")
+    if impl not in SHARD_IMPLS:
+        raise ValueError(f"impl={impl!r}: expected one of {SHARD_IMPLS}")
     fn = _StreamLoss if variant == "stream" else _GatherLoss
-    per_token = fn.apply(hidden, weight, labels, shard, ignore_index, softcap, z_loss)
+    per_token = fn.apply(hidden, weight, labels, shard, ignore_index, softcap, z_loss, impl, filter_eps)
     if reduction == "none":
         return per_token
     total = per_token.sum()
@@ -394,10 +413,11 @@ class VocabParallel:
     """How a model's vocabulary layers run: the shard, the variant (or auto) and what auto needs."""
 
     def __init__(self, shard: VocabShard, variant: str, hidden: int, flops_per_s: float = 1e14,
-                 link_bytes_per_s: float = 25e9) -> None:
+                 link_bytes_per_s: float = 25e9, impl: str = "torch", filter_eps=None) -> None:
         if variant not in VARIANTS + ("auto",):
             raise ValueError(f"variant={variant!r}: expected one of {VARIANTS + ('auto',)}")
         self.shard, self.variant, self.hidden = shard, variant, hidden
+        self.impl, self.filter_eps = impl, filter_eps  # the per-shard kernels (linear_cross_entropy)
         self.flops_per_s, self.link_bytes_per_s = flops_per_s, link_bytes_per_s
         self.last = None  # the variant of the last call (for the run log and metrics)
         self.device_mesh, self.placements = None, ()  # how a checkpoint describes the shards (new_groups)
@@ -437,7 +457,8 @@ def loss_fn(vp: VocabParallel, ignore_index: int = -100, softcap: float | None =
 
     def loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         variant = vp.pick(hidden.shape[0], weight, hidden.element_size())
-        return linear_cross_entropy(hidden, weight, labels, vp.shard, variant, ignore_index, "sum", softcap, z_loss)
+        return linear_cross_entropy(hidden, weight, labels, vp.shard, variant, ignore_index, "sum", softcap, z_loss,
+                                    vp.impl, vp.filter_eps)
 
     return loss
 

@@ -136,3 +136,44 @@ def test_byte_model_crossover():
     kw = dict(vocab_size=V_, hidden=D_, world=P, flops_per_s=4e14, link_bytes_per_s=4e11)
     assert vocab.choose(1024, **kw) == "gather" and vocab.choose(many, **kw) == "stream"
     assert vocab.bytes_per_rank("stream", "head", 10, V_, D_, 1) == 0
+
+
+def _triton_worker(rank, world, variant):
+    import os
+
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    group = p2p.new_group(list(range(world)))
+    shard = vocab.VocabShard.of(V, group)
+    _, hidden, labels, _, head, _ = _inputs(world)
+    out = {}
+    for impl in vocab.SHARD_IMPLS:
+        w = vocab.shard_rows(head, shard).requires_grad_()
+        h = hidden[rank].clone().requires_grad_()
+        loss = vocab.linear_cross_entropy(h, w, labels[rank], shard, variant, softcap=5.0, z_loss=1e-3, impl=impl)
+        loss.backward()
+        out[impl] = (loss.item(), h.grad, w.grad)
+    return out
+
+
+@pytest.mark.parametrize("variant", vocab.VARIANTS)
+def test_triton_shard_kernels_equal_the_torch_path(variant, monkeypatch):
+    """The CUDA branch's per-shard kernels (kernels/cce.py forward and backward on a shard, the
+    global LSE given) under TRITON_INTERPRET=1 on 2 gloo ranks: loss and gradients of the torch path."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # inherited by the spawned ranks before they import triton
+    for o in _dist.run(_triton_worker, 2, variant):
+        loss_t, dh_t, dw_t = o["torch"]
+        loss_k, dh_k, dw_k = o["triton"]
+        assert abs(loss_t - loss_k) <= 1e-5 * abs(loss_t)
+        torch.testing.assert_close(dh_k, dh_t, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(dw_k, dw_t, rtol=1e-5, atol=1e-6)
+
+
+def test_triton_shard_dw_must_be_a_contiguous_fp32_buffer(monkeypatch):
+    pytest.importorskip("triton")
+    from longctx.kernels import cce
+
+    h, w = torch.randn(4, 16), torch.randn(8, 16)
+    with pytest.raises(ValueError, match="dw: expected a contiguous fp32"):
+        cce.shard_grads(h, w, torch.zeros(4, dtype=torch.long), torch.zeros(4), torch.ones(4), 0.0, None,
+                        torch.zeros(8, 16, dtype=torch.bfloat16))

@@ -218,8 +218,10 @@ def apply_vocab_parallel(model: CausalLM, recipe: Recipe, mesh: mesh_lib.Mesh) -
     size = vocab_group_size(recipe, mesh.world)
     group, device_mesh, placements = vocab.new_groups(mesh.world, size, mesh.rank)
     hw = memory_hardware(recipe, mesh.device)
+    # loss.impl picks the per-shard kernels: the CCE Triton kernels where they would run, else the chunked torch path
+    impl = "triton" if resolve_impl(recipe.loss.impl, mesh.device) == "cce_triton" else "torch"
     vp = vocab.VocabParallel(vocab.VocabShard.of(model.config.vocab_size, group), variant, model.config.hidden_size,
-                             hw["flops_per_s"], hw["link_bytes_per_s"])
+                             hw["flops_per_s"], hw["link_bytes_per_s"], impl, recipe.loss.filter_eps)
     vp.device_mesh, vp.placements = device_mesh, placements
     loss = vocab.loss_fn(vp, z_loss=recipe.loss.z_loss)
     vocab.shard_model(model, vp, loss)
@@ -611,7 +613,8 @@ def build(recipe: Recipe) -> Run:
     }
     vp = getattr(model, "vocab_parallel", None)
     if vp is not None:
-        run.describe["vocab_parallel"] = f"{vp.variant} over {vp.shard.world} ranks (rows {vp.shard.start}-{vp.shard.stop})"
+        run.describe["vocab_parallel"] = (f"{vp.variant} over {vp.shard.world} ranks (rows {vp.shard.start}-"
+                                          f"{vp.shard.stop}), shard kernels {vp.impl}")
     return run
 
 
