@@ -173,7 +173,7 @@ def _dispatch(args) -> int:
 
         from .recipes import schema
         from .train.build import plan_inputs
-        from .train.plan_report import format_plan, parse_bytes, plan
+        from .train.plan_report import PlanError, format_plan, parse_bytes, plan
 
         if args.gpus < 1:
             raise RecipeError(f"--gpus={args.gpus}: expected at least 1")
@@ -189,8 +189,11 @@ def _dispatch(args) -> int:
         tflops = args.tflops if args.tflops is not None else (None if recipe_tflops == "auto" else float(recipe_tflops))
         if tflops is not None and tflops <= 0:
             raise RecipeError(f"--tflops={tflops}: expected a positive TFLOP/s")
-        report = plan(shape, inputs, args.gpus, sizes[0], sizes[1], args.gpus_per_node, args.sharding, sizes[2],
-                      300.0 if tflops is None else tflops, args.link_gbps, args.seq_len)
+        try:
+            report = plan(shape, inputs, args.gpus, sizes[0], sizes[1], args.gpus_per_node, args.sharding, sizes[2],
+                          300.0 if tflops is None else tflops, args.link_gbps, args.seq_len)
+        except PlanError as e:
+            raise RecipeError(str(e)) from None
         if report["sp_degree"] > 1:
             report["attention"] = _plan_attention(args, par, shape, report, tflops, inputs["autocast"])
         print(json.dumps(report, indent=2) if args.json else format_plan(report))

@@ -14,6 +14,12 @@ Memory terms (bytes, per GPU):
 - attention workspace: K/V (or Q) blocks in flight under sequence parallelism;
 - communication: FSDP's all-gathered layer (two in flight) and reduce-scatter buffer, and under
   FSDP2 the root unit's unsharded embedding and head;
+- vocabulary parallelism (Setting.vocab_parallel over vocab_group ranks): each rank holds ceil(V/P)
+  rows of the embedding and of the untied head, with their gradients and AdamW states, and
+  nothing else of them: no further sharding (FSDP2 ignores them), no root-unit copy, and they stay
+  on the GPU under cpu_offload. The loss head's term becomes its variant's buffers per tile
+  (vocab_buffers.py), and two phases hold the embedding's: its forward, and its backward on top
+  of every gradient;
 - arena: memory.arena's buffer (attention's whole-sequence buffers by query tiles);
 - runtime: CUDA context / process baseline.
 The peak is not the sum of the terms: the loss head's slab and a block's backward workspace are
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from . import vocab_buffers
 from .accounting import pinned_bytes
 from .plan import LayerBytes, plan_alpha
 
@@ -79,28 +86,34 @@ class ModelShape:
             p += 2 * self.head_dim
         return p
 
+    def vocab_params(self, rows: int | None = None) -> int:
+        """The embedding's and the untied head's parameters (`rows` of each: all V by default)."""
+        return (self.vocab if rows is None else rows) * self.hidden * (1 if self.tied else 2)
+
     def params(self) -> int:
-        embed = self.vocab * self.hidden * (1 if self.tied else 2)
-        return self.layers * self.params_per_layer() + embed + self.hidden
+        return self.layers * self.params_per_layer() + self.vocab_params() + self.hidden
 
 
-def param_tensor_elements(m: ModelShape) -> list[int]:
-    """Elements of each parameter tensor (FSDP2 shards and offloads them one by one)."""
+def param_tensor_elements(m: ModelShape, vocab: bool = True) -> list[int]:
+    """Elements of each parameter tensor (FSDP2 shards and offloads them one by one); vocab=False
+    leaves out the embedding and head (vocabulary parallel: FSDP2 ignores them)."""
     h, i, q, kv = m.hidden, m.intermediate, m.heads * m.head_dim, m.kv_heads * m.head_dim
     layer = [h * q, h * kv, h * kv, q * h, h * i, h * i, i * h, h, h]
     if m.qkv_bias:
         layer += [q, kv, kv]
     if m.qk_norm:
         layer += [m.head_dim, m.head_dim]
-    return layer * m.layers + [m.vocab * h] * (1 if m.tied else 2) + [h]
+    return layer * m.layers + ([m.vocab * h] * (1 if m.tied else 2) if vocab else []) + [h]
 
 
-def offloaded_host_bytes(m: ModelShape, world: int, gpus_per_node: int) -> float:
+def offloaded_host_bytes(m: ModelShape, world: int, gpus_per_node: int, vocab: bool = True) -> float:
     """Host bytes per node under FSDP2's CPUOffloadPolicy over `world` ranks: each rank's sharded
     parameters and gradients in pinned memory (each tensor rounded up to a power of two by the
-    pinned allocator) and AdamW's two states in ordinary memory."""
-    pinned = sum(2 * pinned_bytes(int(4 * n / world)) for n in param_tensor_elements(m))
-    return (pinned + 8.0 * m.params() / world) * gpus_per_node
+    pinned allocator) and AdamW's two states in ordinary memory. vocab=False: without the
+    embedding and head (vocabulary parallel, they stay on the GPU)."""
+    elements = param_tensor_elements(m, vocab)
+    pinned = sum(2 * pinned_bytes(int(4 * n / world)) for n in elements)
+    return (pinned + 8.0 * sum(elements) / world) * gpus_per_node
 
 
 def layer_bytes(m: ModelShape, autocast: bool, inputs_in_compute_dtype: bool = True) -> tuple[float, LayerBytes]:
@@ -149,13 +162,15 @@ def outside_bytes_per_token(m: ModelShape, autocast: bool, tiled_head: bool = Fa
     return 8 + (8 * m.hidden + 4) + 2 * 4 * m.hidden + 16 + rope
 
 
-def tiled_head_transient(m: ModelShape, tokens: int, tile: int) -> float:
+def tiled_head_transient(m: ModelShape, tokens: int, tile: int, vocab_rows: int | None = None) -> float:
     """Live in the loss phase besides the kept activations when the head runs in tiles: the last
     block's output (its input, freed when it returns), one tile's graph (norm input, normalised and
     scaled values, the loss's input gradient and the tile's input gradient: 16 B x hidden per
-    token) and, from the second tile on, the gradient of the output weight being accumulated next
-    to the tile's own."""
-    return 4.0 * m.hidden * tokens + 16.0 * m.hidden * min(tokens, tile) + (4.0 * m.vocab * m.hidden if tokens > tile else 0.0)
+    token) and, from the second tile on, the gradient of the output weight (this rank's
+    `vocab_rows` of it, all V by default) being accumulated next to the tile's own."""
+    rows = m.vocab if vocab_rows is None else vocab_rows
+    weight_grad = 4.0 * rows * m.hidden if tokens > tile else 0.0
+    return 4.0 * m.hidden * tokens + 16.0 * m.hidden * min(tokens, tile) + weight_grad
 
 
 OPTIMIZER_TEMP_BYTES_PER_PARAM = 4.0  # foreach AdamW's transient at its step, per local parameter
@@ -200,6 +215,10 @@ class Setting:
     elimination_keep: tuple[float, ...] | None = None
     # source predictor: the pattern predictors' FLOPs per token of an eliminating layer, instead of the exact score
     elimination_predictor_flops: float | None = None
+    # parallel.vocab_parallel (off | gather | stream | auto) and the ranks its rows are sharded over
+    # (the sp group, or every rank under fsdp2: the caller decides)
+    vocab_parallel: str = "off"
+    vocab_group: int = 1
 
 
 @dataclass
@@ -315,16 +334,20 @@ def elimination_flops(m: ModelShape, tokens: int, seq_len: int, keep: float,
 
 
 def estimate(m: ModelShape, s: Setting) -> Estimate:
-    P = m.params()
     world_dp = s.dp
     shard = {"none": (1, 1, 1), "zero1": (1, 1, world_dp), "zero2": (1, world_dp, world_dp),
              "zero3": (world_dp, world_dp, world_dp), "fsdp2": (world_dp, world_dp, world_dp)}[s.sharding]
+    # vocabulary parallel: this rank's rows of the vocabulary weights, held whole (outside the sharding)
+    vocab_on = s.vocab_parallel != "off"
+    vocab_rows = vocab_buffers.rows_per_rank(m.vocab, s.vocab_group) if vocab_on else m.vocab
+    vocab_own = float(m.vocab_params(vocab_rows)) if vocab_on else 0.0
+    sharded_params = m.params() - (m.vocab_params() if vocab_on else 0)  # what the sharding divides
     tokens = s.rows * s.seq_len // s.sp  # on this GPU
     base, lb = layer_bytes(m, s.autocast, s.kept_inputs_in_compute_dtype)
     swapped = max(m.layers - s.resident_layers, 0) if s.policy == "memo" else 0
     layer_s = layer_forward_flops(m, tokens, s.seq_len) / s.flops_per_s
     offloaded = s.cpu_offload and s.sharding == "fsdp2"
-    offload_host = offloaded_host_bytes(m, world_dp, s.gpus_per_node) if offloaded else 0.0
+    offload_host = offloaded_host_bytes(m, world_dp, s.gpus_per_node, vocab=not vocab_on) if offloaded else 0.0
     if s.policy == "memo":
         if s.alpha == "auto":  # MEMO's share of host memory: what the offloaded states leave
             ap = plan_alpha(tokens, lb, layer_s, s.link_bytes_per_s, max(s.host_bytes_per_node - offload_host, 0.0),
@@ -374,7 +397,11 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
     q_w, kv_w = m.heads * m.head_dim, m.kv_heads * m.head_dim
     arena_bytes = (act + 4) * 2 * kv_w * tokens if arena else 0.0  # k, v and their fp32 gradients
     n = min(tokens, s.loss_tile_tokens) if tiled_head else tokens  # the tokens the loss sees at once
-    if s.loss == "cce":
+    if vocab_on:  # the sharded CCE (parallel/vocab.py) replaces loss.impl's head
+        loss_ws = vocab_buffers.head_transient_bytes(s.vocab_parallel, n, vocab_rows, m.hidden, s.vocab_group)
+        embed_fwd, embed_bwd = vocab_buffers.embedding_transient_bytes(s.vocab_parallel, tokens, vocab_rows, m.hidden,
+                                                                       s.vocab_group)
+    elif s.loss == "cce":
         loss_ws = 3 * 4 * min(n * m.vocab, 1 << 24) + 4 * m.vocab * m.hidden  # slab + dW
     else:  # logits, fp32 copy, log-softmax and their gradients
         loss_ws = n * m.vocab * (2 if s.autocast else 4) + 4 * 4 * n * m.vocab
@@ -385,13 +412,13 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
     comm = 3 * layer_params if s.sharding in ("fsdp2", "zero3") else 0.0
     if s.sharding == "fsdp2":
         # the root unit (embedding, head, final norm) stays unsharded from its forward to its
-        # backward: FSDP2 does not reshard the root after forward
-        comm += pbytes * (m.params() - m.layers * m.params_per_layer())
+        # backward: FSDP2 does not reshard the root after forward (vocabulary parallel: the norm only)
+        comm += pbytes * (sharded_params - m.layers * m.params_per_layer())
     host += offload_host
     terms = {
-        "params": 0.0 if offloaded else 4.0 * P / shard[0],
-        "grads": 0.0 if offloaded else 4.0 * P / shard[1],
-        "optimizer": 0.0 if offloaded else 8.0 * P / shard[2],
+        "params": (0.0 if offloaded else 4.0 * sharded_params / shard[0]) + 4.0 * vocab_own,
+        "grads": (0.0 if offloaded else 4.0 * sharded_params / shard[1]) + 4.0 * vocab_own,
+        "optimizer": (0.0 if offloaded else 8.0 * sharded_params / shard[2]) + 8.0 * vocab_own,
         "activations": device_act + outside_bytes_per_token(m, s.autocast, tiled_head) * tokens,
         "staging_buffers": staging,
         "swap_in_flight": in_flight,
@@ -402,9 +429,11 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
         "arena": arena_bytes,
         "runtime": s.runtime_bytes,
     }
-    head_grad = 4.0 * m.vocab * m.hidden * (1 if m.tied else 2) / shard[1]
+    if vocab_on:
+        terms["vocab_embedding"] = max(embed_fwd, embed_bwd)
+    head_grad = 4.0 * vocab_own if vocab_on else 4.0 * m.vocab_params() / shard[1]
     outside = outside_bytes_per_token(m, s.autocast, tiled_head) * tokens
-    head_tiles = tiled_head_transient(m, tokens, s.loss_tile_tokens) if tiled_head else 0.0
+    head_tiles = tiled_head_transient(m, tokens, s.loss_tile_tokens, vocab_rows) if tiled_head else 0.0
     # the first block's backward still meets the swapped copies when a resident block comes first
     first_in_flight = in_flight if s.resident_layers > 0 else 0.0
     # With the head in tiles, the gradient reaching the last block is the head's stored one (in the
@@ -421,6 +450,12 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
     else:
         fwd_whole = act * (2 * q_w + 4 * kv_w) + 4 * m.heads + 3 * 4 * m.hidden
     fwd_tile = min(tokens, s.recompute_chunk_tokens or tokens) * base if recomputes else 0.0
+    # AdamW's temporaries on the GPU: offloaded states step on the host, the vocabulary rows (if sharded) here
+    if s.optimizer_foreach:
+        optimizer_elements = (0.0 if offloaded else sharded_params / shard[2]) + vocab_own
+    else:
+        on_gpu = ([vocab_rows] if vocab_on or not offloaded else []) + ([] if offloaded else [m.intermediate])
+        optimizer_elements = 2 * max(on_gpu, default=0) * m.hidden
     # each phase's parts by name (a term's own name where it is one), summed in this order
     parts = {
         "loss": {"activations": terms["activations"], "loss_head": terms["loss_head"], "swap_in_flight": in_flight,
@@ -439,9 +474,12 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
         # (local) parameters' size, 4 B each (measured on an H200: 7.2 GiB at 1.92 B parameters);
         # without foreach one parameter at a time, two temporaries of the largest (sqrt, then the
         # division; the embedding or an MLP matrix)
-        "optimizer_step": {"grads": terms["grads"], "optimizer_temp": 0.0 if offloaded else OPTIMIZER_TEMP_BYTES_PER_PARAM * (
-            P / shard[2] if s.optimizer_foreach else 2 * max(m.vocab, m.intermediate) * m.hidden)},
+        "optimizer_step": {"grads": terms["grads"],
+                           "optimizer_temp": OPTIMIZER_TEMP_BYTES_PER_PARAM * optimizer_elements},
     }
+    if vocab_on:  # the embedding runs first in forward and last in backward, on top of every gradient
+        parts["embedding_forward"] = {"vocab_embedding": embed_fwd}
+        parts["embedding_backward"] = {"grads": terms["grads"], "vocab_embedding": embed_bwd}
     phases = {name: sum(p.values()) for name, p in parts.items()}
     # step time: fwd (1) + bwd (2) + recomputed forward work
     layer_flops = [elimination_flops(m, tokens, s.seq_len, k, s.elimination_predictor_flops) for k in keep]

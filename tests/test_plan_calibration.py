@@ -9,6 +9,7 @@ rows, so this guards the fit; it does not validate it on another shape. Before t
 up to 16.4%, always low: it left out the two swapped blocks whose device copies stay alive until
 backward reaches them, and foreach AdamW's temporary (4 bytes per parameter) at the optimizer step."""
 
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -139,3 +140,97 @@ def test_plan_says_what_its_gpu_figures_rest_on(capsys):
     out = capsys.readouterr().out
     assert "memory model: calibrated on one H200 step" in out and "not measured" in out
     assert _llama_plan(8)["calibration"].startswith("calibrated on one H200 step")
+
+
+# --- parallel.vocab_parallel: what the plan holds, sends and picks ---------------------------------
+LLAMA = str(REPO / "recipes" / "llama3-8b-128k.yaml")
+
+
+def test_vocab_parallel_holds_one_pth_of_the_vocab_weights():
+    """Over a vocabulary group of P ranks a rank holds ceil(V/P) rows of the embedding and head, with
+    their gradients and AdamW states (counted here by hand); under fsdp2 (P = every rank) they are
+    not sharded again and the root unit's unsharded copy is the final norm alone."""
+    from longctx.memory.estimate import ModelShape, Setting, estimate
+
+    m = ModelShape(576, 1536, 30, 9, 3, 64, 49153)  # untied, V not a multiple of P
+    V, D, P = m.vocab, m.hidden, 4
+    rest = m.layers * m.params_per_layer() + D  # blocks and final norm
+    assert m.params() == rest + 2 * V * D
+    c = 12289  # ceil(49153 / 4)
+    s = Setting(seq_len=16384, sp=4, dp=4, gpus_per_node=4, sharding="none")
+    off, on = estimate(m, s), estimate(m, dataclasses.replace(s, vocab_parallel="stream", vocab_group=P))
+    assert off.terms["params"] == 4 * (rest + 2 * V * D) and off.terms["optimizer"] == 8 * (rest + 2 * V * D)
+    assert on.terms["params"] == 4 * (rest + 2 * c * D)
+    assert on.terms["grads"] == 4 * (rest + 2 * c * D)
+    assert on.terms["optimizer"] == 8 * (rest + 2 * c * D)
+    vocab_off, vocab_on = off.terms["optimizer"] - 8 * rest, on.terms["optimizer"] - 8 * rest
+    assert vocab_off / vocab_on == pytest.approx(P, rel=1e-4)
+    # the loss head's buffers per 4,096-token tile: two shards and two fp32 accumulators, one CCE chunk
+    assert on.terms["loss_head"] == 4 * 4 * c * D + min(12 * 4096 * c, 12 * (1 << 24))
+
+    world = 8
+    s = Setting(seq_len=16384, sp=1, dp=world, gpus_per_node=8, sharding="fsdp2", autocast=True)
+    off, on = estimate(m, s), estimate(m, dataclasses.replace(s, vocab_parallel="gather", vocab_group=world))
+    c = 6145  # ceil(49153 / 8)
+    assert on.terms["params"] == pytest.approx(4 * (rest / world + 2 * c * D))
+    assert on.terms["optimizer"] == pytest.approx(8 * (rest / world + 2 * c * D))
+    layer = m.params_per_layer()
+    assert off.terms["communication"] == 4 * (3 * layer + 2 * V * D + D)
+    assert on.terms["communication"] == 4 * (3 * layer + D)  # FSDP2 ignores the vocabulary rows
+
+
+def _plan_cli(capsys, *argv):
+    from longctx.cli import main
+
+    code = main(["plan", LLAMA, *argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_plan_prints_what_each_vocab_variant_sends_and_what_auto_picks(capsys):
+    """The vocab section has one line per bucket length; its bytes are parallel/vocab.py's byte
+    model (embedding + head) at the bucket's tokens per rank, and auto picks gather where few tokens
+    meet Llama's 128K vocabulary and stream at 128K tokens with the head in one call (memory.policy
+    none); with the head in 4K-token tiles (memo) each tile is one call, so the head stays gather."""
+    from longctx.parallel import vocab
+
+    whole = ("parallel.vocab_parallel=auto", "memory.policy=none", "--sharding", "none", "--gpus", "8")
+    code, out, _ = _plan_cli(capsys, *whole)
+    assert code in (0, 1)
+    assert "vocabulary parallel (parallel.vocab_parallel auto)" in out and "16,032 per rank" in out
+    rows = {int(line.split()[0].replace(",", "")): line.split() for line in out.splitlines()
+            if line.startswith("  ") and line.split()[0].replace(",", "").isdigit() and len(line.split()) >= 9}
+    assert rows[1024][-1] == "gather" and rows[131072][-1] == "stream"
+    assert set(rows) == {64 << k for k in range(12)}  # the buckets up to data.max_len
+
+    report = json.loads(_plan_cli(capsys, *whole, "--json")[1])
+    V, D = 128256, 4096
+    by_len = {b["seq_len"]: b for b in report["vocab"]["buckets"]}
+    for L, expected in ((1024, "gather"), (131072, "stream")):
+        b = by_len[L]
+        assert b["sp"] == 8 and b["tokens_per_rank"] == L // 8 and b["auto"] == {"head": expected, "embedding": expected}
+        for v in ("gather", "stream"):
+            sent = sum(vocab.bytes_per_rank(v, layer, L // 8, V, D, 8) for layer in ("head", "embedding"))
+            assert b[v]["bytes"] == sent
+            assert b[v]["seconds"] == pytest.approx(vocab.predict_seconds(v, L // 8, V, D, 8, 300e12, 25e9))
+        other = "stream" if expected == "gather" else "gather"
+        assert b[expected]["seconds"] < b[other]["seconds"]
+    assert by_len[1024]["stream"]["bytes"] > 100 * by_len[1024]["gather"]["bytes"]  # the whole vocabulary travels
+
+    _, out, _ = _plan_cli(capsys, "parallel.vocab_parallel=auto", "--gpus", "8")  # memo: the head in tiles
+    assert "tiles of 4,096 tokens" in out
+    last = [line for line in out.splitlines() if line.strip().startswith("131,072")][0]
+    assert last.split()[3] == "4" and last.endswith("head gather, embedding stream")
+
+
+@pytest.mark.parametrize("argv", [("--gpus", "1"), ("--gpus", "4", "--sharding", "none")])
+def test_plan_vocab_parallel_over_one_rank_exits_2(capsys, argv):
+    """A vocabulary group of one rank (one GPU; sp 1 without fsdp2) is a recipe error naming the key."""
+    from longctx.cli import main
+
+    tiny = str(REPO / "recipes" / "tiny.yaml")
+    assert main(["plan", tiny, "parallel.vocab_parallel=auto", *argv]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("longctx: error:")]
+    assert len(lines) == 1 and "parallel.vocab_parallel='auto'" in lines[0] and "one rank" in lines[0], err
+    assert "Traceback" not in err

@@ -704,9 +704,16 @@ def shape_of(recipe: Recipe) -> ModelShape:
 
 
 def plan_inputs(recipe: Recipe) -> tuple[ModelShape, dict]:
-    d, m = recipe.data, recipe.memory
+    d, m, p = recipe.data, recipe.memory, recipe.parallel
+    decompose = d.batching == "decompose"
+    gpu = memory_hardware(recipe, torch.device("cuda"))  # what a GPU run's vocab_parallel auto decides with
     return shape_of(recipe), {
-        "seq_len": d.max_len if d.batching == "decompose" else d.seq_len, "sp_degree": recipe.parallel.sp_degree,
+        "seq_len": d.max_len if decompose else d.seq_len, "sp_degree": p.sp_degree,
+        # the bucket lengths and what lowers a bucket's sp degree (packed rows always run at sp_degree)
+        "bucket_lengths": [d.min_len << k for k in range((d.max_len // d.min_len).bit_length())] if decompose else [d.seq_len],
+        "min_tokens_per_sp_rank": p.min_tokens_per_sp_rank if decompose else 1,
+        "vocab_parallel": p.vocab_parallel, "vocab_flops_per_s": gpu["flops_per_s"],
+        "vocab_link_bytes_per_s": gpu["link_bytes_per_s"],
         "autocast": recipe.run.dtype == "bf16", "policy": m.policy, "alpha": m.alpha, "tier": m.tier,
         "resident_layers": m.resident_layers, "recompute_num_layers": m.recompute_num_layers,
         "recompute_chunk_tokens": m.recompute_chunk_tokens, "loss": "reference" if recipe.loss.impl == "reference" else "cce",

@@ -1,14 +1,19 @@
 """`longctx plan <recipe> --gpus N --gpu-mem 80GiB --host-mem 1TiB`: will it fit, how fast, and the
 longest sequence that fits (memory/estimate.py is the model; this file reads the recipe), and
 what each sequence-parallel attention schedule would cost on the described machine
-(parallel/choose.py is that model)."""
+(parallel/choose.py is that model), and under parallel.vocab_parallel what each variant would send
+and cost per bucket and what `auto` picks (parallel/vocab.py's byte model)."""
 
 from __future__ import annotations
 
 import re
 
+from ..data.sampler import sp_for_length
 from ..memory.estimate import GiB, ModelShape, Setting, estimate, longest_fitting
+from ..memory.vocab_buffers import rows_per_rank
+from ..parallel import vocab
 from ..parallel.choose import SCHEDULES, Shape, choose, label
+from ..parallel.layout import padded_length
 from ..parallel.topology import Machine
 
 # Architectures of hub checkpoints a recipe may name, so planning works offline (facts from their
@@ -21,6 +26,10 @@ KNOWN_SHAPES = {
 }
 _UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 1 << 10, "MIB": 1 << 20,
           "GIB": 1 << 30, "TIB": 1 << 40}
+
+
+class PlanError(ValueError):
+    """A planning input the user can fix (cli.py reports it as a recipe error: exit 2)."""
 
 
 def parse_bytes(text: str, what: str) -> float:
@@ -44,6 +53,7 @@ def setting_for(r: dict, gpus: int, gpu_mem: float, host_mem: float, gpus_per_no
         cpu_offload=r.get("cpu_offload", False), fsdp_param_bf16=r.get("fsdp_param_bf16", False),
         arena=r.get("arena", False), elimination_keep=r.get("elimination_keep"),
         elimination_predictor_flops=r.get("elimination_predictor_flops"),
+        vocab_parallel=r.get("vocab_parallel", "off"), vocab_group=r.get("vocab_group", 1),
     )
 
 
@@ -69,7 +79,7 @@ def plan(shape: ModelShape, r: dict, gpus: int, gpu_mem: float, host_mem: float,
     # count not above it (sp 8 on 4 GPUs plans sp 4)
     asked = r["sp_degree"]
     sp = max(d for d in range(1, min(asked, gpus) + 1) if gpus % d == 0)
-    r = dict(r, sp_degree=sp)
+    r = dict(r, sp_degree=sp, vocab_group=vocab_group(r.get("vocab_parallel", "off"), sharding, gpus, sp))
 
     budget = gpu_mem / (1 + ALLOCATOR_RESERVE)  # what the live tensors may peak at
 
@@ -118,6 +128,7 @@ def plan(shape: ModelShape, r: dict, gpus: int, gpu_mem: float, host_mem: float,
         # the same figures under the names scripts check (issue 16): per GPU, longest in tokens
         "peak_bytes_per_gpu": e.total, "longest_tokens": longest, "binding_term": binding,
         "calibration": CALIBRATION, "cpu_offload": bool(r.get("cpu_offload")) and sharding == "fsdp2",
+        **({"vocab": vocab_plan(shape, r, length, sharding)} if r.get("vocab_parallel", "off") != "off" else {}),
     }
 
 
@@ -148,8 +159,97 @@ def format_plan(p: dict) -> str:
     if p["alpha_binding"] == "device_memory":
         lines.append(f"alpha auto overflows the GPU at this length: set memory.alpha: {p['alpha']:.2f} in the recipe")
     lines.append(f"memory model: {CALIBRATION}")
+    if "vocab" in p:
+        lines += ["", format_vocab(p["vocab"])]
     if "attention" in p:
         lines += ["", format_attention(p["attention"])]
+    return "\n".join(lines)
+
+
+# --- vocabulary parallelism (parallel/vocab.py) -------------------------------------------------
+def vocab_group(variant: str, sharding: str, gpus: int, sp: int) -> int:
+    """Ranks the vocabulary rows are sharded over (recipes/schema.py vocab_group_size with the
+    plan's sharding and GPUs): every GPU under fsdp2, else the sp group; 1 when off."""
+    if variant == "off":
+        return 1
+    if sharding.startswith("zero"):
+        raise PlanError(f"parallel.vocab_parallel={variant!r}: not with --sharding {sharding} (ZeRO would "
+                        "partition the shards again, as parallel.sharding deepspeed); plan with --sharding fsdp2 or "
+                        "none, or set off")
+    group = gpus if sharding == "fsdp2" else sp
+    if group == 1:
+        raise PlanError(f"parallel.vocab_parallel={variant!r}: shards the vocabulary over the sp group (every GPU "
+                        f"under --sharding fsdp2), and this plan has one rank there (--gpus {gpus}, sp {sp}, sharding "
+                        f"{sharding}); raise parallel.sp_degree, plan more GPUs with fsdp2, or set off")
+    return group
+
+
+def _vocab_cost(variant: str, calls: list[int], tokens: int, shape: ModelShape, group: int, flops: float,
+                link: float) -> tuple[float, float]:
+    """(bytes sent, seconds) of one rank's embedding (one call on `tokens` ids) and loss head (one
+    call per entry of `calls`), forward and backward, by vocab.bytes_per_rank and predict_seconds.
+    predict_seconds prices both layers at one token count; the embedding's transfer is a term of its
+    own in both variants, so a head call costs predict_seconds less that term (exact with one call)."""
+    V, D = shape.vocab, shape.hidden
+
+    def embedding_bytes(n: int) -> int:
+        return vocab.bytes_per_rank(variant, "embedding", n, V, D, group)
+
+    sent = sum(vocab.bytes_per_rank(variant, "head", n, V, D, group) for n in calls) + embedding_bytes(tokens)
+    head_seconds = sum(vocab.predict_seconds(variant, n, V, D, group, flops, link) - embedding_bytes(n) / link
+                       for n in calls)
+    return float(sent), head_seconds + embedding_bytes(tokens) / link
+
+
+def vocab_plan(shape: ModelShape, r: dict, length: int, sharding: str) -> dict:
+    """Per bucket length up to `length`: this rank's tokens (length / the bucket's sp degree), the
+    bytes each variant sends and the seconds it takes for the embedding and loss head of one row
+    (fp32 weights and hidden states, as the run passes them), and what `auto` picks, with the
+    figures the run's auto uses (train/build.py memory_hardware: memory.device_tflops and
+    memory.link_gbps, else the CUDA defaults). Under memory.policy full/memo the head runs in tiles
+    of recompute_chunk_tokens (models/llama._TiledHead): one vocabulary-parallel call per tile, and
+    auto picks per call, so the head's pick follows the tile (shown: a full tile's) and the
+    embedding's the whole row."""
+    variant, group, sp = r["vocab_parallel"], r["vocab_group"], r["sp_degree"]
+    flops, link = r["vocab_flops_per_s"], r["vocab_link_bytes_per_s"]
+    tile = r["recompute_chunk_tokens"] if r["policy"] != "none" else None
+    lengths = sorted({L for L in r.get("bucket_lengths", ()) if L < length} | {length})
+    buckets = []
+    for L in lengths:
+        sp_L = sp_for_length(L, sp, r.get("min_tokens_per_sp_rank", 1))
+        tokens = L if sp_L == 1 else padded_length(L, sp_L) // sp_L
+        calls = [min(tile, tokens - start) for start in range(0, tokens, tile)] if tile else [tokens]
+        row = {"seq_len": L, "sp": sp_L, "tokens_per_rank": tokens, "head_calls": len(calls)}
+        for v in vocab.VARIANTS:
+            sent, seconds = _vocab_cost(v, calls, tokens, shape, group, flops, link)
+            row[v] = {"bytes": sent, "seconds": seconds}
+        row["auto"] = {"head": vocab.choose(calls[0], shape.vocab, shape.hidden, group, flops, link),
+                       "embedding": vocab.choose(tokens, shape.vocab, shape.hidden, group, flops, link)}
+        buckets.append(row)
+    group_of = "every GPU: fsdp2" if sharding == "fsdp2" else "the sp group"
+    return {"variant": variant, "group": group, "group_of": group_of,
+            "vocab_size": shape.vocab, "hidden": shape.hidden, "rows_per_rank": rows_per_rank(shape.vocab, group),
+            "flops_per_s": flops, "link_bytes_per_s": link, "head_tile_tokens": tile, "buckets": buckets}
+
+
+def _auto_label(pick: dict) -> str:
+    return pick["head"] if pick["head"] == pick["embedding"] else f"head {pick['head']}, embedding {pick['embedding']}"
+
+
+def format_vocab(v: dict) -> str:
+    tile = (f"the head runs in tiles of {v['head_tile_tokens']:,} tokens (memory.recompute_chunk_tokens): one call "
+            "per tile, auto picks per call" if v["head_tile_tokens"] else "the head runs in one call per row")
+    lines = [f"vocabulary parallel (parallel.vocab_parallel {v['variant']}), modelled: {v['vocab_size']:,} rows over "
+             f"{v['group']} ranks ({v['group_of']}), {v['rows_per_rank']:,} per rank",
+             f"byte model at {v['flops_per_s'] / 1e12:g} TFLOP/s and {v['link_bytes_per_s'] / 1e9:g} GB/s per rank "
+             f"(memory.device_tflops, memory.link_gbps: what the run's auto uses); {tile}", "",
+             f"  {'length':>9}{'sp':>4}{'tokens/rank':>13}{'calls':>7}{'gather MiB':>12}{'stream MiB':>12}"
+             f"{'gather ms':>11}{'stream ms':>11}  auto picks  (embedding + head, fwd+bwd, one row, sent per rank)"]
+    for b in v["buckets"]:
+        g, s = b["gather"], b["stream"]
+        lines.append(f"  {b['seq_len']:>9,}{b['sp']:>4}{b['tokens_per_rank']:>13,}{b['head_calls']:>7}"
+                     f"{g['bytes'] / 2**20:>12.1f}{s['bytes'] / 2**20:>12.1f}{g['seconds'] * 1e3:>11.2f}"
+                     f"{s['seconds'] * 1e3:>11.2f}  {_auto_label(b['auto'])}")
     return "\n".join(lines)
 
 
