@@ -20,7 +20,7 @@ Prints one JSON object per case and a last line {"summary": {...}}:
   head_memory_ratio_v<V>   vocab-parallel peak / replicated peak, per rank (the larger variant's)
   auto_vs_best_time        max over (V, tokens) of the measured time of auto's pick over the
                            faster of gather and stream
-  python -m longctx.bench.vocab_parallel [--nproc 4] [--hidden 32] [--memory-hidden 256]
+  python -m longctx.bench.vocab_parallel [--nproc 4] [--hidden 32] [--memory-hidden 512]
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nproc", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=32, help="hidden size of the timed cases")
-    ap.add_argument("--memory-hidden", type=int, default=256, help="hidden size of the memory cases")
+    ap.add_argument("--memory-hidden", type=int, default=512, help="hidden size of the memory cases")
     ap.add_argument("--memory-tokens", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--vocabs", type=int, nargs="+", default=list(VOCABS))

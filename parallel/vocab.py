@@ -43,7 +43,9 @@ from .p2p import communicator, compute
 
 VARIANTS = ("gather", "stream")
 SHARD_IMPLS = ("torch", "triton")
-SLAB_ELEMENTS = 1 << 24  # the [tokens, vocab] fp32 logit slab of one chunk (64 MiB), as kernels/cce_torch.py
+# The [tokens, rows] fp32 logit slab of one chunk: 16 MiB, a quarter of kernels/cce_torch.py's whole-vocabulary
+# slab, since a shard holds a fraction of the rows (at 4 ranks the same tokens per chunk)
+SLAB_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
