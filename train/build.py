@@ -225,6 +225,10 @@ def apply_vocab_parallel(model: CausalLM, recipe: Recipe, mesh: mesh_lib.Mesh) -
     vp.device_mesh, vp.placements = device_mesh, placements
     loss = vocab.loss_fn(vp, z_loss=recipe.loss.z_loss)
     vocab.shard_model(model, vp, loss)
+    if variant == "stream" and recipe.memory.policy != "none" and mesh.is_main:
+        log.warning("parallel.vocab_parallel=stream: memory.policy %s runs the loss head in tiles of %d tokens "
+                    "(memory.recompute_chunk_tokens) and each tile streams every shard; auto picks per tile",
+                    recipe.memory.policy, recipe.memory.recompute_chunk_tokens)
 
 
 def sequence_parallel_attention(recipe: Recipe, mesh: mesh_lib.Mesh, cfg: ModelConfig) -> SequenceParallelAttention:
@@ -316,7 +320,8 @@ def apply_memory(model: CausalLM, recipe: Recipe, mesh: mesh_lib.Mesh,
     hw = memory_hardware(recipe, mesh.device)
     if recipe.parallel.sharding == "fsdp2" and recipe.parallel.cpu_offload:  # MEMO gets what the offloaded states leave
         hw["host_bytes_per_node"] = max(
-            hw["host_bytes_per_node"] - offloaded_host_bytes(shape, mesh.world, hw["gpus_per_node"]), 0.0)
+            hw["host_bytes_per_node"] - offloaded_host_bytes(shape, mesh.world, hw["gpus_per_node"],
+                                                             vocab=recipe.parallel.vocab_parallel == "off"), 0.0)
     planner = MemoPlanner(
         lb, shape.params_per_layer(), shape.heads * shape.head_dim, shape.layers, m.resident_layers,
         None if m.alpha == "auto" else float(m.alpha), m.tier, sp_of=lambda: sp_attention.sp if sp_attention else 1,
