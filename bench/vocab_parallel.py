@@ -234,7 +234,7 @@ def main(argv=None) -> int:
         for tokens in args.tokens:
             rows = {row["mode"]: row for row in results[0]["time"] if row["vocab"] == V and row["tokens"] == tokens}
             pick = vocab.choose(tokens // args.nproc, V, args.hidden, args.nproc, cal["flops_per_s"],
-                                cal["link_bytes_per_s"])
+                                cal["link_bytes_per_s"], latency_s=cal["latency_s"])
             for m in MODES:
                 r = rows[m]
                 print(json.dumps({"case": "time", "vocab": V, "hidden": args.hidden, "tokens": tokens, "mode": m,

@@ -11,7 +11,7 @@ variant: it is charged the larger.
 
 from __future__ import annotations
 
-SLAB_BYTES = 3 * 4 * (1 << 24)  # CCE's [tokens, rows] fp32 chunk and its companions, as estimate.py's cce term
+SLAB_BYTES = 3 * 4 * (1 << 22)  # a shard's [tokens, rows] fp32 chunk (parallel/vocab.py SLAB_ELEMENTS) and companions
 
 
 def rows_per_rank(vocab: int, group: int) -> int:
@@ -25,8 +25,9 @@ def _slab(tokens: int, rows: int) -> float:
 
 def head_transient_bytes(variant: str, tokens: int, rows: int, hidden: int, group: int) -> float:
     """The loss head's buffers during one call on `tokens` tokens of this rank (a tile of the head):
-    stream: the shard being computed and the one arriving (padded to `rows`), the fp32 dWeight
-    accumulator being added to and the one arriving on the return channel, and one CCE chunk;
+    stream: the shard being computed and the one arriving (padded to `rows`), this rank's fp32
+    dWeight part, the accumulator arriving on the return channel and the one still leaving (the
+    part is computed while the accumulator travels), and one CCE chunk;
     gather: the group's hidden states [P x tokens, D] (saved for backward), their fp32 dHidden,
     its copy scattered to the group's order and the reduce-scatter's receive buffer (all live
     together in backward), the shard's fp32 dWeight and one CCE chunk over the group's tokens."""
@@ -34,7 +35,7 @@ def head_transient_bytes(variant: str, tokens: int, rows: int, hidden: int, grou
         return max(head_transient_bytes(v, tokens, rows, hidden, group) for v in ("gather", "stream"))
     shard = 4.0 * rows * hidden
     if variant == "stream":
-        return 2 * shard + 2 * shard + _slab(tokens, rows)
+        return 2 * shard + 3 * shard + _slab(tokens, rows)
     group_tokens = group * tokens
     return 4.0 * group_tokens * hidden * (1 + 3) + shard + _slab(group_tokens, rows)
 

@@ -190,6 +190,8 @@ class CausalLM(nn.Module):
         # tokens per tile of the final norm + loss in training (`_TiledHead`); None: one pass over
         # the whole local sequence. The trainer sets memory.recompute_chunk_tokens under recompute.
         self.loss_tile_tokens: int | None = None
+        # the whole output weight when it is sharded by vocabulary rows (parallel/vocab.py sets it; collective)
+        self.whole_output_weight: Callable[[], torch.Tensor] | None = None
         self.set_attention(attention)
 
     # --- injected pieces ---------------------------------------------------------------------
@@ -259,7 +261,8 @@ class CausalLM(nn.Module):
 
     def logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Full [B, S, V] logits: for evaluation and tests at small sizes, never for training."""
-        return self.hidden_states(input_ids, position_ids) @ self.output_weight.T
+        weight = self.whole_output_weight() if self.whole_output_weight is not None else self.output_weight
+        return self.hidden_states(input_ids, position_ids) @ weight.T
 
     @torch.no_grad()
     def generate_greedy(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:

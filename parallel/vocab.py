@@ -7,7 +7,8 @@ sequence-parallel group (over every rank under FSDP2): rank r owns rows [r*c, mi
 with c = ceil(V/P) (torch.chunk's split, so a DTensor Shard(0) describes it; the last shards
 may be short or empty), and no rank holds the V x D weights, their gradients or their optimizer
 state. The ranks of the group need not hold the same tokens (short buckets run at a smaller sp
-degree, dp ranks differ): each rank's tokens meet every shard.
+degree, dp ranks differ), only as many (the trainer's micro-batches are the same shape on every
+rank): each rank's tokens meet every shard.
 
 Two exact variants of each layer (../shared/notes/loss_head.md §5):
   gather  the group's tokens come to every shard: hidden states (ids) all-gathered, each rank
@@ -87,8 +88,8 @@ def shard_rows(weight: torch.Tensor, shard: VocabShard) -> torch.Tensor:
     return weight[shard.start:shard.stop].clone()
 
 
-def _padded(x: torch.Tensor, rows: int, dtype=None) -> torch.Tensor:
-    out = torch.zeros((rows, *x.shape[1:]), dtype=dtype or x.dtype, device=x.device)
+def _padded(x: torch.Tensor, rows: int) -> torch.Tensor:
+    out = torch.zeros((rows, *x.shape[1:]), dtype=x.dtype, device=x.device)
     out[:x.shape[0]] = x
     return out
 
@@ -127,6 +128,15 @@ def _chunks(n_tokens: int, n_rows: int):
     return [slice(t, t + token_chunk) for t in range(0, n_tokens, token_chunk)], max(vocab_chunk, 1)
 
 
+def _one_dtype(h: torch.Tensor, w: torch.Tensor):
+    """Outside autocast both operands in the promoted dtype: FSDP2's bf16 parameters hand the head
+    bf16 hidden states while the shard, which FSDP2 leaves alone, stays fp32."""
+    if torch.is_autocast_enabled(h.device.type) or h.dtype == w.dtype:
+        return h, w
+    dtype = torch.promote_types(h.dtype, w.dtype)
+    return h.to(dtype), w.to(dtype)
+
+
 def shard_lse_target(h, w, y_local, softcap, impl: str = "torch"):
     """Per token: log-sum-exp over the shard's rows and the target logit (0 where y_local is
     outside the shard). fp32 [N] each; an empty shard gives -inf and 0. impl: torch = the chunked
@@ -135,6 +145,7 @@ def shard_lse_target(h, w, y_local, softcap, impl: str = "torch"):
         from ..kernels.cce import shard_lse_target as kernel
 
         return kernel(h, w, y_local, softcap)
+    h, w = _one_dtype(h, w)
     lse = torch.full((h.shape[0],), float("-inf"), dtype=torch.float32, device=h.device)
     target = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
     if w.shape[0] == 0:
@@ -153,6 +164,7 @@ def shard_grads(h, w, y_local, lse, g, z_loss, softcap, dw, impl: str = "torch",
         from ..kernels.cce import shard_grads as kernel
 
         return kernel(h, w, y_local, lse, g, z_loss, softcap, dw, filter_eps)
+    h, w = _one_dtype(h, w)
     g_lse = 2 * z_loss * lse * g if z_loss else torch.zeros_like(g)
     if w.shape[0] == 0:
         return torch.zeros(h.shape, dtype=torch.float32, device=h.device)
@@ -219,14 +231,16 @@ class _StreamLoss(torch.autograd.Function):
         for step in range(shard.world):
             start, n = shard.owner((comm.rank - step) % shard.world)
             pending, nxt = _ring(comm, cur, step, "vocab shard")
-            if acc_recv is None:
-                acc = torch.zeros((shard.rows, weight.shape[1]), dtype=torch.float32, device=h.device)
-            else:  # the accumulator of this shard, from the ranks it visited, takes our part
-                acc_recv[0].wait()
-                acc = acc_recv[1]
+            part = torch.zeros((shard.rows, weight.shape[1]), dtype=torch.float32, device=h.device)
             with compute(f"vocab bwd {step}"), _replay(ctx.autocast):
-                dh += shard_grads(h, cur[:n], y - start, lse, g, ctx.z_loss, ctx.softcap, acc[:n], ctx.impl,
+                dh += shard_grads(h, cur[:n], y - start, lse, g, ctx.z_loss, ctx.softcap, part[:n], ctx.impl,
                                   ctx.filter_eps)
+            if acc_recv is None:
+                acc = part
+            else:  # the accumulator of this shard, in flight while we computed, takes our part
+                acc_recv[0].wait()
+                acc = acc_recv[1].add_(part)
+                del part
             incoming = torch.empty_like(acc)  # after the last step it goes home, to rank + 1
             acc_recv = (comm.exchange([(acc, comm.next)], [(incoming, comm.prev)], channel="return",
                                       what=f"vocab dw {step}"), incoming)
@@ -312,7 +326,7 @@ class _StreamEmbedding(torch.autograd.Function):
                 pending.wait()
                 cur = nxt
         ctx.save_for_backward(ids)
-        ctx.shard, ctx.shape = shard, weight.shape
+        ctx.shard, ctx.shape, ctx.dtype = shard, weight.shape, weight.dtype
         return out
 
     @staticmethod
@@ -333,7 +347,7 @@ class _StreamEmbedding(torch.autograd.Function):
             acc_recv = (comm.exchange([(acc, comm.next)], [(incoming, comm.prev)], channel="return",
                                       what=f"vocab embedding dw {step}"), incoming)
         acc_recv[0].wait()
-        return None, acc_recv[1][:ctx.shape[0]].to(grad.dtype), None
+        return None, acc_recv[1][:ctx.shape[0]].to(ctx.dtype), None
 
 
 class _GatherEmbedding(torch.autograd.Function):
@@ -345,7 +359,7 @@ class _GatherEmbedding(torch.autograd.Function):
         rows = torch.zeros((*every.shape, weight.shape[1]), dtype=weight.dtype, device=weight.device)
         rows[mine] = weight[every[mine] - shard.start]
         ctx.save_for_backward(every, mine)
-        ctx.shard, ctx.shape = shard, weight.shape
+        ctx.shard, ctx.shape, ctx.dtype = shard, weight.shape, weight.dtype
         return _reduce_scatter(comm, rows)
 
     @staticmethod
@@ -355,7 +369,7 @@ class _GatherEmbedding(torch.autograd.Function):
         grads = _all_gather(comm, grad.contiguous())  # [P, N, D]
         dw = torch.zeros(ctx.shape, dtype=torch.float32, device=grad.device)
         dw.index_add_(0, every[mine] - ctx.shard.start, grads[mine].float())
-        return None, dw.to(grad.dtype), None
+        return None, dw.to(ctx.dtype), None
 
 
 def embedding(ids: torch.Tensor, weight: torch.Tensor, shard: VocabShard, variant: str = "stream") -> torch.Tensor:
@@ -403,10 +417,10 @@ def predict_seconds(variant: str, tokens: int, vocab_size: int, hidden: int, wor
 
 
 def choose(tokens: int, vocab_size: int, hidden: int, world: int, flops_per_s: float, link_bytes_per_s: float,
-           weight_bytes: int = 4, hidden_bytes: int = 4) -> str:
+           weight_bytes: int = 4, hidden_bytes: int = 4, latency_s: float = 20e-6) -> str:
     """`auto`: the variant the byte model predicts faster (stream on a tie)."""
     times = {v: predict_seconds(v, tokens, vocab_size, hidden, world, flops_per_s, link_bytes_per_s, weight_bytes,
-                                hidden_bytes) for v in VARIANTS}
+                                hidden_bytes, latency_s) for v in VARIANTS}
     return "gather" if times["gather"] < times["stream"] else "stream"
 
 
@@ -476,6 +490,7 @@ def shard_model(model: nn.Module, vp: VocabParallel, loss) -> list[nn.Parameter]
         params.append(model.lm_head.weight)
     model.loss_fn = loss
     model.vocab_parallel = vp
+    model.whole_output_weight = lambda: full_weight(model.output_weight, vp.shard)
     return params
 
 
@@ -486,13 +501,6 @@ def sharded_parameters(model: nn.Module) -> list[nn.Parameter]:
         if isinstance(module, (VocabParallelEmbedding, VocabParallelHead)):
             found.append(module.weight)
     return found
-
-
-def full_output_weight(model: nn.Module) -> torch.Tensor:
-    """The model's whole output weight (collective over the vocabulary group when sharded)."""
-    vp = getattr(model, "vocab_parallel", None)
-    w = model.output_weight
-    return w if vp is None else full_weight(w, vp.shard)
 
 
 def grad_norm_squared(params, shard: VocabShard) -> torch.Tensor:

@@ -130,9 +130,13 @@ class ParallelRecipe:
     zero_stage: Literal[1, 2, 3] = _f(3, "deepspeed: ZeRO stage (1 optimizer states, 2 + gradients, 3 + parameters).")
     fsdp_param_dtype: Literal["fp32", "bf16"] = _f("fp32", "fsdp2: dtype parameters are gathered in (gradients reduce in fp32).")
     cpu_offload: bool = _f(False, "fsdp2: keep sharded parameters, gradients and optimizer states in host memory (CUDA).")
-    vocab_parallel: Literal["off", "gather", "stream", "auto"] = _f(
-        "off", "Vocabulary parallelism (arXiv 2411.05288): the embedding and the loss head (one weight when tied) sharded by vocabulary rows over the sp group (over every rank under sharding fsdp2, which then leaves them alone); gather = the group's tokens come to every shard (cheaper for few tokens), stream = the shards travel the ring past tokens that stay (cheaper for long sequences), auto = the byte model's pick per micro-batch (`longctx plan` prints it). Exact; the checkpoint and export hold the whole weights."
+    vocab_parallel: Literal["off", "gather", "stream", "auto", False] = _f(
+        "off", "Vocabulary parallelism (arXiv 2411.05288): the embedding and the loss head (one weight when tied) sharded by vocabulary rows over the sp group (over every rank under sharding fsdp2, which then leaves them alone); gather = the group's tokens come to every shard (cheaper for few tokens), stream = the shards travel the ring past tokens that stay (cheaper for long sequences), auto = the byte model's pick per call (each micro-batch; each tile of the loss head under memory.policy full or memo; `longctx plan` prints it); off (or false, as YAML reads a bare off). Exact in fp32 (CUDA's Triton kernels filter gradients as loss.filter_eps says); the checkpoint and export hold the whole weights."
     )
+
+    def __post_init__(self) -> None:
+        if self.vocab_parallel is False:  # YAML and `key=off` overrides read a bare off as false
+            self.vocab_parallel = "off"
 
 
 @dataclass(kw_only=True)

@@ -166,7 +166,7 @@ def test_vocab_parallel_holds_one_pth_of_the_vocab_weights():
     vocab_off, vocab_on = off.terms["optimizer"] - 8 * rest, on.terms["optimizer"] - 8 * rest
     assert vocab_off / vocab_on == pytest.approx(P, rel=1e-4)
     # the loss head's buffers per 4,096-token tile: two shards and two fp32 accumulators, one CCE chunk
-    assert on.terms["loss_head"] == 4 * 4 * c * D + min(12 * 4096 * c, 12 * (1 << 24))
+    assert on.terms["loss_head"] == 5 * 4 * c * D + min(12 * 4096 * c, 12 * (1 << 22))
 
     world = 8
     s = Setting(seq_len=16384, sp=1, dp=world, gpus_per_node=8, sharding="fsdp2", autocast=True)
@@ -189,12 +189,14 @@ def _plan_cli(capsys, *argv):
 
 def test_plan_prints_what_each_vocab_variant_sends_and_what_auto_picks(capsys):
     """The vocab section has one line per bucket length; its bytes are parallel/vocab.py's byte
-    model (embedding + head) at the bucket's tokens per rank, and auto picks gather where few tokens
+    model (embedding + head) at a micro-batch's tokens per rank, and auto picks gather where few tokens
     meet Llama's 128K vocabulary and stream at 128K tokens with the head in one call (memory.policy
     none); with the head in 4K-token tiles (memo) each tile is one call, so the head stays gather."""
     from longctx.parallel import vocab
 
-    whole = ("parallel.vocab_parallel=auto", "memory.policy=none", "--sharding", "none", "--gpus", "8")
+    # one row per micro-batch: a call sees the row's L / 8 tokens per rank (the plan follows the run's micro-batches)
+    whole = ("parallel.vocab_parallel=auto", "memory.policy=none", "train.micro_batch_tokens=128", "--sharding", "none",
+             "--gpus", "8")
     code, out, _ = _plan_cli(capsys, *whole)
     assert code in (0, 1)
     assert "vocabulary parallel (parallel.vocab_parallel auto)" in out and "16,032 per rank" in out
@@ -220,7 +222,8 @@ def test_plan_prints_what_each_vocab_variant_sends_and_what_auto_picks(capsys):
     _, out, _ = _plan_cli(capsys, "parallel.vocab_parallel=auto", "--gpus", "8")  # memo: the head in tiles
     assert "tiles of 4,096 tokens" in out
     last = [line for line in out.splitlines() if line.strip().startswith("131,072")][0]
-    assert last.split()[3] == "4" and last.endswith("head gather, embedding stream")
+    # the recipe's micro-batch at 128K: all its rows on the rank (131,072 tokens), 32 tiles of 4,096
+    assert last.split()[2] == "131,072" and last.split()[3] == "32" and last.endswith("head gather, embedding stream")
 
 
 @pytest.mark.parametrize("argv", [("--gpus", "1"), ("--gpus", "4", "--sharding", "none")])
@@ -234,3 +237,12 @@ def test_plan_vocab_parallel_over_one_rank_exits_2(capsys, argv):
     lines = [line for line in err.splitlines() if line.startswith("longctx: error:")]
     assert len(lines) == 1 and "parallel.vocab_parallel='auto'" in lines[0] and "one rank" in lines[0], err
     assert "Traceback" not in err
+
+
+def test_plan_prices_a_micro_batch_not_a_row(capsys):
+    """Without micro_batch_tokens a short bucket's micro-batch is all its rows on the rank: the
+    embedding's call sees rows x L / sp tokens (what the run's auto sees), not one row's."""
+    report = json.loads(_plan_cli(capsys, "parallel.vocab_parallel=auto", "memory.policy=none", "--sharding", "none",
+                                  "--gpus", "8", "--json")[1])
+    b = {b["seq_len"]: b for b in report["vocab"]["buckets"]}[1024]
+    assert b["rows"] > 1 and b["tokens_per_rank"] == b["rows"] * 1024 // b["sp"]

@@ -177,3 +177,55 @@ def test_triton_shard_dw_must_be_a_contiguous_fp32_buffer(monkeypatch):
     with pytest.raises(ValueError, match="dw: expected a contiguous fp32"):
         cce.shard_grads(h, w, torch.zeros(4, dtype=torch.long), torch.zeros(4), torch.ones(4), 0.0, None,
                         torch.zeros(8, 16, dtype=torch.bfloat16))
+
+
+def _autocast_worker(rank, world, variant):
+    group = p2p.new_group(list(range(world)))
+    shard = vocab.VocabShard.of(V, group)
+    _, hidden, labels, _, head, _ = _inputs(world)
+    w = vocab.shard_rows(head, shard).requires_grad_()
+    h = hidden[rank].clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = vocab.linear_cross_entropy(h, w, labels[rank], shard, variant, z_loss=1e-3)
+    loss.backward()
+    return loss.item(), h.grad, w.grad, shard.start, shard.stop
+
+
+@pytest.mark.parametrize("variant", vocab.VARIANTS)
+def test_bf16_autocast_within_twice_the_naive_heads_error(variant):
+    """The trainer's regime (run.dtype bf16: autocast, fp32 weights): the backward recomputes the
+    logits under the forward's autocast, so loss and gradients stay within twice the error of the
+    naive bf16 head (logits in bf16, then fp32 cross-entropy) against fp32."""
+    world = 2
+    _, hidden, labels, _, head, _ = _inputs(world)
+    out = _dist.run(_autocast_worker, world, variant)
+    results = {}  # one process: every rank's tokens, the whole weight
+    for name, ctx in (("fp32", torch.autocast("cpu", enabled=False)),
+                      ("naive", torch.autocast("cpu", dtype=torch.bfloat16))):
+        h, w = hidden.clone().requires_grad_(), head.clone().requires_grad_()
+        with ctx:
+            losses = [reference_linear_cross_entropy(h[r], w, labels[r], reduction="sum", z_loss=1e-3)
+                      for r in range(world)]
+        sum(losses).backward()
+        results[name] = ([x.item() for x in losses], h.grad, w.grad)
+    exact, naive = results["fp32"], results["naive"]
+    for rank, (loss, dh, dw, a, b) in enumerate(out):
+        assert abs(loss - exact[0][rank]) <= 2 * abs(naive[0][rank] - exact[0][rank]) + 1e-4
+        for ours, want, base in ((dh, exact[1][rank], naive[1][rank]), (dw, exact[2][a:b], naive[2][a:b])):
+            assert (ours - want).abs().max() <= 2 * (base - want).abs().max() + 1e-6
+
+
+def test_off_reads_as_yaml_writes_it_and_a_group_of_one_is_refused():
+    from pathlib import Path
+
+    from longctx.parallel import mesh as mesh_lib
+    from longctx.recipes import schema
+    from longctx.recipes.schema import RecipeError
+    from longctx.train.build import build_model
+
+    tiny = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
+    assert schema.load(tiny, ["parallel.vocab_parallel=off"]).parallel.vocab_parallel == "off"  # YAML: off -> false
+    recipe = schema.load(tiny, ["parallel.vocab_parallel=stream"])
+    # commands that build a model without the run's world check (longctx eval at --sp 1)
+    with pytest.raises(RecipeError, match="parallel.vocab_parallel='stream': .* one rank there"):
+        build_model(recipe, mesh_lib.init(torch.device("cpu")))

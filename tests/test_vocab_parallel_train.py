@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
 COMMON = ["train.max_steps=3", "data.source=default:chapters", "data.max_documents=80", "data.min_len=32",
           "data.curriculum=weights", "data.curriculum_weights={32: 20, 64: 20, 128: 1}",
-          "parallel.min_tokens_per_sp_rank=32"]
+          "parallel.min_tokens_per_sp_rank=32", "train.weight_decay=0.1"]  # decay: the shards' own AdamW group
 
 
 def _train(tmp_path, name, nproc, *overrides, expect_ok=True):
@@ -56,6 +56,10 @@ def test_sp2_both_variants_memo_and_fsdp2_equal_one_process(tmp_path):
         assert all(r["vocab_bytes_sent"] > 0 for r in vp), name
         if name != "auto-fsdp2":
             assert {r["vocab_parallel"] for r in vp} == {name.split("-")[0]}
+    # FSDP2's bf16 parameters hand the head bf16 hidden states while the shards stay fp32
+    bf16 = _train(tmp_path, "fsdp2-bf16", 2, "parallel.sp_degree=2", "parallel.vocab_parallel=stream",
+                  "parallel.sharding=fsdp2", "parallel.fsdp_param_dtype=bf16")
+    assert [r["loss"] for r in bf16] == pytest.approx([r["loss"] for r in single], abs=2e-2)
 
 
 def test_tied_embeddings_at_three_ranks_equal_one_process(tmp_path):

@@ -216,6 +216,10 @@ def apply_vocab_parallel(model: CausalLM, recipe: Recipe, mesh: mesh_lib.Mesh) -
     if variant == "off":
         return
     size = vocab_group_size(recipe, mesh.world)
+    if size == 1 or not dist.is_initialized():  # commands that build a model without check_world (longctx eval)
+        raise RecipeError(f"parallel.vocab_parallel={variant!r}: shards the vocabulary over the sp group (every rank "
+                          "under parallel.sharding fsdp2), and this model has one rank there; set it off, or run with "
+                          "sp > 1 (or fsdp2) under torchrun")
     group, device_mesh, placements = vocab.new_groups(mesh.world, size, mesh.rank)
     hw = memory_hardware(recipe, mesh.device)
     # loss.impl picks the per-shard kernels: the CCE Triton kernels where they would run, else the chunked torch path
@@ -717,6 +721,9 @@ def plan_inputs(recipe: Recipe) -> tuple[ModelShape, dict]:
         # the bucket lengths and what lowers a bucket's sp degree (packed rows always run at sp_degree)
         "bucket_lengths": [d.min_len << k for k in range((d.max_len // d.min_len).bit_length())] if decompose else [d.seq_len],
         "min_tokens_per_sp_rank": p.min_tokens_per_sp_rank if decompose else 1,
+        # what sets the tokens of one vocabulary-parallel call: a micro-batch's rows on a rank
+        "batching": d.batching, "tokens_per_step": d.tokens_per_step, "micro_batch_tokens": recipe.train.micro_batch_tokens,
+        "batch_size": recipe.train.batch_size, "grad_accum": recipe.train.grad_accum,
         "vocab_parallel": p.vocab_parallel, "vocab_flops_per_s": gpu["flops_per_s"],
         "vocab_link_bytes_per_s": gpu["link_bytes_per_s"],
         "autocast": recipe.run.dtype == "bf16", "policy": m.policy, "alpha": m.alpha, "tier": m.tier,

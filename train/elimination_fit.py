@@ -88,7 +88,7 @@ def fit_command(args) -> int:
     exact = dataclasses.replace(
         recipe, memory=dataclasses.replace(recipe.memory, policy="none", elimination=dataclasses.replace(
             e, source="exact", predictors=None)),
-        parallel=dataclasses.replace(recipe.parallel, sharding="none", sp_degree=1))
+        parallel=dataclasses.replace(recipe.parallel, sharding="none", sp_degree=1, vocab_parallel="off"))
     model, model_dir, _ = build_model(exact, mesh)
     model.eval().requires_grad_(False)
     for lay in model.elimination:

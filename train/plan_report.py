@@ -79,7 +79,7 @@ def plan(shape: ModelShape, r: dict, gpus: int, gpu_mem: float, host_mem: float,
     # count not above it (sp 8 on 4 GPUs plans sp 4)
     asked = r["sp_degree"]
     sp = max(d for d in range(1, min(asked, gpus) + 1) if gpus % d == 0)
-    r = dict(r, sp_degree=sp, vocab_group=vocab_group(r.get("vocab_parallel", "off"), sharding, gpus, sp))
+    r = dict(r, sp_degree=sp, gpus=gpus, vocab_group=vocab_group(r.get("vocab_parallel", "off"), sharding, gpus, sp))
 
     budget = gpu_mem / (1 + ALLOCATOR_RESERVE)  # what the live tensors may peak at
 
@@ -201,10 +201,23 @@ def _vocab_cost(variant: str, calls: list[int], tokens: int, shape: ModelShape, 
     return float(sent), head_seconds + embedding_bytes(tokens) / link
 
 
+def rows_per_call(r: dict, L: int, sp_L: int, local_len: int) -> int:
+    """Rows of one micro-batch on a rank (train/trainer._micro_rows): what one vocabulary-parallel
+    call of the embedding sees, and what the loss head sees when it is not tiled."""
+    gpus = r.get("gpus", r["sp_degree"])
+    if r.get("batching", "decompose") == "pack":
+        rows = max(1, r.get("batch_size", 1) // max(1, gpus // r["sp_degree"]))
+        return max(1, -(-rows // r.get("grad_accum", 1)))
+    rows = max(1, r.get("tokens_per_step", L) // L // max(1, gpus // sp_L))
+    mbt = r.get("micro_batch_tokens")
+    return rows if mbt is None else min(rows, max(1, mbt // local_len))
+
+
 def vocab_plan(shape: ModelShape, r: dict, length: int, sharding: str) -> dict:
-    """Per bucket length up to `length`: this rank's tokens (length / the bucket's sp degree), the
-    bytes each variant sends and the seconds it takes for the embedding and loss head of one row
-    (fp32 weights and hidden states, as the run passes them), and what `auto` picks, with the
+    """Per bucket length up to `length`: this rank's tokens in one micro-batch (its rows x length /
+    the bucket's sp degree), the bytes each variant sends and the seconds it takes for the
+    embedding and loss head of that micro-batch (fp32 weights and hidden states, as the run passes
+    them), and what `auto` picks, with the
     figures the run's auto uses (train/build.py memory_hardware: memory.device_tflops and
     memory.link_gbps, else the CUDA defaults). Under memory.policy full/memo the head runs in tiles
     of recompute_chunk_tokens (models/llama._TiledHead): one vocabulary-parallel call per tile, and
@@ -217,9 +230,11 @@ def vocab_plan(shape: ModelShape, r: dict, length: int, sharding: str) -> dict:
     buckets = []
     for L in lengths:
         sp_L = sp_for_length(L, sp, r.get("min_tokens_per_sp_rank", 1))
-        tokens = L if sp_L == 1 else padded_length(L, sp_L) // sp_L
+        local = L if sp_L == 1 else padded_length(L, sp_L) // sp_L
+        rows = rows_per_call(r, L, sp_L, local)
+        tokens = rows * local
         calls = [min(tile, tokens - start) for start in range(0, tokens, tile)] if tile else [tokens]
-        row = {"seq_len": L, "sp": sp_L, "tokens_per_rank": tokens, "head_calls": len(calls)}
+        row = {"seq_len": L, "sp": sp_L, "rows": rows, "tokens_per_rank": tokens, "head_calls": len(calls)}
         for v in vocab.VARIANTS:
             sent, seconds = _vocab_cost(v, calls, tokens, shape, group, flops, link)
             row[v] = {"bytes": sent, "seconds": seconds}
@@ -244,7 +259,7 @@ def format_vocab(v: dict) -> str:
              f"byte model at {v['flops_per_s'] / 1e12:g} TFLOP/s and {v['link_bytes_per_s'] / 1e9:g} GB/s per rank "
              f"(memory.device_tflops, memory.link_gbps: what the run's auto uses); {tile}", "",
              f"  {'length':>9}{'sp':>4}{'tokens/rank':>13}{'calls':>7}{'gather MiB':>12}{'stream MiB':>12}"
-             f"{'gather ms':>11}{'stream ms':>11}  auto picks  (embedding + head, fwd+bwd, one row, sent per rank)"]
+             f"{'gather ms':>11}{'stream ms':>11}  auto picks  (embedding + head, fwd+bwd, one micro-batch, sent per rank)"]
     for b in v["buckets"]:
         g, s = b["gather"], b["stream"]
         lines.append(f"  {b['seq_len']:>9,}{b['sp']:>4}{b['tokens_per_rank']:>13,}{b['head_calls']:>7}"
