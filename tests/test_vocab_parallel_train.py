@@ -104,3 +104,13 @@ def test_bad_settings_exit_2_with_one_line(tmp_path):
     assert not (tmp_path / "one").exists()
     bad = _train(tmp_path, "bad", 1, "parallel.vocab_parallel=sideways", expect_ok=False)
     assert bad.returncode == 2 and "parallel.vocab_parallel" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_fsdp2_vocab_parallel_checkpoint_resumes_in_one_process(tmp_path):
+    """Under FSDP2 the checkpoint holds FSDP2's shards (its world mesh) and the vocabulary rows (the
+    vocabulary mesh) side by side; one process resumes it to the same losses."""
+    steps = ["train.max_steps=4", "train.checkpoint_every=2"]
+    vp = _train(tmp_path, "vp", 2, *steps, "parallel.sp_degree=2", "parallel.vocab_parallel=stream",
+                "parallel.sharding=fsdp2")
+    resumed = _train(tmp_path, "resumed", 1, *steps, f"train.resume={tmp_path / 'vp' / 'checkpoints' / 'step-2'}")
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in vp[2:]], abs=1e-5)
