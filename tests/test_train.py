@@ -234,6 +234,9 @@ def test_data_inspect_cli(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out.rsplit("}", 1)[0] + "}")
     assert report["documents"] == 50 and report["tokens_kept"] + report["tokens_dropped"] == report["tokens"] - 50
     assert report["attention_flops_per_epoch"]["concat_over_decomposition"] > 1
+    packed = report["packed_documents"]  # whole documents in rows of data.max_len (issue 18's packer)
+    assert packed["tokens"] == report["tokens"] and packed["seq_len"] == 512
+    assert packed["padding_fraction"] <= 0.02 and 0 < packed["attention_flops_masked_over_rows"] < 1
     assert png.stat().st_size > 1000
 
 

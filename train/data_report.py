@@ -1,7 +1,9 @@
 """`longctx data inspect`: what dataset decomposition does to a recipe's data, before training.
 
 Length histogram, bucket sizes, tokens kept / dropped / padded, and causal-attention FLOPs per
-epoch of decomposition vs concat-and-chunk at data.max_len (the same tokens either way).
+epoch of decomposition vs concat-and-chunk at data.max_len (the same tokens either way); and what
+whole-document packing would make of it (padding share, documents per row, attention FLOPs with
+document masking).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.decompose import attention_flops, decompose
+from ..data.pack_docs import pack_documents
 from ..data.sources import load_documents, source_identity
 from ..data.tokenize import load_tokenizer, tokenize_to_cache
 from ..models.config import ModelConfig
@@ -44,7 +47,8 @@ def inspect(recipe: Recipe) -> dict:
     dd = attention_flops(b.sizes, per_token_dims)
     concat_rows = b.transitions_kept // d.max_len
     cc = attention_flops({d.max_len: concat_rows}, per_token_dims)
-    return {
+    return {"packed_documents": packing_report(store, d.max_len if d.batching == "decompose" else d.seq_len,
+                                               recipe.run.seed, per_token_dims), **{
         "documents": store.num_documents,
         "tokens": int(store.offsets[-1]),
         "document_length_histogram": dict(sorted(histogram.items(), key=lambda kv: int(kv[0][2:]))),
@@ -53,7 +57,21 @@ def inspect(recipe: Recipe) -> dict:
         "tokens_kept": b.transitions_kept, "tokens_dropped": b.transitions_dropped, "pad_tokens": b.pad_tokens,
         "attention_flops_per_epoch": {"decomposition": dd, "concat_and_chunk": cc,
                                       "concat_over_decomposition": round(cc / dd, 3) if dd else None},
-    }
+    }}
+
+
+def packing_report(store, seq_len: int, seed: int, per_token_dims: int) -> dict:
+    """What whole-document packing (data/pack_docs.py) makes of the corpus at rows of `seq_len`:
+    padding share, documents per row, and the attention FLOPs with document masking over those
+    of the same rows attended across documents (concat-and-chunk's cost per row)."""
+    packed = pack_documents([store.document(i) for i in range(store.num_documents)], seq_len, seed=seed)
+    pieces: dict[int, int] = {}
+    for r in range(len(packed.pieces)):
+        for n in np.diff(packed.cu_seqlens(r)).tolist():
+            pieces[n] = pieces.get(n, 0) + 1
+    masked = attention_flops(pieces, per_token_dims)
+    rows = attention_flops({seq_len: len(packed.pieces)}, per_token_dims)
+    return {**packed.stats(), "attention_flops_masked_over_rows": round(masked / rows, 4) if rows else None}
 
 
 def save_png(report: dict, path: str | Path) -> Path:
