@@ -112,3 +112,37 @@ def pack_documents(docs: list[np.ndarray], seq_len: int, seed: int = 0, window: 
             at += length
         pieces.append([(d, start) for d, start, _ in row])
     return PackedDocRows(tokens, doc_ids, pieces)
+
+
+class PackedDocBatches:
+    """PackedDocRows bound to a global batch size and this rank: the trainer's per-step source.
+
+    Row order is a seeded permutation per epoch; step s takes rows [s*B, (s+1)*B) of it and
+    data-parallel rank r every world-th of those (as data/pack.PackedRows does), so the stream is
+    a function of (seed, step) and a resumed run continues with exactly the next batch."""
+
+    def __init__(self, rows: PackedDocRows, batch_size: int, rank: int, world: int, sp: int = 1, seed: int = 0) -> None:
+        self.rows, self.batch_size, self.rank, self.world, self.sp, self.seed = rows, batch_size, rank, world, sp, seed
+        self._positions = np.stack([rows.positions(i) for i in range(len(rows.pieces))])
+        self._labels = np.stack([rows.labels(i) for i in range(len(rows.pieces))])
+
+    def step_ids(self, step: int) -> np.ndarray:
+        n = len(self.rows.pieces)
+        flat = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
+        epochs, offsets = flat // n, flat % n
+        ids = np.empty(self.batch_size, dtype=np.int64)
+        for epoch in np.unique(epochs):
+            perm = np.random.default_rng([self.seed, int(epoch), 13]).permutation(n)
+            ids[epochs == epoch] = perm[offsets[epochs == epoch]]
+        return ids[self.rank::self.world]
+
+    def step_batch(self, step: int) -> tuple[np.ndarray, np.ndarray, int, dict]:
+        """(inputs, labels, sp degree, {"documents", "positions"}) of this rank's rows [B/world, L]:
+        labels already shifted within each document, every rank of an sp group the same rows."""
+        ids = self.step_ids(step)
+        extra = {"documents": self.rows.doc_ids[ids].astype(np.int64), "positions": self._positions[ids]}
+        return self.rows.tokens[ids].astype(np.int64), self._labels[ids], self.sp, extra
+
+    def describe(self) -> dict:
+        return {"rows": len(self.rows.pieces), "seq_len": self.rows.seq_len} | {
+            k: v for k, v in self.rows.stats().items() if k in ("padding_fraction", "documents_per_row_mean")}

@@ -6,6 +6,14 @@
   causal, impl)`: one block of a sequence-parallel schedule or of MEMO's kept-(out, lse) path.
   `lse` [B, H, S] is fp32 natural-log log-sum-exp of the scaled scores. Causal masking with
   Sq != Sk is top-left aligned (query i sees keys <= i).
+- Packed documents (issue 18): `block_attn(..., q_docs=, k_docs=)` and `block_attn_bwd(...)` mask
+  every pair of different documents. q_docs [B, Sq] / k_docs [B, Sk] are integer document ids
+  (host tensors: they only plan which tiles run), constant over each document's contiguous
+  run. `document_tiles` turns them into (query slice, key slice, causal) tiles, one per run pair
+  of the same document, and the block's kernel runs per tile (the fused kernels on CUDA, aten's
+  flash op on CPU): no Sq x Sk mask exists, a block with no visible pair runs nothing and returns
+  out 0, lse -inf. The tiles' partials merge by LSE; their backward against the block's (out,
+  lse) sums to the block's. Reference: `reference_block_attn` with the same ids (a dense mask).
 - `merge(out, lse, out_i, lse_i)` (and `merge_into`, in place): combine two partial results over disjoint key sets in fp32:
   lse = logaddexp(lse, lse_i), out = out*exp(lse_old - lse) + out_i*exp(lse_i - lse). A row that
   saw no key has lse = -inf (or +inf from some kernels): it contributes nothing.
@@ -147,42 +155,57 @@ def compute_dtype(t: torch.Tensor) -> torch.Tensor:
 
 
 class BlockAttention(torch.autograd.Function):
-    """block_attn / block_attn_bwd of one kernel as an autograd Function (causal or not)."""
+    """block_attn / block_attn_bwd of one kernel as an autograd Function (causal or not; with
+    document ids, documents masked)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, kernel: str):
-        out, lse = block_attn(q, k, v, causal, kernel)
+    def forward(ctx, q, k, v, causal: bool, kernel: str, q_docs=None, k_docs=None):
+        out, lse = block_attn(q, k, v, causal, kernel, q_docs, k_docs)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.kernel = causal, kernel
+        ctx.causal, ctx.kernel, ctx.docs = causal, kernel, (q_docs, k_docs)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        return (*block_attn_bwd(dout.to(out.dtype), q, k, v, out, lse, ctx.causal, ctx.kernel), None, None)
+        grads = block_attn_bwd(dout.to(out.dtype), q, k, v, out, lse, ctx.causal, ctx.kernel, *ctx.docs)
+        return (*grads, None, None, None, None)
 
 
 class LocalAttention:
     """The model's attention callable at sp = 1. `auto` runs SDPA (fused kernels only on CUDA);
     any other kernel runs that block kernel through `BlockAttention`. `forward_lse`/`backward_lse`
-    are what memory/offload.py calls when it keeps (out, lse) and runs attention's backward itself."""
+    are what memory/offload.py calls when it keeps (out, lse) and runs attention's backward itself.
+
+    `documents`: None, or the document id of every position of the rows [B, S] (packed
+    documents, data.batching packed_docs): set by the trainer for the micro-batch; attention
+    then masks pairs of different documents (block_attn's tiles; SDPA is not used)."""
 
     def __init__(self, kernel: str = "auto") -> None:
         if kernel not in KERNELS:
             raise ValueError(f"attention kernel {kernel!r}: expected one of {', '.join(KERNELS)}")
         self.kernel = kernel
+        self.documents: torch.Tensor | None = None
+
+    def _docs(self, rows: slice | None = None, keys: slice | None = None):
+        d = self.documents
+        if d is None:
+            return None, None
+        return d[:, rows or slice(None)], d[:, keys or slice(None)]
 
     def __call__(self, q, k, v):
+        if self.documents is not None:
+            return BlockAttention.apply(*autocast_inputs(q, k, v), True, self.kernel, *self._docs())
         if self.kernel == "auto":
             return sdpa_causal(q, k, v)
         return BlockAttention.apply(*autocast_inputs(q, k, v), True, self.kernel)
 
     def forward_lse(self, q, k, v):
-        return block_attn(*autocast_inputs(q, k, v), causal=True, impl=self.kernel)
+        return block_attn(*autocast_inputs(q, k, v), True, self.kernel, *self._docs())
 
     def backward_lse(self, dout, q, k, v, out, lse):
         q2, k2, v2 = autocast_inputs(q, k, v)
-        dq, dk, dv = block_attn_bwd(dout.to(out.dtype), q2, k2, v2, out, lse, causal=True, impl=self.kernel)
+        dq, dk, dv = block_attn_bwd(dout.to(out.dtype), q2, k2, v2, out, lse, True, self.kernel, *self._docs())
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
     def by_rows(self) -> LocalAttention:
@@ -197,10 +220,12 @@ class LocalAttention:
         kernel dtype, as forward_lse returns it."""
         q2 = compute_dtype(q)
         end = start + q.shape[1]
-        out, lse = block_attn(q2, k[:, start:end], v[:, start:end], causal=True, impl=self.kernel)
+        rows, prefix = slice(start, end), slice(0, start)
+        out, lse = block_attn(q2, k[:, rows], v[:, rows], True, self.kernel, *self._docs(rows, rows))
         if start:
             acc, acc_lse = merge(None, None, out, lse)
-            merge_into(acc, acc_lse, *block_attn(q2, k[:, :start], v[:, :start], causal=False, impl=self.kernel))
+            merge_into(acc, acc_lse, *block_attn(q2, k[:, prefix], v[:, prefix], False, self.kernel,
+                                                 *self._docs(rows, prefix)))
             out, lse = acc.to(out.dtype), acc_lse
         return out, lse
 
@@ -213,15 +238,16 @@ class LocalAttention:
         q2 = compute_dtype(q)
         dout = dout.to(out.dtype)
         end = start + q.shape[1]
-        dq, dk_i, dv_i = block_attn_bwd(dout, q2, k[:, start:end], v[:, start:end], out, lse, causal=True,
-                                        impl=self.kernel)
+        rows = slice(start, end)
+        dq, dk_i, dv_i = block_attn_bwd(dout, q2, k[:, rows], v[:, rows], out, lse, True, self.kernel,
+                                        *self._docs(rows, rows))
         dq = dq.float()
         dk[:, start:end] += dk_i
         dv[:, start:end] += dv_i
         for j in range(0, start, key_block):
             keys = slice(j, min(j + key_block, start))
-            dq_j, dk_i, dv_i = block_attn_bwd(dout, q2, k[:, keys], v[:, keys], out, lse, causal=False,
-                                              impl=self.kernel)
+            dq_j, dk_i, dv_i = block_attn_bwd(dout, q2, k[:, keys], v[:, keys], out, lse, False, self.kernel,
+                                              *self._docs(rows, keys))
             dq += dq_j
             dk[:, keys] += dk_i
             dv[:, keys] += dv_i
@@ -246,32 +272,40 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
 
 
 # --- blocks ------------------------------------------------------------------------------------
-def reference_block_attn(q, k, v, causal: bool):
-    """Naive fp32 attention returning (out in q's dtype, lse fp32 [B, H, Sq])."""
+def _reference_mask(scores, causal: bool, q_docs=None, k_docs=None):
+    """scores [B, H, Sq, Sk] with the causal (top-left) and document masks applied (-inf)."""
+    Sq, Sk = scores.shape[-2:]
+    if causal:
+        visible = torch.ones(Sq, Sk, dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~visible, float("-inf"))
+    if q_docs is not None:
+        same = q_docs.to(scores.device)[:, :, None] == k_docs.to(scores.device)[:, None, :]  # [B, Sq, Sk]
+        scores = scores.masked_fill(~same[:, None], float("-inf"))
+    return scores
+
+
+def reference_block_attn(q, k, v, causal: bool, q_docs=None, k_docs=None):
+    """Naive fp32 attention returning (out in q's dtype, lse fp32 [B, H, Sq]); with document ids,
+    pairs of different documents masked (a row that sees no key: out 0, lse -inf)."""
     groups = q.shape[2] // k.shape[2]
     kf = k.float().repeat_interleave(groups, dim=2)
     vf = v.float().repeat_interleave(groups, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), kf) * q.shape[-1] ** -0.5
-    if causal:
-        Sq, Sk = q.shape[1], k.shape[1]
-        visible = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~visible, float("-inf"))
+    scores = _reference_mask(scores, causal, q_docs, k_docs)
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
     out = torch.einsum("bhqk,bkhd->bqhd", probs, vf)
     return out.to(q.dtype), lse
 
 
-def reference_block_attn_bwd(dout, q, k, v, out, lse, causal: bool):
+def reference_block_attn_bwd(dout, q, k, v, out, lse, causal: bool, q_docs=None, k_docs=None):
     """FlashAttention-2 backward in fp32: P = exp(s - lse), D = rowsum(dO*O), dS = P*(dO V^T - D)."""
     groups = q.shape[2] // k.shape[2]
     scale = q.shape[-1] ** -0.5
     kf = k.float().repeat_interleave(groups, dim=2)
     vf = v.float().repeat_interleave(groups, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), kf) * scale
-    if causal:
-        visible = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~visible, float("-inf"))
+    scores = _reference_mask(scores, causal, q_docs, k_docs)
     probs = torch.exp(scores - lse.float()[..., None]).nan_to_num(0.0)
     do = dout.float()
     delta = (do * out.float()).sum(-1).transpose(1, 2)  # [B, H, Sq]
@@ -385,17 +419,92 @@ _BACKWARD = {"aten_cpu": _bwd_aten_cpu, "aten_flash": _bwd_aten_flash, "aten_eff
              "flash_attn": _bwd_flash_attn, "reference": reference_block_attn_bwd}
 
 
-def block_attn(q, k, v, causal: bool, impl: str = "auto"):
+def block_attn(q, k, v, causal: bool, impl: str = "auto", q_docs=None, k_docs=None):
     """(out [B, Sq, Hq, D] in q's dtype, lse [B, Hq, Sq] fp32) of q against k/v. Autocast is off
-    inside: the inputs carry the dtype (autocast_inputs), and the lse stays fp32 on every kernel."""
+    inside: the inputs carry the dtype (autocast_inputs), and the lse stays fp32 on every kernel.
+    With q_docs/k_docs, pairs of different documents are masked (module docstring)."""
     with torch.autocast(q.device.type, enabled=False):
-        return _FORWARD[resolve_kernel(impl, q.device, q.dtype, q.shape[-1])](q, k, v, causal)
+        forward = _FORWARD[resolve_kernel(impl, q.device, q.dtype, q.shape[-1])]
+        if q_docs is None:
+            return forward(q, k, v, causal)
+        return _documents_forward(forward, q, k, v, causal, document_tiles(q_docs, k_docs, causal))
 
 
-def block_attn_bwd(dout, q, k, v, out, lse, causal: bool, impl: str = "auto"):
+def block_attn_bwd(dout, q, k, v, out, lse, causal: bool, impl: str = "auto", q_docs=None, k_docs=None):
     """(dq, dk, dv) of one block given the global out and lse of these query rows."""
     with torch.autocast(q.device.type, enabled=False):
-        return _BACKWARD[resolve_kernel(impl, q.device, q.dtype, q.shape[-1])](dout, q, k, v, out, lse, causal)
+        backward = _BACKWARD[resolve_kernel(impl, q.device, q.dtype, q.shape[-1])]
+        if q_docs is None:
+            return backward(dout, q, k, v, out, lse, causal)
+        return _documents_backward(backward, dout, q, k, v, out, lse, causal,
+                                   document_tiles(q_docs, k_docs, causal))
+
+
+# --- packed documents --------------------------------------------------------------------------
+Tile = tuple  # (query slice, key slice, causal)
+
+
+def _runs(ids: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(document id, start, stop) of each maximal run of equal ids in a 1-D tensor."""
+    values, counts = torch.unique_consecutive(ids.cpu(), return_counts=True)
+    stops = counts.cumsum(0).tolist()
+    return [(d, stop - n, stop) for d, n, stop in zip(values.tolist(), counts.tolist(), stops)]
+
+
+def document_tiles(q_docs: torch.Tensor, k_docs: torch.Tensor, causal: bool) -> list[list[Tile]]:
+    """Per batch row, the tiles (query slice, key slice, causal) where queries and keys share a
+    document: one per pair of runs of the same id (a causal block also cuts each pair at the
+    diagonal: keys before the queries' run unmasked, the overlap causal from its top left, keys
+    after a query unseen). Their union is exactly the visible pairs of the block."""
+    if q_docs.dim() != 2 or k_docs.dim() != 2 or q_docs.shape[0] != k_docs.shape[0]:
+        raise ValueError(f"document ids must be [B, Sq] and [B, Sk], got {tuple(q_docs.shape)} and {tuple(k_docs.shape)}")
+    out = []
+    for qd, kd in zip(q_docs, k_docs):
+        keys: dict[int, list[tuple[int, int]]] = {}
+        for d, a, b in _runs(kd):
+            keys.setdefault(d, []).append((a, b))
+        tiles = []
+        for d, qa, qb in _runs(qd):
+            for ka, kb in keys.get(d, ()):
+                if not causal:
+                    tiles.append((slice(qa, qb), slice(ka, kb), False))
+                    continue
+                if ka < qa:  # keys before every query of the run: no mask
+                    tiles.append((slice(qa, qb), slice(ka, min(kb, qa)), False))
+                lo, hi = max(ka, qa), min(kb, qb)
+                if lo < hi:  # the overlap: queries [lo, qb) see keys [lo, hi) up to themselves
+                    tiles.append((slice(lo, hi), slice(lo, hi), True))
+                    if hi < qb:
+                        tiles.append((slice(hi, qb), slice(lo, hi), False))
+        out.append(tiles)
+    return out
+
+
+def _documents_forward(forward, q, k, v, causal, tiles):
+    B, Sq, Hq, D = q.shape
+    acc = torch.zeros((B, Sq, Hq, D), dtype=torch.float32, device=q.device)
+    lse = torch.full((B, Hq, Sq), float("-inf"), dtype=torch.float32, device=q.device)
+    for b, row in enumerate(tiles):
+        r = slice(b, b + 1)
+        for qs, ks, c in row:
+            out_t, lse_t = forward(q[r, qs], k[r, ks], v[r, ks], c)
+            merge_into(acc[r, qs], lse[r, :, qs], out_t, lse_t)
+    return acc.to(q.dtype), lse
+
+
+def _documents_backward(backward, dout, q, k, v, out, lse, causal, tiles):
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    for b, row in enumerate(tiles):
+        r = slice(b, b + 1)
+        for qs, ks, c in row:
+            dq_t, dk_t, dv_t = backward(dout[r, qs], q[r, qs], k[r, ks], v[r, ks], out[r, qs],
+                                        lse[r, :, qs].contiguous(), c)
+            dq[r, qs] += dq_t
+            dk[r, ks] += dk_t
+            dv[r, ks] += dv_t
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def merge(out: torch.Tensor | None, lse: torch.Tensor | None, out_i: torch.Tensor, lse_i: torch.Tensor):

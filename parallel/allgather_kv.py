@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from ..kernels.attention import block_attn, block_attn_bwd, merge
 from . import layout
-from .blocks import ScheduleAttention
+from .blocks import Documents, ScheduleAttention
 from .p2p import communicator, compute, posted
 
 # backends whose all-gather and reduce-scatter we call; elsewhere (gloo) one batch of
@@ -107,28 +107,41 @@ def _query_chunks(rank: int, P: int, c: int):
     return chunks
 
 
-def forward(group: dist.ProcessGroup, q, k, v, kernel: str = "auto"):
+def _docs(docs: Documents | None, rank: int, rows: slice, keys: slice | None):
+    """(query ids, key ids) of a block: the rank's rows, and its own rows (keys None) or the
+    whole sequence's keys `keys` (natural order)."""
+    if docs is None:
+        return None, None
+    mine = docs.shard(rank)
+    return mine[:, rows], mine[:, rows] if keys is None else docs.ids[:, keys]
+
+
+def forward(group: dist.ProcessGroup, q, k, v, kernel: str = "auto", docs=None):
     """(out, lse [B, Hq, 2c] fp32) of the local query chunks against the gathered keys. The two
     diagonal blocks need only local keys: they compute while the all-gather is in flight."""
     comm = communicator(group)
+    docs = Documents.of(docs, comm.world)
     finish = _post_gather_kv(k, v, group)
     chunks = _query_chunks(comm.rank, comm.world, q.shape[1] // 2)
     with compute("diagonal"):
-        parts = [[block_attn(q[:, rows], k[:, rows], v[:, rows], True, impl=kernel)] for rows, _ in chunks]
+        parts = [[block_attn(q[:, rows], k[:, rows], v[:, rows], True, kernel, *_docs(docs, comm.rank, rows, None))]
+                 for rows, _ in chunks]
     k_all, v_all = finish()
     outs, lses = [], []
     for (rows, blocks), part in zip(chunks, parts):
         out, lse = merge(None, None, *part[0])
         for keys, causal in blocks[1:]:  # the unmasked prefix
-            out, lse = merge(out, lse, *block_attn(q[:, rows], k_all[:, keys], v_all[:, keys], causal, impl=kernel))
+            out, lse = merge(out, lse, *block_attn(q[:, rows], k_all[:, keys], v_all[:, keys], causal, kernel,
+                                                   *_docs(docs, comm.rank, rows, keys)))
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs, 1).to(q.dtype), torch.cat(lses, 2)
 
 
-def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "auto"):
+def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "auto", docs=None):
     comm = communicator(group)
     P, c = comm.world, q.shape[1] // 2
+    docs = Documents.of(docs, P)
     finish = _post_gather_kv(k, v, group)
     chunks = _query_chunks(comm.rank, P, c)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -136,8 +149,9 @@ def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "a
     dkv_all = torch.zeros((2, k.shape[0], P * k.shape[1], *k.shape[2:]), dtype=torch.float32, device=k.device)
 
     def block(rows, keys, causal, k_src, v_src, k_rows):
+        ids = _docs(docs, comm.rank, rows, None if k_src is k else keys)
         dq_b, dk_b, dv_b = block_attn_bwd(dout[:, rows], q[:, rows], k_src[:, k_rows], v_src[:, k_rows], out[:, rows],
-                                          lse[:, :, rows], causal, impl=kernel)
+                                          lse[:, :, rows], causal, kernel, *ids)
         dq[:, rows] += dq_b
         dkv_all[0][:, keys] += dk_b
         dkv_all[1][:, keys] += dv_b
@@ -156,6 +170,6 @@ def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "a
 
 
 def allgather_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup,
-                           kernel: str = "auto") -> torch.Tensor:
+                           kernel: str = "auto", docs=None) -> torch.Tensor:
     """Causal attention over a zigzag-sharded sequence; q [B, 2c, Hq, D], k/v [B, 2c, Hkv, D]."""
-    return ScheduleAttention.apply(q, k, v, group, sys.modules[__name__], kernel)
+    return ScheduleAttention.apply(q, k, v, group, sys.modules[__name__], kernel, docs)

@@ -52,7 +52,9 @@ class SequenceParallelAttention:
     once with the reason) and attention calls go to that schedule on that sp sub-group. sp = 1
     runs local attention. `hybrid` at a size whose inner degree u = gcd(sp_inner, sp) is the whole
     group runs Ulysses on it, and at u = 1 its outer schedule: the name that ran is what the run
-    log and metrics record.
+    log and metrics record. `documents` (packed documents): None, or the document id of every
+    position of the whole padded rows [B, S] in natural order, set by the trainer per
+    micro-batch; every schedule then masks pairs of different documents (parallel/blocks.py).
     """
 
     def __init__(self, schedule: str, groups: dict, heads_q: int, heads_kv: int, head_dim: int,
@@ -75,6 +77,16 @@ class SequenceParallelAttention:
         self.kernel, self.local = kernel, LocalAttention(kernel)  # the block kernel every schedule runs
         self.sp, self.name, self.plan = 1, "local", None
         self._plans: dict[tuple[int, int, int], Plan] = {}
+        self._documents = None
+
+    @property
+    def documents(self):
+        return self._documents
+
+    @documents.setter
+    def documents(self, ids) -> None:
+        self._documents = ids
+        self.local.documents = ids  # sp 1: the rows are whole
 
     def set_step(self, sp: int, seq_len: int, rows: int = 1) -> str:
         """Plans (once per key) and selects the schedule for a step at this sp degree, padded
@@ -137,7 +149,8 @@ class SequenceParallelAttention:
     def __call__(self, q, k, v):
         if self.sp == 1:
             return self.local(q, k, v)
-        return SCHEDULE_FUNCTIONS[self.name](*autocast_inputs(q, k, v), self.plan.group, kernel=self.kernel)
+        return SCHEDULE_FUNCTIONS[self.name](*autocast_inputs(q, k, v), self.plan.group, kernel=self.kernel,
+                                             docs=self._documents)
 
     # For memory/offload.py, which keeps (out, lse) and runs attention's backward itself.
     def by_rows(self):
@@ -148,13 +161,14 @@ class SequenceParallelAttention:
     def forward_lse(self, q, k, v):
         if self.sp == 1:
             return self.local.forward_lse(q, k, v)
-        return SCHEDULE_MODULES[self.name].forward(self.plan.group, *autocast_inputs(q, k, v), kernel=self.kernel)
+        return SCHEDULE_MODULES[self.name].forward(self.plan.group, *autocast_inputs(q, k, v), kernel=self.kernel,
+                                                   docs=self._documents)
 
     def backward_lse(self, dout, q, k, v, out, lse):
         if self.sp == 1:
             return self.local.backward_lse(dout, q, k, v, out, lse)
         q2, k2, v2 = autocast_inputs(q, k, v)
         grads = SCHEDULE_MODULES[self.name].backward(self.plan.group, dout.to(out.dtype).contiguous(),
-                                                     q2, k2, v2, out, lse, kernel=self.kernel)
+                                                     q2, k2, v2, out, lse, kernel=self.kernel, docs=self._documents)
         return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
 

@@ -17,7 +17,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from .blocks import ScheduleAttention, attend, attend_bwd, merge_rows, q_rows
+from .blocks import Documents, ScheduleAttention, attend, attend_bwd, merge_rows, q_rows
 from .p2p import communicator, compute
 
 
@@ -58,9 +58,10 @@ class _Both:
             p.wait()
 
 
-def forward(group: dist.ProcessGroup, q, k, v, kernel: str = "auto"):
+def forward(group: dist.ProcessGroup, q, k, v, kernel: str = "auto", docs=None):
     comm = communicator(group)
     P, r, n = comm.world, comm.rank, q.shape[1]
+    docs = Documents.of(docs, P)
     cw = ccw = (k, v)
     out = lse = None
     for step in range(_steps(P) + 1):
@@ -68,7 +69,7 @@ def forward(group: dist.ProcessGroup, q, k, v, kernel: str = "auto"):
         blocks = [cw] if step == 0 else [cw] + ([ccw] if ccw is not None else [])
         with compute(f"step {step}"):
             for (bk, bv), src in zip(blocks, _sources(r, step, P)):
-                part_out, part_lse = attend(q, bk, bv, r, src, kernel=kernel)
+                part_out, part_lse = attend(q, bk, bv, r, src, kernel=kernel, docs=docs)
                 if out is None:
                     out, lse = part_out.float(), part_lse.float()
                 else:
@@ -79,9 +80,10 @@ def forward(group: dist.ProcessGroup, q, k, v, kernel: str = "auto"):
     return out.to(q.dtype), lse
 
 
-def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "auto"):
+def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "auto", docs=None):
     comm = communicator(group)
     P, r, n = comm.world, comm.rank, q.shape[1]
+    docs = Documents.of(docs, P)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
@@ -101,7 +103,8 @@ def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "a
         returns = []
         with compute(f"step {step}"):
             for (bk, bv), src in zip(blocks, _sources(r, step, P)):
-                dq_part, dk_part, dv_part, ks = attend_bwd(dout, q, bk, bv, out, lse, r, src, kernel=kernel)
+                dq_part, dk_part, dv_part, ks = attend_bwd(dout, q, bk, bv, out, lse, r, src, kernel=kernel,
+                                                              docs=docs)
                 dq[:, q_rows(r, src, n)] += dq_part.float()
                 part_k = torch.zeros_like(dk)
                 part_v = torch.zeros_like(dv)
@@ -131,6 +134,6 @@ def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "a
 
 
 def bidir_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup,
-        kernel: str = "auto") -> torch.Tensor:
+        kernel: str = "auto", docs=None) -> torch.Tensor:
     """Causal attention over a zigzag-sharded sequence; same contract as ring.ring_attention."""
-    return ScheduleAttention.apply(q, k, v, group, sys.modules[__name__], kernel)
+    return ScheduleAttention.apply(q, k, v, group, sys.modules[__name__], kernel, docs)

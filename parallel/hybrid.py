@@ -26,8 +26,16 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..kernels.attention import BlockAttention, block_attn, block_attn_bwd, local_attention, sum_kv_heads
-from .ulysses import HeadsToSeq, SeqToHeads, check_heads, heads_to_seq, kv_heads_for, seq_to_heads
+from ..kernels.attention import block_attn, block_attn_bwd, sum_kv_heads
+from .ulysses import (
+    HeadsToSeq,
+    SeqToHeads,
+    check_heads,
+    heads_to_seq,
+    kv_heads_for,
+    seq_to_heads,
+    whole_sequence_attention,
+)
 
 OUTER_SCHEDULES = ("ring", "token_ring", "bidir_kv", "allgather_kv")
 
@@ -47,12 +55,17 @@ class HybridGroup:
         return 1 if self.inner is None else dist.get_world_size(self.inner)
 
 
+def _whole(docs):
+    ids = getattr(docs, "ids", docs)
+    return ids, ids
+
+
 def _outer_module(name: str):
     # imported by name: parallel/attention.py imports this module and the schedules alike
     return importlib.import_module(f"{__package__}.{name}")
 
 
-def forward(group: HybridGroup, q, k, v, kernel: str = "auto"):
+def forward(group: HybridGroup, q, k, v, kernel: str = "auto", docs=None):
     """(out, lse); lse is the outer schedule's (or, when r == 1, [B, Hq/u, S] of the whole
     sequence), in the head-sharded layout: only `backward` reads it."""
     u, Hq = group.ulysses_degree, q.shape[2]
@@ -61,15 +74,15 @@ def forward(group: HybridGroup, q, k, v, kernel: str = "auto"):
         k, v = kv_heads_for(k, Hq, u), kv_heads_for(v, Hq, u)
         q, k, v = (seq_to_heads(t, group.inner) for t in (q, k, v))
     if group.outer is None:
-        out, lse = block_attn(q, k, v, causal=True, impl=kernel)
-    else:
-        out, lse = _outer_module(group.outer_schedule).forward(group.outer, q, k, v, kernel=kernel)
+        out, lse = block_attn(q, k, v, True, kernel, *_whole(docs))
+    else:  # the outer rank's shard of a 2r-chunk split: the outer schedule reads its ids from the whole rows
+        out, lse = _outer_module(group.outer_schedule).forward(group.outer, q, k, v, kernel=kernel, docs=docs)
     if group.inner is not None:
         out = heads_to_seq(out.contiguous(), group.inner)
     return out, lse
 
 
-def backward(group: HybridGroup, dout, q, k, v, out, lse, kernel: str = "auto"):
+def backward(group: HybridGroup, dout, q, k, v, out, lse, kernel: str = "auto", docs=None):
     """Gradients from the kept (out, lse): q, k, v, out and dout go to the head layout again."""
     u, Hq, Hkv = group.ulysses_degree, q.shape[2], k.shape[2]
     check_heads(Hq, u, "hybrid sequence parallelism")
@@ -78,9 +91,10 @@ def backward(group: HybridGroup, dout, q, k, v, out, lse, kernel: str = "auto"):
         kr, vr = kv_heads_for(k, Hq, u), kv_heads_for(v, Hq, u)
         q, kr, vr, out, dout = (seq_to_heads(t.contiguous(), group.inner) for t in (q, kr, vr, out, dout))
     if group.outer is None:
-        grads = block_attn_bwd(dout, q, kr, vr, out, lse, causal=True, impl=kernel)
+        grads = block_attn_bwd(dout, q, kr, vr, out, lse, True, kernel, *_whole(docs))
     else:
-        grads = _outer_module(group.outer_schedule).backward(group.outer, dout, q, kr, vr, out, lse, kernel=kernel)
+        grads = _outer_module(group.outer_schedule).backward(group.outer, dout, q, kr, vr, out, lse, kernel=kernel,
+                                                             docs=docs)
     if group.inner is None:
         return grads
     dq, dk, dv = (heads_to_seq(t.contiguous(), group.inner) for t in grads)
@@ -90,7 +104,7 @@ def backward(group: HybridGroup, dout, q, k, v, out, lse, kernel: str = "auto"):
 
 
 def hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: HybridGroup,
-                     kernel: str = "auto") -> torch.Tensor:
+                     kernel: str = "auto", docs=None) -> torch.Tensor:
     """Causal attention over a zigzag-sharded sequence (sp rank p = j*u + i holds chunks p and
     2P-1-p); q [B, 2c, Hq, D], k/v [B, 2c, Hkv, D], Hq divisible by u."""
     u, Hq = group.ulysses_degree, q.shape[2]
@@ -99,10 +113,10 @@ def hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: H
         k, v = kv_heads_for(k, Hq, u), kv_heads_for(v, Hq, u)  # autograd sums the repeats back
         q, k, v = (SeqToHeads.apply(t, group.inner) for t in (q, k, v))
     if group.outer is None:
-        out = local_attention(q, k, v) if kernel == "auto" else BlockAttention.apply(q, k, v, True, kernel)
+        out = whole_sequence_attention(q, k, v, kernel, docs)
     else:
         name = group.outer_schedule
-        out = getattr(_outer_module(name), f"{name}_attention")(q, k, v, group.outer, kernel=kernel)
+        out = getattr(_outer_module(name), f"{name}_attention")(q, k, v, group.outer, kernel=kernel, docs=docs)
     return out if group.inner is None else HeadsToSeq.apply(out, group.inner)
 
 

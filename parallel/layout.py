@@ -9,6 +9,7 @@ they never reach the loss.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 IGNORE_INDEX = -100
@@ -22,15 +23,20 @@ def chunk_ids(rank: int, sp: int) -> tuple[int, int]:
     return rank, 2 * sp - 1 - rank
 
 
-def split(x: torch.Tensor, rank: int, sp: int, dim: int = 1, pad_value=0) -> torch.Tensor:
-    """This rank's zigzag shard of x along `dim` (padded to a multiple of 2*sp with pad_value)."""
+def pad(x: torch.Tensor, sp: int, dim: int = 1, pad_value=0) -> torch.Tensor:
+    """x padded along `dim` to a multiple of 2*sp with pad_value (as `split` pads it)."""
     S = x.shape[dim]
     total = padded_length(S, sp)
-    if total != S:
-        pad_shape = list(x.shape)
-        pad_shape[dim] = total - S
-        x = torch.cat([x, torch.full(pad_shape, pad_value, dtype=x.dtype, device=x.device)], dim=dim)
-    chunks = x.chunk(2 * sp, dim=dim)
+    if total == S:
+        return x
+    pad_shape = list(x.shape)
+    pad_shape[dim] = total - S
+    return torch.cat([x, torch.full(pad_shape, pad_value, dtype=x.dtype, device=x.device)], dim=dim)
+
+
+def split(x: torch.Tensor, rank: int, sp: int, dim: int = 1, pad_value=0) -> torch.Tensor:
+    """This rank's zigzag shard of x along `dim` (padded to a multiple of 2*sp with pad_value)."""
+    chunks = pad(x, sp, dim, pad_value).chunk(2 * sp, dim=dim)
     first, second = chunk_ids(rank, sp)
     return torch.cat([chunks[first], chunks[second]], dim=dim)
 
@@ -56,3 +62,85 @@ def unsplit(shards: list[torch.Tensor], seq_len: int, dim: int = 1) -> torch.Ten
         first, second = chunk_ids(rank, sp)
         chunks[first], chunks[second] = a, b
     return torch.cat(chunks, dim=dim).narrow(dim, 0, seq_len)
+
+
+# --- packed documents: the causal work each rank does, and balancing it (issue 18) ---------------
+PAD_DOCUMENT = -1  # the document id of padding: its own document, never seen by a real token
+BALANCE_THRESHOLD = 0.10  # reorder a row's documents when the busiest rank does > 10% over the mean
+
+
+def _runs(ids) -> list[tuple[int, int]]:
+    """(start, stop) of each maximal run of equal ids in a 1-D array."""
+    ids = np.asarray(ids)
+    edges = np.flatnonzero(np.diff(ids)) + 1
+    bounds = np.concatenate([[0], edges, [len(ids)]])
+    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+
+
+def _row_rank_work(lengths: list[int], sp: int) -> np.ndarray:
+    """Visible (query, key) pairs per rank of one row whose documents have these lengths in this
+    order: a token at index j of its document sees j + 1 keys; rank r holds chunks r and 2P-1-r."""
+    w = np.concatenate([np.arange(1, n + 1, dtype=np.float64) for n in lengths])
+    chunks = w.reshape(2 * sp, -1).sum(1)
+    return chunks[:sp] + chunks[::-1][:sp]
+
+
+def rank_work(docs: torch.Tensor, sp: int) -> np.ndarray:
+    """Visible pairs per rank [sp] of the zigzag split of rows of document ids [B, S] (padded to a
+    multiple of 2*sp): what the causal document-masked blocks cost each rank."""
+    ids = pad(docs, sp, pad_value=PAD_DOCUMENT).cpu().numpy()
+    return sum(_row_rank_work([b - a for a, b in _runs(row)], sp) for row in ids)
+
+
+def imbalance(work: np.ndarray) -> float:
+    """The busiest rank's work over the mean, minus 1 (0 = balanced)."""
+    mean = float(np.mean(work))
+    return float(np.max(work)) / mean - 1.0 if mean else 0.0
+
+
+def balance_documents(docs: torch.Tensor, sp: int, threshold: float = BALANCE_THRESHOLD, tries: int = 24,
+                      seed: int = 0) -> tuple[torch.Tensor | None, float, float]:
+    """(permutation [B, S] or None, imbalance before, after) for rows of document ids [B, S]
+    (S a multiple of 2*sp) split zigzag over sp ranks.
+
+    The classic zigzag balances causal work when one document fills the row, and when documents
+    are all short; a mix (a long document beside short ones) loads the ranks holding its late
+    tokens. Documents are independent under the mask, so their order within a row is free: when
+    the batch's imbalance exceeds `threshold`, each row (in turn, on top of the rows before it)
+    takes the best of a few orders of its documents (as packed, reversed, longest first, longest
+    last, the longest in the middle, seeded shuffles), the one that minimises the busiest rank's
+    visible pairs, then swaps of two documents while they lower it (a bounded local search: the
+    result is reported, not promised to reach the threshold). The permutation gathers positions (inputs, labels, position ids and the ids
+    themselves move with their document); None when the split is kept."""
+    ids = docs.cpu().numpy()
+    if ids.shape[1] % (2 * sp):
+        raise ValueError(f"rows of {ids.shape[1]} tokens: pad to a multiple of 2 x sp={sp} first")
+    rows = [_runs(row) for row in ids]
+    before = sum(_row_rank_work([b - a for a, b in runs], sp) for runs in rows)
+    if sp == 1 or imbalance(before) <= threshold:
+        return None, imbalance(before), imbalance(before)
+    total = np.zeros(sp)
+    perms = []
+    for i, runs in enumerate(rows):
+        lengths = np.array([b - a for a, b in runs])
+        n = len(runs)
+        by_len = np.argsort(-lengths, kind="stable")
+        middle = np.concatenate([by_len[1::2][::-1], by_len[:1], by_len[2::2]]) if n > 2 else by_len
+        rng = np.random.default_rng([seed, i])
+        orders = [np.arange(n), np.arange(n)[::-1], by_len, by_len[::-1], middle,
+                  *(rng.permutation(n) for _ in range(tries))]
+        def cost(o):
+            return float(np.max(total + _row_rank_work(lengths[o].tolist(), sp)))
+
+        best = min(orders, key=cost)
+        best_cost = cost(best)
+        for _ in range(4 * tries if n > 1 else 0):  # then swaps of two documents while they help
+            i, j = rng.choice(n, 2, replace=False)
+            trial = best.copy()
+            trial[[i, j]] = trial[[j, i]]
+            c = cost(trial)
+            if c < best_cost:
+                best, best_cost = trial, c
+        total += _row_rank_work(lengths[best].tolist(), sp)
+        perms.append(np.concatenate([np.arange(*runs[j]) for j in best]))
+    return torch.as_tensor(np.stack(perms), dtype=torch.long), imbalance(before), imbalance(total)

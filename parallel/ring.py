@@ -15,13 +15,14 @@ import sys
 import torch
 import torch.distributed as dist
 
-from .blocks import ScheduleAttention, attend, attend_bwd, merge_rows, q_rows
+from .blocks import Documents, ScheduleAttention, attend, attend_bwd, merge_rows, q_rows
 from .p2p import communicator, compute
 
 
-def forward(group: dist.ProcessGroup, q, k, v, kernel: str = "auto"):
+def forward(group: dist.ProcessGroup, q, k, v, kernel: str = "auto", docs=None):
     comm = communicator(group)
     P, r = comm.world, comm.rank
+    docs = Documents.of(docs, P)
     out = lse = None
     cur_k, cur_v = k, v
     for step in range(P):
@@ -31,7 +32,7 @@ def forward(group: dist.ProcessGroup, q, k, v, kernel: str = "auto"):
             pending = comm.exchange([(cur_k, comm.next), (cur_v, comm.next)], [(nxt_k, comm.prev), (nxt_v, comm.prev)],
                                     what=f"kv {step + 1}")
         with compute(f"step {step}"):
-            part_out, part_lse = attend(q, cur_k, cur_v, r, src, kernel=kernel)
+            part_out, part_lse = attend(q, cur_k, cur_v, r, src, kernel=kernel, docs=docs)
             if out is None:
                 out, lse = part_out.float(), part_lse.float()
             else:
@@ -42,9 +43,10 @@ def forward(group: dist.ProcessGroup, q, k, v, kernel: str = "auto"):
     return out.to(q.dtype), lse
 
 
-def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "auto"):
+def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "auto", docs=None):
     comm = communicator(group)
     P, r, n = comm.world, comm.rank, q.shape[1]
+    docs = Documents.of(docs, P)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     cur_k, cur_v = k, v
     acc_recv = None
@@ -55,7 +57,8 @@ def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "a
             kv_pending = comm.exchange([(cur_k, comm.next), (cur_v, comm.next)],
                                        [(nxt_k, comm.prev), (nxt_v, comm.prev)], what=f"kv {step + 1}")
         with compute(f"step {step}"):
-            dq_part, dk_part, dv_part, ks = attend_bwd(dout, q, cur_k, cur_v, out, lse, r, src, kernel=kernel)
+            dq_part, dk_part, dv_part, ks = attend_bwd(dout, q, cur_k, cur_v, out, lse, r, src, kernel=kernel,
+                                                              docs=docs)
             dq[:, q_rows(r, src, n)] += dq_part
         if acc_recv is None:
             dk_acc = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
@@ -80,6 +83,7 @@ def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "a
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup,
-        kernel: str = "auto") -> torch.Tensor:
-    """Causal attention over a zigzag-sharded sequence; q [B, 2c, Hq, D], k/v [B, 2c, Hkv, D]."""
-    return ScheduleAttention.apply(q, k, v, group, sys.modules[__name__], kernel)
+        kernel: str = "auto", docs=None) -> torch.Tensor:
+    """Causal attention over a zigzag-sharded sequence; q [B, 2c, Hq, D], k/v [B, 2c, Hkv, D];
+    `docs` the whole rows' document ids [B, 2Pc] (packed documents, parallel/blocks.py) or None."""
+    return ScheduleAttention.apply(q, k, v, group, sys.modules[__name__], kernel, docs)

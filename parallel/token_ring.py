@@ -29,7 +29,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from .blocks import ScheduleAttention, attend, attend_bwd, merge_rows, q_rows
+from .blocks import Documents, ScheduleAttention, attend, attend_bwd, merge_rows, q_rows
 from .p2p import communicator, compute
 
 
@@ -132,17 +132,18 @@ def _ring(comm, n: int, bundle: list[torch.Tensor], first, block, land, likes):
             land(received, sender)
 
 
-def forward(group: dist.ProcessGroup, q, k, v, kernel: str = "auto"):
+def forward(group: dist.ProcessGroup, q, k, v, kernel: str = "auto", docs=None):
     comm = communicator(group)
     r, n = comm.rank, q.shape[1]
+    docs = Documents.of(docs, comm.world)
     acc = {}
 
     def first():
-        out, lse = attend(q, k, v, r, r, kernel=kernel)
+        out, lse = attend(q, k, v, r, r, kernel=kernel, docs=docs)
         acc["out"], acc["lse"] = out.float(), lse.float()
 
     def block(step, bundle):
-        part_out, part_lse = attend(bundle[0], k, v, (r + step) % comm.world, r, kernel=kernel)
+        part_out, part_lse = attend(bundle[0], k, v, (r + step) % comm.world, r, kernel=kernel, docs=docs)
         return [part_out, part_lse.float()]
 
     def land(received, sender):
@@ -154,15 +155,16 @@ def forward(group: dist.ProcessGroup, q, k, v, kernel: str = "auto"):
     return acc["out"].to(q.dtype), acc["lse"]
 
 
-def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "auto"):
+def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "auto", docs=None):
     comm = communicator(group)
     r, n = comm.rank, q.shape[1]
+    docs = Documents.of(docs, comm.world)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     acc = {}
 
     def first():
-        dq0, dk_part, dv_part, ks = attend_bwd(dout, q, k, v, out, lse, r, r, kernel=kernel)
+        dq0, dk_part, dv_part, ks = attend_bwd(dout, q, k, v, out, lse, r, r, kernel=kernel, docs=docs)
         acc["dq"] = dq0.float()
         dk[:, ks] += dk_part.float()
         dv[:, ks] += dv_part.float()
@@ -171,7 +173,7 @@ def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "a
         q_o, dout_o, scale_o, lse_o = bundle
         stand_in = _stand_in_out(dout_o, scale_o)
         part_dq, dk_part, dv_part, ks = attend_bwd(dout_o, q_o, k, v, stand_in, lse_o, (r + step) % comm.world, r,
-                                                   kernel=kernel)
+                                                   kernel=kernel, docs=docs)
         dk[:, ks] += dk_part.float()
         dv[:, ks] += dv_part.float()
         return [part_dq.float()]
@@ -184,6 +186,6 @@ def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "a
 
 
 def token_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup,
-        kernel: str = "auto") -> torch.Tensor:
+        kernel: str = "auto", docs=None) -> torch.Tensor:
     """Causal attention over a zigzag-sharded sequence; same contract as ring.ring_attention."""
-    return ScheduleAttention.apply(q, k, v, group, sys.modules[__name__], kernel)
+    return ScheduleAttention.apply(q, k, v, group, sys.modules[__name__], kernel, docs)

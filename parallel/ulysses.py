@@ -96,33 +96,47 @@ def kv_heads_for(k: torch.Tensor, heads_q: int, degree: int) -> torch.Tensor:
     return k if k.shape[2] % degree == 0 else expand_kv_heads(k, heads_q)
 
 
-def forward(group: dist.ProcessGroup, q, k, v, kernel: str = "auto"):
+def _whole(docs):
+    """The whole rows' ids (natural order: what seq_to_heads gives over the whole group), twice
+    (queries, keys), or (None, None)."""
+    ids = getattr(docs, "ids", docs)
+    return ids, ids
+
+
+def forward(group: dist.ProcessGroup, q, k, v, kernel: str = "auto", docs=None):
     """(out, lse) without autograd; lse stays in the head-sharded layout [B, Hq/P, S] (only
-    `backward` reads it)."""
+    `backward` reads it). `docs`: the whole rows' document ids (packed documents) or None."""
     P, Hq = dist.get_world_size(group), q.shape[2]
     check_heads(Hq, P)
     qh, kh, vh = (seq_to_heads(t, group) for t in (q, kv_heads_for(k, Hq, P), kv_heads_for(v, Hq, P)))
-    out_h, lse_h = block_attn(qh, kh, vh, causal=True, impl=kernel)
+    out_h, lse_h = block_attn(qh, kh, vh, True, kernel, *_whole(docs))
     return heads_to_seq(out_h.contiguous(), group), lse_h
 
 
-def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "auto"):
+def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "auto", docs=None):
     """Gradients from the kept (out, lse): q, k, v, out and dout go to the head layout again."""
     P, Hq, Hkv = dist.get_world_size(group), q.shape[2], k.shape[2]
     kr, vr = kv_heads_for(k, Hq, P), kv_heads_for(v, Hq, P)
     qh, kh, vh, out_h, dout_h = (seq_to_heads(t.contiguous(), group) for t in (q, kr, vr, out, dout))
-    dqh, dkh, dvh = block_attn_bwd(dout_h, qh, kh, vh, out_h, lse, causal=True, impl=kernel)
+    dqh, dkh, dvh = block_attn_bwd(dout_h, qh, kh, vh, out_h, lse, True, kernel, *_whole(docs))
     dq, dk, dv = (heads_to_seq(t.contiguous(), group) for t in (dqh, dkh, dvh))
     if kr is not k:  # sum the repeated heads back onto their K/V head
         dk, dv = sum_kv_heads(dk, Hkv), sum_kv_heads(dv, Hkv)
     return dq, dk, dv
 
 
+def whole_sequence_attention(q, k, v, kernel: str, docs=None):
+    """Causal attention of a whole sequence after the all-to-all, with autograd: SDPA for `auto`
+    without documents, else the block kernel (document-masked when `docs` are given)."""
+    if docs is not None:
+        return BlockAttention.apply(q, k, v, True, kernel, *_whole(docs))
+    return local_attention(q, k, v) if kernel == "auto" else BlockAttention.apply(q, k, v, True, kernel)
+
+
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup,
-                      kernel: str = "auto") -> torch.Tensor:
+                      kernel: str = "auto", docs=None) -> torch.Tensor:
     P, Hq = dist.get_world_size(group), q.shape[2]
     check_heads(Hq, P)
     k, v = kv_heads_for(k, Hq, P), kv_heads_for(v, Hq, P)
     qh, kh, vh = (SeqToHeads.apply(t, group) for t in (q, k, v))
-    out_h = local_attention(qh, kh, vh) if kernel == "auto" else BlockAttention.apply(qh, kh, vh, True, kernel)
-    return HeadsToSeq.apply(out_h, group)
+    return HeadsToSeq.apply(whole_sequence_attention(qh, kh, vh, kernel, docs), group)

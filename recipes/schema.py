@@ -79,10 +79,10 @@ class DataRecipe:
     text_field: str = _f("text", "Field holding the document text in jsonl/parquet/hub records.")
     split: str = _f("train", "Dataset split for hub datasets.")
     max_documents: int | None = _f(None, "Use at most this many documents (null = all).", gt=0)
-    batching: Literal["decompose", "pack"] = _f(
-        "decompose", "decompose = dataset decomposition (power-of-two buckets, one document per row); pack = concat-and-chunk rows of seq_len."
+    batching: Literal["decompose", "pack", "packed_docs"] = _f(
+        "decompose", "decompose = dataset decomposition (power-of-two buckets, one document per row); pack = concat-and-chunk rows of seq_len (attention crosses documents); packed_docs = whole documents best-fit packed into rows of seq_len, attention masked per document under every sp schedule, positions restarting per document."
     )
-    seq_len: int = _f(2048, "pack: tokens per row (each row reads seq_len+1 tokens); also the held-out eval row length.", gt=1)
+    seq_len: int = _f(2048, "pack, packed_docs: tokens per row (a pack row reads seq_len+1 tokens); also the held-out eval row length.", gt=1)
     min_len: int = _f(64, "decompose: shortest bucket (power of two).", gt=0)
     max_len: int = _f(2048, "decompose: longest bucket (power of two); longer documents are cut.", gt=0)
     tokens_per_step: int = _f(8192, "decompose: input tokens per optimizer step over all dp ranks (batch x length).", gt=0)
@@ -441,9 +441,11 @@ def _no_effect(r: Recipe, problems: list[str], set_keys: set[str]) -> None:
     else:
         for key in _DECOMPOSE_ONLY:
             if f"data.{key}" in set_keys:
-                problems.append(f"data.{key}={getattr(r.data, key)!r}: has no effect with data.batching=pack; remove it")
+                problems.append(f"data.{key}={getattr(r.data, key)!r}: has no effect with data.batching="
+                                f"{r.data.batching}; remove it")
         if "train.micro_batch_tokens" in set_keys:
-            problems.append("train.micro_batch_tokens: has no effect with data.batching=pack (use train.grad_accum)")
+            problems.append(f"train.micro_batch_tokens: has no effect with data.batching={r.data.batching} "
+                            "(use train.grad_accum)")
     if "memory.arena" in set_keys and r.memory.arena and r.memory.policy == "none":
         problems.append("memory.arena=true: has no effect with memory.policy=none (the arena holds the buffers of "
                         "full/memo blocks); set memory.policy: full or memo, or remove it")
@@ -494,7 +496,7 @@ def _cross_checks(r: Recipe, problems: list[str]) -> None:
         problems.append(f"model.rope.factor={r.model.rope.factor}: rope type {r.model.rope.type!r} needs a factor > 1")
     if r.train.warmup_steps > r.train.max_steps:
         problems.append(f"train.warmup_steps={r.train.warmup_steps}: must be <= train.max_steps={r.train.max_steps}")
-    if r.data.batching == "pack" and r.train.batch_size % r.train.grad_accum:
+    if r.data.batching != "decompose" and r.train.batch_size % r.train.grad_accum:
         problems.append(
             f"train.batch_size={r.train.batch_size}: must be a multiple of train.grad_accum={r.train.grad_accum}"
         )
@@ -506,6 +508,9 @@ def _cross_checks(r: Recipe, problems: list[str]) -> None:
     if el.keep_ratio != 1.0 and el.source == "predictor" and not el.predictors:
         problems.append("memory.elimination.source='predictor': needs memory.elimination.predictors, the folder "
                         "`longctx elimination fit RECIPE --out FOLDER` writes")
+    if el.keep_ratio != 1.0 and r.data.batching == "packed_docs":
+        problems.append(f"memory.elimination.keep_ratio={el.keep_ratio}: token elimination does not mask documents yet; "
+                        "with data.batching packed_docs keep it 1 (off), or use pack / decompose")
     if not el.skip_mlp and r.memory.policy != "none":
         problems.append(f"memory.elimination.skip_mlp=false: runs the MLP of every token outside the {r.memory.policy!r} "
                         "block; use it with memory.policy: none, or keep skip_mlp: true")
@@ -543,7 +548,7 @@ def _cross_checks(r: Recipe, problems: list[str]) -> None:
         problems.append("parallel.cpu_offload: needs run.device cuda (a CPU run keeps everything in host memory already)")
     if r.train.resume not in ("none", "auto") and not Path(r.train.resume).exists():
         problems.append(f"train.resume={r.train.resume!r}: no such checkpoint (allowed: none, auto, or a checkpoint path)")
-    if r.model.max_seq_len is not None and r.data.seq_len > r.model.max_seq_len and r.data.batching == "pack":
+    if r.model.max_seq_len is not None and r.data.seq_len > r.model.max_seq_len and r.data.batching != "decompose":
         problems.append(f"data.seq_len={r.data.seq_len}: longer than model.max_seq_len={r.model.max_seq_len}")
     if r.data.batching == "decompose":
         d = r.data
@@ -566,7 +571,8 @@ def _cross_checks(r: Recipe, problems: list[str]) -> None:
             if not length or length & (length - 1) or not isinstance(value, (int, float)) or value < 0:
                 problems.append(f"data.curriculum_weights.{key}={value!r}: expected a power-of-two length -> weight >= 0")
         if r.train.grad_accum != 1:
-            problems.append("train.grad_accum: only for data.batching=pack; with decompose use train.micro_batch_tokens")
+            problems.append("train.grad_accum: only for data.batching pack or packed_docs; with decompose use "
+                            "train.micro_batch_tokens")
 
 
 def vocab_group_size(r: Recipe, world_size: int) -> int:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from ..data.decompose import DecomposedData, decompose
 from ..data.pack import PackedBatches, PackedRows
+from ..data.pack_docs import PackedDocBatches, pack_documents
 from ..data.sampler import CurriculumSampler, SamplerError
 from ..data.sources import DataError, load_documents, source_identity
 from ..data.tokenize import TokenStore, load_tokenizer, tokenize_to_cache
@@ -65,6 +66,9 @@ class Run:
     autocast_dtype: torch.dtype | None
     pad_id: int = 0
     sp_attention: SequenceParallelAttention | None = None
+    attention: object | None = None  # the model's attention callable (LocalAttention or sp_attention)
+    documents: object | None = None  # packed documents: the step's whole-row document ids (trainer)
+    balance: tuple | None = None  # packed documents under sp: zigzag imbalance before/after reordering
     engine: object | None = None  # the DeepSpeed engine under parallel.sharding=deepspeed
     start_step: int = 0
     tokens_seen: int = 0
@@ -276,7 +280,8 @@ def attention_kernel_name(recipe: Recipe, device: torch.device, head_dim: int, s
     sp = 1 path runs PyTorch's SDPA, else the block kernel the schedules and MEMO call."""
     kernel, dtype = recipe.parallel.attention_kernel, _attention_dtype(recipe)
     block = resolve_kernel(kernel, device, dtype, head_dim)
-    local = block if recipe.memory.policy != "none" else LocalAttention(kernel).describe(device, dtype, head_dim)
+    plain = recipe.memory.policy == "none" and recipe.data.batching != "packed_docs"  # documents: block kernel
+    local = LocalAttention(kernel).describe(device, dtype, head_dim) if plain else block
     if sp_world == 1 or local == block:
         return local if sp_world == 1 else block
     return f"{block} ({local} for buckets at sp=1)"
@@ -416,6 +421,11 @@ def build_data(recipe: Recipe, model_dir: Path | None, mesh: mesh_lib.Mesh, voca
     if d.batching == "pack":
         rows = PackedRows([store.document(i) for i in train_docs], d.seq_len, seed=recipe.run.seed)
         data = PackedBatches(rows, recipe.train.batch_size, mesh.dp_rank, mesh.dp_world, mesh.sp_world)
+    elif d.batching == "packed_docs":
+        packed = pack_documents([store.document(i) for i in train_docs], d.seq_len, seed=recipe.run.seed,
+                                pad_id=_pad_id(tokenizer))
+        data = PackedDocBatches(packed, recipe.train.batch_size, mesh.dp_rank, mesh.dp_world, mesh.sp_world,
+                                seed=recipe.run.seed)
     else:
         data = _decomposed(recipe, store, train_docs, tokenizer, mesh)
     if mesh.is_main:
@@ -598,7 +608,7 @@ def build(recipe: Recipe) -> Run:
         recipe=recipe, mesh=mesh, model=model, optimizer=optimizer, scheduler=scheduler, data=data, eval_data=eval_data,
         run_dir=recipe.run_dir, tokenizer_dir=tokenizer_dir,
         autocast_dtype=torch.bfloat16 if recipe.run.dtype == "bf16" else None, pad_id=pad_id,
-        sp_attention=sp_attention, run_id=folder.run_id,
+        sp_attention=sp_attention, run_id=folder.run_id, attention=model.model.layers[0].self_attn.attention_fn,
         native_config=ModelConfig(**recipe.model.config) if model_dir is None else load_hf_config(model_dir),
     )
     if recipe.parallel.sharding == "deepspeed":

@@ -82,10 +82,15 @@ def _shard(run: Run, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | 
     """This rank's (inputs, labels, position ids, whole padded length) of the step's rows.
 
     Labels were shifted by the data source, before any splitting. Under sequence parallelism the
-    rows are split zigzag over the bucket's sp sub-group, positions stay global."""
-    inputs, labels, sp = batch
+    rows are split zigzag over the bucket's sp sub-group, positions stay global. Packed documents
+    (a fourth element: their ids and positions within them) go to `_shard_documents`; any other
+    batch clears the attention's documents."""
+    inputs, labels, sp = batch[:3]
     inputs = torch.as_tensor(inputs, device=run.mesh.device)
     labels = torch.as_tensor(labels, device=run.mesh.device)
+    run.documents = None
+    if len(batch) > 3:
+        return _shard_documents(run, inputs, labels, sp, batch[3])
     if run.sp_attention is None:
         return inputs, labels, None, None
     seq_len = layout.padded_length(inputs.shape[1], sp)
@@ -97,17 +102,57 @@ def _shard(run: Run, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | 
     return inputs, labels, positions, seq_len
 
 
+def _shard_documents(run: Run, inputs, labels, sp: int, extra: dict):
+    """`_shard` for packed documents: position ids restart at every document (RoPE sees each
+    document from 0, as alone), and the whole rows' document ids (padded, natural order; a host
+    tensor) are kept in `run.documents` for the micro-batches' attention. Under sequence
+    parallelism, when the zigzag split would leave the busiest rank > 10% over the mean in
+    visible (query, key) pairs, the documents of each row are reordered first
+    (layout.balance_documents; the loss does not depend on their order); the imbalance before
+    and after goes to the step's metrics. The length RoPE scaling sees is the row's."""
+    docs = torch.as_tensor(extra["documents"], dtype=torch.long)
+    positions = torch.as_tensor(extra["positions"], dtype=torch.long, device=inputs.device)
+    S = inputs.shape[1]
+    if run.sp_attention is not None:
+        run.sp_attention.set_step(sp, layout.padded_length(S, sp),
+                                  rows=_micro_rows(run.recipe, inputs.shape[0], layout.padded_length(S, sp) // sp))
+    if sp == 1:
+        run.documents, run.balance = docs, None
+        return inputs, labels, positions, S
+    docs = layout.pad(docs, sp, pad_value=layout.PAD_DOCUMENT)
+    inputs, labels = layout.pad(inputs, sp, pad_value=run.pad_id), layout.pad(labels, sp, pad_value=IGNORE_INDEX)
+    positions = layout.pad(positions, sp)
+    perm, before, after = layout.balance_documents(docs, sp, seed=run.recipe.run.seed)
+    if perm is not None:
+        docs = docs.gather(1, perm)
+        on_device = perm.to(inputs.device)
+        inputs, labels, positions = (t.gather(1, on_device) for t in (inputs, labels, positions))
+    run.documents, run.balance = docs, (before, after)
+    rank = run.mesh.sp_rank % sp
+    return (layout.split(inputs, rank, sp), layout.split(labels, rank, sp), layout.split(positions, rank, sp),
+            docs.shape[1])
+
+
 def _micro_rows(r, rows: int, local_len: int) -> int:
     """Rows per micro-batch of a step of `rows` rows of `local_len` tokens on this rank."""
-    if r.data.batching == "pack":
+    if r.data.batching != "decompose":
         return -(-rows // r.train.grad_accum)
     return min(rows, rows if r.train.micro_batch_tokens is None else max(1, r.train.micro_batch_tokens // local_len))
 
 
-def _micro_batches(r, inputs: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None):
+def _micro_batches(r, inputs: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None,
+                   documents: torch.Tensor | None = None):
     rows = _micro_rows(r, len(inputs), inputs.shape[1])
-    pos = positions.split(rows) if positions is not None else [None] * len(inputs.split(rows))
-    return zip(inputs.split(rows), labels.split(rows), pos)
+    n = len(inputs.split(rows))
+    pos = positions.split(rows) if positions is not None else [None] * n
+    docs = documents.split(rows) if documents is not None else [None] * n
+    return zip(inputs.split(rows), labels.split(rows), pos, docs)
+
+
+def _set_documents(run: Run, documents: torch.Tensor | None) -> None:
+    """The micro-batch's whole-row document ids (or None) to the model's attention callable."""
+    if run.attention is not None:
+        run.attention.documents = documents
 
 
 def _autocast(run: Run):
@@ -139,8 +184,9 @@ def train_step(run: Run, step: int) -> dict:
     valid = all_reduce_sum(torch.tensor([(labels != IGNORE_INDEX).sum().item()], dtype=torch.float64), mesh.grad_group)
     global_valid = valid.item()
     loss_sum = torch.zeros((), dtype=torch.float64)
-    parts = list(_micro_batches(r, inputs, labels, positions))
-    for i, (x, y, pos) in enumerate(parts):
+    parts = list(_micro_batches(r, inputs, labels, positions, run.documents))
+    for i, (x, y, pos, docs) in enumerate(parts):
+        _set_documents(run, docs)
         with _autocast(run):
             loss = (run.engine or model)(x, position_ids=pos, labels=y, seq_len=seq_len)
         if run.engine is None:
@@ -194,6 +240,12 @@ def _step_record(run: Run, mean_loss: float, grad_norm: float, lr: float, global
     mesh = run.mesh
     out = {"loss": mean_loss, "grad_norm": grad_norm, "lr": lr, "step_tokens": int(global_valid), "seq_len": int(length),
            "rows": int(inputs.shape[0]) * mesh.world // (run.sp_attention.sp if run.sp_attention else 1)}
+    if run.documents is not None:  # packed documents: the zigzag split's balance in visible pairs
+        before, after = run.balance or (0.0, 0.0)
+        ids = run.documents.numpy()
+        out["documents_per_row"] = round(sum(len(layout._runs(row[row != layout.PAD_DOCUMENT])) for row in ids)
+                                         / len(ids), 3)
+        out["attention_imbalance_zigzag"], out["attention_imbalance"] = round(before, 4), round(after, 4)
     attention = run.sp_attention
     if attention is not None:
         out["sp_degree"], out["attention"] = attention.sp, attention.name
@@ -230,6 +282,7 @@ def evaluate(run: Run) -> float:
     total = torch.zeros(2, dtype=torch.float64)
     for i in range(r.eval.batches):
         inputs, labels, positions, seq_len = _shard(run, run.eval_data.step_batch(i))
+        _set_documents(run, run.documents)
         with _autocast(run):
             total[0] += run.model(inputs, position_ids=positions, labels=labels, seq_len=seq_len).double().cpu()
         total[1] += (labels != IGNORE_INDEX).sum().item()
@@ -343,7 +396,8 @@ def train(run: Run) -> dict:
             }
             record.update({k: out[k] for k in ("sp_degree", "attention", "attention_outer", "sp_inner",
                                                "attention_bytes_sent", "attention_max_bytes_per_pair_direction",
-                                               "vocab_parallel", "vocab_bytes_sent")
+                                               "vocab_parallel", "vocab_bytes_sent", "documents_per_row",
+                                               "attention_imbalance_zigzag", "attention_imbalance")
                            if k in out})
             record.update(memory_metrics(run.model))
             if not history:  # the first record of this run names the kernels that ran
