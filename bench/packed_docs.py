@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     else:
         base = RECIPES / "quickstart.yaml"
         common = ["model.rope.type=keep", "~model.rope.factor", "model.max_seq_len=null", "train.export=false",
-                  "log.wandb=false", "eval.tasks=[]", "~eval.lengths", "~eval.depths", "eval.native_rope=false",
+                  "log.wandb=false", "eval.tasks=[]", "~eval.lengths", "~eval.depths", "~eval.native_rope",
                   "train.lr=5e-5"]
     common += [f"data.source={args.source}", f"train.max_steps={args.steps}", "train.warmup_steps=1",
                "data.eval_fraction=0.1", f"eval.seq_len={args.eval_len}", "eval.batches=2", "log.every=1",

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import importlib
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -191,7 +192,10 @@ class LocalAttention:
         d = self.documents
         if d is None:
             return None, None
-        return d[:, rows or slice(None)], d[:, keys or slice(None)]
+        rows, keys = rows or slice(None), keys or slice(None)
+        if isinstance(d, (tuple, list)):  # (ids, positions within the documents)
+            return (d[0][:, rows], d[1][:, rows]), (d[0][:, keys], d[1][:, keys])
+        return d[:, rows], d[:, keys]
 
     def __call__(self, q, k, v):
         if self.documents is not None:
@@ -444,38 +448,56 @@ def block_attn_bwd(dout, q, k, v, out, lse, causal: bool, impl: str = "auto", q_
 Tile = tuple  # (query slice, key slice, causal)
 
 
-def _runs(ids: torch.Tensor) -> list[tuple[int, int, int]]:
-    """(document id, start, stop) of each maximal run of equal ids in a 1-D tensor."""
-    values, counts = torch.unique_consecutive(ids.cpu(), return_counts=True)
-    stops = counts.cumsum(0).tolist()
-    return [(d, stop - n, stop) for d, n, stop in zip(values.tolist(), counts.tolist(), stops)]
+def _ids_and_positions(docs, S: int, causal: bool, queries: bool):
+    """(ids, positions) numpy [B, S] of a side of a block. `docs` is ids [B, S] or (ids,
+    positions within their documents). Without positions, the block's own order stands in: a
+    causal block's local index (top-left aligned), and for an unmasked block every key before
+    every query."""
+    if isinstance(docs, (tuple, list)):
+        ids, pos = docs
+        return ids.cpu().numpy(), pos.cpu().numpy()
+    ids = docs.cpu().numpy()
+    pos = np.broadcast_to(np.arange(S, dtype=np.int64), ids.shape)
+    return ids, pos + (1 << 40) if queries and not causal else pos
 
 
-def document_tiles(q_docs: torch.Tensor, k_docs: torch.Tensor, causal: bool) -> list[list[Tile]]:
-    """Per batch row, the tiles (query slice, key slice, causal) where queries and keys share a
-    document: one per pair of runs of the same id (a causal block also cuts each pair at the
-    diagonal: keys before the queries' run unmasked, the overlap causal from its top left, keys
-    after a query unseen). Their union is exactly the visible pairs of the block."""
-    if q_docs.dim() != 2 or k_docs.dim() != 2 or q_docs.shape[0] != k_docs.shape[0]:
-        raise ValueError(f"document ids must be [B, Sq] and [B, Sk], got {tuple(q_docs.shape)} and {tuple(k_docs.shape)}")
+def _runs(ids: np.ndarray, pos: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """(document id, start, stop, position at start) of each maximal run of one document whose
+    positions go up by one."""
+    cuts = np.flatnonzero((np.diff(ids) != 0) | (np.diff(pos) != 1)) + 1
+    bounds = np.concatenate([[0], cuts, [len(ids)]]).tolist()
+    return [(int(ids[a]), a, b, int(pos[a])) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def document_tiles(q_docs, k_docs, causal: bool) -> list[list[Tile]]:
+    """Per batch row, the tiles (query slice, key slice, causal) where a query sees a key: same
+    document, key position <= query position. q_docs/k_docs: ids [B, S], or (ids, positions
+    within the documents) when the block's rows are not in sequence order (a balanced layout,
+    parallel/layout.py); then `causal` is not read. One tile per pair of runs of a document (keys
+    before every query of the run unmasked, the overlap causal from its top left, and the
+    queries past the overlap against all of it). Their union is exactly the visible pairs."""
+    qi, qp = _ids_and_positions(q_docs, (q_docs[0] if isinstance(q_docs, (tuple, list)) else q_docs).shape[1], causal, True)
+    ki, kp = _ids_and_positions(k_docs, (k_docs[0] if isinstance(k_docs, (tuple, list)) else k_docs).shape[1], causal, False)
+    if qi.ndim != 2 or ki.ndim != 2 or qi.shape[0] != ki.shape[0]:
+        raise ValueError(f"document ids must be [B, Sq] and [B, Sk], got {qi.shape} and {ki.shape}")
     out = []
-    for qd, kd in zip(q_docs, k_docs):
-        keys: dict[int, list[tuple[int, int]]] = {}
-        for d, a, b in _runs(kd):
-            keys.setdefault(d, []).append((a, b))
+    for b in range(qi.shape[0]):
+        keys: dict[int, list[tuple[int, int, int]]] = {}
+        for d, ka, kb, s0 in _runs(ki[b], kp[b]):
+            keys.setdefault(d, []).append((ka, kb, s0))
         tiles = []
-        for d, qa, qb in _runs(qd):
-            for ka, kb in keys.get(d, ()):
-                if not causal:
-                    tiles.append((slice(qa, qb), slice(ka, kb), False))
-                    continue
-                if ka < qa:  # keys before every query of the run: no mask
-                    tiles.append((slice(qa, qb), slice(ka, min(kb, qa)), False))
-                lo, hi = max(ka, qa), min(kb, qb)
-                if lo < hi:  # the overlap: queries [lo, qb) see keys [lo, hi) up to themselves
-                    tiles.append((slice(lo, hi), slice(lo, hi), True))
-                    if hi < qb:
-                        tiles.append((slice(hi, qb), slice(lo, hi), False))
+        for d, qa, qb, p0 in _runs(qi[b], qp[b]):
+            p1 = p0 + qb - qa
+            for ka, kb, s0 in keys.get(d, ()):
+                s1 = s0 + kb - ka
+                if s0 < p0:  # keys before every query of the run: no mask
+                    tiles.append((slice(qa, qb), slice(ka, ka + min(s1, p0) - s0), False))
+                lo, hi = max(s0, p0), min(s1, p1)
+                if lo < hi:  # the overlap: queries at [lo, p1) see keys at [lo, hi) up to themselves
+                    q_lo, q_hi, k_lo, k_hi = qa + lo - p0, qa + hi - p0, ka + lo - s0, ka + hi - s0
+                    tiles.append((slice(q_lo, q_hi), slice(k_lo, k_hi), True))
+                    if q_hi < qb:
+                        tiles.append((slice(q_hi, qb), slice(k_lo, k_hi), False))
         out.append(tiles)
     return out
 

@@ -116,11 +116,53 @@ def _docs(docs: Documents | None, rank: int, rows: slice, keys: slice | None):
     return mine[:, rows], mine[:, rows] if keys is None else docs.ids[:, keys]
 
 
+def _forward_any_order(group, q, k, v, kernel: str, docs: Documents):
+    """forward for packed documents in a balanced layout (rows in no causal order): the local
+    queries against every rank's K/V shard, the positions within documents deciding which pairs
+    are seen; the local shard's block computes while the all-gather is in flight."""
+    comm = communicator(group)
+    me = comm.rank
+    shards, pending = all_gather(torch.stack([k, v]), group, wait=False)  # [P, 2, B, 2c, Hkv, D]
+    with compute("local keys"):
+        out, lse = merge(None, None, *block_attn(q, k, v, False, kernel, docs.shard(me), docs.shard(me)))
+    pending.wait()
+    for j in range(comm.world):
+        if j != me:
+            out, lse = merge(out, lse, *block_attn(q, shards[j, 0], shards[j, 1], False, kernel, docs.shard(me),
+                                                   docs.shard(j)))
+    return out.to(q.dtype), lse
+
+
+def _backward_any_order(group, dout, q, k, v, out, lse, kernel: str, docs: Documents):
+    comm = communicator(group)
+    me = comm.rank
+    shards, pending = all_gather(torch.stack([k, v]), group, wait=False)
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dkv = torch.zeros((comm.world, 2, *k.shape), dtype=torch.float32, device=k.device)  # per owner's shard
+
+    def block(j, k_j, v_j):
+        dq_b, dk_b, dv_b = block_attn_bwd(dout, q, k_j, v_j, out, lse, False, kernel, docs.shard(me), docs.shard(j))
+        dq.add_(dq_b)
+        dkv[j, 0] += dk_b
+        dkv[j, 1] += dv_b
+
+    with compute("local keys"):
+        block(me, k, v)
+    pending.wait()
+    for j in range(comm.world):
+        if j != me:
+            block(j, shards[j, 0], shards[j, 1])
+    dk, dv = reduce_scatter(dkv, group)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
 def forward(group: dist.ProcessGroup, q, k, v, kernel: str = "auto", docs=None):
     """(out, lse [B, Hq, 2c] fp32) of the local query chunks against the gathered keys. The two
     diagonal blocks need only local keys: they compute while the all-gather is in flight."""
     comm = communicator(group)
     docs = Documents.of(docs, comm.world)
+    if docs is not None and docs.permuted:
+        return _forward_any_order(group, q, k, v, kernel, docs)
     finish = _post_gather_kv(k, v, group)
     chunks = _query_chunks(comm.rank, comm.world, q.shape[1] // 2)
     with compute("diagonal"):
@@ -142,6 +184,8 @@ def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "a
     comm = communicator(group)
     P, c = comm.world, q.shape[1] // 2
     docs = Documents.of(docs, P)
+    if docs is not None and docs.permuted:
+        return _backward_any_order(group, dout, q, k, v, out, lse, kernel, docs)
     finish = _post_gather_kv(k, v, group)
     chunks = _query_chunks(comm.rank, P, c)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)

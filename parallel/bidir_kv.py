@@ -73,7 +73,7 @@ def forward(group: dist.ProcessGroup, q, k, v, kernel: str = "auto", docs=None):
                 if out is None:
                     out, lse = part_out.float(), part_lse.float()
                 else:
-                    out, lse = merge_rows(out, lse, part_out, part_lse, q_rows(r, src, n))
+                    out, lse = merge_rows(out, lse, part_out, part_lse, q_rows(r, src, n, docs))
         if pending is not None:
             work, cw, ccw = pending
             work.wait()
@@ -105,7 +105,7 @@ def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "a
             for (bk, bv), src in zip(blocks, _sources(r, step, P)):
                 dq_part, dk_part, dv_part, ks = attend_bwd(dout, q, bk, bv, out, lse, r, src, kernel=kernel,
                                                               docs=docs)
-                dq[:, q_rows(r, src, n)] += dq_part.float()
+                dq[:, q_rows(r, src, n, docs)] += dq_part.float()
                 part_k = torch.zeros_like(dk)
                 part_v = torch.zeros_like(dv)
                 part_k[:, ks], part_v[:, ks] = dk_part.float(), dv_part.float()

@@ -25,47 +25,85 @@ from . import layout
 
 
 class Documents:
-    """Document ids of whole rows [B, 2Pc] (natural order) seen by a group of P zigzag ranks."""
+    """Document ids of whole rows [B, 2Pc] seen by a group of P zigzag ranks, in the order the
+    rows were split (natural order, or a balanced layout's order), with each token's position
+    within its document when the order is not the natural one (`permuted`: the zigzag causal
+    rule no longer says which rows see which, so every block takes all rows and the positions
+    decide; parallel/layout.balanced_layout)."""
 
-    def __init__(self, ids: torch.Tensor, world: int) -> None:
+    def __init__(self, ids: torch.Tensor, world: int, positions: torch.Tensor | None = None) -> None:
         if ids.dim() != 2 or ids.shape[1] % (2 * world):
             raise ValueError(f"document ids {tuple(ids.shape)}: expected [rows, a multiple of 2 x {world}]")
-        self.ids, self.world = ids, world
-        self._shards: dict[int, torch.Tensor] = {}
+        if positions is not None and positions.shape != ids.shape:
+            raise ValueError(f"document positions {tuple(positions.shape)} do not match the ids {tuple(ids.shape)}")
+        self.ids, self.positions, self.world = ids, positions, world
+        self._shards: dict[int, object] = {}
+
+    @property
+    def permuted(self) -> bool:
+        return self.positions is not None
 
     @classmethod
     def of(cls, docs, world: int):
-        """None, a Documents for this group size, or one made from whole-row ids."""
+        """None, a Documents for this group size: from whole-row ids, (ids, positions) of a
+        balanced layout, or another group size's Documents (hybrid's outer group)."""
         if docs is None or isinstance(docs, Documents) and docs.world == world:
             return docs
-        return cls(docs.ids if isinstance(docs, Documents) else docs, world)
+        if isinstance(docs, Documents):
+            return cls(docs.ids, world, docs.positions)
+        if isinstance(docs, (tuple, list)):
+            return cls(docs[0], world, docs[1])
+        return cls(docs, world)
 
-    def shard(self, owner: int) -> torch.Tensor:
-        """The ids of `owner`'s zigzag shard [B, 2c] (chunks owner and 2P-1-owner)."""
+    def whole(self):
+        """What block_attn takes for the whole rows (Ulysses: the sequence in split order)."""
+        return (self.ids, self.positions) if self.permuted else self.ids
+
+    def shard(self, owner: int):
+        """`owner`'s zigzag shard (chunks owner and 2P-1-owner): ids [B, 2c], or (ids, positions)."""
         if owner not in self._shards:
-            self._shards[owner] = layout.split(self.ids, owner, self.world)
+            ids = layout.split(self.ids, owner, self.world)
+            self._shards[owner] = ids if not self.permuted else (ids, layout.split(self.positions, owner, self.world))
         return self._shards[owner]
+
+    def rows(self, owner: int, rows: slice):
+        ids = self.shard(owner)
+        return (ids[0][:, rows], ids[1][:, rows]) if self.permuted else ids[:, rows]
+
+
+def whole_rows(docs) -> tuple:
+    """(query docs, key docs) for a block over the whole rows, or (None, None)."""
+    if docs is None:
+        return None, None
+    if isinstance(docs, Documents):
+        return docs.whole(), docs.whole()
+    return docs, docs
 
 
 def _block_docs(docs: Documents | None, q_owner: int, kv_owner: int, q_slice: slice, k_slice: slice):
     if docs is None:
         return None, None
-    return docs.shard(q_owner)[:, q_slice], docs.shard(kv_owner)[:, k_slice]
+    return docs.rows(q_owner, q_slice), docs.rows(kv_owner, k_slice)
 
 
-def q_rows(q_owner: int, kv_owner: int, n: int) -> slice:
-    """Rows of the owner's local queries that see any of kv_owner's keys."""
+def q_rows(q_owner: int, kv_owner: int, n: int, docs: Documents | None = None) -> slice:
+    """Rows of the owner's local queries that see any of kv_owner's keys (all of them in a
+    balanced layout, where positions decide)."""
+    if docs is not None and docs.permuted:
+        return slice(0, n)
     return slice(n // 2, n) if kv_owner > q_owner else slice(0, n)
 
 
-def kv_rows(q_owner: int, kv_owner: int, n: int) -> slice:
+def kv_rows(q_owner: int, kv_owner: int, n: int, docs: Documents | None = None) -> slice:
+    if docs is not None and docs.permuted:
+        return slice(0, n)
     return slice(0, n // 2) if kv_owner < q_owner else slice(0, n)
 
 
 def attend(q, k, v, q_owner: int, kv_owner: int, kernel: str = "auto", docs: Documents | None = None):
     """(out, lse) for q[:, q_rows] against the visible keys. q may already be just those rows."""
     n = k.shape[1]
-    ks, qs = kv_rows(q_owner, kv_owner, n), q_rows(q_owner, kv_owner, n)
+    ks, qs = kv_rows(q_owner, kv_owner, n, docs), q_rows(q_owner, kv_owner, n, docs)
     if q.shape[1] == n:
         q = q[:, qs]
     return block_attn(q, k[:, ks], v[:, ks], q_owner == kv_owner, kernel, *_block_docs(docs, q_owner, kv_owner, qs, ks))
@@ -75,7 +113,7 @@ def attend_bwd(dout, q, k, v, out, lse, q_owner: int, kv_owner: int, kernel: str
                docs: Documents | None = None):
     """(dq, dk, dv, kv_slice) of one block: dq for the q rows given (or q_rows), dk/dv for kv_slice."""
     n = k.shape[1]
-    ks, qs = kv_rows(q_owner, kv_owner, n), q_rows(q_owner, kv_owner, n)
+    ks, qs = kv_rows(q_owner, kv_owner, n, docs), q_rows(q_owner, kv_owner, n, docs)
     if q.shape[1] == n:
         q, dout, out, lse = q[:, qs], dout[:, qs], out[:, qs], lse[:, :, qs]
     # lse[:, :, qs] is a strided view: block_attn_bwd hands every kernel contiguous tensors

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ..kernels.attention import block_attn, block_attn_bwd, sum_kv_heads
+from .blocks import whole_rows
 from .ulysses import (
     HeadsToSeq,
     SeqToHeads,
@@ -55,11 +56,6 @@ class HybridGroup:
         return 1 if self.inner is None else dist.get_world_size(self.inner)
 
 
-def _whole(docs):
-    ids = getattr(docs, "ids", docs)
-    return ids, ids
-
-
 def _outer_module(name: str):
     # imported by name: parallel/attention.py imports this module and the schedules alike
     return importlib.import_module(f"{__package__}.{name}")
@@ -74,7 +70,7 @@ def forward(group: HybridGroup, q, k, v, kernel: str = "auto", docs=None):
         k, v = kv_heads_for(k, Hq, u), kv_heads_for(v, Hq, u)
         q, k, v = (seq_to_heads(t, group.inner) for t in (q, k, v))
     if group.outer is None:
-        out, lse = block_attn(q, k, v, True, kernel, *_whole(docs))
+        out, lse = block_attn(q, k, v, True, kernel, *whole_rows(docs))
     else:  # the outer rank's shard of a 2r-chunk split: the outer schedule reads its ids from the whole rows
         out, lse = _outer_module(group.outer_schedule).forward(group.outer, q, k, v, kernel=kernel, docs=docs)
     if group.inner is not None:
@@ -91,7 +87,7 @@ def backward(group: HybridGroup, dout, q, k, v, out, lse, kernel: str = "auto", 
         kr, vr = kv_heads_for(k, Hq, u), kv_heads_for(v, Hq, u)
         q, kr, vr, out, dout = (seq_to_heads(t.contiguous(), group.inner) for t in (q, kr, vr, out, dout))
     if group.outer is None:
-        grads = block_attn_bwd(dout, q, kr, vr, out, lse, True, kernel, *_whole(docs))
+        grads = block_attn_bwd(dout, q, kr, vr, out, lse, True, kernel, *whole_rows(docs))
     else:
         grads = _outer_module(group.outer_schedule).backward(group.outer, dout, q, kr, vr, out, lse, kernel=kernel,
                                                              docs=docs)

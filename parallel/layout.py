@@ -144,3 +144,63 @@ def balance_documents(docs: torch.Tensor, sp: int, threshold: float = BALANCE_TH
         total += _row_rank_work(lengths[best].tolist(), sp)
         perms.append(np.concatenate([np.arange(*runs[j]) for j in best]))
     return torch.as_tensor(np.stack(perms), dtype=torch.long), imbalance(before), imbalance(total)
+
+
+def balanced_layout(docs: torch.Tensor, sp: int, long_doc: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    """(permutation [B, S], visible pairs per rank [sp]) of rows of document ids [B, S] (S a
+    multiple of 2*sp, each document one contiguous run, padding its own document): the order in
+    which to lay the rows out so that the zigzag split gives every rank about the same visible
+    (query, key) pairs, whatever the documents' lengths.
+
+    Each rank takes S/sp tokens. A document longer than a quarter of a chunk (c = S/2sp tokens;
+    or `long_doc`) is cut into 2*sp consecutive pieces and rank r takes pieces r and 2sp-1-r: the zigzag within
+    the document, so its causal work splits evenly (TransformerEngine's per-sequence split for
+    THD, without padding each document to a multiple of 2*sp). Shorter documents go whole to the
+    least-loaded rank with room (longest first), and when no rank has room for the rest of one,
+    it is cut at the room there is. Rank r's tokens then fill chunks r and 2sp-1-r. The rows are
+    no longer in sequence order: attention must mask by (document, position within it), which
+    parallel/blocks.Documents does when given the positions."""
+    ids = docs.cpu().numpy()
+    B, S = ids.shape
+    if S % (2 * sp):
+        raise ValueError(f"rows of {S} tokens: pad to a multiple of 2 x sp={sp} first")
+    cap, c = S // sp, S // (2 * sp)
+    long_doc = c // 4 if long_doc is None else long_doc
+    perms, work = [], np.zeros(sp)
+    for row in ids:
+        runs = sorted(_runs(row), key=lambda ab: ab[0] - ab[1])  # longest first
+        taken: list[list[np.ndarray]] = [[] for _ in range(sp)]
+        room = np.full(sp, cap)
+
+        def give(r: int, start: int, stop: int, first: int) -> None:
+            m = stop - start
+            taken[r].append(np.arange(start, stop))
+            room[r] -= m
+            work[r] += m * (start - first) + m * (m + 1) / 2  # positions start-first .. stop-first-1, each sees j+1 keys
+
+        for a, b in runs:
+            n = b - a
+            if n > long_doc and n >= 2 * sp:
+                sizes = [n // (2 * sp) + (k < n % (2 * sp)) for k in range(2 * sp)]
+                need = [sizes[r] + sizes[2 * sp - 1 - r] for r in range(sp)]
+                if all(room[r] >= need[r] for r in range(sp)):
+                    at = a
+                    for k, m in enumerate(sizes):
+                        give(k if k < sp else 2 * sp - 1 - k, at, at + m, a)
+                        at += m
+                    continue
+            at = a
+            while at < b:
+                open_ranks = [r for r in range(sp) if room[r] > 0]
+                fits = [r for r in open_ranks if room[r] >= b - at]
+                r = min(fits, key=lambda r: work[r]) if fits else max(open_ranks, key=lambda r: room[r])
+                m = min(int(room[r]), b - at)
+                give(r, at, at + m, a)
+                at += m
+        perm = np.empty(S, dtype=np.int64)
+        for r in range(sp):
+            mine = np.concatenate(sorted(taken[r], key=lambda t: int(t[0])))
+            perm[r * c:(r + 1) * c] = mine[:c]
+            perm[(2 * sp - 1 - r) * c:(2 * sp - r) * c] = mine[c:]
+        perms.append(perm)
+    return torch.as_tensor(np.stack(perms)), work

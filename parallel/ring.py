@@ -36,7 +36,7 @@ def forward(group: dist.ProcessGroup, q, k, v, kernel: str = "auto", docs=None):
             if out is None:
                 out, lse = part_out.float(), part_lse.float()
             else:
-                out, lse = merge_rows(out, lse, part_out, part_lse, q_rows(r, src, q.shape[1]))
+                out, lse = merge_rows(out, lse, part_out, part_lse, q_rows(r, src, q.shape[1], docs))
         if step < P - 1:
             pending.wait()
             cur_k, cur_v = nxt_k, nxt_v
@@ -59,7 +59,7 @@ def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "a
         with compute(f"step {step}"):
             dq_part, dk_part, dv_part, ks = attend_bwd(dout, q, cur_k, cur_v, out, lse, r, src, kernel=kernel,
                                                               docs=docs)
-            dq[:, q_rows(r, src, n)] += dq_part
+            dq[:, q_rows(r, src, n, docs)] += dq_part
         if acc_recv is None:
             dk_acc = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
             dv_acc = torch.zeros(v.shape, dtype=torch.float32, device=v.device)

@@ -37,13 +37,14 @@ def _half(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
     return x.narrow(dim, x.shape[dim] // 2, x.shape[dim] // 2)
 
 
-def _travel(comm, bundle: list[torch.Tensor], holder: int, step: int, P: int, n: int):
+def _travel(comm, bundle: list[torch.Tensor], holder: int, step: int, P: int, n: int, whole: bool = False):
     """Posts the query bundle held at `step` to the previous rank; returns (pending, received bundle).
 
     The bundle's owner is (holder + step) mod P; the receiver (holder - 1) needs all rows if the
-    owner is ahead of it, else only the late half (dims: [B, S, ...] tensors, and lse [B, H, S])."""
+    owner is ahead of it, else only the late half (dims: [B, S, ...] tensors, and lse [B, H, S]);
+    `whole`: every rank needs all rows (packed documents in a balanced layout)."""
     receiver, owner = (holder - 1) % P, (holder + step) % P
-    full = owner > receiver
+    full = whole or owner > receiver
     out_bundle = []
     recv_bundle = []
     for t in bundle:
@@ -57,7 +58,7 @@ def _travel(comm, bundle: list[torch.Tensor], holder: int, step: int, P: int, n:
         shape = list(t.shape)
         # what we receive from holder+1: owner (holder + 1 + step) mod P, for us (holder) at step+1
         recv_owner = (holder + step + 1) % P
-        shape[dim] = n if recv_owner > holder else n // 2
+        shape[dim] = n if whole or recv_owner > holder else n // 2
         recv_bundle.append(torch.empty(shape, dtype=t.dtype, device=t.device))
     pending = comm.exchange([(t, comm.prev) for t in out_bundle], [(t, comm.next) for t in recv_bundle],
                             channel="ring", what=f"q {step + 1}")
@@ -80,26 +81,26 @@ def _stand_in_out(dout: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (dout.float() * scale.transpose(1, 2)[..., None]).to(dout.dtype)
 
 
-def _return_shapes(r: int, sender: int, like: torch.Tensor, n: int, dim: int = 1):
+def _return_shapes(r: int, sender: int, like: torch.Tensor, n: int, dim: int = 1, whole: bool = False):
     shape = list(like.shape)
-    shape[dim] = n if r > sender else n // 2
+    shape[dim] = n if whole or r > sender else n // 2
     return shape
 
 
-def _post_return(comm, partials, owner: int, step: int, n: int, likes):
+def _post_return(comm, partials, owner: int, step: int, n: int, likes, whole: bool = False):
     """Sends the partials computed at step-1 home to `owner` and posts the receive of ours from
     the rank that computed them, on the return channel. `likes` = [(tensor like ours, sequence
     dim, dtype)] per partial."""
     r, P = comm.rank, comm.world
     sender = (r - (step - 1)) % P
-    received = [torch.empty(_return_shapes(r, sender, like, n, dim), dtype=dtype, device=like.device)
+    received = [torch.empty(_return_shapes(r, sender, like, n, dim, whole), dtype=dtype, device=like.device)
                 for like, dim, dtype in likes]
     pending = comm.exchange([(t, owner) for t in partials], [(t, sender) for t in received],
                             channel="return", what=f"partial {step - 1}")
     return pending, received, sender
 
 
-def _ring(comm, n: int, bundle: list[torch.Tensor], first, block, land, likes):
+def _ring(comm, n: int, bundle: list[torch.Tensor], first, block, land, likes, whole: bool = False):
     """The TokenRing loop shared by forward and backward.
 
     bundle is what our queries travel with; first() computes the diagonal block; block(step, bundle) -> (partials) computes the block of
@@ -109,7 +110,7 @@ def _ring(comm, n: int, bundle: list[torch.Tensor], first, block, land, likes):
     P, r = comm.world, comm.rank
     q_pending = nxt = None
     if P > 1:
-        q_pending, nxt = _travel(comm, bundle, r, 0, P, n)
+        q_pending, nxt = _travel(comm, bundle, r, 0, P, n, whole)
     with compute("step 0"):
         first()
     returning = None  # (partials, owner) computed last step
@@ -118,11 +119,11 @@ def _ring(comm, n: int, bundle: list[torch.Tensor], first, block, land, likes):
             q_pending.wait()
             bundle = nxt
             if step < P - 1:
-                q_pending, nxt = _travel(comm, bundle, r, step, P, n)
+                q_pending, nxt = _travel(comm, bundle, r, step, P, n, whole)
         ret = None
         if returning is not None:  # last step's partials go home while this step computes
             partials, owner = returning
-            ret = _post_return(comm, partials, owner, step, n, likes)
+            ret = _post_return(comm, partials, owner, step, n, likes, whole)
         if step < P:
             with compute(f"step {step}"):
                 returning = (block(step, bundle), (r + step) % P)
@@ -148,10 +149,11 @@ def forward(group: dist.ProcessGroup, q, k, v, kernel: str = "auto", docs=None):
 
     def land(received, sender):
         part_out, part_lse = received
-        acc["out"], acc["lse"] = merge_rows(acc["out"], acc["lse"], part_out, part_lse, q_rows(r, sender, n))
+        acc["out"], acc["lse"] = merge_rows(acc["out"], acc["lse"], part_out, part_lse, q_rows(r, sender, n, docs))
 
     lse_like = torch.empty(q.shape[0], q.shape[2], n, device=q.device)  # [B, H, n]: only its shape is read
-    _ring(comm, n, [q], first, block, land, [(q, 1, q.dtype), (lse_like, 2, torch.float32)])
+    _ring(comm, n, [q], first, block, land, [(q, 1, q.dtype), (lse_like, 2, torch.float32)],
+          docs is not None and docs.permuted)
     return acc["out"].to(q.dtype), acc["lse"]
 
 
@@ -179,9 +181,10 @@ def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "a
         return [part_dq.float()]
 
     def land(received, sender):
-        acc["dq"][:, q_rows(r, sender, n)] += received[0]
+        acc["dq"][:, q_rows(r, sender, n, docs)] += received[0]
 
-    _ring(comm, n, [q, dout, _out_scale(dout, out), lse], first, block, land, [(q, 1, torch.float32)])
+    _ring(comm, n, [q, dout, _out_scale(dout, out), lse], first, block, land, [(q, 1, torch.float32)],
+          docs is not None and docs.permuted)
     return acc["dq"].to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

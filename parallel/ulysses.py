@@ -24,6 +24,7 @@ from ..kernels.attention import (
     sum_kv_heads,
 )
 from . import layout
+from .blocks import whole_rows
 from .p2p import communicator
 
 
@@ -96,20 +97,13 @@ def kv_heads_for(k: torch.Tensor, heads_q: int, degree: int) -> torch.Tensor:
     return k if k.shape[2] % degree == 0 else expand_kv_heads(k, heads_q)
 
 
-def _whole(docs):
-    """The whole rows' ids (natural order: what seq_to_heads gives over the whole group), twice
-    (queries, keys), or (None, None)."""
-    ids = getattr(docs, "ids", docs)
-    return ids, ids
-
-
 def forward(group: dist.ProcessGroup, q, k, v, kernel: str = "auto", docs=None):
     """(out, lse) without autograd; lse stays in the head-sharded layout [B, Hq/P, S] (only
     `backward` reads it). `docs`: the whole rows' document ids (packed documents) or None."""
     P, Hq = dist.get_world_size(group), q.shape[2]
     check_heads(Hq, P)
     qh, kh, vh = (seq_to_heads(t, group) for t in (q, kv_heads_for(k, Hq, P), kv_heads_for(v, Hq, P)))
-    out_h, lse_h = block_attn(qh, kh, vh, True, kernel, *_whole(docs))
+    out_h, lse_h = block_attn(qh, kh, vh, True, kernel, *whole_rows(docs))
     return heads_to_seq(out_h.contiguous(), group), lse_h
 
 
@@ -118,7 +112,7 @@ def backward(group: dist.ProcessGroup, dout, q, k, v, out, lse, kernel: str = "a
     P, Hq, Hkv = dist.get_world_size(group), q.shape[2], k.shape[2]
     kr, vr = kv_heads_for(k, Hq, P), kv_heads_for(v, Hq, P)
     qh, kh, vh, out_h, dout_h = (seq_to_heads(t.contiguous(), group) for t in (q, kr, vr, out, dout))
-    dqh, dkh, dvh = block_attn_bwd(dout_h, qh, kh, vh, out_h, lse, True, kernel, *_whole(docs))
+    dqh, dkh, dvh = block_attn_bwd(dout_h, qh, kh, vh, out_h, lse, True, kernel, *whole_rows(docs))
     dq, dk, dv = (heads_to_seq(t.contiguous(), group) for t in (dqh, dkh, dvh))
     if kr is not k:  # sum the repeated heads back onto their K/V head
         dk, dv = sum_kv_heads(dk, Hkv), sum_kv_heads(dv, Hkv)
@@ -129,7 +123,7 @@ def whole_sequence_attention(q, k, v, kernel: str, docs=None):
     """Causal attention of a whole sequence after the all-to-all, with autograd: SDPA for `auto`
     without documents, else the block kernel (document-masked when `docs` are given)."""
     if docs is not None:
-        return BlockAttention.apply(q, k, v, True, kernel, *_whole(docs))
+        return BlockAttention.apply(q, k, v, True, kernel, *whole_rows(docs))
     return local_attention(q, k, v) if kernel == "auto" else BlockAttention.apply(q, k, v, True, kernel)
 
 

@@ -54,6 +54,35 @@ def _schedule(name: str, world: int, hybrid_groups: dict):
     return getattr(module, f"{name}_attention"), module, dist.group.WORLD
 
 
+def _positions(ids: torch.Tensor) -> torch.Tensor:
+    """Each token's position within its document (ids: consecutive runs, natural order)."""
+    pos = torch.zeros_like(ids)
+    for b, row in enumerate(ids):
+        start = 0
+        for n in torch.unique_consecutive(row, return_counts=True)[1].tolist():
+            pos[b, start:start + n] = torch.arange(n)
+            start += n
+    return pos
+
+
+def _layout(S: int, counts, world: int, balanced: bool):
+    """(docs for the schedule, permutation or None): natural-order ids, or a balanced layout's
+    (ids, positions) in its order and the permutation that gives it."""
+    ids = layout.pad(_rows(S, counts), world, pad_value=PAD_DOC)
+    if not balanced:
+        return ids, None
+    perm, _ = layout.balanced_layout(ids, world)
+    return (ids.gather(1, perm), _positions(ids).gather(1, perm)), perm
+
+
+def _permute(x: torch.Tensor, perm, world: int) -> torch.Tensor:
+    """Rows [B, S, ...] padded and laid out in the permutation's order."""
+    x = layout.pad(x, world)
+    if perm is None:
+        return x
+    return x.gather(1, perm.view(*perm.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
+
+
 def _worker(rank, world):
     hybrid_groups = {}
     if world == 4:
@@ -64,18 +93,20 @@ def _worker(rank, world):
     for name in _schedules(world):
         attention, module, group = _schedule(name, world, hybrid_groups)
         for c, (S, counts) in enumerate(CASES):
-            docs = layout.pad(_rows(S, counts), world, pad_value=PAD_DOC)  # whole rows, natural order
-            for dtype, via_lse in ((FP32, False), (BF16, False), (FP32, True)):
-                q, k, v, dout = (layout.split(x, rank, world) for x in _inputs(len(counts), S, dtype))
-                if via_lse:
-                    out, lse = module.forward(group, q, k, v, docs=docs)
-                    grads = module.backward(group, dout, q, k, v, out, lse, docs=docs)
-                else:
-                    q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
-                    out = attention(q, k, v, group, docs=docs)
-                    out.backward(dout)
-                    grads = q.grad, k.grad, v.grad
-                results[(name, c, str(dtype), via_lse)] = [t.detach() for t in (out, *grads)]
+            for balanced in (False, True):
+                docs, perm = _layout(S, counts, world, balanced)  # whole rows, in the order they are split
+                for dtype, via_lse in ((FP32, False), (BF16, False), (FP32, True)):
+                    q, k, v, dout = (layout.split(_permute(x, perm, world), rank, world)
+                                     for x in _inputs(len(counts), S, dtype))
+                    if via_lse:
+                        out, lse = module.forward(group, q, k, v, docs=docs)
+                        grads = module.backward(group, dout, q, k, v, out, lse, docs=docs)
+                    else:
+                        q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
+                        out = attention(q, k, v, group, docs=docs)
+                        out.backward(dout)
+                        grads = q.grad, k.grad, v.grad
+                    results[(name, c, balanced, str(dtype), via_lse)] = [t.detach() for t in (out, *grads)]
     return results
 
 
@@ -95,14 +126,19 @@ def test_packed_documents_match_each_document_alone(world):
     for c, (S, counts) in enumerate(CASES):
         want = _reference(S, counts, FP32)
         lowp = _reference(S, counts, BF16)
-        for name in _schedules(world):
+        for name, balanced in ((n, b) for n in _schedules(world) for b in (False, True)):
+            perm = _layout(S, counts, world, balanced)[1]
             for dtype, via_lse in ((FP32, False), (BF16, False), (FP32, True)):
-                key = (name, c, str(dtype), via_lse)
+                key = (name, c, balanced, str(dtype), via_lse)
                 for i, what in enumerate(("out", "dq", "dk", "dv")):
-                    got = layout.unsplit([r[key][i] for r in results], S)
+                    got = layout.unsplit([r[key][i] for r in results], layout.padded_length(S, world))
+                    if perm is not None:  # back to sequence order
+                        got = got.scatter(1, perm.view(*perm.shape, 1, 1).expand_as(got), got)
+                    got = got[:, :S]
                     w = want[i]
                     err = (got.float() - w).abs().max().item()
-                    case = f"{name} on {world} ranks, S={S}, documents {counts}, {dtype}{' via lse' if via_lse else ''} {what}"
+                    case = (f"{name} on {world} ranks{' (balanced layout)' if balanced else ''}, S={S}, documents {counts}, "
+                            f"{dtype}{' via lse' if via_lse else ''} {what}")
                     if got.dtype != dtype:
                         errors.append(f"{case}: dtype {got.dtype}")
                     elif dtype == FP32 and err > 1e-5 * max(1.0, w.abs().max().item()):

@@ -68,6 +68,7 @@ class Run:
     sp_attention: SequenceParallelAttention | None = None
     attention: object | None = None  # the model's attention callable (LocalAttention or sp_attention)
     documents: object | None = None  # packed documents: the step's whole-row document ids (trainer)
+    document_positions: object | None = None  # and their positions within documents, in a balanced layout
     balance: tuple | None = None  # packed documents under sp: zigzag imbalance before/after reordering
     engine: object | None = None  # the DeepSpeed engine under parallel.sharding=deepspeed
     start_step: int = 0

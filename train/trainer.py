@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..kernels.capability import peak_memory_bytes
@@ -88,7 +89,7 @@ def _shard(run: Run, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | 
     inputs, labels, sp = batch[:3]
     inputs = torch.as_tensor(inputs, device=run.mesh.device)
     labels = torch.as_tensor(labels, device=run.mesh.device)
-    run.documents = None
+    run.documents = run.document_positions = None
     if len(batch) > 3:
         return _shard_documents(run, inputs, labels, sp, batch[3])
     if run.sp_attention is None:
@@ -104,31 +105,46 @@ def _shard(run: Run, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | 
 
 def _shard_documents(run: Run, inputs, labels, sp: int, extra: dict):
     """`_shard` for packed documents: position ids restart at every document (RoPE sees each
-    document from 0, as alone), and the whole rows' document ids (padded, natural order; a host
-    tensor) are kept in `run.documents` for the micro-batches' attention. Under sequence
-    parallelism, when the zigzag split would leave the busiest rank > 10% over the mean in
-    visible (query, key) pairs, the documents of each row are reordered first
-    (layout.balance_documents; the loss does not depend on their order); the imbalance before
-    and after goes to the step's metrics. The length RoPE scaling sees is the row's."""
+    document from 0, as alone), and the whole rows' document ids (padded; a host tensor) are kept
+    in `run.documents` for the micro-batches' attention. The length RoPE scaling sees is the row's.
+
+    Under sequence parallelism the zigzag split balances causal work only when one document fills
+    the row or all are short. When the busiest rank would do > 10% over the mean in visible
+    (query, key) pairs, the documents of each row are reordered (layout.balance_documents: the
+    loss does not depend on their order); if that is still > 10%, the rows are laid out by
+    layout.balanced_layout (long documents split zigzag within themselves, short ones to the
+    least-loaded rank), and attention masks by (document, position) (`run.document_positions`).
+    The imbalance of the plain zigzag and of the layout used go to the step's metrics."""
     docs = torch.as_tensor(extra["documents"], dtype=torch.long)
-    positions = torch.as_tensor(extra["positions"], dtype=torch.long, device=inputs.device)
+    positions = torch.as_tensor(extra["positions"], dtype=torch.long)
     S = inputs.shape[1]
+    run.document_positions, run.balance = None, None
     if run.sp_attention is not None:
         run.sp_attention.set_step(sp, layout.padded_length(S, sp),
                                   rows=_micro_rows(run.recipe, inputs.shape[0], layout.padded_length(S, sp) // sp))
     if sp == 1:
-        run.documents, run.balance = docs, None
-        return inputs, labels, positions, S
+        run.documents = docs
+        return inputs, labels, positions.to(inputs.device), S
     docs = layout.pad(docs, sp, pad_value=layout.PAD_DOCUMENT)
     inputs, labels = layout.pad(inputs, sp, pad_value=run.pad_id), layout.pad(labels, sp, pad_value=IGNORE_INDEX)
     positions = layout.pad(positions, sp)
+    pads = docs == layout.PAD_DOCUMENT  # padding ends each row: one document, positions counting up
+    positions[pads] = (pads.cumsum(1) - 1)[pads]
     perm, before, after = layout.balance_documents(docs, sp, seed=run.recipe.run.seed)
+    kind = "zigzag" if perm is None else "zigzag_reordered"
+    if after > layout.BALANCE_THRESHOLD:
+        whole, work = layout.balanced_layout(docs, sp)
+        if layout.imbalance(work) < after:
+            perm, after, kind = whole, layout.imbalance(work), "balanced"
     if perm is not None:
-        docs = docs.gather(1, perm)
+        docs, positions = docs.gather(1, perm), positions.gather(1, perm)
         on_device = perm.to(inputs.device)
-        inputs, labels, positions = (t.gather(1, on_device) for t in (inputs, labels, positions))
-    run.documents, run.balance = docs, (before, after)
+        inputs, labels = inputs.gather(1, on_device), labels.gather(1, on_device)
+    run.documents, run.balance = docs, (before, after, kind)
+    if kind == "balanced":
+        run.document_positions = positions
     rank = run.mesh.sp_rank % sp
+    positions = positions.to(inputs.device)
     return (layout.split(inputs, rank, sp), layout.split(labels, rank, sp), layout.split(positions, rank, sp),
             docs.shape[1])
 
@@ -141,15 +157,19 @@ def _micro_rows(r, rows: int, local_len: int) -> int:
 
 
 def _micro_batches(r, inputs: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None,
-                   documents: torch.Tensor | None = None):
+                   documents: torch.Tensor | None = None, document_positions: torch.Tensor | None = None):
+    """(inputs, labels, positions, documents) per micro-batch; documents are the rows' ids, or
+    (ids, positions within the documents) in a balanced layout, or None."""
     rows = _micro_rows(r, len(inputs), inputs.shape[1])
     n = len(inputs.split(rows))
     pos = positions.split(rows) if positions is not None else [None] * n
     docs = documents.split(rows) if documents is not None else [None] * n
+    if document_positions is not None:
+        docs = list(zip(docs, document_positions.split(rows)))
     return zip(inputs.split(rows), labels.split(rows), pos, docs)
 
 
-def _set_documents(run: Run, documents: torch.Tensor | None) -> None:
+def _set_documents(run: Run, documents) -> None:
     """The micro-batch's whole-row document ids (or None) to the model's attention callable."""
     if run.attention is not None:
         run.attention.documents = documents
@@ -184,7 +204,7 @@ def train_step(run: Run, step: int) -> dict:
     valid = all_reduce_sum(torch.tensor([(labels != IGNORE_INDEX).sum().item()], dtype=torch.float64), mesh.grad_group)
     global_valid = valid.item()
     loss_sum = torch.zeros((), dtype=torch.float64)
-    parts = list(_micro_batches(r, inputs, labels, positions, run.documents))
+    parts = list(_micro_batches(r, inputs, labels, positions, run.documents, run.document_positions))
     for i, (x, y, pos, docs) in enumerate(parts):
         _set_documents(run, docs)
         with _autocast(run):
@@ -241,11 +261,12 @@ def _step_record(run: Run, mean_loss: float, grad_norm: float, lr: float, global
     out = {"loss": mean_loss, "grad_norm": grad_norm, "lr": lr, "step_tokens": int(global_valid), "seq_len": int(length),
            "rows": int(inputs.shape[0]) * mesh.world // (run.sp_attention.sp if run.sp_attention else 1)}
     if run.documents is not None:  # packed documents: the zigzag split's balance in visible pairs
-        before, after = run.balance or (0.0, 0.0)
+        before, after, kind = run.balance or (0.0, 0.0, "whole rows")
         ids = run.documents.numpy()
-        out["documents_per_row"] = round(sum(len(layout._runs(row[row != layout.PAD_DOCUMENT])) for row in ids)
+        out["documents_per_row"] = round(sum(len(np.unique(row[row != layout.PAD_DOCUMENT])) for row in ids)
                                          / len(ids), 3)
         out["attention_imbalance_zigzag"], out["attention_imbalance"] = round(before, 4), round(after, 4)
+        out["document_layout"] = kind
     attention = run.sp_attention
     if attention is not None:
         out["sp_degree"], out["attention"] = attention.sp, attention.name
@@ -282,7 +303,7 @@ def evaluate(run: Run) -> float:
     total = torch.zeros(2, dtype=torch.float64)
     for i in range(r.eval.batches):
         inputs, labels, positions, seq_len = _shard(run, run.eval_data.step_batch(i))
-        _set_documents(run, run.documents)
+        _set_documents(run, None)  # held-out rows are concat-and-chunk rows
         with _autocast(run):
             total[0] += run.model(inputs, position_ids=positions, labels=labels, seq_len=seq_len).double().cpu()
         total[1] += (labels != IGNORE_INDEX).sum().item()
@@ -397,7 +418,7 @@ def train(run: Run) -> dict:
             record.update({k: out[k] for k in ("sp_degree", "attention", "attention_outer", "sp_inner",
                                                "attention_bytes_sent", "attention_max_bytes_per_pair_direction",
                                                "vocab_parallel", "vocab_bytes_sent", "documents_per_row",
-                                               "attention_imbalance_zigzag", "attention_imbalance")
+                                               "attention_imbalance_zigzag", "attention_imbalance", "document_layout")
                            if k in out})
             record.update(memory_metrics(run.model))
             if not history:  # the first record of this run names the kernels that ran
