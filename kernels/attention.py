@@ -9,11 +9,15 @@
 - Packed documents (issue 18): `block_attn(..., q_docs=, k_docs=)` and `block_attn_bwd(...)` mask
   every pair of different documents. q_docs [B, Sq] / k_docs [B, Sk] are integer document ids
   (host tensors: they only plan which tiles run), constant over each document's contiguous
-  run. `document_tiles` turns them into (query slice, key slice, causal) tiles, one per run pair
-  of the same document, and the block's kernel runs per tile (the fused kernels on CUDA, aten's
-  flash op on CPU): no Sq x Sk mask exists, a block with no visible pair runs nothing and returns
-  out 0, lse -inf. The tiles' partials merge by LSE; their backward against the block's (out,
-  lse) sums to the block's. Reference: `reference_block_attn` with the same ids (a dense mask).
+  run; or (ids, positions within the documents) when the rows are not in sequence order (a
+  balanced sequence-parallel layout), and then a query sees a key of its document at a position
+  <= its own. `document_tiles` turns them into (query slice, key slice, causal) tiles, one per
+  run pair of the same document, and the block's kernel runs per tile (the fused kernels on
+  CUDA, aten's flash op on CPU): no Sq x Sk mask exists, a block with no visible pair runs
+  nothing and returns out 0, lse -inf. The tiles' partials merge by LSE; their backward against
+  the block's (out, lse) sums to the block's. Reference: `reference_block_attn` with the same
+  ids (a dense mask). Many short documents mean many small kernel calls (flash-attn's varlen
+  entry point would take them in one; not used yet).
 - `merge(out, lse, out_i, lse_i)` (and `merge_into`, in place): combine two partial results over disjoint key sets in fp32:
   lse = logaddexp(lse, lse_i), out = out*exp(lse_old - lse) + out_i*exp(lse_i - lse). A row that
   saw no key has lse = -inf (or +inf from some kernels): it contributes nothing.

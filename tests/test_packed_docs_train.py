@@ -141,3 +141,19 @@ def test_bad_combinations_exit_2(tmp_path):
     assert "Traceback" not in done.stderr
     done = _train(tmp_path, "minlen", 1, "data.min_len=32", expect_ok=False)
     assert done.returncode == 2 and "data.min_len=32: has no effect with data.batching=packed_docs" in done.stderr
+
+
+def test_data_inspect_reports_packing_and_the_zigzag_balance(tmp_path, capsys):
+    from longctx.cli import main
+
+    args = [f"data.source={_corpus(tmp_path / 'docs.jsonl', 2000)}", "data.max_documents=null", "data.batching=packed_docs",
+            "data.seq_len=1024", "train.batch_size=2", "~data.min_len", "~data.max_len", "~data.tokens_per_step",
+            "parallel.sp_degree=4"]
+    assert main(["data", "inspect", str(TINY), *args]) == 0
+    text = capsys.readouterr().out
+    packed = json.loads(text[text.index("{"):text.rindex("}") + 1])["packed_documents"]
+    assert packed["seq_len"] == 1024 and packed["padding_fraction"] <= 0.02 and packed["documents_per_row_mean"] > 2
+    balance = packed["zigzag_balance"]
+    assert balance["sp"] == 4 and balance["rows_over_10pct_zigzag"] > 0
+    assert balance["trained"]["max"] <= 0.1 < balance["zigzag"]["max"]
+    assert balance["trained"]["mean"] <= balance["reordered"]["mean"] <= balance["zigzag"]["mean"]

@@ -48,7 +48,7 @@ def inspect(recipe: Recipe) -> dict:
     concat_rows = b.transitions_kept // d.max_len
     cc = attention_flops({d.max_len: concat_rows}, per_token_dims)
     return {"packed_documents": packing_report(store, d.max_len if d.batching == "decompose" else d.seq_len,
-                                               recipe.run.seed, per_token_dims), **{
+                                               recipe.run.seed, per_token_dims, recipe.parallel.sp_degree), **{
         "documents": store.num_documents,
         "tokens": int(store.offsets[-1]),
         "document_length_histogram": dict(sorted(histogram.items(), key=lambda kv: int(kv[0][2:]))),
@@ -60,10 +60,12 @@ def inspect(recipe: Recipe) -> dict:
     }}
 
 
-def packing_report(store, seq_len: int, seed: int, per_token_dims: int) -> dict:
+def packing_report(store, seq_len: int, seed: int, per_token_dims: int, sp: int = 1, sample_rows: int = 64) -> dict:
     """What whole-document packing (data/pack_docs.py) makes of the corpus at rows of `seq_len`:
     padding share, documents per row, and the attention FLOPs with document masking over those
-    of the same rows attended across documents (concat-and-chunk's cost per row)."""
+    of the same rows attended across documents (concat-and-chunk's cost per row); at sp > 1, how
+    unbalanced the zigzag split leaves the ranks' visible pairs on up to `sample_rows` rows (one
+    row per step), and what the trainer's reordering and balanced layout make of it."""
     packed = pack_documents([store.document(i) for i in range(store.num_documents)], seq_len, seed=seed)
     pieces: dict[int, int] = {}
     for r in range(len(packed.pieces)):
@@ -71,7 +73,35 @@ def packing_report(store, seq_len: int, seed: int, per_token_dims: int) -> dict:
             pieces[n] = pieces.get(n, 0) + 1
     masked = attention_flops(pieces, per_token_dims)
     rows = attention_flops({seq_len: len(packed.pieces)}, per_token_dims)
-    return {**packed.stats(), "attention_flops_masked_over_rows": round(masked / rows, 4) if rows else None}
+    out = {**packed.stats(), "attention_flops_masked_over_rows": round(masked / rows, 4) if rows else None}
+    if sp > 1:
+        out["zigzag_balance"] = zigzag_balance(packed.doc_ids[:sample_rows], sp)
+    return out
+
+
+def zigzag_balance(doc_ids: np.ndarray, sp: int) -> dict:
+    """Per row of document ids: the busiest rank's visible pairs over the mean, minus 1, under the
+    plain zigzag split, after the trainer's reordering, and in the layout it trains with."""
+    import torch
+
+    from ..parallel import layout
+
+    plain, reordered, used = [], [], []
+    for row in doc_ids:
+        ids = layout.pad(torch.as_tensor(row[None], dtype=torch.long), sp, pad_value=layout.PAD_DOCUMENT)
+        _, before, after = layout.balance_documents(ids, sp)
+        best = after
+        if after > layout.BALANCE_THRESHOLD:
+            best = min(after, layout.imbalance(layout.balanced_layout(ids, sp)[1]))
+        plain.append(before)
+        reordered.append(after)
+        used.append(best)
+
+    def summary(x):
+        return {"mean": round(float(np.mean(x)), 4), "max": round(float(np.max(x)), 4)}
+
+    return {"sp": sp, "rows": len(plain), "zigzag": summary(plain), "reordered": summary(reordered),
+            "trained": summary(used), "rows_over_10pct_zigzag": int(sum(x > layout.BALANCE_THRESHOLD for x in plain))}
 
 
 def save_png(report: dict, path: str | Path) -> Path:
