@@ -1,7 +1,7 @@
 """data.batching: packed_docs end to end (issue 18): a packed row's loss and gradients equal the
 sum over its documents trained alone (attention masked per document, positions restarting); the
 tiny recipe with packed documents under sp=2 gives one process's per-step losses and gradient
-norms (1e-5) with every schedule, with MEMO and with FSDP2; sp=3 (rows not a multiple of 2P);
+norms (1e-5) with every schedule, with MEMO, FSDP2 and vocabulary parallelism; sp=3 (rows not a multiple of 2P);
 bad combinations exit 2."""
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def test_sp2_every_schedule_memo_and_fsdp2_equal_one_process(tmp_path):
     single = _train(tmp_path, "single", 1)
     assert all(r["documents_per_row"] > 2 for r in single)
     runs = {
-        "ring": ["parallel.attention=ring"],
+        "ring-vocab_parallel": ["parallel.attention=ring", "parallel.vocab_parallel=stream"],
         "token_ring-memo": ["parallel.attention=token_ring", "memory.policy=memo", "memory.alpha=0.5",
                             "memory.resident_layers=0", "memory.recompute_chunk_tokens=16"],
         "bidir_kv": ["parallel.attention=bidir_kv"],
@@ -157,3 +157,17 @@ def test_data_inspect_reports_packing_and_the_zigzag_balance(tmp_path, capsys):
     assert balance["sp"] == 4 and balance["rows_over_10pct_zigzag"] > 0
     assert balance["trained"]["max"] <= 0.1 < balance["zigzag"]["max"]
     assert balance["trained"]["mean"] <= balance["reordered"]["mean"] <= balance["zigzag"]["mean"]
+
+
+def test_resume_continues_with_the_exact_next_packed_batch(tmp_path):
+    """The packed rows' order is a function of (seed, step): a run cut at step 2 and resumed gives
+    the uncut run's losses for steps 3 and 4, under sp=2 with the balanced layout in play."""
+    import shutil
+
+    full = _train(tmp_path, "full", 2, "train.max_steps=4", "parallel.sp_degree=2")
+    _train(tmp_path, "cut", 2, "train.max_steps=4", "train.checkpoint_every=2", "parallel.sp_degree=2")
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-4")
+    (tmp_path / "cut" / "metrics.jsonl").unlink()
+    rest = _train(tmp_path, "cut", 2, "train.max_steps=4", "train.resume=auto", "parallel.sp_degree=2")
+    assert [r["step"] for r in rest] == [3, 4]
+    assert [r["loss"] for r in rest] == [r["loss"] for r in full[2:]]
