@@ -192,6 +192,14 @@ class LocalAttention:
         self.kernel = kernel
         self.documents: torch.Tensor | None = None
 
+    def _check(self, q) -> None:
+        """The documents must cover the rows attention sees: a stale or foreign set is refused."""
+        d = self.documents
+        ids = d[0] if isinstance(d, (tuple, list)) else d
+        if ids is not None and tuple(ids.shape[:2]) != tuple(q.shape[:2]):
+            raise ValueError(f"document ids {tuple(ids.shape)} do not cover the rows {tuple(q.shape[:2])}: set "
+                             "attention.documents for this batch (or None)")
+
     def _docs(self, rows: slice | None = None, keys: slice | None = None):
         d = self.documents
         if d is None:
@@ -203,12 +211,14 @@ class LocalAttention:
 
     def __call__(self, q, k, v):
         if self.documents is not None:
+            self._check(q)
             return BlockAttention.apply(*autocast_inputs(q, k, v), True, self.kernel, *self._docs())
         if self.kernel == "auto":
             return sdpa_causal(q, k, v)
         return BlockAttention.apply(*autocast_inputs(q, k, v), True, self.kernel)
 
     def forward_lse(self, q, k, v):
+        self._check(q)
         return block_attn(*autocast_inputs(q, k, v), True, self.kernel, *self._docs())
 
     def backward_lse(self, dout, q, k, v, out, lse):
@@ -286,6 +296,10 @@ def _reference_mask(scores, causal: bool, q_docs=None, k_docs=None):
     if causal:
         visible = torch.ones(Sq, Sk, dtype=torch.bool, device=scores.device).tril()
         scores = scores.masked_fill(~visible, float("-inf"))
+    if isinstance(q_docs, (tuple, list)):  # (ids, positions): same document, key position <= query position
+        (qi, qp), (ki, kp) = ((t.to(scores.device) for t in d) for d in (q_docs, k_docs))
+        same = (qi[:, :, None] == ki[:, None, :]) & (kp[:, None, :] <= qp[:, :, None])
+        return scores.masked_fill(~same[:, None], float("-inf"))
     if q_docs is not None:
         same = q_docs.to(scores.device)[:, :, None] == k_docs.to(scores.device)[:, None, :]  # [B, Sq, Sk]
         scores = scores.masked_fill(~same[:, None], float("-inf"))

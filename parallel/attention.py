@@ -146,9 +146,17 @@ class SequenceParallelAttention:
         """The groups this step's schedule talks over (for the byte counters)."""
         return [] if self.plan is None else self.plan.process_groups()
 
+    def _check(self, q) -> None:
+        d = self._documents
+        ids = d[0] if isinstance(d, (tuple, list)) else d
+        if ids is not None and tuple(ids.shape[:2]) != (q.shape[0], q.shape[1] * self.sp):
+            raise ValueError(f"document ids {tuple(ids.shape)} do not cover the rows ({q.shape[0]} x {q.shape[1]} "
+                             f"tokens on each of {self.sp} ranks): set attention.documents for this batch (or None)")
+
     def __call__(self, q, k, v):
         if self.sp == 1:
             return self.local(q, k, v)
+        self._check(q)
         return SCHEDULE_FUNCTIONS[self.name](*autocast_inputs(q, k, v), self.plan.group, kernel=self.kernel,
                                              docs=self._documents)
 
@@ -161,6 +169,7 @@ class SequenceParallelAttention:
     def forward_lse(self, q, k, v):
         if self.sp == 1:
             return self.local.forward_lse(q, k, v)
+        self._check(q)
         return SCHEDULE_MODULES[self.name].forward(self.plan.group, *autocast_inputs(q, k, v), kernel=self.kernel,
                                                    docs=self._documents)
 

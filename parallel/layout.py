@@ -77,19 +77,28 @@ def _runs(ids) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
 
 
-def _row_rank_work(lengths: list[int], sp: int) -> np.ndarray:
+SIDES = ("query", "key")  # whose rank computes a visible pair: the query's (ring, bidir_kv, allgather_kv) or the key's (token_ring)
+
+
+def _row_rank_work(lengths: list[int], sp: int, side: str = "query") -> np.ndarray:
     """Visible (query, key) pairs per rank of one row whose documents have these lengths in this
-    order: a token at index j of its document sees j + 1 keys; rank r holds chunks r and 2P-1-r."""
-    w = np.concatenate([np.arange(1, n + 1, dtype=np.float64) for n in lengths])
+    order, counted at the query (a token at index j of its document sees j + 1 keys) or at the
+    key (seen by n - j queries): the queries' rank computes a pair under ring, bidir_kv and
+    allgather_kv, the keys' under token_ring, where queries travel. Rank r holds chunks r and
+    2P-1-r."""
+    if side == "query":
+        w = np.concatenate([np.arange(1, n + 1, dtype=np.float64) for n in lengths])
+    else:
+        w = np.concatenate([np.arange(n, 0, -1, dtype=np.float64) for n in lengths])
     chunks = w.reshape(2 * sp, -1).sum(1)
     return chunks[:sp] + chunks[::-1][:sp]
 
 
-def rank_work(docs: torch.Tensor, sp: int) -> np.ndarray:
+def rank_work(docs: torch.Tensor, sp: int, side: str = "query") -> np.ndarray:
     """Visible pairs per rank [sp] of the zigzag split of rows of document ids [B, S] (padded to a
     multiple of 2*sp): what the causal document-masked blocks cost each rank."""
     ids = pad(docs, sp, pad_value=PAD_DOCUMENT).cpu().numpy()
-    return sum(_row_rank_work([b - a for a, b in _runs(row)], sp) for row in ids)
+    return sum(_row_rank_work([b - a for a, b in _runs(row)], sp, side) for row in ids)
 
 
 def imbalance(work: np.ndarray) -> float:
@@ -99,7 +108,7 @@ def imbalance(work: np.ndarray) -> float:
 
 
 def balance_documents(docs: torch.Tensor, sp: int, threshold: float = BALANCE_THRESHOLD, tries: int = 24,
-                      seed: int = 0) -> tuple[torch.Tensor | None, float, float]:
+                      seed: int = 0, side: str = "query") -> tuple[torch.Tensor | None, float, float]:
     """(permutation [B, S] or None, imbalance before, after) for rows of document ids [B, S]
     (S a multiple of 2*sp) split zigzag over sp ranks.
 
@@ -110,13 +119,13 @@ def balance_documents(docs: torch.Tensor, sp: int, threshold: float = BALANCE_TH
     takes the best of a few orders of its documents (as packed, reversed, longest first, longest
     last, the longest in the middle, seeded shuffles), the one that minimises the busiest rank's
     visible pairs, then swaps of two documents while they lower it (a bounded local search: the
-    result is reported, not promised to reach the threshold). The permutation gathers positions (inputs, labels, position ids and the ids
+    result is reported, not promised to reach the threshold). `side`: see _row_rank_work. The permutation gathers positions (inputs, labels, position ids and the ids
     themselves move with their document); None when the split is kept."""
     ids = docs.cpu().numpy()
     if ids.shape[1] % (2 * sp):
         raise ValueError(f"rows of {ids.shape[1]} tokens: pad to a multiple of 2 x sp={sp} first")
     rows = [_runs(row) for row in ids]
-    before = sum(_row_rank_work([b - a for a, b in runs], sp) for runs in rows)
+    before = sum(_row_rank_work([b - a for a, b in runs], sp, side) for runs in rows)
     if sp == 1 or imbalance(before) <= threshold:
         return None, imbalance(before), imbalance(before)
     total = np.zeros(sp)
@@ -130,7 +139,7 @@ def balance_documents(docs: torch.Tensor, sp: int, threshold: float = BALANCE_TH
         orders = [np.arange(n), np.arange(n)[::-1], by_len, by_len[::-1], middle,
                   *(rng.permutation(n) for _ in range(tries))]
         def cost(o):
-            return float(np.max(total + _row_rank_work(lengths[o].tolist(), sp)))
+            return float(np.max(total + _row_rank_work(lengths[o].tolist(), sp, side)))
 
         best = min(orders, key=cost)
         best_cost = cost(best)
@@ -141,12 +150,13 @@ def balance_documents(docs: torch.Tensor, sp: int, threshold: float = BALANCE_TH
             c = cost(trial)
             if c < best_cost:
                 best, best_cost = trial, c
-        total += _row_rank_work(lengths[best].tolist(), sp)
+        total += _row_rank_work(lengths[best].tolist(), sp, side)
         perms.append(np.concatenate([np.arange(*runs[j]) for j in best]))
     return torch.as_tensor(np.stack(perms), dtype=torch.long), imbalance(before), imbalance(total)
 
 
-def balanced_layout(docs: torch.Tensor, sp: int, long_doc: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
+def balanced_layout(docs: torch.Tensor, sp: int, long_doc: int | None = None,
+                    side: str = "query") -> tuple[torch.Tensor, np.ndarray]:
     """(permutation [B, S], visible pairs per rank [sp]) of rows of document ids [B, S] (S a
     multiple of 2*sp, each document one contiguous run, padding its own document): the order in
     which to lay the rows out so that the zigzag split gives every rank about the same visible
@@ -159,7 +169,8 @@ def balanced_layout(docs: torch.Tensor, sp: int, long_doc: int | None = None) ->
     least-loaded rank with room (longest first), and when no rank has room for the rest of one,
     it is cut at the room there is. Rank r's tokens then fill chunks r and 2sp-1-r. The rows are
     no longer in sequence order: attention must mask by (document, position within it), which
-    parallel/blocks.Documents does when given the positions."""
+    parallel/blocks.Documents does when given the positions. The split within a document balances
+    both sides' counts (`side`: which one the returned work and the short documents' placement use)."""
     ids = docs.cpu().numpy()
     B, S = ids.shape
     if S % (2 * sp):
@@ -172,11 +183,12 @@ def balanced_layout(docs: torch.Tensor, sp: int, long_doc: int | None = None) ->
         taken: list[list[np.ndarray]] = [[] for _ in range(sp)]
         room = np.full(sp, cap)
 
-        def give(r: int, start: int, stop: int, first: int) -> None:
-            m = stop - start
+        def give(r: int, start: int, stop: int, first: int, n: int) -> None:
+            m, j0 = stop - start, start - first  # positions j0 .. j0+m-1 of a document of n tokens
             taken[r].append(np.arange(start, stop))
             room[r] -= m
-            work[r] += m * (start - first) + m * (m + 1) / 2  # positions start-first .. stop-first-1, each sees j+1 keys
+            seen = m * j0 + m * (m + 1) / 2  # each query sees j + 1 keys
+            work[r] += seen if side == "query" else m * (n + 1) - seen  # each key is seen by n - j queries
 
         for a, b in runs:
             n = b - a
@@ -186,7 +198,7 @@ def balanced_layout(docs: torch.Tensor, sp: int, long_doc: int | None = None) ->
                 if all(room[r] >= need[r] for r in range(sp)):
                     at = a
                     for k, m in enumerate(sizes):
-                        give(k if k < sp else 2 * sp - 1 - k, at, at + m, a)
+                        give(k if k < sp else 2 * sp - 1 - k, at, at + m, a, n)
                         at += m
                     continue
             at = a
@@ -195,7 +207,7 @@ def balanced_layout(docs: torch.Tensor, sp: int, long_doc: int | None = None) ->
                 fits = [r for r in open_ranks if room[r] >= b - at]
                 r = min(fits, key=lambda r: work[r]) if fits else max(open_ranks, key=lambda r: room[r])
                 m = min(int(room[r]), b - at)
-                give(r, at, at + m, a)
+                give(r, at, at + m, a, n)
                 at += m
         perm = np.empty(S, dtype=np.int64)
         for r in range(sp):

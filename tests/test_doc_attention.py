@@ -154,3 +154,41 @@ def test_local_attention_rows_match_the_whole_with_documents():
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
     attn.documents = None  # off again: SDPA's causal attention over the whole row
     torch.testing.assert_close(attn(q, k, v), reference_block_attn(q, k, v, True)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["aten_cpu", "reference"] + CUDA_KERNELS)
+def test_rows_out_of_order_mask_by_document_and_position(standins, kernel):
+    """A balanced layout's blocks (parallel/layout.balanced_layout): rows in no causal order,
+    (ids, positions) masks; a shard's queries against another shard's keys equal the same pairs
+    of the in-order row, values and gradients, on every kernel (CUDA ones through the stand-ins)."""
+    from longctx.parallel import layout
+
+    dtype, S, sp = DTYPE[kernel], 96, 3
+    ids = torch.stack([doc_ids(split_lengths(S, n, n)) for n in (2, 9)])
+    pos = torch.stack([torch.cat([torch.arange(n) for n in torch.unique_consecutive(r, return_counts=True)[1].tolist()])
+                       for r in ids])
+    perm, _ = layout.balanced_layout(ids, sp)
+    q, k, v, dout = inputs(2, S, 4, 2, 32, dtype, seed=4)
+
+    def gather(x):
+        return x.gather(1, perm.view(2, S, 1, 1).expand(-1, -1, *x.shape[2:]))
+
+    qp, kp, vp, dp = (gather(t) for t in (q, k, v, dout))
+    keyed = (ids.gather(1, perm), pos.gather(1, perm))
+    rows, keys = slice(0, 40), slice(32, 96)  # a block of rows against another block of keys
+    qd, kd = (keyed[0][:, rows], keyed[1][:, rows]), (keyed[0][:, keys], keyed[1][:, keys])
+    out, lse = block_attn(qp[:, rows], kp[:, keys], vp[:, keys], False, kernel, qd, kd)
+    want_out, want_lse = reference_block_attn(qp[:, rows], kp[:, keys], vp[:, keys], False, qd, kd)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), want_out.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(lse, want_lse, atol=1e-4, rtol=1e-4)
+    got = block_attn_bwd(dp[:, rows], qp[:, rows], kp[:, keys], vp[:, keys], want_out, want_lse, False, kernel, qd, kd)
+    ref = reference_block_attn_bwd(dp[:, rows], qp[:, rows], kp[:, keys], vp[:, keys], want_out, want_lse, False, qd, kd)
+    for g, w in zip(got, ref):
+        torch.testing.assert_close(g.float(), w.float(), atol=tol * max(1.0, w.abs().max().item()), rtol=tol)
+    # the whole row in the layout's order is the in-order row's causal attention, permuted
+    whole = block_attn(qp, kp, vp, False, kernel, keyed, keyed)[0]
+    in_order = per_document(q, k, v, ids)[0]
+    torch.testing.assert_close(whole.float(), gather(in_order).float(), atol=tol, rtol=tol)
+    if kernel in CUDA_KERNELS:
+        assert standins[f"{kernel}.fwd"] and standins[f"{kernel}.bwd"]

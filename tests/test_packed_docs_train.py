@@ -7,14 +7,12 @@ bad combinations exit 2."""
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _train import train as _train_run
 
 TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
 WORDS = "the of and to in that he shall unto for his a lord they be is him not them it with all thou".split()
@@ -38,16 +36,7 @@ def _common(tmp_path):
 
 
 def _train(tmp_path, name, nproc, *overrides, expect_ok=True):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    tail = ["train", str(TINY), "log.wandb=false", f"run.dir={tmp_path / name}", *_common(tmp_path), *overrides]
-    cmd = [sys.executable, "-m", "longctx", *tail] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", "longctx",
-        *tail]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    if not expect_ok:
-        return done
-    assert done.returncode == 0, done.stderr[-3000:]
-    return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return _train_run(tmp_path / name, nproc, TINY, [*_common(tmp_path), *overrides], expect_ok)
 
 
 def _same(single, other, what):
@@ -171,3 +160,21 @@ def test_resume_continues_with_the_exact_next_packed_batch(tmp_path):
     rest = _train(tmp_path, "cut", 2, "train.max_steps=4", "train.resume=auto", "parallel.sp_degree=2")
     assert [r["step"] for r in rest] == [3, 4]
     assert [r["loss"] for r in rest] == [r["loss"] for r in full[2:]]
+
+
+def test_no_document_ids_outlive_the_training_step(tmp_path):
+    """Evaluation tasks run the model's forward after a step (train/evaluation.training_forward):
+    the step's document ids must not mask them. And ids that do not match the rows are refused."""
+    from longctx.kernels.attention import LocalAttention
+    from longctx.recipes import schema
+    from longctx.train.build import build
+    from longctx.train.trainer import train_step
+
+    run = build(schema.load(TINY, [f"run.dir={tmp_path / 'run'}", *_common(tmp_path)]))
+    train_step(run, 0)
+    assert run.attention.documents is None
+    attention = LocalAttention("aten_cpu")
+    attention.documents = torch.zeros(1, 64, dtype=torch.long)
+    q = torch.randn(1, 100, 4, 16)
+    with pytest.raises(ValueError, match="document ids"):
+        attention(q, q, q)

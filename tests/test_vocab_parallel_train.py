@@ -5,14 +5,11 @@ checkpoints hold the whole weights (resumed in one process) and its export equal
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _train import train as _train_run
 from safetensors.torch import load_file
 
 TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
@@ -22,16 +19,7 @@ COMMON = ["train.max_steps=3", "data.source=default:chapters", "data.max_documen
 
 
 def _train(tmp_path, name, nproc, *overrides, expect_ok=True):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    tail = ["train", str(TINY), "log.wandb=false", f"run.dir={tmp_path / name}", *COMMON, *overrides]
-    cmd = [sys.executable, "-m", "longctx", *tail] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", "longctx",
-        *tail]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    if not expect_ok:
-        return done
-    assert done.returncode == 0, done.stderr[-3000:]
-    return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return _train_run(tmp_path / name, nproc, TINY, [*COMMON, *overrides], expect_ok)
 
 
 def _same(single, vp, what):

@@ -130,12 +130,7 @@ def _shard_documents(run: Run, inputs, labels, sp: int, extra: dict):
     positions = layout.pad(positions, sp)
     pads = docs == layout.PAD_DOCUMENT  # padding ends each row: one document, positions counting up
     positions[pads] = (pads.cumsum(1) - 1)[pads]
-    perm, before, after = layout.balance_documents(docs, sp, seed=run.recipe.run.seed)
-    kind = "zigzag" if perm is None else "zigzag_reordered"
-    if after > layout.BALANCE_THRESHOLD:
-        whole, work = layout.balanced_layout(docs, sp)
-        if layout.imbalance(work) < after:
-            perm, after, kind = whole, layout.imbalance(work), "balanced"
+    perm, before, after, kind = _balance(run, docs, sp, _micro_rows(run.recipe, docs.shape[0], docs.shape[1] // sp))
     if perm is not None:
         docs, positions = docs.gather(1, perm), positions.gather(1, perm)
         on_device = perm.to(inputs.device)
@@ -147,6 +142,46 @@ def _shard_documents(run: Run, inputs, labels, sp: int, extra: dict):
     positions = positions.to(inputs.device)
     return (layout.split(inputs, rank, sp), layout.split(labels, rank, sp), layout.split(positions, rank, sp),
             docs.shape[1])
+
+
+def _balance(run: Run, docs: torch.Tensor, sp: int, rows_per_call: int):
+    """(permutation or None, imbalance of the plain zigzag, of the layout chosen, its name) for
+    padded rows of document ids, balanced per micro-batch (each is its own attention call) and
+    counted where the schedule computes a pair (layout._row_rank_work): the keys' rank under
+    token_ring (and hybrid over token_ring), the queries' otherwise. Ulysses splits heads, not
+    the sequence: nothing to balance. The worst micro-batch's figures are reported."""
+    plan = run.sp_attention.plan
+    schedule = plan.outer if plan is not None and plan.name == "hybrid" else run.sp_attention.name
+    if schedule == "ulysses":
+        return None, 0.0, 0.0, "heads"
+    side = "key" if schedule == "token_ring" else "query"
+    perms, worst_before, worst_after, kinds = [], 0.0, 0.0, set()
+    for start in range(0, docs.shape[0], rows_per_call):
+        part = docs[start:start + rows_per_call]
+        perm, before, after = layout.balance_documents(part, sp, seed=run.recipe.run.seed, side=side)
+        kind = "zigzag" if perm is None else "zigzag_reordered"
+        if after > layout.BALANCE_THRESHOLD:
+            whole, work = layout.balanced_layout(part, sp, side=side)
+            if layout.imbalance(work) < after:
+                perm, after, kind = whole, layout.imbalance(work), "balanced"
+        perms.append(perm if perm is not None else torch.arange(part.shape[1]).expand(part.shape[0], -1))
+        worst_before, worst_after = max(worst_before, before), max(worst_after, after)
+        kinds.add(kind)
+    if kinds == {"zigzag"}:
+        return None, worst_before, worst_after, "zigzag"
+    if "balanced" in kinds and len(kinds) > 1:  # one layout per step: the attention masks by position
+        return _balance_all_positions(docs, sp, side, worst_before, rows_per_call)
+    return torch.cat(perms), worst_before, worst_after, kinds.pop() if len(kinds) == 1 else "zigzag_reordered"
+
+
+def _balance_all_positions(docs: torch.Tensor, sp: int, side: str, before: float, rows_per_call: int):
+    """Every micro-batch in the balanced layout (a step's micro-batches share one way to mask)."""
+    perms, worst = [], 0.0
+    for start in range(0, docs.shape[0], rows_per_call):
+        perm, work = layout.balanced_layout(docs[start:start + rows_per_call], sp, side=side)
+        perms.append(perm)
+        worst = max(worst, layout.imbalance(work))
+    return torch.cat(perms), before, worst, "balanced"
 
 
 def _micro_rows(r, rows: int, local_len: int) -> int:
@@ -205,16 +240,19 @@ def train_step(run: Run, step: int) -> dict:
     global_valid = valid.item()
     loss_sum = torch.zeros((), dtype=torch.float64)
     parts = list(_micro_batches(r, inputs, labels, positions, run.documents, run.document_positions))
-    for i, (x, y, pos, docs) in enumerate(parts):
-        _set_documents(run, docs)
-        with _autocast(run):
-            loss = (run.engine or model)(x, position_ids=pos, labels=y, seq_len=seq_len)
-        if run.engine is None:
-            (loss / global_valid).backward()
-        else:  # DeepSpeed averages over ranks: scale to a sum; reduce at the last micro-batch
-            run.engine.set_gradient_accumulation_boundary(i == len(parts) - 1)
-            run.engine.backward(loss * (mesh.world / global_valid), scale_wrt_gas=False)
-        loss_sum += loss.detach().double().cpu()
+    try:
+        for i, (x, y, pos, docs) in enumerate(parts):
+            _set_documents(run, docs)
+            with _autocast(run):
+                loss = (run.engine or model)(x, position_ids=pos, labels=y, seq_len=seq_len)
+            if run.engine is None:
+                (loss / global_valid).backward()
+            else:  # DeepSpeed averages over ranks: scale to a sum; reduce at the last micro-batch
+                run.engine.set_gradient_accumulation_boundary(i == len(parts) - 1)
+                run.engine.backward(loss * (mesh.world / global_valid), scale_wrt_gas=False)
+            loss_sum += loss.detach().double().cpu()
+    finally:  # the step's ids mask nothing after it (evaluation tasks run the model between steps)
+        _set_documents(run, None)
     all_reduce_sum(loss_sum, mesh.grad_group)
     mean_loss = (loss_sum / global_valid).item()
     if not math.isfinite(mean_loss):
