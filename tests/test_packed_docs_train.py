@@ -98,7 +98,7 @@ def test_sp2_every_schedule_memo_and_fsdp2_equal_one_process(tmp_path):
         "ring-vocab_parallel": ["parallel.attention=ring", "parallel.vocab_parallel=stream"],
         "token_ring-memo": ["parallel.attention=token_ring", "memory.policy=memo", "memory.alpha=0.5",
                             "memory.resident_layers=0", "memory.recompute_chunk_tokens=16"],
-        "bidir_kv": ["parallel.attention=bidir_kv"],
+        "bidir_kv-accum": ["parallel.attention=bidir_kv", "train.grad_accum=2"],  # a row per micro-batch
         "allgather_kv-fsdp2": ["parallel.attention=allgather_kv", "parallel.sharding=fsdp2"],
         "ulysses": ["parallel.attention=ulysses"],
     }

@@ -1,6 +1,7 @@
 """Packed documents on CUDA (issue 18): document-masked block attention through every fused kernel
 the GPU has (aten_flash, aten_efficient, flash_attn when installed), per tile, against the
-per-document reference, values and gradients in bf16 (the trainer's dtype); rows with 1, 2 and 50
+per-document fp32 reference, values and gradients in bf16 (the trainer's dtype), within twice the
+error of the same kernel run on each document alone; rows with 1, 2 and 50
 documents at 8K tokens; the balanced layout's (ids, positions) blocks; and a model at sp 1 whose
 packed row's loss equals its documents' losses alone. The CPU contract of the same branches is
 tests/test_doc_attention.py through the strict stand-ins."""
@@ -45,9 +46,20 @@ def test_masked_blocks_on_cuda_match_each_document_alone(kernel, n_docs):
     ref = [t.float().clone().requires_grad_() for t in (q, k, v)]
     want = _per_document(*ref, docs)
     want.backward(dout.float())
-    for got, w, what in zip((out, *(t.grad for t in leaves)), (want, *(t.grad for t in ref)), ("out", "dq", "dk", "dv")):
-        err = (got.float() - w).abs().max().item()
-        assert err <= 2e-2 * max(1.0, w.abs().max().item()), f"{kernel} {what}: {err}"
+    # the same-dtype reference: each document alone through the same fused kernel (no masks)
+    same = [t.clone().requires_grad_() for t in (q, k, v)]
+    pieces = []
+    for d in docs[0].unique().tolist():
+        idx = (docs[0] == d).nonzero().flatten()
+        a, z = idx[0].item(), idx[-1].item() + 1
+        pieces.append(BlockAttention.apply(same[0][:, a:z], same[1][:, a:z], same[2][:, a:z], True, kernel))
+    torch.cat(pieces, 1).backward(dout)
+    same_out = torch.cat(pieces, 1).detach()
+    got_all = (out, *(t.grad for t in leaves))
+    for got, s_, w, what in zip(got_all, (same_out, *(t.grad for t in same)), (want, *(t.grad for t in ref)),
+                                ("out", "dq", "dk", "dv")):
+        err, base = (got.float() - w).abs().max().item(), (s_.float() - w).abs().max().item()
+        assert err <= 2 * base + 1e-6, f"{kernel} {what}: {err} vs the kernel on each document alone {base}"
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
