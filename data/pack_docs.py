@@ -70,14 +70,11 @@ class PackedDocRows:
                 "documents_per_row_max": max(per_row, default=0)}
 
 
-def pack_documents(docs: list[np.ndarray], seq_len: int, seed: int = 0, window: int = 1024,
-                   pad_id: int = 0) -> PackedDocRows:
-    """docs -> PackedDocRows (module docstring). Every token of every document appears exactly once."""
-    if seq_len < 2:
-        raise DataError(f"data.seq_len={seq_len}: a packed row needs at least 2 tokens")
+def _pieces(docs: list[np.ndarray], seq_len: int, seed: int):
+    """(full rows, pieces shorter than a row) as (doc, start, length), documents in a seeded order."""
     order = np.random.default_rng([seed, 11]).permutation(len(docs))
-    full: list[list[tuple[int, int, int]]] = []  # rows of (doc, start, length)
-    items: list[tuple[int, int, int]] = []  # pieces shorter than a row: (doc, start, length)
+    full: list[list[tuple[int, int, int]]] = []
+    items: list[tuple[int, int, int]] = []
     for d in order.tolist():
         n, start = len(docs[d]), 0
         while n - start >= seq_len:
@@ -85,22 +82,36 @@ def pack_documents(docs: list[np.ndarray], seq_len: int, seed: int = 0, window: 
             start += seq_len
         if n - start > 0:
             items.append((d, start, n - start))
-    open_rows: list[list[tuple[int, int, int]]] = []
-    room: list[tuple[int, int]] = []  # sorted (free tokens, open row index)
+    return full, items
+
+
+def _best_fit(items: list[tuple[int, int, int]], seq_len: int, window: int,
+              rows: list[list[tuple[int, int, int]]] | None = None, open_new: bool = True):
+    """Best fit decreasing over windows of `window` pieces (module docstring), into `rows` (rows
+    already holding pieces; their room is used first) -> (rows, pieces left out: with open_new
+    False, those no open row holds)."""
+    open_rows = [list(r) for r in rows or []]
+    room = sorted((seq_len - sum(n for _, _, n in r), i) for i, r in enumerate(open_rows))  # (free tokens, row)
+    room = [(free, i) for free, i in room if free > 0]
+    left: list[tuple[int, int, int]] = []
     for w in range(0, len(items), window):
         for d, start, length in sorted(items[w:w + window], key=lambda it: -it[2]):
             at = bisect.bisect_left(room, (length, -1))  # the fullest open row that still holds it
             if at < len(room):
                 free, i = room.pop(at)
-            else:
+            elif open_new:
                 free, i = seq_len, len(open_rows)
                 open_rows.append([])
+            else:
+                left.append((d, start, length))
+                continue
             open_rows[i].append((d, start, length))
             if free - length > 0:
                 bisect.insort(room, (free - length, i))
-    rows = full + open_rows
-    if not rows:
-        raise DataError(f"data: no document tokens to pack into rows of data.seq_len={seq_len}")
+    return open_rows, left
+
+
+def _rows(docs: list[np.ndarray], rows: list[list[tuple[int, int, int]]], seq_len: int, pad_id: int) -> PackedDocRows:
     tokens = np.full((len(rows), seq_len), pad_id, dtype=np.int32)
     doc_ids = np.full((len(rows), seq_len), -1, dtype=np.int32)
     pieces = []
@@ -112,6 +123,47 @@ def pack_documents(docs: list[np.ndarray], seq_len: int, seed: int = 0, window: 
             at += length
         pieces.append([(d, start) for d, start, _ in row])
     return PackedDocRows(tokens, doc_ids, pieces)
+
+
+def pack_documents(docs: list[np.ndarray], seq_len: int, seed: int = 0, window: int = 1024,
+                   pad_id: int = 0) -> PackedDocRows:
+    """docs -> PackedDocRows (module docstring). Every token of every document appears exactly once."""
+    if seq_len < 2:
+        raise DataError(f"data.seq_len={seq_len}: a packed row needs at least 2 tokens")
+    full, items = _pieces(docs, seq_len, seed)
+    rows = full + _best_fit(items, seq_len, window)[0]
+    if not rows:
+        raise DataError(f"data: no document tokens to pack into rows of data.seq_len={seq_len}")
+    return _rows(docs, rows, seq_len, pad_id)
+
+
+def pack_buckets(docs: list[np.ndarray], min_len: int, max_len: int, seed: int = 0, window: int = 1024,
+                 pad_id: int = 0) -> dict[int, PackedDocRows]:
+    """Whole documents packed into rows of every power-of-two length L in [min_len, max_len], for
+    the length curriculum (data/sampler.py) as dataset decomposition's buckets are. A document
+    longer than max_len gives full rows of max_len, and its remainder is a piece like any other.
+    From the longest bucket down, bucket L takes every piece longer than L/2 (no shorter bucket
+    holds it), one per row, and fills the rows' room best fit with the longest shorter pieces
+    that fit; what fits nowhere goes on to the next bucket; the shortest bucket packs the rest.
+    So rows are whole documents with little padding, and a bucket's share of tokens follows the
+    corpus's lengths (decomposition's binary split gives short buckets more). Every token
+    appears exactly once."""
+    full, remaining = _pieces(docs, max_len, seed)
+    lengths = [1 << k for k in range(min_len.bit_length() - 1, max_len.bit_length())]
+    out = {}
+    for L in reversed(lengths):
+        if L == min_len:
+            rows = _best_fit(remaining, L, window)[0]
+        else:
+            rows, _ = _best_fit([it for it in remaining if it[2] > L // 2], L, window)
+            rows, remaining = _best_fit([it for it in remaining if it[2] <= L // 2], L, window, rows, open_new=False)
+        if L == max_len:
+            rows = full + rows
+        if rows:
+            out[L] = _rows(docs, rows, L, pad_id)
+    if not out:
+        raise DataError("data: no document tokens to pack")
+    return dict(sorted(out.items()))
 
 
 class PackedDocBatches:
@@ -146,3 +198,29 @@ class PackedDocBatches:
     def describe(self) -> dict:
         return {"rows": len(self.rows.pieces), "seq_len": self.rows.seq_len} | {
             k: v for k, v in self.rows.stats().items() if k in ("padding_fraction", "documents_per_row_mean")}
+
+
+class PackedDocBuckets:
+    """Packed rows per bucket length (pack_buckets) under the length curriculum: each step the
+    sampler (data/sampler.CurriculumSampler, as for decomposition) draws a bucket L, this rank's
+    rows of it and the bucket's sp degree; the stream is a function of (seed, step)."""
+
+    def __init__(self, buckets: dict[int, PackedDocRows], sampler, sp_rank: int = 0) -> None:
+        self.buckets, self.sampler, self.sp_rank = buckets, sampler, sp_rank
+        self._labels: dict[int, np.ndarray] = {}
+        self._positions: dict[int, np.ndarray] = {}
+
+    def step_batch(self, step: int) -> tuple[np.ndarray, np.ndarray, int, dict]:
+        L, ids, sp_eff = self.sampler.batch_at(step, sp_rank=self.sp_rank)
+        rows = self.buckets[L]
+        if L not in self._labels:
+            self._labels[L] = np.stack([rows.labels(i) for i in range(len(rows.pieces))])
+            self._positions[L] = np.stack([rows.positions(i) for i in range(len(rows.pieces))])
+        extra = {"documents": rows.doc_ids[ids].astype(np.int64), "positions": self._positions[L][ids]}
+        return rows.tokens[ids].astype(np.int64), self._labels[L][ids], sp_eff, extra
+
+    def describe(self) -> dict:
+        real = sum(int((b.doc_ids >= 0).sum()) for b in self.buckets.values())
+        size = sum(b.tokens.size for b in self.buckets.values())
+        return {"buckets": {str(L): len(b.pieces) for L, b in self.buckets.items()},
+                "steps_per_epoch": self.sampler.steps_per_epoch, "padding_fraction": round(1 - real / max(size, 1), 5)}

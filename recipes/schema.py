@@ -83,6 +83,7 @@ class DataRecipe:
         "decompose", "decompose = dataset decomposition (power-of-two buckets, one document per row); pack = concat-and-chunk rows of seq_len (attention crosses documents); packed_docs = whole documents best-fit packed into rows of seq_len, attention masked per document under every sp schedule, positions restarting per document."
     )
     seq_len: int = _f(2048, "pack, packed_docs: tokens per row (a pack row reads seq_len+1 tokens); also the held-out eval row length.", gt=1)
+    packed_lengths: Literal["fixed", "curriculum"] = _f("fixed", "packed_docs: fixed = rows of data.seq_len, train.batch_size a step; curriculum = rows of every power-of-two length in [data.min_len, data.max_len] (each bucket's rows whole documents packed best fit, longest first) drawn by data.curriculum with data.tokens_per_step a step, as decompose draws its buckets.")
     min_len: int = _f(64, "decompose: shortest bucket (power of two).", gt=0)
     max_len: int = _f(2048, "decompose: longest bucket (power of two); longer documents are cut.", gt=0)
     tokens_per_step: int = _f(8192, "decompose: input tokens per optimizer step over all dp ranks (batch x length).", gt=0)
@@ -428,23 +429,38 @@ _RENAMED = {
 }
 
 
+def bucketed(r: Recipe) -> bool:
+    """Rows at bucket lengths drawn by the length curriculum: decompose, or packed_docs with
+    data.packed_lengths curriculum (else rows of data.seq_len, train.batch_size a step)."""
+    return r.data.batching == "decompose" or (r.data.batching == "packed_docs" and r.data.packed_lengths == "curriculum")
+
+
 def _no_effect(r: Recipe, problems: list[str], set_keys: set[str]) -> None:
     """Keys the recipe sets where nothing reads them (a silent no-op is how a 256K recipe ends up
     training at 2K): an error naming the key and the mode, whatever the value."""
-    if r.data.batching == "decompose":
+    mode = r.data.batching if r.data.batching != "packed_docs" else f"packed_docs, data.packed_lengths={r.data.packed_lengths}"
+    if "data.packed_lengths" in set_keys and r.data.batching != "packed_docs":
+        problems.append(f"data.packed_lengths={r.data.packed_lengths!r}: has no effect with data.batching="
+                        f"{r.data.batching}; remove it")
+    if bucketed(r):
         if "train.batch_size" in set_keys:
-            problems.append(f"train.batch_size={r.train.batch_size}: has no effect with data.batching=decompose (a "
+            problems.append(f"train.batch_size={r.train.batch_size}: has no effect with data.batching={mode} (a "
                             "step is data.tokens_per_step tokens in rows of the bucket's length); remove it")
         if "data.seq_len" in set_keys and not (r.data.eval_fraction and r.eval.seq_len is None):
-            problems.append(f"data.seq_len={r.data.seq_len}: has no effect with data.batching=decompose (rows are at "
+            problems.append(f"data.seq_len={r.data.seq_len}: has no effect with data.batching={mode} (rows are at "
                             "most data.max_len); set data.max_len, or eval.seq_len for held-out rows")
+        if r.data.batching == "packed_docs":
+            for key in ("short_pieces", "random_split"):
+                if f"data.{key}" in set_keys:
+                    problems.append(f"data.{key}={getattr(r.data, key)!r}: has no effect with data.batching={mode} "
+                                    "(whole documents are packed, never split at random or dropped); remove it")
     else:
         for key in _DECOMPOSE_ONLY:
             if f"data.{key}" in set_keys:
-                problems.append(f"data.{key}={getattr(r.data, key)!r}: has no effect with data.batching="
-                                f"{r.data.batching}; remove it")
+                problems.append(f"data.{key}={getattr(r.data, key)!r}: has no effect with data.batching={mode}; "
+                                "remove it")
         if "train.micro_batch_tokens" in set_keys:
-            problems.append(f"train.micro_batch_tokens: has no effect with data.batching={r.data.batching} "
+            problems.append(f"train.micro_batch_tokens: has no effect with data.batching={mode} "
                             "(use train.grad_accum)")
     if "memory.arena" in set_keys and r.memory.arena and r.memory.policy == "none":
         problems.append("memory.arena=true: has no effect with memory.policy=none (the arena holds the buffers of "
@@ -496,7 +512,7 @@ def _cross_checks(r: Recipe, problems: list[str]) -> None:
         problems.append(f"model.rope.factor={r.model.rope.factor}: rope type {r.model.rope.type!r} needs a factor > 1")
     if r.train.warmup_steps > r.train.max_steps:
         problems.append(f"train.warmup_steps={r.train.warmup_steps}: must be <= train.max_steps={r.train.max_steps}")
-    if r.data.batching != "decompose" and r.train.batch_size % r.train.grad_accum:
+    if not bucketed(r) and r.train.batch_size % r.train.grad_accum:
         problems.append(
             f"train.batch_size={r.train.batch_size}: must be a multiple of train.grad_accum={r.train.grad_accum}"
         )
@@ -548,9 +564,9 @@ def _cross_checks(r: Recipe, problems: list[str]) -> None:
         problems.append("parallel.cpu_offload: needs run.device cuda (a CPU run keeps everything in host memory already)")
     if r.train.resume not in ("none", "auto") and not Path(r.train.resume).exists():
         problems.append(f"train.resume={r.train.resume!r}: no such checkpoint (allowed: none, auto, or a checkpoint path)")
-    if r.model.max_seq_len is not None and r.data.seq_len > r.model.max_seq_len and r.data.batching != "decompose":
+    if r.model.max_seq_len is not None and r.data.seq_len > r.model.max_seq_len and not bucketed(r):
         problems.append(f"data.seq_len={r.data.seq_len}: longer than model.max_seq_len={r.model.max_seq_len}")
-    if r.data.batching == "decompose":
+    if bucketed(r):
         d = r.data
         for key in ("min_len", "max_len"):
             value = getattr(d, key)
@@ -571,8 +587,8 @@ def _cross_checks(r: Recipe, problems: list[str]) -> None:
             if not length or length & (length - 1) or not isinstance(value, (int, float)) or value < 0:
                 problems.append(f"data.curriculum_weights.{key}={value!r}: expected a power-of-two length -> weight >= 0")
         if r.train.grad_accum != 1:
-            problems.append("train.grad_accum: only for data.batching pack or packed_docs; with decompose use "
-                            "train.micro_batch_tokens")
+            problems.append("train.grad_accum: only for rows of data.seq_len (pack, packed_docs fixed); with a length "
+                            "curriculum use train.micro_batch_tokens")
 
 
 def vocab_group_size(r: Recipe, world_size: int) -> int:
@@ -592,7 +608,7 @@ def check_world(r: Recipe, world_size: int) -> None:
                           f"{r.parallel.sp_degree}, sharding {r.parallel.sharding}); raise sp_degree, use fsdp2 or set off")
     if r.data.eval_fraction and r.eval.batch_size % dp:
         raise RecipeError(f"eval.batch_size={r.eval.batch_size}: must be a multiple of data-parallel ranks ({dp})")
-    if r.data.batching == "decompose":
+    if bucketed(r):
         if r.data.tokens_per_step % (r.data.max_len * dp * r.parallel.sp_degree):
             raise RecipeError(
                 f"data.tokens_per_step={r.data.tokens_per_step}: must be a multiple of data.max_len ({r.data.max_len}) "

@@ -68,3 +68,38 @@ def test_long_documents_fill_rows_and_bad_input_is_named():
         pack_documents([np.ones(4, dtype=np.int32)], 1)
     with pytest.raises(DataError, match="no document tokens"):
         pack_documents([], 16)
+
+
+def test_buckets_for_the_curriculum_hold_whole_documents_once():
+    """pack_buckets: rows of every power-of-two length; a document no longer than max_len lies
+    whole in one row of the shortest bucket that can hold it or a longer one; longer documents
+    give full max_len rows and a remainder; every token once; little padding."""
+    from longctx.data.pack_docs import pack_buckets
+
+    docs = _docs(600, seed=1, cap=9000)
+    min_len, max_len = 64, 4096
+    buckets = pack_buckets(docs, min_len, max_len, seed=2)
+    assert set(buckets) <= {64 << k for k in range(7)} and max(buckets) == max_len
+    seen = {}
+    real = size = 0
+    for L, packed in buckets.items():
+        assert packed.seq_len == L
+        real += int((packed.doc_ids >= 0).sum())
+        size += packed.tokens.size
+        for r, row in enumerate(packed.pieces):
+            cu = packed.cu_seqlens(r)
+            for k, (d, start) in enumerate(row):
+                piece = packed.tokens[r, cu[k]:cu[k + 1]]
+                np.testing.assert_array_equal(piece, docs[d][start:start + len(piece)])
+                seen.setdefault(d, []).append((start, len(piece)))
+                if len(docs[d]) <= max_len:
+                    assert len(piece) == len(docs[d]), "a document that fits a row is never cut"
+                if L > min_len and len(piece) <= L // 2:
+                    assert len(row) > 1, "a short piece in a long bucket only fills room beside a long one"
+    for d, doc in enumerate(docs):
+        covered = sorted(seen[d])
+        assert covered[0][0] == 0 and sum(n for _, n in covered) == len(doc)
+        assert all(a + n == b for (a, n), (b, _) in zip(covered, covered[1:]))
+    assert 1 - real / size <= 0.03
+    again = pack_buckets(docs, min_len, max_len, seed=2)
+    assert all(np.array_equal(again[L].tokens, b.tokens) for L, b in buckets.items())

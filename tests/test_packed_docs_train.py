@@ -29,10 +29,10 @@ def _corpus(path: Path, n: int = 300) -> Path:
     return path
 
 
-def _common(tmp_path):
+def _common(tmp_path, fixed=True):
+    rows = ["data.seq_len=250", "train.batch_size=2", "~data.min_len", "~data.max_len", "~data.tokens_per_step"]
     return [f"data.source={_corpus(tmp_path / 'docs.jsonl')}", "data.max_documents=null", "data.batching=packed_docs",
-            "data.seq_len=250", "train.batch_size=2", "train.max_steps=3", "~data.min_len", "~data.max_len",
-            "~data.tokens_per_step", "train.weight_decay=0.1"]
+            "train.max_steps=3", "train.weight_decay=0.1", *(rows if fixed else [])]
 
 
 def _train(tmp_path, name, nproc, *overrides, expect_ok=True):
@@ -178,3 +178,32 @@ def test_no_document_ids_outlive_the_training_step(tmp_path):
     q = torch.randn(1, 100, 4, 16)
     with pytest.raises(ValueError, match="document ids"):
         attention(q, q, q)
+
+
+CURRICULUM = ["data.packed_lengths=curriculum", "data.min_len=32", "data.max_len=256", "data.tokens_per_step=512",
+              "data.curriculum=weights", "data.curriculum_weights={32: 5, 64: 5, 128: 5, 256: 1}",
+              "parallel.min_tokens_per_sp_rank=32", "train.max_steps=4"]
+
+
+def _curriculum(tmp_path, name, nproc, *overrides, expect_ok=True):
+    return _train_run(tmp_path / name, nproc, TINY, [*_common(tmp_path, fixed=False), *CURRICULUM, *overrides],
+                      expect_ok)
+
+
+def test_packed_rows_under_the_length_curriculum_sp2_equal_one_process(tmp_path):
+    """data.packed_lengths: curriculum: each step a bucket length L and data.tokens_per_step / L
+    packed rows of it; short buckets run at a smaller sp degree (the spare ranks take other rows),
+    as decomposition's do; sp=2 equals one process."""
+    single = _curriculum(tmp_path, "single", 1)
+    assert len({r["seq_len"] for r in single}) > 1 and all(r["rows"] * r["seq_len"] == 512 for r in single)
+    sp2 = _curriculum(tmp_path, "sp2", 2, "parallel.sp_degree=2", "parallel.attention=ring")
+    _same(single, sp2, "curriculum sp2")
+    assert {r["sp_degree"] for r in sp2} == {1, 2}
+
+
+def test_packed_lengths_bad_combinations_exit_2(tmp_path):
+    done = _train(tmp_path, "pack", 1, "data.batching=pack", "data.packed_lengths=curriculum", expect_ok=False)
+    assert done.returncode == 2 and "data.packed_lengths='curriculum': has no effect with data.batching=pack" in done.stderr
+    done = _curriculum(tmp_path, "seq", 1, "data.seq_len=250", expect_ok=False)
+    assert done.returncode == 2 and "data.seq_len=250: has no effect with data.batching=packed_docs" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -70,7 +70,7 @@ def test_decomposition_settings(tmp_path):
         _load(tmp_path, "data:\n  tokens_per_step: 3000\n")
     with pytest.raises(RecipeError, match=r"data\.fixed_len: curriculum 'fixed' needs"):
         _load(tmp_path, "data:\n  curriculum: fixed\n")
-    with pytest.raises(RecipeError, match=r"train\.grad_accum: only for data\.batching pack or packed_docs"):
+    with pytest.raises(RecipeError, match=r"train\.grad_accum: only for rows of data\.seq_len"):
         _load(tmp_path, "train:\n  grad_accum: 2\n")
     with pytest.raises(RecipeError, match=r"data\.curriculum_weights\.300=1"):
         _load(tmp_path, "data:\n  curriculum: weights\n  curriculum_weights: {300: 1}\n")

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from ..data.decompose import DecomposedData, decompose
 from ..data.pack import PackedBatches, PackedRows
-from ..data.pack_docs import PackedDocBatches, pack_documents
+from ..data.pack_docs import PackedDocBatches, PackedDocBuckets, pack_buckets, pack_documents
 from ..data.sampler import CurriculumSampler, SamplerError
 from ..data.sources import DataError, load_documents, source_identity
 from ..data.tokenize import TokenStore, load_tokenizer, tokenize_to_cache
@@ -42,7 +42,7 @@ from ..parallel import mesh as mesh_lib
 from ..parallel import sharding, vocab
 from ..parallel.attention import SequenceParallelAttention
 from ..parallel.topology import machine_for_run, ranks_per_node
-from ..recipes.schema import Recipe, RecipeError, check_world, vocab_group_size
+from ..recipes.schema import Recipe, RecipeError, bucketed, check_world, vocab_group_size
 from . import checkpoint as ckpt
 from .optim import build_optimizer, build_scheduler
 from .plan_report import KNOWN_SHAPES
@@ -422,6 +422,8 @@ def build_data(recipe: Recipe, model_dir: Path | None, mesh: mesh_lib.Mesh, voca
     if d.batching == "pack":
         rows = PackedRows([store.document(i) for i in train_docs], d.seq_len, seed=recipe.run.seed)
         data = PackedBatches(rows, recipe.train.batch_size, mesh.dp_rank, mesh.dp_world, mesh.sp_world)
+    elif d.batching == "packed_docs" and d.packed_lengths == "curriculum":
+        data = _packed_buckets(recipe, store, train_docs, tokenizer, mesh)
     elif d.batching == "packed_docs":
         packed = pack_documents([store.document(i) for i in train_docs], d.seq_len, seed=recipe.run.seed,
                                 pad_id=_pad_id(tokenizer))
@@ -463,18 +465,31 @@ def _pad_id(tokenizer) -> int:
     return pad if pad is not None else 0
 
 
+def _sampler(recipe: Recipe, sizes: dict[int, int], mesh: mesh_lib.Mesh) -> CurriculumSampler:
+    d = recipe.data
+    weights = {int(k): float(v) for k, v in d.curriculum_weights.items()}
+    try:
+        return CurriculumSampler(sizes, d.tokens_per_step, d.curriculum, mesh.dp_rank, mesh.dp_world,
+                                 seed=recipe.run.seed, cycles=d.cycles, weights=weights, fixed_len=d.fixed_len,
+                                 sp=mesh.sp_world, min_tokens_per_sp_rank=recipe.parallel.min_tokens_per_sp_rank)
+    except SamplerError as e:
+        raise RecipeError(f"data: {e}") from None
+
+
+def _packed_buckets(recipe: Recipe, store: TokenStore, docs: np.ndarray, tokenizer, mesh: mesh_lib.Mesh):
+    """packed_docs under the length curriculum: packed rows per bucket length, drawn as decomposition's."""
+    d = recipe.data
+    buckets = pack_buckets([store.document(int(i)) for i in docs], d.min_len, d.max_len, seed=recipe.run.seed,
+                           pad_id=_pad_id(tokenizer))
+    return PackedDocBuckets(buckets, _sampler(recipe, {L: len(b.pieces) for L, b in buckets.items()}, mesh),
+                            mesh.sp_rank)
+
+
 def _decomposed(recipe: Recipe, store: TokenStore, docs: np.ndarray, tokenizer, mesh: mesh_lib.Mesh) -> DecomposedData:
     d = recipe.data
     buckets = decompose(store.offsets[docs], store.offsets[docs + 1], d.min_len, d.max_len, d.short_pieces,
                         d.random_split, seed=recipe.run.seed)
-    weights = {int(k): float(v) for k, v in d.curriculum_weights.items()}
-    try:
-        sampler = CurriculumSampler(buckets.sizes, d.tokens_per_step, d.curriculum, mesh.dp_rank, mesh.dp_world,
-                                    seed=recipe.run.seed, cycles=d.cycles, weights=weights, fixed_len=d.fixed_len,
-                                    sp=mesh.sp_world, min_tokens_per_sp_rank=recipe.parallel.min_tokens_per_sp_rank)
-    except SamplerError as e:
-        raise RecipeError(f"data: {e}") from None
-    return DecomposedData(store.tokens, buckets, sampler, _pad_id(tokenizer), mesh.sp_rank)
+    return DecomposedData(store.tokens, buckets, _sampler(recipe, buckets.sizes, mesh), _pad_id(tokenizer), mesh.sp_rank)
 
 
 RUN_FILE = "run.json"
@@ -588,7 +603,7 @@ def build(recipe: Recipe) -> Run:
     if recipe.eval.tasks:
         from .evaluation import check_tasks
 
-        longest = recipe.data.max_len if recipe.data.batching == "decompose" else recipe.data.seq_len
+        longest = recipe.data.max_len if bucketed(recipe) else recipe.data.seq_len
         why = check_tasks(recipe.eval.tasks, list(recipe.eval.lengths) or [longest], recipe.model.tokenizer,
                           tokenizer_dir, model.config.vocab_size)
         if why:
@@ -725,7 +740,7 @@ def shape_of(recipe: Recipe) -> ModelShape:
 
 def plan_inputs(recipe: Recipe) -> tuple[ModelShape, dict]:
     d, m, p = recipe.data, recipe.memory, recipe.parallel
-    decompose = d.batching == "decompose"
+    decompose = bucketed(recipe)  # rows at bucket lengths (decompose, or packed_docs under the curriculum)
     gpu = memory_hardware(recipe, torch.device("cuda"))  # what a GPU run's vocab_parallel auto decides with
     return shape_of(recipe), {
         "seq_len": d.max_len if decompose else d.seq_len, "sp_degree": p.sp_degree,
@@ -733,7 +748,7 @@ def plan_inputs(recipe: Recipe) -> tuple[ModelShape, dict]:
         "bucket_lengths": [d.min_len << k for k in range((d.max_len // d.min_len).bit_length())] if decompose else [d.seq_len],
         "min_tokens_per_sp_rank": p.min_tokens_per_sp_rank if decompose else 1,
         # what sets the tokens of one vocabulary-parallel call: a micro-batch's rows on a rank
-        "batching": d.batching, "tokens_per_step": d.tokens_per_step, "micro_batch_tokens": recipe.train.micro_batch_tokens,
+        "batching": d.batching, "bucketed": decompose, "tokens_per_step": d.tokens_per_step, "micro_batch_tokens": recipe.train.micro_batch_tokens,
         "batch_size": recipe.train.batch_size, "grad_accum": recipe.train.grad_accum,
         "vocab_parallel": p.vocab_parallel, "vocab_flops_per_s": gpu["flops_per_s"],
         "vocab_link_bytes_per_s": gpu["link_bytes_per_s"],

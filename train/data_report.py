@@ -19,7 +19,7 @@ from ..data.tokenize import load_tokenizer, tokenize_to_cache
 from ..models.config import ModelConfig
 from ..models.hf import load_model_folder
 from ..parallel.mesh import Mesh
-from ..recipes.schema import Recipe
+from ..recipes.schema import Recipe, bucketed
 from .build import cache_dir, resolve_model_dir
 
 
@@ -47,7 +47,7 @@ def inspect(recipe: Recipe) -> dict:
     dd = attention_flops(b.sizes, per_token_dims)
     concat_rows = b.transitions_kept // d.max_len
     cc = attention_flops({d.max_len: concat_rows}, per_token_dims)
-    return {"packed_documents": packing_report(store, d.max_len if d.batching == "decompose" else d.seq_len,
+    return {"packed_documents": packing_report(store, d.max_len if bucketed(recipe) else d.seq_len,
                                                recipe.run.seed, per_token_dims, recipe.parallel.sp_degree), **{
         "documents": store.num_documents,
         "tokens": int(store.offsets[-1]),

@@ -25,6 +25,7 @@ from ..eval.tasks import Generator, TaskError
 from ..models.hf import TOKENIZER_FILES
 from ..parallel import layout, vocab
 from ..parallel import mesh as mesh_lib
+from ..recipes.schema import bucketed
 
 log = logging.getLogger("longctx")
 
@@ -198,7 +199,7 @@ class TrainingEvals:
         self.run = run
         r = run.recipe
         e = r.eval
-        longest = r.data.max_len if r.data.batching == "decompose" else r.data.seq_len
+        longest = r.data.max_len if bucketed(r) else r.data.seq_len
         self.lengths = list(e.lengths) or [longest]
         cfg = run.model.config
         self.tokenizer = eval_tokenizer(r.model.tokenizer, run.tokenizer_dir, cfg.vocab_size)

@@ -205,7 +205,7 @@ def rows_per_call(r: dict, L: int, sp_L: int, local_len: int) -> int:
     """Rows of one micro-batch on a rank (train/trainer._micro_rows): what one vocabulary-parallel
     call of the embedding sees, and what the loss head sees when it is not tiled."""
     gpus = r.get("gpus", r["sp_degree"])
-    if r.get("batching", "decompose") != "decompose":
+    if not r.get("bucketed", r.get("batching", "decompose") == "decompose"):
         rows = max(1, r.get("batch_size", 1) // max(1, gpus // r["sp_degree"]))
         return max(1, -(-rows // r.get("grad_accum", 1)))
     rows = max(1, r.get("tokens_per_step", L) // L // max(1, gpus // sp_L))

@@ -186,7 +186,7 @@ def _balance_all_positions(docs: torch.Tensor, sp: int, side: str, before: float
 
 def _micro_rows(r, rows: int, local_len: int) -> int:
     """Rows per micro-batch of a step of `rows` rows of `local_len` tokens on this rank."""
-    if r.data.batching != "decompose":
+    if not schema.bucketed(r):
         return -(-rows // r.train.grad_accum)
     return min(rows, rows if r.train.micro_batch_tokens is None else max(1, r.train.micro_batch_tokens // local_len))
 
