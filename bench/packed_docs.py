@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     from longctx.recipes import schema
     from longctx.train.build import build_data
 
-    recipe = schema.load(base, common + [f"data.batching=packed_docs", f"data.seq_len={L}", f"train.batch_size={args.rows}",
+    recipe = schema.load(base, common + ["data.batching=packed_docs", f"data.seq_len={L}", f"train.batch_size={args.rows}",
                                          "~data.min_len", "~data.max_len", "~data.tokens_per_step",
                                          f"run.dir={out / 'flops'}"] + (["~data.curriculum"] if not args.tiny else []))
     data, _, _, _ = build_data(recipe, None if args.tiny else _model_dir(recipe), Mesh(0, 1, 0, 1, None, torch.device("cpu")),
