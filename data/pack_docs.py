@@ -166,6 +166,21 @@ def pack_buckets(docs: list[np.ndarray], min_len: int, max_len: int, seed: int =
     return dict(sorted(out.items()))
 
 
+def labels_and_positions(tokens: np.ndarray, doc_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For rows [B, L]: labels (the next token of the same piece, IGNORE_INDEX at each piece's
+    last token and on padding) and each token's position within its piece (0 on padding), as
+    PackedDocRows.labels / positions give them row by row; computed per step, not stored."""
+    tok = tokens.astype(np.int64)
+    same = (doc_ids[:, :-1] == doc_ids[:, 1:]) & (doc_ids[:, :-1] >= 0)
+    labels = np.full(tok.shape, IGNORE_INDEX, dtype=np.int64)
+    labels[:, :-1][same] = tok[:, 1:][same]
+    idx = np.broadcast_to(np.arange(tok.shape[1]), tok.shape)
+    starts = np.ones(tok.shape, dtype=bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    positions = idx - np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
+    return labels, np.where(doc_ids >= 0, positions, 0)
+
+
 class PackedDocBatches:
     """PackedDocRows bound to a global batch size and this rank: the trainer's per-step source.
 
@@ -175,8 +190,6 @@ class PackedDocBatches:
 
     def __init__(self, rows: PackedDocRows, batch_size: int, rank: int, world: int, sp: int = 1, seed: int = 0) -> None:
         self.rows, self.batch_size, self.rank, self.world, self.sp, self.seed = rows, batch_size, rank, world, sp, seed
-        self._positions = np.stack([rows.positions(i) for i in range(len(rows.pieces))])
-        self._labels = np.stack([rows.labels(i) for i in range(len(rows.pieces))])
 
     def step_ids(self, step: int) -> np.ndarray:
         n = len(self.rows.pieces)
@@ -192,8 +205,9 @@ class PackedDocBatches:
         """(inputs, labels, sp degree, {"documents", "positions"}) of this rank's rows [B/world, L]:
         labels already shifted within each document, every rank of an sp group the same rows."""
         ids = self.step_ids(step)
-        extra = {"documents": self.rows.doc_ids[ids].astype(np.int64), "positions": self._positions[ids]}
-        return self.rows.tokens[ids].astype(np.int64), self._labels[ids], self.sp, extra
+        tokens, docs = self.rows.tokens[ids], self.rows.doc_ids[ids]
+        labels, positions = labels_and_positions(tokens, docs)
+        return tokens.astype(np.int64), labels, self.sp, {"documents": docs.astype(np.int64), "positions": positions}
 
     def describe(self) -> dict:
         return {"rows": len(self.rows.pieces), "seq_len": self.rows.seq_len} | {
@@ -207,17 +221,12 @@ class PackedDocBuckets:
 
     def __init__(self, buckets: dict[int, PackedDocRows], sampler, sp_rank: int = 0) -> None:
         self.buckets, self.sampler, self.sp_rank = buckets, sampler, sp_rank
-        self._labels: dict[int, np.ndarray] = {}
-        self._positions: dict[int, np.ndarray] = {}
 
     def step_batch(self, step: int) -> tuple[np.ndarray, np.ndarray, int, dict]:
         L, ids, sp_eff = self.sampler.batch_at(step, sp_rank=self.sp_rank)
-        rows = self.buckets[L]
-        if L not in self._labels:
-            self._labels[L] = np.stack([rows.labels(i) for i in range(len(rows.pieces))])
-            self._positions[L] = np.stack([rows.positions(i) for i in range(len(rows.pieces))])
-        extra = {"documents": rows.doc_ids[ids].astype(np.int64), "positions": self._positions[L][ids]}
-        return rows.tokens[ids].astype(np.int64), self._labels[L][ids], sp_eff, extra
+        tokens, docs = self.buckets[L].tokens[ids], self.buckets[L].doc_ids[ids]
+        labels, positions = labels_and_positions(tokens, docs)
+        return tokens.astype(np.int64), labels, sp_eff, {"documents": docs.astype(np.int64), "positions": positions}
 
     def describe(self) -> dict:
         real = sum(int((b.doc_ids >= 0).sum()) for b in self.buckets.values())

@@ -87,7 +87,7 @@ def documents_forward(forward, q, k, v, causal, tiles):
             else:
                 acc[r, qs] = out_t
                 lse[r, :, qs] = torch.where(torch.isposinf(lse_t), float("-inf"), lse_t.float())
-                seen[qs] = True
+            seen[qs] = True
     return acc.to(q.dtype), lse
 
 

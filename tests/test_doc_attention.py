@@ -192,3 +192,17 @@ def test_rows_out_of_order_mask_by_document_and_position(standins, kernel):
     torch.testing.assert_close(whole.float(), gather(in_order).float(), atol=tol, rtol=tol)
     if kernel in CUDA_KERNELS:
         assert standins[f"{kernel}.fwd"] and standins[f"{kernel}.bwd"]
+
+
+def test_tiles_whose_keys_are_out_of_position_order_still_merge_every_partial():
+    """One document, queries at positions 4..11, keys laid out 8..11 then 0..7 (a block a layout
+    may hand over): several tiles cover the same query rows in an order where a later tile may be
+    the first to reach some rows; every partial must merge (second cold review, issue 18)."""
+    ids = torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 12, dtype=torch.long)
+    qpos, kpos = torch.arange(4, 12)[None], torch.cat([torch.arange(8, 12), torch.arange(0, 8)])[None]
+    q, k, v = torch.randn(1, 8, 2, 16), torch.randn(1, 12, 2, 16), torch.randn(1, 12, 2, 16)
+    qd, kd = (ids[0], qpos), (ids[1], kpos)
+    out, lse = block_attn(q, k, v, False, "aten_cpu", qd, kd)
+    want_out, want_lse = reference_block_attn(q, k, v, False, qd, kd)
+    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)

@@ -2,8 +2,8 @@
 bidir_kv, allgather_kv, ulysses and hybrid (Ulysses x each outer schedule) at 2, 3 and 4 gloo
 ranks, against the per-document single-process reference (each document attended alone):
 outputs and dq/dk/dv, fp32 within 1e-5 relative and bf16 within twice the error of one process
-running the same bf16 kernel on each document alone (times sqrt(P/2) for the P partials a rank
-sums, as tests/test_sp_attention.py argues), through autograd and through the
+running the same bf16 kernel on each document alone (no allowance for the P partials a rank
+sums: it holds at 2, 3 and 4 ranks), through autograd and through the
 forward/backward pair MEMO calls. Rows of 1, 2 and 50 documents: documents shorter than a chunk
 and longer than a rank's share; lengths that are not a multiple of 2P (padding, its own document).
 One spawn per degree runs every schedule and case."""
@@ -143,7 +143,6 @@ def _reference(S, counts, dtype, seed=0):
 def test_packed_documents_match_each_document_alone(world):
     results = _dist.run(_worker, world)
     errors = []
-    growth = max(1.0, world / 2) ** 0.5
     for c, (S, counts) in enumerate(CASES):
         want = _reference(S, counts, FP32)
         lowp = _same_kernel_alone(S, counts, BF16)
@@ -166,7 +165,7 @@ def test_packed_documents_match_each_document_alone(world):
                         errors.append(f"{case}: max error {err}")
                     elif dtype == BF16:
                         theirs = (lowp[i].float() - w).abs().max().item()
-                        if err > 2 * growth * theirs:
+                        if err > 2 * theirs:  # the issue's bound, at every degree
                             errors.append(f"{case}: {err} vs single-process bf16 {theirs}")
     assert not errors, "\n".join(errors[:20])
 

@@ -103,3 +103,13 @@ def test_buckets_for_the_curriculum_hold_whole_documents_once():
     assert 1 - real / size <= 0.03
     again = pack_buckets(docs, min_len, max_len, seed=2)
     assert all(np.array_equal(again[L].tokens, b.tokens) for L, b in buckets.items())
+
+
+def test_labels_and_positions_of_a_batch_equal_the_rows_own():
+    from longctx.data.pack_docs import labels_and_positions
+
+    packed = pack_documents(_docs(300, seed=5), 1024, seed=1)
+    labels, positions = labels_and_positions(packed.tokens, packed.doc_ids)
+    for r in range(len(packed.pieces)):
+        np.testing.assert_array_equal(labels[r], packed.labels(r))
+        np.testing.assert_array_equal(positions[r], packed.positions(r))

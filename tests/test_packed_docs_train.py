@@ -130,6 +130,7 @@ def test_bad_combinations_exit_2(tmp_path):
     assert "Traceback" not in done.stderr
     done = _train(tmp_path, "minlen", 1, "data.min_len=32", expect_ok=False)
     assert done.returncode == 2 and "data.min_len=32: has no effect with data.batching=packed_docs" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_data_inspect_reports_packing_and_the_zigzag_balance(tmp_path, capsys):
@@ -146,6 +147,13 @@ def test_data_inspect_reports_packing_and_the_zigzag_balance(tmp_path, capsys):
     assert balance["sp"] == 4 and balance["rows_over_10pct_zigzag"] > 0
     assert balance["trained"]["max"] <= 0.1 < balance["zigzag"]["max"]
     assert balance["trained"]["mean"] <= balance["reordered"]["mean"] <= balance["zigzag"]["mean"]
+    # under the length curriculum: the buckets' rows as they train
+    curriculum = [a for a in args if not a.startswith(("data.seq_len", "train.batch_size", "~"))]
+    assert main(["data", "inspect", str(TINY), *curriculum, "data.packed_lengths=curriculum", "data.min_len=64",
+                 "data.max_len=1024", "data.tokens_per_step=2048"]) == 0
+    text = capsys.readouterr().out
+    buckets = json.loads(text[text.index("{"):text.rindex("}") + 1])["packed_documents"]["curriculum_buckets"]
+    assert set(buckets) <= {"64", "128", "256", "512", "1024"} and all(b["rows"] > 0 for b in buckets.values())
 
 
 def test_resume_continues_with_the_exact_next_packed_batch(tmp_path):
@@ -204,6 +212,7 @@ def test_packed_rows_under_the_length_curriculum_sp2_equal_one_process(tmp_path)
 def test_packed_lengths_bad_combinations_exit_2(tmp_path):
     done = _train(tmp_path, "pack", 1, "data.batching=pack", "data.packed_lengths=curriculum", expect_ok=False)
     assert done.returncode == 2 and "data.packed_lengths='curriculum': has no effect with data.batching=pack" in done.stderr
+    assert "Traceback" not in done.stderr
     done = _curriculum(tmp_path, "seq", 1, "data.seq_len=250", expect_ok=False)
     assert done.returncode == 2 and "data.seq_len=250: has no effect with data.batching=packed_docs" in done.stderr
     assert "Traceback" not in done.stderr

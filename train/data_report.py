@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.decompose import attention_flops, decompose
-from ..data.pack_docs import pack_documents
+from ..data.pack_docs import pack_buckets, pack_documents
 from ..data.sources import load_documents, source_identity
 from ..data.tokenize import load_tokenizer, tokenize_to_cache
 from ..models.config import ModelConfig
@@ -47,8 +47,15 @@ def inspect(recipe: Recipe) -> dict:
     dd = attention_flops(b.sizes, per_token_dims)
     concat_rows = b.transitions_kept // d.max_len
     cc = attention_flops({d.max_len: concat_rows}, per_token_dims)
-    return {"packed_documents": packing_report(store, d.max_len if bucketed(recipe) else d.seq_len,
-                                               recipe.run.seed, per_token_dims, recipe.parallel.sp_degree), **{
+    packed = packing_report(store, d.max_len if bucketed(recipe) else d.seq_len, recipe.run.seed, per_token_dims,
+                            recipe.parallel.sp_degree)
+    if d.batching == "packed_docs" and bucketed(recipe):  # the rows the curriculum draws from
+        buckets = pack_buckets([store.document(i) for i in range(store.num_documents)], d.min_len, d.max_len,
+                               seed=recipe.run.seed)
+        packed["curriculum_buckets"] = {str(L): {k: b.stats()[k] for k in ("rows", "padding_fraction",
+                                                                           "documents_per_row_mean")}
+                                        for L, b in buckets.items()}
+    return {"packed_documents": packed, **{
         "documents": store.num_documents,
         "tokens": int(store.offsets[-1]),
         "document_length_histogram": dict(sorted(histogram.items(), key=lambda kv: int(kv[0][2:]))),

@@ -140,8 +140,7 @@ def _shard_documents(run: Run, inputs, labels, sp: int, extra: dict):
         run.document_positions = positions
     rank = run.mesh.sp_rank % sp
     positions = positions.to(inputs.device)
-    return (layout.split(inputs, rank, sp), layout.split(labels, rank, sp), layout.split(positions, rank, sp),
-            docs.shape[1])
+    return layout.split(inputs, rank, sp), layout.split(labels, rank, sp), layout.split(positions, rank, sp), S
 
 
 def _balance(run: Run, docs: torch.Tensor, sp: int, rows_per_call: int):
