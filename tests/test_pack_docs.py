@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from longctx.data.pack_docs import IGNORE_INDEX, pack_documents
 from longctx.data.sources import DataError
 

@@ -22,11 +22,10 @@ import torch
 
 from ..kernels.capability import peak_memory_bytes
 from ..memory import elimination
-from ..parallel import layout
+from ..parallel import layout, vocab
 from ..parallel.data_parallel import all_reduce_gradients, all_reduce_sum
 from ..parallel.health import Heartbeat, RankFailure
 from ..parallel.p2p import communicator
-from ..parallel import vocab
 from ..parallel.sharding import clip_grad_norm
 from ..recipes import schema
 from . import checkpoint as ckpt
