@@ -7,6 +7,7 @@ import pickle
 import socket
 import traceback
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -19,6 +20,9 @@ def free_port() -> int:
 
 def _worker(rank: int, world: int, port: int, fn, args, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    # one compute thread per rank: `world` processes share the CI box's 2 cores, and more threads
+    # than cores slow every collective's slowest rank (a 4-rank test ran 6x longer at 2 threads each)
+    torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
         # plain pickle copies tensors into bytes: torch's queue pickler would share them through
