@@ -19,12 +19,15 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("recipe", help="recipe YAML file")
     t.add_argument("overrides", nargs="*", help="a.b.c=value overrides")
 
-    e = sub.add_parser("export", help="export a checkpoint folder to an HF folder")
+    e = sub.add_parser("export", help="export a checkpoint folder to an HF folder (a LoRA run's merged)")
     e.add_argument("checkpoint")
     e.add_argument("out")
     e.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="cast weights (default: as saved)")
     e.add_argument("--force", action="store_true",
                    help="replace a non-empty OUT (never the checkpoint, its run folder or a folder holding them)")
+    e.add_argument("--adapter-only", action="store_true",
+                   help="a LoRA run (model.adapter): write a peft adapter folder (adapter_config.json + "
+                        "adapter_model.safetensors) for PeftModel.from_pretrained instead of the merged model")
 
     c = sub.add_parser("convert", help="convert model files")
     csub = c.add_subparsers(dest="format", required=True)
@@ -150,7 +153,8 @@ def _dispatch(args) -> int:
         from .train.export import export_checkpoint
 
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.dtype)
-        print(export_checkpoint(args.checkpoint, args.out, dtype=dtype, force=args.force))
+        print(export_checkpoint(args.checkpoint, args.out, dtype=dtype, force=args.force,
+                                adapter_only=args.adapter_only))
         return 0
     if args.command == "convert":
         from .models.hf import convert_gguf

@@ -103,8 +103,9 @@ def decompose(
 
 
 def gather_rows(tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray, L: int, pad_id: int,
-                ignore_index: int = -100) -> tuple[np.ndarray, np.ndarray]:
-    """(inputs [B, L], labels [B, L]) for pieces; padding gets pad_id inputs and ignored labels."""
+                ignore_index: int = -100, loss_mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs [B, L], labels [B, L]) for pieces; padding gets pad_id inputs and ignored labels, and
+    so does every label whose token `loss_mask` marks 0 (the prompt side of chat records)."""
     B = len(starts)
     inputs = np.full((B, L), pad_id, dtype=np.int64)
     labels = np.full((B, L), ignore_index, dtype=np.int64)
@@ -112,6 +113,8 @@ def gather_rows(tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray, L: 
         piece = np.asarray(tokens[s : s + n + 1], dtype=np.int64)
         inputs[i, :n] = piece[:-1]
         labels[i, :n] = piece[1:]
+        if loss_mask is not None:
+            labels[i, :n][np.asarray(loss_mask[s + 1 : s + n + 1]) == 0] = ignore_index
     return inputs, labels
 
 
@@ -121,16 +124,26 @@ def attention_flops(lengths_and_counts: dict[int, int], heads_x_dim: int = 1) ->
 
 
 class DecomposedData:
-    """Per-step batches for the trainer: the sampler picks (L, pieces), the index gives offsets."""
+    """Per-step batches for the trainer: the sampler picks (L, pieces), the index gives offsets.
+    `loss_mask` (per token, or None) masks the labels of prompt tokens; `source_of` (token
+    positions -> source index) and `source_names` give the per-source token counts of a step."""
 
-    def __init__(self, tokens: np.ndarray, buckets: Buckets, sampler, pad_id: int, sp_rank: int = 0) -> None:
+    def __init__(self, tokens: np.ndarray, buckets: Buckets, sampler, pad_id: int, sp_rank: int = 0,
+                 loss_mask: np.ndarray | None = None, source_of=None, source_names: list[str] | None = None) -> None:
         self.tokens, self.buckets, self.sampler, self.pad_id, self.sp_rank = tokens, buckets, sampler, pad_id, sp_rank
+        self.loss_mask, self.source_of, self.source_names = loss_mask, source_of, source_names
 
     def step_batch(self, step: int) -> tuple[np.ndarray, np.ndarray, int]:
         """(inputs, labels, sp degree for this bucket) of this rank's rows."""
         L, pieces, sp_eff = self.sampler.batch_at(step, sp_rank=self.sp_rank)
         starts, lengths = self.buckets.starts[L][pieces], self.buckets.lengths[L][pieces]
-        return (*gather_rows(self.tokens, starts, lengths, L, self.pad_id), sp_eff)
+        return (*gather_rows(self.tokens, starts, lengths, L, self.pad_id, loss_mask=self.loss_mask), sp_eff)
+
+    def source_tokens(self, step: int) -> np.ndarray:
+        """Input tokens per source drawn by the whole step (every rank's rows)."""
+        L, pieces = self.sampler.step_rows(step)
+        starts, lengths = self.buckets.starts[L][pieces], self.buckets.lengths[L][pieces]
+        return np.bincount(self.source_of(starts), weights=lengths, minlength=len(self.source_names)).astype(np.int64)
 
     def describe(self) -> dict:
         b = self.buckets

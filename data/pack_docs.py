@@ -33,6 +33,7 @@ class PackedDocRows:
     tokens: np.ndarray  # [rows, seq_len] int32
     doc_ids: np.ndarray  # [rows, seq_len] int16/int32: the document of each token in its row, -1 = padding
     pieces: list[list[tuple[int, int]]]  # per row: (document index, start within it) of each piece, in order
+    target_mask: np.ndarray | None = None  # [rows, seq_len] uint8: 0 = never a target (chat prompts); None = all
 
     @property
     def seq_len(self) -> int:
@@ -58,6 +59,8 @@ class PackedDocRows:
         ids, tok = self.doc_ids[row], self.tokens[row].astype(np.int64)
         out = np.full(len(tok), IGNORE_INDEX, dtype=np.int64)
         same = (ids[:-1] == ids[1:]) & (ids[:-1] >= 0)
+        if self.target_mask is not None:
+            same &= self.target_mask[row][1:] > 0
         out[:-1][same] = tok[1:][same]
         return out
 
@@ -111,34 +114,40 @@ def _best_fit(items: list[tuple[int, int, int]], seq_len: int, window: int,
     return open_rows, left
 
 
-def _rows(docs: list[np.ndarray], rows: list[list[tuple[int, int, int]]], seq_len: int, pad_id: int) -> PackedDocRows:
+def _rows(docs: list[np.ndarray], rows: list[list[tuple[int, int, int]]], seq_len: int, pad_id: int,
+          masks: list | None = None) -> PackedDocRows:
     tokens = np.full((len(rows), seq_len), pad_id, dtype=np.int32)
     doc_ids = np.full((len(rows), seq_len), -1, dtype=np.int32)
+    chat = masks is not None and any(m is not None for m in masks)
+    target = np.ones((len(rows), seq_len), dtype=np.uint8) if chat else None
     pieces = []
     for r, row in enumerate(rows):
         at = 0
         for k, (d, start, length) in enumerate(row):
             tokens[r, at:at + length] = docs[d][start:start + length]
             doc_ids[r, at:at + length] = k
+            if chat and masks[d] is not None:
+                target[r, at:at + length] = masks[d][start:start + length]
             at += length
         pieces.append([(d, start) for d, start, _ in row])
-    return PackedDocRows(tokens, doc_ids, pieces)
+    return PackedDocRows(tokens, doc_ids, pieces, target)
 
 
 def pack_documents(docs: list[np.ndarray], seq_len: int, seed: int = 0, window: int = 1024,
-                   pad_id: int = 0) -> PackedDocRows:
-    """docs -> PackedDocRows (module docstring). Every token of every document appears exactly once."""
+                   pad_id: int = 0, masks: list | None = None) -> PackedDocRows:
+    """docs -> PackedDocRows (module docstring). Every token of every document appears exactly once.
+    `masks` (per document, None = every token a target) mark chat prompts: their labels are ignored."""
     if seq_len < 2:
         raise DataError(f"data.seq_len={seq_len}: a packed row needs at least 2 tokens")
     full, items = _pieces(docs, seq_len, seed)
     rows = full + _best_fit(items, seq_len, window)[0]
     if not rows:
         raise DataError(f"data: no document tokens to pack into rows of data.seq_len={seq_len}")
-    return _rows(docs, rows, seq_len, pad_id)
+    return _rows(docs, rows, seq_len, pad_id, masks)
 
 
 def pack_buckets(docs: list[np.ndarray], min_len: int, max_len: int, seed: int = 0, window: int = 1024,
-                 pad_id: int = 0) -> dict[int, PackedDocRows]:
+                 pad_id: int = 0, masks: list | None = None) -> dict[int, PackedDocRows]:
     """Whole documents packed into rows of every power-of-two length L in [min_len, max_len], for
     the length curriculum (data/sampler.py) as dataset decomposition's buckets are. A document
     longer than max_len gives full rows of max_len, and its remainder is a piece like any other.
@@ -160,18 +169,22 @@ def pack_buckets(docs: list[np.ndarray], min_len: int, max_len: int, seed: int =
         if L == max_len:
             rows = full + rows
         if rows:
-            out[L] = _rows(docs, rows, L, pad_id)
+            out[L] = _rows(docs, rows, L, pad_id, masks)
     if not out:
         raise DataError("data: no document tokens to pack")
     return dict(sorted(out.items()))
 
 
-def labels_and_positions(tokens: np.ndarray, doc_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def labels_and_positions(tokens: np.ndarray, doc_ids: np.ndarray,
+                         target_mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """For rows [B, L]: labels (the next token of the same piece, IGNORE_INDEX at each piece's
-    last token and on padding) and each token's position within its piece (0 on padding), as
-    PackedDocRows.labels / positions give them row by row; computed per step, not stored."""
+    last token, on padding, and where the next token's `target_mask` is 0) and each token's
+    position within its piece (0 on padding), as PackedDocRows.labels / positions give them row
+    by row; computed per step, not stored."""
     tok = tokens.astype(np.int64)
     same = (doc_ids[:, :-1] == doc_ids[:, 1:]) & (doc_ids[:, :-1] >= 0)
+    if target_mask is not None:
+        same &= target_mask[:, 1:] > 0
     labels = np.full(tok.shape, IGNORE_INDEX, dtype=np.int64)
     labels[:, :-1][same] = tok[:, 1:][same]
     idx = np.broadcast_to(np.arange(tok.shape[1]), tok.shape)
@@ -188,10 +201,12 @@ class PackedDocBatches:
     data-parallel rank r every world-th of those (as data/pack.PackedRows does), so the stream is
     a function of (seed, step) and a resumed run continues with exactly the next batch."""
 
-    def __init__(self, rows: PackedDocRows, batch_size: int, rank: int, world: int, sp: int = 1, seed: int = 0) -> None:
+    def __init__(self, rows: PackedDocRows, batch_size: int, rank: int, world: int, sp: int = 1, seed: int = 0,
+                 doc_sources: np.ndarray | None = None, source_names: list[str] | None = None) -> None:
         self.rows, self.batch_size, self.rank, self.world, self.sp, self.seed = rows, batch_size, rank, world, sp, seed
+        self.doc_sources, self.source_names = doc_sources, source_names or ["data"]
 
-    def step_ids(self, step: int) -> np.ndarray:
+    def step_ids(self, step: int, rank: int | None = None, world: int | None = None) -> np.ndarray:
         n = len(self.rows.pieces)
         flat = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
         epochs, offsets = flat // n, flat % n
@@ -199,19 +214,35 @@ class PackedDocBatches:
         for epoch in np.unique(epochs):
             perm = np.random.default_rng([self.seed, int(epoch), 13]).permutation(n)
             ids[epochs == epoch] = perm[offsets[epochs == epoch]]
-        return ids[self.rank::self.world]
+        return ids[(self.rank if rank is None else rank)::(self.world if world is None else world)]
 
     def step_batch(self, step: int) -> tuple[np.ndarray, np.ndarray, int, dict]:
         """(inputs, labels, sp degree, {"documents", "positions"}) of this rank's rows [B/world, L]:
         labels already shifted within each document, every rank of an sp group the same rows."""
-        ids = self.step_ids(step)
-        tokens, docs = self.rows.tokens[ids], self.rows.doc_ids[ids]
-        labels, positions = labels_and_positions(tokens, docs)
-        return tokens.astype(np.int64), labels, self.sp, {"documents": docs.astype(np.int64), "positions": positions}
+        return _batch(self.rows, self.step_ids(step), self.sp)
+
+    def source_tokens(self, step: int) -> np.ndarray:
+        return _source_tokens(self.rows, self.step_ids(step, 0, 1), self.doc_sources, len(self.source_names))
 
     def describe(self) -> dict:
         return {"rows": len(self.rows.pieces), "seq_len": self.rows.seq_len} | {
             k: v for k, v in self.rows.stats().items() if k in ("padding_fraction", "documents_per_row_mean")}
+
+
+def _batch(rows: PackedDocRows, ids: np.ndarray, sp: int) -> tuple[np.ndarray, np.ndarray, int, dict]:
+    tokens, docs = rows.tokens[ids], rows.doc_ids[ids]
+    labels, positions = labels_and_positions(tokens, docs, None if rows.target_mask is None else rows.target_mask[ids])
+    return tokens.astype(np.int64), labels, sp, {"documents": docs.astype(np.int64), "positions": positions}
+
+
+def _source_tokens(rows: PackedDocRows, ids: np.ndarray, doc_sources: np.ndarray | None, n_sources: int) -> np.ndarray:
+    """Real tokens per source in rows `ids` (a piece's source is its document's)."""
+    out = np.zeros(n_sources, dtype=np.int64)
+    for r in ids.tolist():
+        counts = np.bincount(rows.doc_ids[r][rows.doc_ids[r] >= 0])
+        for k, (d, _) in enumerate(rows.pieces[r]):
+            out[0 if doc_sources is None else doc_sources[d]] += counts[k]
+    return out
 
 
 class PackedDocBuckets:
@@ -219,14 +250,18 @@ class PackedDocBuckets:
     sampler (data/sampler.CurriculumSampler, as for decomposition) draws a bucket L, this rank's
     rows of it and the bucket's sp degree; the stream is a function of (seed, step)."""
 
-    def __init__(self, buckets: dict[int, PackedDocRows], sampler, sp_rank: int = 0) -> None:
+    def __init__(self, buckets: dict[int, PackedDocRows], sampler, sp_rank: int = 0,
+                 doc_sources: np.ndarray | None = None, source_names: list[str] | None = None) -> None:
         self.buckets, self.sampler, self.sp_rank = buckets, sampler, sp_rank
+        self.doc_sources, self.source_names = doc_sources, source_names or ["data"]
 
     def step_batch(self, step: int) -> tuple[np.ndarray, np.ndarray, int, dict]:
         L, ids, sp_eff = self.sampler.batch_at(step, sp_rank=self.sp_rank)
-        tokens, docs = self.buckets[L].tokens[ids], self.buckets[L].doc_ids[ids]
-        labels, positions = labels_and_positions(tokens, docs)
-        return tokens.astype(np.int64), labels, sp_eff, {"documents": docs.astype(np.int64), "positions": positions}
+        return _batch(self.buckets[L], ids, sp_eff)
+
+    def source_tokens(self, step: int) -> np.ndarray:
+        L, ids = self.sampler.step_rows(step)
+        return _source_tokens(self.buckets[L], ids, self.doc_sources, len(self.source_names))
 
     def describe(self) -> dict:
         real = sum(int((b.doc_ids >= 0).sum()) for b in self.buckets.values())

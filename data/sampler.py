@@ -120,12 +120,16 @@ class CurriculumSampler:
         epoch, pos = divmod(step, self.steps_per_epoch)
         return self._plan(epoch)[pos][0]
 
-    def batch_at(self, step: int, dp_rank: int | None = None, sp_rank: int = 0) -> tuple[int, np.ndarray, int]:
-        """(L, piece indices of this rank's rows, sp_eff) for 0-based optimizer step `step`."""
+    def step_rows(self, step: int) -> tuple[int, np.ndarray]:
+        """(L, piece indices of every row of step `step`, all ranks together)."""
         epoch, pos = divmod(step, self.steps_per_epoch)
         L, b = self._plan(epoch)[pos]
         rows_per_step = self.tokens_per_step // L
-        rows = self._permutation(L, epoch)[b * rows_per_step : (b + 1) * rows_per_step]
+        return L, self._permutation(L, epoch)[b * rows_per_step : (b + 1) * rows_per_step]
+
+    def batch_at(self, step: int, dp_rank: int | None = None, sp_rank: int = 0) -> tuple[int, np.ndarray, int]:
+        """(L, piece indices of this rank's rows, sp_eff) for 0-based optimizer step `step`."""
+        L, rows = self.step_rows(step)
         sp_eff = sp_for_length(L, self.sp, self.min_tokens_per_sp_rank)
         groups = self.world * (self.sp // sp_eff)
         group = row_group(self.rank if dp_rank is None else dp_rank, sp_rank, self.sp, sp_eff)

@@ -1,10 +1,18 @@
-"""Tokenisation into a disk cache of memory-mapped token arrays.
+"""Tokenisation, streamed, into a disk cache of memory-mapped token arrays.
 
-Documents are tokenised in batches by several processes (long documents in ~1 MB text pieces cut
-at whitespace, so one huge record cannot stall the fast tokenizer), an eos id is appended to each,
-and the result is stored as one uint32 token array plus document offsets under
-`<cache>/tokens/<key>/`, where the key hashes the tokenizer files and the source's identity
-(path, size and mtime, or package/hub name). A second run memory-maps the cached arrays.
+Records (plain-text documents, or chat conversations: data/chat.py) are read lazily from their
+source (data/sources.iter_records), tokenised in batches by several processes with a bounded
+number of batches in flight (long text documents in ~1 MB pieces cut at whitespace, so one huge
+record cannot stall the fast tokenizer), an eos id appended to each text document, and appended
+to one token file as they come. So RAM while tokenising holds a few batches, not the corpus, and
+the store is written as:
+  tokens.bin   uint16 when the vocabulary fits (SmolLM2, Llama-2, Mistral-7B), else uint32
+  mask.bin     uint8 per token, only when some record is a chat: 1 = the token is a training
+               target (an assistant turn's), 0 = prompt (system, user, tool, template markup)
+  offsets.npy  document d is tokens[offsets[d]:offsets[d+1]]
+under `<cache>/tokens/<key>/`, where the key hashes the tokenizer files and the source's identity
+(path, size and mtime; package version; hub name and pinned revision). A second run memory-maps
+the arrays, so training reads only the pages its rows touch.
 """
 
 from __future__ import annotations
@@ -12,17 +20,21 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import shutil
 import sys
+import tempfile
 import time
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from . import chat
 from .sources import DataError
 
 
@@ -53,7 +65,9 @@ class HFTokenizer:
         self.pad_token_id = self._tok.pad_token_id if self._tok.pad_token_id is not None else self.eos_token_id
         self.vocab_size = len(self._tok)
         digest = hashlib.sha256()
-        for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt"):
+        # the chat template decides chat records' tokens and masks: it is part of the identity
+        for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+                     "chat_template.jinja", "chat_template.json"):
             if (self.folder / name).is_file():
                 digest.update(name.encode() + (self.folder / name).read_bytes())
         self.identity = "hf-" + digest.hexdigest()[:16]
@@ -66,6 +80,10 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         return self._tok.decode(ids)
+
+    def encode_chat(self, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, mask) of one conversation rendered by the model's own chat template (data/chat.py)."""
+        return chat.encode(self._tok, messages, self.folder)
 
     def chat_wrap(self) -> tuple[str, str] | None:
         """The text the chat template puts before and after one user message, through the
@@ -101,9 +119,12 @@ def _split_text(text: str, piece_chars: int) -> list[str]:
 
 
 def tokenize_documents(tokenizer, docs: list[str], piece_chars: int = 1 << 20) -> list[np.ndarray]:
-    """One int32 array per document, eos appended."""
+    """One int64 array per document, eos appended."""
     out = []
     for doc in docs:
+        if isinstance(tokenizer, ByteTokenizer):  # the bytes are the ids
+            out.append(np.append(np.frombuffer(doc.encode("utf-8"), np.uint8).astype(np.int64), tokenizer.eos_token_id))
+            continue
         pieces = _split_text(doc, piece_chars)
         if hasattr(tokenizer, "encode_batch"):
             ids = [i for piece in tokenizer.encode_batch(pieces) for i in piece]
@@ -111,7 +132,23 @@ def tokenize_documents(tokenizer, docs: list[str], piece_chars: int = 1 << 20) -
             ids = [i for piece in pieces for i in tokenizer.encode(piece)]
         if tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
-        out.append(np.asarray(ids, dtype=np.int32))
+        out.append(np.asarray(ids, dtype=np.int64))
+    return out
+
+
+def tokenize_records(tokenizer, records: list) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """(ids, mask) per record: a text document (mask None: every token a target) or a chat
+    conversation (a list of messages; mask from the assistant turns, data/chat.py)."""
+    out: list = [None] * len(records)
+    texts = [i for i, r in enumerate(records) if isinstance(r, str)]
+    for i, ids in zip(texts, tokenize_documents(tokenizer, [records[i] for i in texts])):
+        out[i] = (ids, None)
+    for i, r in enumerate(records):
+        if not isinstance(r, str):
+            if not hasattr(tokenizer, "encode_chat"):
+                raise DataError("data: the source holds chat records (messages or prompt/response) but "
+                                f"model.tokenizer {tokenizer.identity!r} has no chat template; use the model's tokenizer folder")
+            out[i] = tokenizer.encode_chat(r)
     return out
 
 
@@ -123,16 +160,23 @@ def _worker_init(kind: str, folder: str | None) -> None:
     _WORKER_TOKENIZER = ByteTokenizer() if kind == "bytes" else HFTokenizer(folder)
 
 
-def _worker_tokenize(docs: list[str]) -> list[np.ndarray]:
-    return tokenize_documents(_WORKER_TOKENIZER, docs)
+def _worker_tokenize(records: list) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    return tokenize_records(_WORKER_TOKENIZER, records)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
 @dataclass
 class TokenStore:
-    """All documents' tokens in one array; document d is tokens[offsets[d]:offsets[d+1]]."""
+    """All documents' tokens in one array; document d is tokens[offsets[d]:offsets[d+1]].
+    `loss_mask` (uint8, one per token, None for plain text) is 0 where a token is never a
+    training target: the prompt side of chat records."""
 
     tokens: np.ndarray
     offsets: np.ndarray
+    loss_mask: np.ndarray | None = None
 
     @property
     def num_documents(self) -> int:
@@ -141,15 +185,55 @@ class TokenStore:
     def document(self, d: int) -> np.ndarray:
         return self.tokens[self.offsets[d] : self.offsets[d + 1]]
 
+    def document_mask(self, d: int) -> np.ndarray | None:
+        return None if self.loss_mask is None else self.loss_mask[self.offsets[d] : self.offsets[d + 1]]
+
     @classmethod
-    def from_arrays(cls, docs: list[np.ndarray]) -> TokenStore:
+    def from_arrays(cls, docs: list[np.ndarray], masks: list[np.ndarray | None] | None = None,
+                    dtype=np.uint32) -> TokenStore:
         offsets = np.zeros(len(docs) + 1, dtype=np.int64)
         np.cumsum([len(d) for d in docs], out=offsets[1:])
-        tokens = np.concatenate(docs).astype(np.uint32) if docs else np.zeros(0, np.uint32)
-        return cls(tokens, offsets)
+        tokens = np.concatenate(docs).astype(dtype) if docs else np.zeros(0, dtype)
+        mask = None
+        if masks is not None and any(m is not None for m in masks):
+            mask = np.concatenate([np.ones(len(d), np.uint8) if m is None else np.asarray(m, np.uint8)
+                                   for d, m in zip(docs, masks)]) if docs else np.zeros(0, np.uint8)
+        return cls(tokens, offsets, mask)
 
 
-CACHE_FORMAT = 1
+class _StoreWriter:
+    """Appends tokenized records to tokens.bin (and mask.bin from the first chat record on,
+    back-filled with ones for the text before it); keeps only the offsets in memory."""
+
+    def __init__(self, folder: Path, dtype: np.dtype) -> None:
+        self.folder, self.dtype = folder, dtype
+        self.tokens = open(folder / "tokens.bin", "wb")
+        self.mask = None
+        self.lengths: list[int] = []
+        self.total = 0
+
+    def add(self, ids: np.ndarray, mask: np.ndarray | None) -> None:
+        if mask is not None and self.mask is None:
+            self.mask = open(self.folder / "mask.bin", "wb")
+            for start in range(0, self.total, 1 << 24):  # the text records before: every token a target
+                self.mask.write(np.ones(min(1 << 24, self.total - start), np.uint8).tobytes())
+        self.tokens.write(np.asarray(ids).astype(self.dtype).tobytes())
+        if self.mask is not None:
+            self.mask.write((np.ones(len(ids), np.uint8) if mask is None else np.asarray(mask, np.uint8)).tobytes())
+        self.lengths.append(len(ids))
+        self.total += len(ids)
+
+    def close(self) -> np.ndarray:
+        self.tokens.close()
+        if self.mask is not None:
+            self.mask.close()
+        offsets = np.zeros(len(self.lengths) + 1, dtype=np.int64)
+        np.cumsum(self.lengths, out=offsets[1:])
+        np.save(self.folder / "offsets.npy", offsets)
+        return offsets
+
+
+CACHE_FORMAT = 2  # 2: uint16 tokens when the vocabulary fits, mask.bin for chat records
 
 
 def cache_key(tokenizer_identity: str, source_identity: str) -> str:
@@ -158,8 +242,14 @@ def cache_key(tokenizer_identity: str, source_identity: str) -> str:
 
 def _read_cache(folder: Path) -> TokenStore:
     offsets = np.load(folder / "offsets.npy")
-    tokens = np.memmap(folder / "tokens.bin", dtype=np.uint32, mode="r", shape=(int(offsets[-1]),))
-    return TokenStore(tokens, offsets)
+    meta = json.loads((folder / "meta.json").read_text())
+    n = int(offsets[-1])
+    tokens = np.memmap(folder / "tokens.bin", dtype=np.dtype(meta["dtype"]), mode="r", shape=(n,)) if n else \
+        np.zeros(0, np.dtype(meta["dtype"]))
+    mask = None
+    if (folder / "mask.bin").is_file():
+        mask = np.memmap(folder / "mask.bin", dtype=np.uint8, mode="r", shape=(n,)) if n else np.zeros(0, np.uint8)
+    return TokenStore(tokens, offsets, mask)
 
 
 def _try_lock(f) -> bool | None:
@@ -201,10 +291,17 @@ def tokenize_to_cache(
     tokenizer, docs_fn, source_identity: str, cache_root: Path | None, num_proc: int = 1,
     batch_docs: int = 16, progress: bool = True,
 ) -> TokenStore:
-    """Tokenises `docs_fn()` (called only on a cache miss, by one process per cache entry) into
-    a TokenStore, cached under cache_root (see _cache_lock)."""
+    """Tokenises the records of `docs_fn()` (an iterable, consumed lazily; called only on a cache
+    miss, by one process per cache entry) into a TokenStore cached under cache_root (see
+    _cache_lock). Without a cache the store is written to a temporary folder that is removed
+    once mapped (the mapping keeps the data until the store is dropped)."""
     if cache_root is None:
-        return _tokenize(tokenizer, docs_fn(), num_proc, batch_docs, progress)[0]
+        tmp = Path(tempfile.mkdtemp(prefix="longctx-tokens-"))
+        try:
+            _write_store(tokenizer, docs_fn(), tmp, source_identity, num_proc, batch_docs, progress)
+            return _read_cache(tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     folder = Path(cache_root) / "tokens" / cache_key(tokenizer.identity, source_identity)
     if (folder / "meta.json").is_file():
         return _read_cache(folder)
@@ -214,39 +311,62 @@ def tokenize_to_cache(
             return _read_cache(folder)
         for stale in folder.parent.glob(folder.name + ".tmp*"):  # a crashed writer's (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
-        store, seconds = _tokenize(tokenizer, docs_fn(), num_proc, batch_docs, progress)
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         tmp.mkdir()
-        store.tokens.tofile(tmp / "tokens.bin")
-        np.save(tmp / "offsets.npy", store.offsets)
-        (tmp / "meta.json").write_text(json.dumps({
-            "tokenizer": tokenizer.identity, "source": source_identity, "documents": store.num_documents,
-            "tokens": int(store.offsets[-1]), "seconds": round(seconds, 2),
-        }))
+        try:
+            _write_store(tokenizer, docs_fn(), tmp, source_identity, num_proc, batch_docs, progress)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if folder.exists():  # an unfinished entry from before the lock existed
             shutil.rmtree(folder)
         os.replace(tmp, folder)
     return _read_cache(folder)
 
 
-def _tokenize(tokenizer, docs, num_proc: int, batch_docs: int, progress: bool) -> tuple[TokenStore, float]:
-    t0 = time.time()
-    batches = [docs[i : i + batch_docs] for i in range(0, len(docs), batch_docs)]
-    arrays: list[np.ndarray] = []
-    if num_proc > 1 and len(batches) > 1:
+def _batches(records, batch_docs: int):
+    it = iter(records)
+    while batch := list(itertools.islice(it, batch_docs)):
+        yield batch
+
+
+def _write_store(tokenizer, records, folder: Path, source_identity: str, num_proc: int, batch_docs: int,
+                 progress: bool) -> None:
+    """Streams `records` through the tokenizer into `folder` (meta.json last: its presence means
+    complete). At most 2 x num_proc batches are in flight, so memory does not grow with the corpus."""
+    t0 = last = time.time()
+    writer = _StoreWriter(folder, token_dtype(tokenizer.vocab_size))
+
+    def write(part):
+        nonlocal last
+        for ids, mask in part:
+            writer.add(ids, mask)
+        if progress and time.time() - last >= 10:
+            last = time.time()
+            print(f"[longctx] tokenizing: {len(writer.lengths)} documents, {writer.total} tokens, "
+                  f"{last - t0:.0f}s", file=sys.stderr, flush=True)
+
+    if num_proc > 1:
         kind = "bytes" if isinstance(tokenizer, ByteTokenizer) else "hf"
         init_args = (kind, str(getattr(tokenizer, "folder", "")) or None)
         with ProcessPoolExecutor(num_proc, initializer=_worker_init, initargs=init_args) as pool:
-            for i, part in enumerate(pool.map(_worker_tokenize, batches)):
-                arrays.extend(part)
-                _progress(progress, i + 1, len(batches), t0)
+            pending: deque = deque()
+            for batch in _batches(records, batch_docs):
+                pending.append(pool.submit(_worker_tokenize, batch))
+                if len(pending) >= 2 * num_proc:
+                    write(pending.popleft().result())
+            while pending:
+                write(pending.popleft().result())
     else:
-        for i, batch in enumerate(batches):
-            arrays.extend(tokenize_documents(tokenizer, batch))
-            _progress(progress, i + 1, len(batches), t0)
-    return TokenStore.from_arrays(arrays), time.time() - t0
-
-
-def _progress(enabled: bool, done: int, total: int, t0: float) -> None:
-    if enabled and (done == total or done % max(1, total // 10) == 0):
-        print(f"[longctx] tokenizing: {done}/{total} batches, {time.time() - t0:.1f}s", file=sys.stderr, flush=True)
+        for batch in _batches(records, batch_docs):
+            write(tokenize_records(tokenizer, batch))
+    offsets = writer.close()
+    seconds = time.time() - t0
+    if progress:
+        print(f"[longctx] tokenized {len(offsets) - 1} documents, {int(offsets[-1])} tokens in {seconds:.1f}s",
+              file=sys.stderr, flush=True)
+    (folder / "meta.json").write_text(json.dumps({
+        "tokenizer": tokenizer.identity, "source": source_identity, "documents": len(offsets) - 1,
+        "tokens": int(offsets[-1]), "dtype": writer.dtype.name, "chat": writer.mask is not None,
+        "seconds": round(seconds, 2),
+    }))

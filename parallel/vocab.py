@@ -482,11 +482,15 @@ def loss_fn(vp: VocabParallel, ignore_index: int = -100, softcap: float | None =
 def shard_model(model: nn.Module, vp: VocabParallel, loss) -> list[nn.Parameter]:
     """Replaces the model's embedding (and untied output layer) by their shards and its loss by
     `loss`; returns the sharded parameters (one when tied: one weight for both uses)."""
-    full_in = model.model.embed_tokens.weight.detach()
-    model.model.embed_tokens = VocabParallelEmbedding(shard_rows(full_in, vp.shard), vp)
+    # a frozen weight (LoRA's base, train/adapter.py) stays frozen as its shard
+    full_in = model.model.embed_tokens.weight
+    model.model.embed_tokens = VocabParallelEmbedding(shard_rows(full_in.detach(), vp.shard), vp)
+    model.model.embed_tokens.weight.requires_grad_(full_in.requires_grad)
     params = [model.model.embed_tokens.weight]
     if hasattr(model, "lm_head"):
-        model.lm_head = VocabParallelHead(shard_rows(model.lm_head.weight.detach(), vp.shard))
+        full_out = model.lm_head.weight
+        model.lm_head = VocabParallelHead(shard_rows(full_out.detach(), vp.shard))
+        model.lm_head.weight.requires_grad_(full_out.requires_grad)
         params.append(model.lm_head.weight)
     model.loss_fn = loss
     model.vocab_parallel = vp

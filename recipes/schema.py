@@ -61,6 +61,20 @@ class RopeRecipe:
     beta_slow: float = _f(1.0, "yarn: rotations where interpolation starts.", gt=0)
 
 
+# The projections LoRA may adapt: our module names, which are the HF checkpoints' (models/llama.py).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(kw_only=True)
+class AdapterRecipe:
+    type: Literal["lora"] = _f("lora", "lora = low-rank adapters (Hu et al., arXiv 2106.09685) applied through peft: the base weights are frozen, each target projection learns alpha / rank * B A.")
+    rank: int = _f(16, "LoRA rank r (columns of A, rows of B).", gt=0)
+    alpha: float | None = _f(None, "LoRA scale numerator (the update is alpha / rank * B A); null = 2 x rank.", gt=0)
+    dropout: float = _f(0.0, "Dropout on the LoRA branch's input (needs memory.policy none: recomputation would draw other masks).", ge=0.0, lt=1.0)
+    targets: list[str] = _f(list(LORA_TARGETS), "Module names that get adapters, any of " + ", ".join(LORA_TARGETS) + " (lm_head is refused: the loss head reads its weight directly).")
+    trainable: list[Literal["embed", "norm"]] = _f(["embed", "norm"], "Base weights trained in full beside the adapters (LongLoRA, arXiv 2309.12307 sec. 3.3: needed for context extension): embed = the input embedding (the output head too when tied; an untied lm_head stays frozen), norm = every RMSNorm weight.")
+
+
 @dataclass(kw_only=True)
 class ModelRecipe:
     path: str | None = _f(
@@ -71,6 +85,24 @@ class ModelRecipe:
     tokenizer: str = _f("auto", "auto = the model folder's tokenizer; bytes = built-in byte tokenizer; or a folder.")
     max_seq_len: int | None = _f(None, "Context length the run trains for; written as max_position_embeddings on export.", gt=0)
     rope: RopeRecipe = field(default_factory=RopeRecipe)
+    adapter: AdapterRecipe | None = _f(None, "Parameter-efficient fine-tuning: null = full fine-tuning; a mapping (e.g. {type: lora}) = the adapter keys below. Checkpoints hold the adapter; `longctx export` merges it (--adapter-only writes a peft adapter folder).")
+
+
+@dataclass(kw_only=True)
+class UpsampleRecipe:
+    min_len: int = _f(0, "Documents of at least this many tokens count `factor` times inside their source (Fu et al. 2024 per-source length upsampling); 0 = off.", ge=0)
+    factor: float = _f(1.0, "How many times a long document counts inside its source; the source keeps its weight.", gt=0)
+
+
+@dataclass(kw_only=True)
+class SourceRecipe:
+    path: str = _f("", "A .jsonl/.json/.parquet/.txt file or folder, a hub dataset name, or default / default:chapters / default:longqa.")
+    weight: float = _f(1.0, "Share of the epoch's tokens (weights are normalised over the sources).", gt=0)
+    upsample_long: UpsampleRecipe = field(default_factory=UpsampleRecipe)
+    name: str | None = _f(None, "Name in metrics and data inspect (null = the path).")
+    text_field: str | None = _f(None, "Field of the text (null = data.text_field).")
+    split: str | None = _f(None, "Hub split (null = data.split).")
+    revision: str | None = _f(None, "Hub revision (null = data.revision).")
 
 
 @dataclass(kw_only=True)
@@ -78,6 +110,9 @@ class DataRecipe:
     source: str = _f("default", "default (public-domain KJV Bible, one document per book), default:chapters (one per chapter), a .jsonl/.json/.parquet/.txt file or folder, or a hub dataset name.")
     text_field: str = _f("text", "Field holding the document text in jsonl/parquet/hub records.")
     split: str = _f("train", "Dataset split for hub datasets.")
+    revision: str | None = _f(None, "Hub dataset revision (commit, tag or branch) to read; null = the commit the name resolves to now. The token cache is keyed on it.")
+    sources: list[SourceRecipe] = _f([], "A weighted mixture instead of data.source: [{path, weight, upsample_long: {min_len, factor}}]; the epoch's tokens are shared by weight, long documents upsampled inside their source (data/mixture.py).")
+    train_on: Literal["assistant", "all"] = _f("assistant", "Chat records (messages or prompt/response, rendered by the model's own chat template): assistant = only the assistant turns carry labels; all = every token. Plain text always trains on every token.")
     max_documents: int | None = _f(None, "Use at most this many documents (null = all).", gt=0)
     batching: Literal["decompose", "pack", "packed_docs"] = _f(
         "decompose", "decompose = dataset decomposition (power-of-two buckets, one document per row); pack = concat-and-chunk rows of seq_len (attention crosses documents); packed_docs = whole documents best-fit packed into rows of seq_len, attention masked per document under every sp schedule, positions restarting per document."
@@ -323,6 +358,8 @@ def build(data: dict) -> Recipe:
     recipe = _build(Recipe, data, "", problems)
     if not problems:
         keys, defaults = set(_flat(data)), _flat(Recipe().to_dict())  # what the file and overrides set
+        if recipe.model.adapter is not None:  # a resolved recipe then lists the adapter's keys, not its null
+            defaults = _flat(Recipe(model=ModelRecipe(adapter=AdapterRecipe())).to_dict())
         if keys >= defaults.keys():  # a resolved recipe (recipe.yaml) sets every key: count the changed ones
             ours = _flat(recipe.to_dict())
             keys = {k for k, v in defaults.items() if ours.get(k) != v}
@@ -355,6 +392,20 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
         if dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, value, path + ".", problems)
             continue
+        section = _optional_section(hint)  # a section that may be null (model.adapter)
+        if section is not None:
+            if value is not None and not isinstance(value, dict):
+                problems.append(f"{path}={value!r}: expected null or a mapping of {path}.* keys")
+                continue
+            kwargs[name] = None if value is None else _build(section, value, path + ".", problems)
+            continue
+        item = typing.get_args(hint)[0] if typing.get_origin(hint) is list else None
+        if item is not None and dataclasses.is_dataclass(item):
+            if not isinstance(value, list):
+                problems.append(f"{path}={value!r}: expected a list of mappings")
+                continue
+            kwargs[name] = [_build(item, v, f"{path}[{i}].", problems) for i, v in enumerate(value)]
+            continue
         ok, coerced = _coerce(value, hint)
         if not ok:
             renamed = _RENAMED.get((path, value), "") if isinstance(value, str) else ""
@@ -367,6 +418,14 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
                 problems.append(f"{path}={value!r}: must be {word} {limit}")
         kwargs[name] = coerced
     return cls(**kwargs)
+
+
+def _optional_section(hint: Any) -> type | None:
+    """The dataclass of a `Section | None` hint (a section the recipe may leave null), else None."""
+    if typing.get_origin(hint) not in (typing.Union, types.UnionType):
+        return None
+    arms = [a for a in typing.get_args(hint) if a is not type(None)]
+    return arms[0] if len(arms) == 1 and dataclasses.is_dataclass(arms[0]) else None
 
 
 def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
@@ -495,6 +554,8 @@ def _no_effect(r: Recipe, problems: list[str], set_keys: set[str]) -> None:
 
 
 def _cross_checks(r: Recipe, problems: list[str]) -> None:
+    _source_checks(r, problems)
+    _adapter_checks(r, problems)
     p = r.parallel
     if isinstance(p.sp_inner, int) and p.attention in ("hybrid", "auto") and p.sp_degree % p.sp_inner:
         problems.append(f"parallel.sp_inner={p.sp_inner}: must divide parallel.sp_degree={p.sp_degree} "
@@ -591,6 +652,49 @@ def _cross_checks(r: Recipe, problems: list[str]) -> None:
                             "curriculum use train.micro_batch_tokens")
 
 
+def _source_checks(r: Recipe, problems: list[str]) -> None:
+    d = r.data
+    if not d.sources:
+        return
+    if d.source != "default":
+        problems.append(f"data.source={d.source!r}: has no effect with data.sources (the mixture lists every "
+                        "source); move it into data.sources or remove it")
+    names = [s.name or s.path for s in d.sources]
+    for i, s in enumerate(d.sources):
+        if not s.path:
+            problems.append(f"data.sources[{i}].path: missing; give a file, folder, hub dataset or default source")
+        if s.upsample_long.factor != 1.0 and s.upsample_long.min_len == 0:
+            problems.append(f"data.sources[{i}].upsample_long.factor={s.upsample_long.factor}: has no effect with "
+                            "min_len 0; set upsample_long.min_len (tokens)")
+        if names.count(names[i]) > 1 and names.index(names[i]) == i:
+            problems.append(f"data.sources[{i}]: name {names[i]!r} is used by more than one source; set data.sources[].name")
+
+
+def _adapter_checks(r: Recipe, problems: list[str]) -> None:
+    a = r.model.adapter
+    if a is None:
+        return
+    if not a.targets:
+        problems.append(f"model.adapter.targets=[]: names no projection; list some of {', '.join(LORA_TARGETS)}")
+    for name in a.targets:
+        if name == "lm_head":
+            problems.append("model.adapter.targets: lm_head cannot take an adapter: the loss head (CCE, vocabulary "
+                            "parallel) reads the output weight directly, never through the module; train it whole "
+                            "with model.adapter.trainable [embed] on a tied model, or leave it frozen")
+        elif name not in LORA_TARGETS:
+            guess = difflib.get_close_matches(name, LORA_TARGETS, n=1)
+            problems.append(f"model.adapter.targets: {name!r} is not a projection of the model"
+                            + (f" (did you mean {guess[0]}?)" if guess else "") + f"; allowed: {', '.join(LORA_TARGETS)}")
+    for key in ("targets", "trainable"):
+        values = getattr(a, key)
+        if len(set(values)) != len(values):
+            problems.append(f"model.adapter.{key}={values}: lists a name twice")
+    if a.dropout > 0 and r.memory.policy != "none":
+        problems.append(f"model.adapter.dropout={a.dropout}: memory.policy {r.memory.policy!r} recomputes the blocks "
+                        "token-wise and would draw other dropout masks than forward did; set dropout 0 or "
+                        "memory.policy none")
+
+
 def vocab_group_size(r: Recipe, world_size: int) -> int:
     """Ranks a vocabulary-parallel run shards the vocabulary over: every rank under fsdp2, else the sp group."""
     return world_size if r.parallel.sharding == "fsdp2" else r.parallel.sp_degree
@@ -637,6 +741,15 @@ def reference_markdown() -> str:
             hint = hints[f.name]
             if dataclasses.is_dataclass(hint):
                 walk(hint, f"{prefix}{f.name}.")
+                continue
+            if _optional_section(hint) is not None:
+                lines.append(f"| `{prefix}{f.name}` | null or a mapping | `None` | {f.metadata.get('help', '')} |")
+                walk(_optional_section(hint), f"{prefix}{f.name}.")
+                continue
+            item = typing.get_args(hint)[0] if typing.get_origin(hint) is list else None
+            if item is not None and dataclasses.is_dataclass(item):
+                lines.append(f"| `{prefix}{f.name}` | a list of mappings | `[]` | {f.metadata.get('help', '')} |")
+                walk(item, f"{prefix}{f.name}[].")
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             lines.append(

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 from longctx.data.sources import source_identity
 from longctx.data.tokenize import (
     ByteTokenizer,
@@ -78,3 +79,59 @@ def test_racing_processes_tokenize_once_and_leave_no_temporary_folder(tmp_path):
     assert calls.read_text().count("call") == 1, "more than one process tokenized the same entry"
     entries = sorted(p.name for p in (tmp_path / "cache" / "tokens").iterdir())
     assert len([e for e in entries if not e.endswith(".lock")]) == 1, entries
+
+
+def test_tokenization_streams_records_to_disk(tmp_path):
+    """Issue 23: records are consumed lazily and written as they come (RAM holds a few batches,
+    not the corpus): by the 200th record, earlier batches are already in the token file."""
+    seen_on_disk = []
+
+    def records():
+        for i in range(300):
+            if i == 200:
+                written = [p.stat().st_size for p in (tmp_path / "tokens").glob("*.tmp*/tokens.bin")]
+                seen_on_disk.append(max(written, default=0))
+            yield f"record {i} " * 5
+
+    store = tokenize_to_cache(ByteTokenizer(), records, "stream", tmp_path, batch_docs=16, progress=False)
+    assert store.num_documents == 300 and store.tokens.dtype == np.uint16  # 259 ids fit in 16 bits
+    assert seen_on_disk and seen_on_disk[0] >= 150 * len("record 10 " * 5) * 2, seen_on_disk
+    want = TokenStore.from_arrays(tokenize_documents(ByteTokenizer(), [f"record {i} " * 5 for i in range(300)]))
+    assert np.array_equal(store.tokens, want.tokens) and np.array_equal(store.offsets, want.offsets)
+
+
+def test_mask_file_back_fills_text_before_the_first_chat_record(tmp_path):
+    from longctx.data.tokenize import HFTokenizer
+    from test_chat_data import make_tokenizer
+
+    tok = HFTokenizer(make_tokenizer(tmp_path / "tok", "qwen2.5"))
+    chat = [{"role": "user", "content": "hello fox"}, {"role": "assistant", "content": "the lazy dog"}]
+    records = ["the quick brown fox"] * 20 + [chat] + ["over the river"]
+    one = tokenize_to_cache(tok, lambda: iter(records), "mixed", tmp_path / "c1", batch_docs=4, progress=False)
+    two = tokenize_to_cache(tok, lambda: iter(records), "mixed", tmp_path / "c2", num_proc=2, batch_docs=3,
+                            progress=False)
+    for store in (one, two):
+        assert store.loss_mask is not None and len(store.loss_mask) == len(store.tokens)
+        assert (store.document_mask(0) == 1).all() and (store.document_mask(21) == 1).all()
+        ids, mask = tok.encode_chat(chat)
+        assert np.array_equal(store.document(20), ids) and np.array_equal(store.document_mask(20), mask)
+        assert tok.decode(store.document(20)[store.document_mask(20) > 0]) == "the lazy dog<|im_end|>\n"
+
+
+def test_hub_revision_is_pinned_in_the_cache_key(tmp_path, monkeypatch):
+    """A hub dataset's cache key holds the commit it is read at: given, or resolved (offline, from
+    the hub cache's refs/main), so a dataset that moves on is tokenized again."""
+    import longctx.data.sources as sources
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ref = tmp_path / "hub" / "datasets--org--corpus" / "refs" / "main"
+    ref.parent.mkdir(parents=True)
+    ref.write_text("a" * 40)
+    assert source_identity("org/corpus", "text", "train", None).startswith(f"hub:org/corpus:train@{'a' * 40}")
+    ref.write_text("b" * 40)
+    moved = source_identity("org/corpus", "text", "train", None)
+    assert "b" * 40 in moved
+    assert "@v1.2|" in source_identity("org/corpus", "text", "train", None, revision="v1.2")
+    with pytest.raises(sources.DataError, match="data.revision"):
+        source_identity("org/other", "text", "train", None)

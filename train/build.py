@@ -22,11 +22,12 @@ import torch
 import torch.distributed as dist
 
 from ..data.decompose import DecomposedData, decompose
+from ..data.mixture import MixedStore, mixture_documents, source_shares
 from ..data.pack import PackedBatches, PackedRows
 from ..data.pack_docs import PackedDocBatches, PackedDocBuckets, pack_buckets, pack_documents
 from ..data.sampler import CurriculumSampler, SamplerError
-from ..data.sources import DataError, load_documents, source_identity
-from ..data.tokenize import TokenStore, load_tokenizer, tokenize_to_cache
+from ..data.sources import DataError, iter_records, source_identity
+from ..data.tokenize import load_tokenizer, tokenize_to_cache
 from ..kernels.attention import LocalAttention, check_kernel_available, resolve_kernel
 from ..kernels.capability import default_device
 from ..kernels.loss import linear_cross_entropy, resolve_impl
@@ -42,8 +43,10 @@ from ..parallel import mesh as mesh_lib
 from ..parallel import sharding, vocab
 from ..parallel.attention import SequenceParallelAttention
 from ..parallel.topology import machine_for_run, ranks_per_node
-from ..recipes.schema import Recipe, RecipeError, bucketed, check_world, vocab_group_size
+from ..recipes.schema import Recipe, RecipeError, SourceRecipe, bucketed, check_world, vocab_group_size
+from . import adapter
 from . import checkpoint as ckpt
+from .export import load_checkpoint_weights
 from .optim import build_optimizer, build_scheduler
 from .plan_report import KNOWN_SHAPES
 
@@ -76,6 +79,7 @@ class Run:
     describe: dict | None = None
     run_id: str = ""  # the run that owns run_dir (run.json): checkpoints, metrics and W&B carry it
     native_config: ModelConfig | None = None  # the model's own config, before the recipe's RoPE and length
+    lora: adapter.LoraSpec | None = None  # model.adapter: the LoRA the run trains (checkpoints and export)
 
 
 # --- the default model ---------------------------------------------------------------------------
@@ -193,9 +197,13 @@ def build_model(recipe: Recipe, mesh: mesh_lib.Mesh) -> tuple[CausalLM, Path | N
     if model_dir is None:
         model.init_weights(recipe.run.seed)
     elif is_checkpoint(model_dir):
-        ckpt.dcp_load({"model": model.state_dict()}, model_dir, "weights do not match its config.json")
+        load_checkpoint_weights(model, model_dir)  # a LoRA run's with its adapters merged
     else:
         load_weights(model, model_dir)
+    # LoRA (model.adapter) goes on the loaded weights, before any wrapper or sharding sees the projections
+    spec = lora_spec(recipe, model_dir)
+    if spec is not None:
+        adapter.apply_lora(model, spec, recipe.run.seed)
     model = model.to(mesh.device)
     model.memory = apply_memory(model, recipe, mesh, sp_attention)
     apply_elimination(model, recipe, sp_attention)
@@ -210,6 +218,16 @@ def build_model(recipe: Recipe, mesh: mesh_lib.Mesh) -> tuple[CausalLM, Path | N
         except sharding.ShardingError as e:
             raise RecipeError(str(e)) from None
     return model, model_dir, sp_attention
+
+
+def lora_spec(recipe: Recipe, model_dir: Path | None) -> adapter.LoraSpec | None:
+    """model.adapter as the plain values train/adapter.py takes (None: full fine-tuning)."""
+    a = recipe.model.adapter
+    if a is None:
+        return None
+    return adapter.LoraSpec(rank=a.rank, alpha=a.alpha if a.alpha is not None else 2.0 * a.rank, dropout=a.dropout,
+                            targets=tuple(a.targets), trainable=tuple(a.trainable),
+                            base_model=str(model_dir) if model_dir is not None else None)
 
 
 def apply_vocab_parallel(model: CausalLM, recipe: Recipe, mesh: mesh_lib.Mesh) -> None:
@@ -415,40 +433,83 @@ def build_data(recipe: Recipe, model_dir: Path | None, mesh: mesh_lib.Mesh, voca
     n_docs = store.num_documents
     eval_docs, train_docs = held_out_split(n_docs, recipe.run.seed, d.eval_fraction)
     n_eval = len(eval_docs)
+    if d.sources:  # the epoch's documents, with repeats, shared by the sources' weights, long ones upsampled
+        train_docs = train_docs[mixture_documents(np.diff(store.offsets)[train_docs], store.doc_source[train_docs],
+                                                  [s.weight for s in d.sources],
+                                                  [(s.upsample_long.min_len, s.upsample_long.factor) for s in d.sources],
+                                                  recipe.run.seed)]
+    masks = _masks(recipe, store)
+    if mesh.is_main and store.loss_mask is not None and d.train_on == "assistant" and d.batching != "packed_docs":
+        log.warning("data: chat records under data.batching=%s are cut into %s, so a reply may train without the "
+                    "prompt before it%s; data.batching: packed_docs keeps each conversation whole", d.batching,
+                    "power-of-two pieces" if d.batching == "decompose" else "rows across conversations",
+                    " and, with data.short_pieces=drop, each conversation's last tokens (often its final reply) are "
+                    "dropped" if d.batching == "decompose" and d.short_pieces == "drop" else "")
     eval_data = None
     if n_eval:
-        eval_rows = PackedRows([store.document(i) for i in eval_docs], recipe.eval.seq_len or d.seq_len, seed=recipe.run.seed)
+        eval_rows = PackedRows([store.document(i) for i in eval_docs], recipe.eval.seq_len or d.seq_len,
+                               seed=recipe.run.seed, masks=masks(eval_docs))
         eval_data = PackedBatches(eval_rows, recipe.eval.batch_size, mesh.dp_rank, mesh.dp_world, mesh.sp_world)
+    sources = {"doc_sources": store.doc_source[train_docs], "source_names": store.names}
     if d.batching == "pack":
-        rows = PackedRows([store.document(i) for i in train_docs], d.seq_len, seed=recipe.run.seed)
+        rows = PackedRows([store.document(i) for i in train_docs], d.seq_len, seed=recipe.run.seed,
+                          masks=masks(train_docs), doc_sources=sources["doc_sources"], n_sources=len(store.names))
         data = PackedBatches(rows, recipe.train.batch_size, mesh.dp_rank, mesh.dp_world, mesh.sp_world)
+        data.source_names = store.names
     elif d.batching == "packed_docs" and d.packed_lengths == "curriculum":
-        data = _packed_buckets(recipe, store, train_docs, tokenizer, mesh)
+        data = _packed_buckets(recipe, store, train_docs, tokenizer, mesh, masks(train_docs), sources)
     elif d.batching == "packed_docs":
         packed = pack_documents([store.document(i) for i in train_docs], d.seq_len, seed=recipe.run.seed,
-                                pad_id=_pad_id(tokenizer))
+                                pad_id=_pad_id(tokenizer), masks=masks(train_docs))
         data = PackedDocBatches(packed, recipe.train.batch_size, mesh.dp_rank, mesh.dp_world, mesh.sp_world,
-                                seed=recipe.run.seed)
+                                seed=recipe.run.seed, **sources)
     else:
         data = _decomposed(recipe, store, train_docs, tokenizer, mesh)
     if mesh.is_main:
         log.info("data: %d documents (%d held out), %d tokens (%.1fs), %s: %s", n_docs, n_eval,
                  int(store.offsets[-1]), time.time() - t0, d.batching, data.describe())
+        if d.sources:
+            shares = source_shares(store.doc_source, np.diff(store.offsets), train_docs, len(store.names))
+            log.info("data: epoch token share by source: %s", ", ".join(
+                f"{n} {100 * float(v):.1f}%" for n, v in zip(store.names, shares)))
     return data, eval_data, getattr(tokenizer, "folder", None), _pad_id(tokenizer)
 
 
-def token_store(recipe: Recipe, tokenizer, mesh: mesh_lib.Mesh) -> TokenStore:
-    """The recipe's documents tokenized (from the cache when it has them)."""
+def _masks(recipe: Recipe, store: MixedStore):
+    """Documents -> their target masks (None each when every token trains: plain text, or train_on all)."""
+    if store.loss_mask is None or recipe.data.train_on == "all":
+        return lambda docs: None
+    return lambda docs: [np.asarray(store.document_mask(int(i))) for i in docs]
+
+
+def data_sources(recipe: Recipe) -> list[SourceRecipe]:
+    """The recipe's sources: data.sources, or data.source as the one source."""
     d = recipe.data
-    ident = source_identity(d.source, d.text_field, d.split, d.max_documents)
+    return list(d.sources) or [SourceRecipe(path=d.source, name=d.source)]
 
-    def documents():
-        return load_documents(d.source, d.text_field, d.split, d.max_documents)
 
+def token_store(recipe: Recipe, tokenizer, mesh: mesh_lib.Mesh) -> MixedStore:
+    """The recipe's documents tokenized (from the cache when it has them), every source's in its
+    own cache entry, presented as one store (data/mixture.MixedStore)."""
+    d = recipe.data
     cache = cache_dir() if d.cache else None
-    # Every rank asks the cache at once: the first on each cache (node-local or shared) tokenizes
-    # under a file lock while the others wait on the lock, not in a collective that would time out.
-    return tokenize_to_cache(tokenizer, documents, ident, cache, num_proc=d.num_proc, progress=mesh.is_main)
+    stores, names = [], []
+    for i, s in enumerate(data_sources(recipe)):
+        field_, split, revision = s.text_field or d.text_field, s.split or d.split, s.revision or d.revision
+        where = "data.source" if not d.sources else f"data.sources[{i}]"
+        try:
+            ident = source_identity(s.path, field_, split, d.max_documents, revision)
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
+
+        def records(path=s.path, field_=field_, split=split, revision=revision):
+            return iter_records(path, field_, split, d.max_documents, revision)
+
+        # Every rank asks the cache at once: the first on each cache (node-local or shared) tokenizes
+        # under a file lock while the others wait on the lock, not in a collective that would time out.
+        stores.append(tokenize_to_cache(tokenizer, records, ident, cache, num_proc=d.num_proc, progress=mesh.is_main))
+        names.append(s.name or s.path)
+    return MixedStore.of(stores, names)
 
 
 def held_out_split(n_docs: int, seed: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -476,13 +537,14 @@ def _sampler(recipe: Recipe, sizes: dict[int, int], mesh: mesh_lib.Mesh) -> Curr
         raise RecipeError(f"data: {e}") from None
 
 
-def _packed_buckets(recipe: Recipe, store: TokenStore, docs: np.ndarray, tokenizer, mesh: mesh_lib.Mesh):
+def _packed_buckets(recipe: Recipe, store: MixedStore, docs: np.ndarray, tokenizer, mesh: mesh_lib.Mesh,
+                    masks: list | None = None, sources: dict | None = None):
     """packed_docs under the length curriculum: packed rows per bucket length, drawn as decomposition's."""
     d = recipe.data
     buckets = pack_buckets([store.document(int(i)) for i in docs], d.min_len, d.max_len, seed=recipe.run.seed,
-                           pad_id=_pad_id(tokenizer))
+                           pad_id=_pad_id(tokenizer), masks=masks)
     data = PackedDocBuckets(buckets, _sampler(recipe, {L: len(b.pieces) for L, b in buckets.items()}, mesh),
-                            mesh.sp_rank)
+                            mesh.sp_rank, **(sources or {}))
     if mesh.is_main:  # what the corpus makes of the buckets, said once: nothing is dropped silently
         unused = {L: int((b.doc_ids >= 0).sum()) for L, b in buckets.items() if L not in data.sampler.batches_per_epoch}
         if unused:
@@ -496,11 +558,13 @@ def _packed_buckets(recipe: Recipe, store: TokenStore, docs: np.ndarray, tokeniz
     return data
 
 
-def _decomposed(recipe: Recipe, store: TokenStore, docs: np.ndarray, tokenizer, mesh: mesh_lib.Mesh) -> DecomposedData:
+def _decomposed(recipe: Recipe, store: MixedStore, docs: np.ndarray, tokenizer, mesh: mesh_lib.Mesh) -> DecomposedData:
     d = recipe.data
     buckets = decompose(store.offsets[docs], store.offsets[docs + 1], d.min_len, d.max_len, d.short_pieces,
                         d.random_split, seed=recipe.run.seed)
-    return DecomposedData(store.tokens, buckets, _sampler(recipe, buckets.sizes, mesh), _pad_id(tokenizer), mesh.sp_rank)
+    mask = store.loss_mask if recipe.data.train_on == "assistant" else None
+    return DecomposedData(store.tokens, buckets, _sampler(recipe, buckets.sizes, mesh), _pad_id(tokenizer), mesh.sp_rank,
+                          loss_mask=mask, source_of=store.source_of_position, source_names=store.names)
 
 
 RUN_FILE = "run.json"
@@ -637,6 +701,7 @@ def build(recipe: Recipe) -> Run:
         autocast_dtype=torch.bfloat16 if recipe.run.dtype == "bf16" else None, pad_id=pad_id,
         sp_attention=sp_attention, run_id=folder.run_id, attention=model.model.layers[0].self_attn.attention_fn,
         native_config=ModelConfig(**recipe.model.config) if model_dir is None else load_hf_config(model_dir),
+        lora=lora_spec(recipe, model_dir),
     )
     if recipe.parallel.sharding == "deepspeed":
         try:
@@ -661,6 +726,9 @@ def build(recipe: Recipe) -> Run:
     if vp is not None:
         run.describe["vocab_parallel"] = (f"{vp.variant} over {vp.shard.world} ranks (rows {vp.shard.start}-"
                                           f"{vp.shard.stop}), shard kernels {vp.impl}")
+    if run.lora is not None:
+        run.describe["adapter"] = run.lora.describe()
+        run.describe["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return run
 
 
@@ -687,6 +755,7 @@ def _maybe_resume(run: Run) -> None:
         why = ckpt.problem(folder)
         if why is not None:
             raise CheckpointError(f"train.resume={resume!r}: not a usable checkpoint: {why}")
+    _check_adapter(run, folder)
     state = ckpt.load(folder, run.model, run.optimizer, run.scheduler)
     run.start_step, run.tokens_seen = state["step"], state["tokens"]
     _apply_recipe_hparams(run, state)
@@ -698,6 +767,20 @@ def _maybe_resume(run: Run) -> None:
             raise CheckpointError(f"{folder}: {e}") from None
     if run.mesh.is_main:
         log.info("resumed from %s at step %d", folder, run.start_step)
+
+
+def _check_adapter(run: Run, folder: Path) -> None:
+    """A resumed run trains what the checkpoint's run trained: the same model.adapter (or none)."""
+    def trains(spec):  # what shapes the weights and the optimizer (not where the base came from)
+        return None if spec is None else dataclasses.replace(spec, base_model=None)
+
+    saved = adapter.checkpoint_adapter(folder)
+    if trains(saved) != trains(run.lora):
+        def what(spec):
+            return "full fine-tuning (model.adapter null)" if spec is None else spec.describe()
+
+        raise CheckpointError(f"{folder}: written by a run with {what(saved)}; this recipe trains {what(run.lora)}; "
+                              "resume with the checkpoint's model.adapter")
 
 
 def train_hparams(recipe: Recipe) -> dict:

@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 
 from ..data.decompose import attention_flops, decompose
+from ..data.mixture import mixture_documents, source_shares
 from ..data.pack_docs import pack_buckets, pack_documents
-from ..data.sources import load_documents, source_identity
-from ..data.tokenize import load_tokenizer, tokenize_to_cache
+from ..data.tokenize import load_tokenizer
 from ..models.config import ModelConfig
 from ..models.hf import load_model_folder
 from ..parallel.mesh import Mesh
 from ..recipes.schema import Recipe, bucketed
-from .build import cache_dir, resolve_model_dir
+from .build import resolve_model_dir, token_store
 
 
 def inspect(recipe: Recipe) -> dict:
@@ -31,11 +31,7 @@ def inspect(recipe: Recipe) -> dict:
     model_dir = None if recipe.model.path is None else resolve_model_dir(recipe.model.path, mesh)
     cfg = ModelConfig(**recipe.model.config) if model_dir is None else load_model_folder(model_dir)
     tokenizer = load_tokenizer(recipe.model.tokenizer, model_dir)
-    store = tokenize_to_cache(
-        tokenizer, lambda: load_documents(d.source, d.text_field, d.split, d.max_documents),
-        source_identity(d.source, d.text_field, d.split, d.max_documents), cache_dir() if d.cache else None,
-        num_proc=d.num_proc,
-    )
+    store = token_store(recipe, tokenizer, mesh)
     lengths = np.diff(store.offsets)
     histogram: dict[str, int] = {}
     for n in lengths.tolist():
@@ -55,7 +51,13 @@ def inspect(recipe: Recipe) -> dict:
         packed["curriculum_buckets"] = {str(L): {k: b.stats()[k] for k in ("rows", "padding_fraction",
                                                                            "documents_per_row_mean")}
                                         for L, b in buckets.items()}
-    return {"packed_documents": packed, **{
+    out = {"packed_documents": packed}
+    if d.sources:
+        out["sources"] = sources_report(recipe, store)
+    if store.loss_mask is not None:
+        out["chat"] = {"train_on": d.train_on, "tokens": int(store.offsets[-1]),
+                       "target_tokens": dict(zip(store.names, store.target_tokens()))}
+    return out | {
         "documents": store.num_documents,
         "tokens": int(store.offsets[-1]),
         "document_length_histogram": dict(sorted(histogram.items(), key=lambda kv: int(kv[0][2:]))),
@@ -64,7 +66,31 @@ def inspect(recipe: Recipe) -> dict:
         "tokens_kept": b.transitions_kept, "tokens_dropped": b.transitions_dropped, "pad_tokens": b.pad_tokens,
         "attention_flops_per_epoch": {"decomposition": dd, "concat_and_chunk": cc,
                                       "concat_over_decomposition": round(cc / dd, 3) if dd else None},
-    }}
+    }
+
+
+def sources_report(recipe: Recipe, store) -> dict:
+    """Per source: documents, tokens, long documents upsampled, and the share of the epoch's tokens
+    before and after the mixture (data/mixture.py; on every document, held-out ones included)."""
+    d = recipe.data
+    lengths = np.diff(store.offsets)
+    every = np.arange(store.num_documents)
+    epoch = mixture_documents(lengths, store.doc_source, [s.weight for s in d.sources],
+                              [(s.upsample_long.min_len, s.upsample_long.factor) for s in d.sources], recipe.run.seed)
+    natural = source_shares(store.doc_source, lengths, every, len(store.names))
+    mixed = source_shares(store.doc_source, lengths, epoch, len(store.names))
+    out = {}
+    for k, (name, s) in enumerate(zip(store.names, d.sources)):
+        mine = store.doc_source == k
+        long = mine & (lengths >= s.upsample_long.min_len) if s.upsample_long.min_len else np.zeros_like(mine)
+        picked = store.doc_source[epoch] == k
+        out[name] = {"documents": int(mine.sum()), "tokens": int(lengths[mine].sum()), "weight": s.weight,
+                     "natural_share": round(float(natural[k]), 4), "epoch_share": round(float(mixed[k]), 4),
+                     "long_documents": int(long.sum()),
+                     "epoch_documents": int(picked.sum()),
+                     "epoch_long_token_share": round(float(lengths[epoch][picked & long[epoch]].sum()
+                                                           / max(lengths[epoch][picked].sum(), 1)), 4)}
+    return out
 
 
 def packing_report(store, seq_len: int, seed: int, per_token_dims: int, sp: int = 1, sample_rows: int = 64) -> dict:

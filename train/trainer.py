@@ -29,6 +29,7 @@ from ..parallel.p2p import communicator
 from ..parallel.sharding import clip_grad_norm
 from ..recipes import schema
 from . import checkpoint as ckpt
+from .adapter import merged_state_dict
 from .build import Run, train_hparams
 from .evaluation import TrainingEvals
 from .export import full_state_dict, save_folder
@@ -236,6 +237,8 @@ def train_step(run: Run, step: int) -> dict:
     inputs, labels, positions, seq_len = _shard(run, batch)
     valid = all_reduce_sum(torch.tensor([(labels != IGNORE_INDEX).sum().item()], dtype=torch.float64), mesh.grad_group)
     global_valid = valid.item()
+    if global_valid == 0:
+        return _skip_step(run, step, length, inputs)
     loss_sum = torch.zeros((), dtype=torch.float64)
     parts = list(_micro_batches(r, inputs, labels, positions, run.documents, run.document_positions))
     try:
@@ -260,7 +263,7 @@ def train_step(run: Run, step: int) -> dict:
             f"Lower train.lr or check the data; resume from the last checkpoint in {run.run_dir / 'checkpoints'}"
         )
     if run.engine is not None:
-        return _deepspeed_step(run, step, mean_loss, global_valid, length, inputs)
+        return _with_sources(run, step, _deepspeed_step(run, step, mean_loss, global_valid, length, inputs))
     vp = getattr(model, "vocab_parallel", None)
     sharded = vocab.sharded_parameters(model)
     if r.parallel.sharding == "none":  # FSDP2 reduce-scattered them in backward
@@ -276,7 +279,27 @@ def train_step(run: Run, step: int) -> dict:
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return _step_record(run, mean_loss, grad_norm.item(), lr, global_valid, length, inputs)
+    return _with_sources(run, step, _step_record(run, mean_loss, grad_norm.item(), lr, global_valid, length, inputs))
+
+
+def _skip_step(run: Run, step: int, length: int, inputs) -> dict:
+    """A step whose every label is masked (chat prompts only, as a conversation cut into pieces can
+    give): no label, so no loss and no update, on every rank alike (the count is all-reduced);
+    the schedule still advances, so the run stays a function of the step."""
+    log.warning("step %d: every label of this step is masked (prompt tokens only); no update", step + 1)
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.scheduler.step()
+    record = _step_record(run, float("nan"), 0.0, lr, 0, length, inputs)
+    return _with_sources(run, step, record | {"skipped": "no labels"})
+
+
+def _with_sources(run: Run, step: int, record: dict) -> dict:
+    """A mixture's input tokens per source in this step (all ranks' rows: each rank derives them
+    from the sampler, no collective), so the dashboard shows the drawn shares."""
+    names = getattr(run.data, "source_names", None)
+    if names and len(names) > 1:
+        record["source_tokens"] = dict(zip(names, run.data.source_tokens(step).tolist()))
+    return record
 
 
 def _deepspeed_step(run: Run, step: int, mean_loss: float, global_valid: float, length: int, inputs) -> dict:
@@ -358,7 +381,8 @@ def _eval_tasks(run: Run, tasks, metrics: Metrics, step: int, native: bool = Fal
 def save_checkpoint(run: Run, step: int) -> Path:
     """Collective (every rank writes its shard): model, optimizer, scheduler, sampler, RNG, counters."""
     state = {"step": step, "tokens": run.tokens_seen, "dp": run.mesh.dp_world, "sp": run.mesh.sp_world,
-             "sharding": run.recipe.parallel.sharding, "run_id": run.run_id, "train_hparams": train_hparams(run.recipe)}
+             "sharding": run.recipe.parallel.sharding, "run_id": run.run_id, "train_hparams": train_hparams(run.recipe),
+             "adapter": run.lora.to_json() if run.lora is not None else None}  # what export merges
     sampler = getattr(run.data, "sampler", None)
     if sampler is not None:
         sampler.step = step
@@ -454,7 +478,8 @@ def train(run: Run) -> dict:
             record.update({k: out[k] for k in ("sp_degree", "attention", "attention_outer", "sp_inner",
                                                "attention_bytes_sent", "attention_max_bytes_per_pair_direction",
                                                "vocab_parallel", "vocab_bytes_sent", "documents_per_row",
-                                               "attention_imbalance_zigzag", "attention_imbalance", "document_layout")
+                                               "attention_imbalance_zigzag", "attention_imbalance", "document_layout",
+                                               "source_tokens", "skipped")
                            if k in out})
             record.update(memory_metrics(run.model))
             if not history:  # the first record of this run names the kernels that ran
@@ -503,6 +528,8 @@ def train(run: Run) -> dict:
 def export(run: Run) -> None:
     state = full_state_dict(run.model)  # collective under FSDP2
     if run.mesh.is_main:
+        if run.lora is not None:  # the adapters folded into the base weights (peft's merge): plain HF names
+            state = merged_state_dict(run.model.config, state, run.lora)
         out = save_folder(run.model, run.run_dir / "export", tokenizer_dir=run.tokenizer_dir, state=state,
                           force=True, protected=(run.run_dir / "checkpoints",))  # the run's own export
         log.info("exported HF model to %s", out)

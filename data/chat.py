@@ -1,0 +1,99 @@
+"""Chat records: the model's own chat template, and which tokens are the assistant's.
+
+A conversation is rendered by the tokenizer's chat template (transformers' `apply_chat_template`;
+no template is written here), then tokenized with character offsets. The assistant turns' text is
+located by rendering prefixes of the conversation: for assistant message i, the conversation up to
+i-1 with the generation prompt ends where the reply starts, and the conversation up to i ends
+where the turn (reply and its end-of-turn markup) ends. Tokens overlapping those spans are the
+training targets (mask 1); everything else (system, user and tool turns, headers) is prompt
+(mask 0). Templates that rewrite earlier turns when a later one is added (Qwen3 drops old
+reasoning) break the prefix property; there each reply is found by its text after the previous
+one, with the template's closing markup after it. `data.train_on: all` ignores the mask.
+
+Records in the sources are either {"messages": [{"role", "content"}, ...]} (OpenAI/HF style) or
+{"prompt", "response"} (with an optional "system"), turned into messages here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .sources import DataError
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class ChatError(DataError):
+    pass
+
+
+def messages_of(row: dict) -> list[dict] | None:
+    """The record's messages (None when it has none usable); raises ChatError on a malformed one."""
+    if row.get("messages") is not None:  # a table mixing both kinds has messages=None on prompt rows
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            return None
+        out = []
+        for m in msgs:
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise ChatError(f"a message must be {{role: one of {ROLES}, content: text}}, got {m!r:.120}")
+            out.append({"role": m["role"], "content": m["content"]})
+        return out if any(m["role"] == "assistant" for m in out) else None
+    prompt, response = row.get("prompt"), row.get("response")
+    if not (isinstance(prompt, str) and isinstance(response, str) and response.strip()):
+        return None
+    system = row.get("system")
+    head = [{"role": "system", "content": system}] if isinstance(system, str) and system.strip() else []
+    return head + [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+
+
+def _render(tok, messages: list[dict], generation_prompt: bool) -> str:
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def assistant_spans(tok, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """(rendered conversation, [start, end) character spans of the assistant turns)."""
+    text = _render(tok, messages, False)
+    spans, cursor = [], 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        through = _render(tok, messages[: i + 1], False)
+        before = _render(tok, messages[:i], True) if i else None
+        if before is not None and text.startswith(before) and text.startswith(through) and len(before) < len(through):
+            spans.append((len(before), len(through)))
+        else:  # the template rewrites earlier turns: find the reply after the previous one
+            at = text.find(m["content"], cursor)
+            if at < 0 or not m["content"]:
+                raise ChatError(f"assistant message {i} is not in the rendered conversation; the chat template "
+                                "changes the reply's text, so its tokens cannot be found")
+            end = at + len(m["content"])
+            tail = through[through.rfind(m["content"]) + len(m["content"]):] if m["content"] in through else ""
+            if tail and text.startswith(tail, end):
+                end += len(tail)
+            spans.append((at, end))
+        cursor = spans[-1][1]
+    return text, spans
+
+
+def encode(tok, messages: list[dict], where="") -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask): the conversation's tokens and 1 on the assistant turns' tokens (a token that
+    overlaps a reply span at all is the reply's)."""
+    if not getattr(tok, "chat_template", None):
+        raise ChatError(f"the tokenizer in {where} has no chat template; chat records need the model's own")
+    text, spans = assistant_spans(tok, messages)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = np.asarray(enc["input_ids"], dtype=np.int64)
+    offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    mask = np.zeros(len(ids), dtype=np.uint8)
+    for a, b in spans:
+        mask[(offsets[:, 0] < b) & (offsets[:, 1] > a)] = 1
+    return ids, mask
+
+
+def labels_from_mask(labels: np.ndarray, target_mask: np.ndarray | None, ignore_index: int = -100) -> np.ndarray:
+    """Labels with ignore_index wherever the target token's mask is 0 (the mask aligned with the
+    labels, i.e. of the next token)."""
+    if target_mask is None:
+        return labels
+    return np.where(np.asarray(target_mask) > 0, labels, ignore_index)
