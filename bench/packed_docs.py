@@ -29,7 +29,7 @@ def _flops(rows) -> tuple[float, float]:
     import numpy as np
 
     masked = across = 0.0
-    for r in range(len(rows.pieces)):
+    for r in range(rows.num_rows):
         lengths = np.diff(rows.cu_seqlens(r)).astype(np.float64)
         masked += float((lengths * (lengths + 1) / 2).sum())
         across += rows.seq_len * (rows.seq_len + 1) / 2

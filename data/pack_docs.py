@@ -12,14 +12,15 @@ For every row: the tokens (padding `pad_id`), the document of each token (0, 1, 
 -1 on padding), the position of each token within its piece of document (restarting at 0, as a
 decomposed piece's do), `cu_seqlens` (the pieces' boundaries, flash-attn's varlen convention) and
 the labels: the next token of the same piece, -100 at each piece's last token and on padding, so
-no token learns to predict another document. Attention must mask pairs of different documents
-(kernels/attention.py, not built yet); nothing here talks to a model.
+no token learns to predict another document; labels whose token a chat record's mask marks as
+prompt are ignored too. A packing is stored as its pieces (document, start, length) and each
+step's rows are gathered from the token store, so RAM does not grow with the corpus. Attention
+masks pairs of different documents (kernels/documents.py); nothing here talks to a model.
 """
 
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -28,47 +29,81 @@ from .sources import DataError
 IGNORE_INDEX = -100
 
 
-@dataclass
 class PackedDocRows:
-    tokens: np.ndarray  # [rows, seq_len] int32
-    doc_ids: np.ndarray  # [rows, seq_len] int16/int32: the document of each token in its row, -1 = padding
-    pieces: list[list[tuple[int, int]]]  # per row: (document index, start within it) of each piece, in order
-    target_mask: np.ndarray | None = None  # [rows, seq_len] uint8: 0 = never a target (chat prompts); None = all
+    """Rows of whole documents, held as their pieces [(document, start, length)] and gathered from
+    the documents (memory-mapped token-store slices) when a step asks (`take`): RAM holds the
+    packing, not the corpus. `tokens`, `doc_ids` and `target_mask` give every row at once, for
+    tools and tests. `masks` (per document, None = every token a target) mark chat prompts."""
+
+    def __init__(self, docs: list[np.ndarray], rows: list[list[tuple[int, int, int]]], seq_len: int, pad_id: int = 0,
+                 masks: list | None = None) -> None:
+        self.docs, self.rows, self.seq_len, self.pad_id = docs, rows, seq_len, pad_id
+        self.masks = masks if masks is not None and any(m is not None for m in masks) else None
 
     @property
-    def seq_len(self) -> int:
-        return self.tokens.shape[1]
+    def num_rows(self) -> int:
+        return len(self.rows)
+
+    @property
+    def pieces(self) -> list[list[tuple[int, int]]]:
+        """Per row: (document index, start within it) of each piece, in order."""
+        return [[(d, start) for d, start, _ in row] for row in self.rows]
+
+    def take(self, ids) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(tokens [n, seq_len] int32 (padding pad_id), the piece of each token in its row [n, seq_len]
+        int32 (0, 1, ...; -1 on padding), target mask [n, seq_len] uint8 or None) of rows `ids`."""
+        ids = np.asarray(ids).reshape(-1)
+        tokens = np.full((len(ids), self.seq_len), self.pad_id, dtype=np.int32)
+        doc_ids = np.full((len(ids), self.seq_len), -1, dtype=np.int32)
+        target = np.ones((len(ids), self.seq_len), dtype=np.uint8) if self.masks is not None else None
+        for i, r in enumerate(ids.tolist()):
+            at = 0
+            for k, (d, start, length) in enumerate(self.rows[r]):
+                tokens[i, at:at + length] = self.docs[d][start:start + length]
+                doc_ids[i, at:at + length] = k
+                if target is not None and self.masks[d] is not None:
+                    target[i, at:at + length] = self.masks[d][start:start + length]
+                at += length
+        return tokens, doc_ids, target
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return self.take(np.arange(self.num_rows))[0]
+
+    @property
+    def doc_ids(self) -> np.ndarray:
+        return self.take(np.arange(self.num_rows))[1]
+
+    @property
+    def target_mask(self) -> np.ndarray | None:
+        return self.take(np.arange(self.num_rows))[2]
+
+    def real_tokens(self) -> int:
+        return sum(n for row in self.rows for _, _, n in row)
 
     def positions(self, row: int) -> np.ndarray:
         """Position of each token within its piece (0 on padding)."""
-        ids = self.doc_ids[row]
-        pos = np.zeros(len(ids), dtype=np.int64)
-        for start, stop in zip(self.cu_seqlens(row)[:-1], self.cu_seqlens(row)[1:]):
+        pos = np.zeros(self.seq_len, dtype=np.int64)
+        cu = self.cu_seqlens(row)
+        for start, stop in zip(cu[:-1], cu[1:]):
             pos[start:stop] = np.arange(stop - start)
         return pos
 
     def cu_seqlens(self, row: int) -> np.ndarray:
         """[0, end of piece 0, end of piece 1, ...] (padding after the last end is no piece)."""
-        ids = self.doc_ids[row]
-        real = int((ids >= 0).sum())
-        changes = np.flatnonzero(np.diff(ids[:real])) + 1
-        return np.concatenate([[0], changes, [real]]).astype(np.int64)
+        return np.concatenate([[0], np.cumsum([n for _, _, n in self.rows[row]])]).astype(np.int64)
 
     def labels(self, row: int) -> np.ndarray:
-        """The next token within the same piece; IGNORE_INDEX at a piece's last token and on padding."""
-        ids, tok = self.doc_ids[row], self.tokens[row].astype(np.int64)
-        out = np.full(len(tok), IGNORE_INDEX, dtype=np.int64)
-        same = (ids[:-1] == ids[1:]) & (ids[:-1] >= 0)
-        if self.target_mask is not None:
-            same &= self.target_mask[row][1:] > 0
-        out[:-1][same] = tok[1:][same]
-        return out
+        """The next token within the same piece; IGNORE_INDEX at a piece's last token, on padding and
+        before a token its document's mask marks 0."""
+        tokens, doc_ids, target = self.take([row])
+        return labels_and_positions(tokens, doc_ids, target)[0][0]
 
     def stats(self) -> dict:
-        real = int((self.doc_ids >= 0).sum())
-        per_row = [len(p) for p in self.pieces]
-        return {"rows": len(self.pieces), "seq_len": self.seq_len, "tokens": real,
-                "padding_fraction": round(1 - real / max(self.tokens.size, 1), 5),
+        real = self.real_tokens()
+        per_row = [len(p) for p in self.rows]
+        return {"rows": self.num_rows, "seq_len": self.seq_len, "tokens": real,
+                "padding_fraction": round(1 - real / max(self.num_rows * self.seq_len, 1), 5),
                 "documents_per_row_mean": round(float(np.mean(per_row)), 3) if per_row else 0.0,
                 "documents_per_row_max": max(per_row, default=0)}
 
@@ -116,21 +151,7 @@ def _best_fit(items: list[tuple[int, int, int]], seq_len: int, window: int,
 
 def _rows(docs: list[np.ndarray], rows: list[list[tuple[int, int, int]]], seq_len: int, pad_id: int,
           masks: list | None = None) -> PackedDocRows:
-    tokens = np.full((len(rows), seq_len), pad_id, dtype=np.int32)
-    doc_ids = np.full((len(rows), seq_len), -1, dtype=np.int32)
-    chat = masks is not None and any(m is not None for m in masks)
-    target = np.ones((len(rows), seq_len), dtype=np.uint8) if chat else None
-    pieces = []
-    for r, row in enumerate(rows):
-        at = 0
-        for k, (d, start, length) in enumerate(row):
-            tokens[r, at:at + length] = docs[d][start:start + length]
-            doc_ids[r, at:at + length] = k
-            if chat and masks[d] is not None:
-                target[r, at:at + length] = masks[d][start:start + length]
-            at += length
-        pieces.append([(d, start) for d, start, _ in row])
-    return PackedDocRows(tokens, doc_ids, pieces, target)
+    return PackedDocRows(docs, rows, seq_len, pad_id, masks)
 
 
 def pack_documents(docs: list[np.ndarray], seq_len: int, seed: int = 0, window: int = 1024,
@@ -207,7 +228,7 @@ class PackedDocBatches:
         self.doc_sources, self.source_names = doc_sources, source_names or ["data"]
 
     def step_ids(self, step: int, rank: int | None = None, world: int | None = None) -> np.ndarray:
-        n = len(self.rows.pieces)
+        n = self.rows.num_rows
         flat = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
         epochs, offsets = flat // n, flat % n
         ids = np.empty(self.batch_size, dtype=np.int64)
@@ -225,13 +246,13 @@ class PackedDocBatches:
         return _source_tokens(self.rows, self.step_ids(step, 0, 1), self.doc_sources, len(self.source_names))
 
     def describe(self) -> dict:
-        return {"rows": len(self.rows.pieces), "seq_len": self.rows.seq_len} | {
+        return {"rows": self.rows.num_rows, "seq_len": self.rows.seq_len} | {
             k: v for k, v in self.rows.stats().items() if k in ("padding_fraction", "documents_per_row_mean")}
 
 
 def _batch(rows: PackedDocRows, ids: np.ndarray, sp: int) -> tuple[np.ndarray, np.ndarray, int, dict]:
-    tokens, docs = rows.tokens[ids], rows.doc_ids[ids]
-    labels, positions = labels_and_positions(tokens, docs, None if rows.target_mask is None else rows.target_mask[ids])
+    tokens, docs, target = rows.take(ids)
+    labels, positions = labels_and_positions(tokens, docs, target)
     return tokens.astype(np.int64), labels, sp, {"documents": docs.astype(np.int64), "positions": positions}
 
 
@@ -239,9 +260,8 @@ def _source_tokens(rows: PackedDocRows, ids: np.ndarray, doc_sources: np.ndarray
     """Real tokens per source in rows `ids` (a piece's source is its document's)."""
     out = np.zeros(n_sources, dtype=np.int64)
     for r in ids.tolist():
-        counts = np.bincount(rows.doc_ids[r][rows.doc_ids[r] >= 0])
-        for k, (d, _) in enumerate(rows.pieces[r]):
-            out[0 if doc_sources is None else doc_sources[d]] += counts[k]
+        for d, _, n in rows.rows[r]:
+            out[0 if doc_sources is None else doc_sources[d]] += n
     return out
 
 
@@ -264,7 +284,7 @@ class PackedDocBuckets:
         return _source_tokens(self.buckets[L], ids, self.doc_sources, len(self.source_names))
 
     def describe(self) -> dict:
-        real = sum(int((b.doc_ids >= 0).sum()) for b in self.buckets.values())
-        size = sum(b.tokens.size for b in self.buckets.values())
-        return {"buckets": {str(L): len(b.pieces) for L, b in self.buckets.items()},
+        real = sum(b.real_tokens() for b in self.buckets.values())
+        size = sum(b.num_rows * b.seq_len for b in self.buckets.values())
+        return {"buckets": {str(L): b.num_rows for L, b in self.buckets.items()},
                 "steps_per_epoch": self.sampler.steps_per_epoch, "padding_fraction": round(1 - real / max(size, 1), 5)}

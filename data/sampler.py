@@ -94,7 +94,9 @@ class CurriculumSampler:
         plan: list[tuple[int, int]] = []
         next_batch = {L: 0 for L in lengths}
         for cycle in range(cycles):
-            left = {L: len(np.array_split(np.arange(n), cycles)[cycle]) for L, n in self.batches_per_epoch.items()}
+            # a bucket's batches in this cycle: np.array_split's sizes (the first n % cycles get one more)
+            in_cycle = {L: n // cycles + (cycle < n % cycles) for L, n in self.batches_per_epoch.items()}
+            left = dict(in_cycle)
             while any(left.values()):
                 live = [L for L in lengths if left[L]]
                 if self.schedule == "natural":
@@ -102,8 +104,7 @@ class CurriculumSampler:
                 elif self.schedule == "fixed":
                     w = np.ones(len(live))
                 else:  # mix weights fixed per cycle: batches in the cycle x odds; exhausted buckets drop out
-                    w = np.array([self.odds[L] * len(np.array_split(np.arange(self.batches_per_epoch[L]), cycles)[cycle])
-                                  for L in live], dtype=float)
+                    w = np.array([self.odds[L] * in_cycle[L] for L in live], dtype=float)
                 L = live[int(rng.choice(len(live), p=w / w.sum()))]
                 plan.append((L, next_batch[L]))
                 next_batch[L] += 1

@@ -148,7 +148,6 @@ def save_folder(
 
 def _write_folder(model, out: Path, tokenizer_dir, config, dtype, max_shard_bytes, state) -> None:
     import tempfile
-    import uuid
 
     cfg = config or model.config
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -192,7 +191,15 @@ def _write_folder(model, out: Path, tokenizer_dir, config, dtype, max_shard_byte
             os.fsync(fd)
         finally:
             os.close(fd)
-    if out.exists():  # empty, or replaced with --force: keep the old one until the new is in place
+    swap_in_folder(tmp, out)
+
+
+def swap_in_folder(tmp: Path, out: Path) -> None:
+    """`tmp` (complete) becomes `out`; an existing `out` (empty, or replaced with --force) is kept
+    until the new one is in place, so a crash leaves one whole folder, never half of one."""
+    import uuid
+
+    if out.exists():
         old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old.tmp")
         out.rename(old)
         tmp.rename(out)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from peft import LoraConfig, get_peft_model, inject_adapter_in_model
 from peft.tuners.lora import LoraModel
 
 from ..models.config import ModelConfig
-from ..models.hf import CheckpointError, check_destination, copy_tokenizer
+from ..models.hf import CheckpointError, check_destination, copy_tokenizer, swap_in_folder
 from ..models.llama import CausalLM, RMSNorm
 
 ADAPTER_NAME = "default"  # peft's name for a model's one adapter (in the state-dict keys)
@@ -170,13 +169,7 @@ def save_adapter_folder(cfg: ModelConfig, state: dict[str, torch.Tensor], spec: 
         peft_model.save_pretrained(tmp, selected_adapters=[ADAPTER_NAME], save_embedding_layers=False)
         if tokenizer_dir is not None:
             copy_tokenizer(tokenizer_dir, tmp)
-        if out.exists():  # empty, or replaced with --force (check_destination)
-            old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old.tmp")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        swap_in_folder(tmp, out)  # empty, or replaced with --force (check_destination)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

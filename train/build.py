@@ -543,10 +543,10 @@ def _packed_buckets(recipe: Recipe, store: MixedStore, docs: np.ndarray, tokeniz
     d = recipe.data
     buckets = pack_buckets([store.document(int(i)) for i in docs], d.min_len, d.max_len, seed=recipe.run.seed,
                            pad_id=_pad_id(tokenizer), masks=masks)
-    data = PackedDocBuckets(buckets, _sampler(recipe, {L: len(b.pieces) for L, b in buckets.items()}, mesh),
+    data = PackedDocBuckets(buckets, _sampler(recipe, {L: b.num_rows for L, b in buckets.items()}, mesh),
                             mesh.sp_rank, **(sources or {}))
     if mesh.is_main:  # what the corpus makes of the buckets, said once: nothing is dropped silently
-        unused = {L: int((b.doc_ids >= 0).sum()) for L, b in buckets.items() if L not in data.sampler.batches_per_epoch}
+        unused = {L: b.real_tokens() for L, b in buckets.items() if L not in data.sampler.batches_per_epoch}
         if unused:
             log.warning("data: packed bucket(s) %s hold fewer rows than one step of data.tokens_per_step=%d takes; "
                         "their %d tokens never train (lower tokens_per_step or use data.packed_lengths fixed)",

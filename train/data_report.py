@@ -101,14 +101,14 @@ def packing_report(store, seq_len: int, seed: int, per_token_dims: int, sp: int 
     row per step), and what the trainer's reordering and balanced layout make of it."""
     packed = pack_documents([store.document(i) for i in range(store.num_documents)], seq_len, seed=seed)
     pieces: dict[int, int] = {}
-    for r in range(len(packed.pieces)):
+    for r in range(packed.num_rows):
         for n in np.diff(packed.cu_seqlens(r)).tolist():
             pieces[n] = pieces.get(n, 0) + 1
     masked = attention_flops(pieces, per_token_dims)
-    rows = attention_flops({seq_len: len(packed.pieces)}, per_token_dims)
+    rows = attention_flops({seq_len: packed.num_rows}, per_token_dims)
     out = {**packed.stats(), "attention_flops_masked_over_rows": round(masked / rows, 4) if rows else None}
     if sp > 1:
-        out["zigzag_balance"] = zigzag_balance(packed.doc_ids[:sample_rows], sp)
+        out["zigzag_balance"] = zigzag_balance(packed.take(np.arange(min(sample_rows, packed.num_rows)))[1], sp)
     return out
 
 
