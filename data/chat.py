@@ -1,10 +1,10 @@
 """Chat records: the model's own chat template, and which tokens are the assistant's.
 
 A conversation is rendered by the tokenizer's chat template (transformers' `apply_chat_template`;
-no template is written here), then tokenized with character offsets. The assistant turns' text is
+no template is written here), then tokenized segment by segment. The assistant turns' text is
 located by rendering prefixes of the conversation: for assistant message i, the conversation up to
 i-1 with the generation prompt ends where the reply starts, and the conversation up to i ends
-where the turn (reply and its end-of-turn markup) ends. Tokens overlapping those spans are the
+where the turn (reply and its end-of-turn markup) ends. The tokens of those spans are the
 training targets (mask 1); everything else (system, user and tool turns, headers) is prompt
 (mask 0). Templates that rewrite earlier turns when a later one is added (Qwen3 drops old
 reasoning) break the prefix property; there each reply is found by its text after the previous
@@ -35,6 +35,8 @@ def messages_of(row: dict) -> list[dict] | None:
             return None
         out = []
         for m in msgs:
+            if isinstance(m, dict) and m.get("role") in ROLES and m.get("content") is None:
+                return None  # a tool-call turn without text: the record is skipped (counted)
             if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
                 raise ChatError(f"a message must be {{role: one of {ROLES}, content: text}}, got {m!r:.120}")
             out.append({"role": m["role"], "content": m["content"]})
@@ -47,8 +49,18 @@ def messages_of(row: dict) -> list[dict] | None:
     return head + [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
 
 
+# Templates that print today's date (Llama-3.2/3.3 call strftime_now unless given date_string) would
+# tokenize differently from one day to the next, so caches filled on two days would disagree:
+# every conversation is rendered with this one date.
+DATE_STRING = "26 Jul 2024"
+
+
 def _render(tok, messages: list[dict], generation_prompt: bool) -> str:
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    try:
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                       date_string=DATE_STRING)
+    except Exception as e:  # jinja raises TemplateError for conversations a template refuses
+        raise ChatError(f"the chat template refuses this conversation ({type(e).__name__}: {e})") from None
 
 
 def assistant_spans(tok, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -77,18 +89,22 @@ def assistant_spans(tok, messages: list[dict]) -> tuple[str, list[tuple[int, int
 
 
 def encode(tok, messages: list[dict], where="") -> tuple[np.ndarray, np.ndarray]:
-    """(ids, mask): the conversation's tokens and 1 on the assistant turns' tokens (a token that
-    overlaps a reply span at all is the reply's)."""
+    """(ids, mask): the conversation's tokens and 1 on the assistant turns' tokens. The text is
+    tokenized segment by segment (prompt, reply, prompt, ...), as a prompt is tokenized at
+    inference before the model replies: a token never spans the prompt's end and the reply's
+    start (BPE would merge the header's newline with a reply's leading whitespace)."""
     if not getattr(tok, "chat_template", None):
         raise ChatError(f"the tokenizer in {where} has no chat template; chat records need the model's own")
     text, spans = assistant_spans(tok, messages)
-    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = np.asarray(enc["input_ids"], dtype=np.int64)
-    offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
-    mask = np.zeros(len(ids), dtype=np.uint8)
-    for a, b in spans:
-        mask[(offsets[:, 0] < b) & (offsets[:, 1] > a)] = 1
-    return ids, mask
+    cuts = [0] + [c for span in spans for c in span] + [len(text)]
+    ids, mask = [], []
+    for k in range(len(cuts) - 1):
+        piece = text[cuts[k]:cuts[k + 1]]
+        if piece:
+            part = tok(piece, add_special_tokens=False)["input_ids"]
+            ids.extend(part)
+            mask.extend([k % 2] * len(part))  # odd segments are the replies
+    return np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.uint8)
 
 
 def labels_from_mask(labels: np.ndarray, target_mask: np.ndarray | None, ignore_index: int = -100) -> np.ndarray:

@@ -16,6 +16,7 @@ the reference) or kept as a padded min_len piece whose padding is masked from th
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -68,8 +69,9 @@ def decompose(
     split_lengths = np.array([1 << k for k in range(log_min, log_max + 1)])
     split_odds = np.array([2.0 ** (log_max - k) for k in range(log_min, log_max + 1)])
     split_odds /= split_odds.sum()
-    starts: dict[int, list[int]] = {1 << k: [] for k in range(log_min, log_max + 1)}
-    lengths: dict[int, list[int]] = {L: [] for L in starts}
+    # typed arrays, 8 bytes a piece (a list of ints is ~36): the index of a large corpus stays small
+    starts: dict[int, array] = {1 << k: array("q") for k in range(log_min, log_max + 1)}
+    lengths: dict[int, array] = {L: array("q") for L in starts}
     total = dropped = pad = 0
     for doc_start, doc_end in zip(np.asarray(doc_starts).tolist(), np.asarray(doc_ends).tolist()):
         n = doc_end - doc_start - 1  # transitions in this document
@@ -96,10 +98,19 @@ def decompose(
             else:
                 dropped += rest
     return Buckets(
-        starts={L: np.asarray(v, dtype=np.int64) for L, v in starts.items() if v},
-        lengths={L: np.asarray(lengths[L], dtype=np.int64) for L, v in starts.items() if v},
+        starts={L: np.frombuffer(v, dtype=np.int64).copy() for L, v in starts.items() if v},
+        lengths={L: np.frombuffer(lengths[L], dtype=np.int64).copy() for L, v in starts.items() if v},
         transitions_total=total, transitions_dropped=dropped, pad_tokens=pad,
     )
+
+
+def kept_transitions(lengths: np.ndarray, min_len: int, max_len: int) -> np.ndarray:
+    """Transitions `decompose` keeps of documents of these token lengths (no random split, short
+    remainders dropped): what each document trains under decomposition, for mixture weights."""
+    n = np.maximum(np.asarray(lengths, dtype=np.int64) - 1, 0)
+    full = np.where(n > max_len, -(-(n - max_len) // max_len), 0)  # max_len pieces cut while n > max_len
+    rest = n - full * max_len
+    return full * max_len + rest - rest % min_len
 
 
 def gather_rows(tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray, L: int, pad_id: int,

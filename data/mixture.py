@@ -73,8 +73,8 @@ class MixedStore:
         offsets = np.concatenate([stores[0].offsets[:1]] + [s.offsets[1:] + starts[i] for i, s in enumerate(stores)])
         masks = None
         if any(s.loss_mask is not None for s in stores):
-            masks = _Concat([s.loss_mask if s.loss_mask is not None else np.ones(len(s.tokens), np.uint8)
-                             for s in stores], starts)
+            masks = _Concat([s.loss_mask if s.loss_mask is not None else  # a text store: ones, zero-stride
+                             np.broadcast_to(np.uint8(1), (len(s.tokens),)) for s in stores], starts)
         doc_source = np.repeat(np.arange(len(stores)), [s.num_documents for s in stores])
         return cls(_Concat([s.tokens for s in stores], starts), offsets, masks, doc_source, names)
 
@@ -98,6 +98,25 @@ class MixedStore:
     def source_of_position(self, positions: np.ndarray) -> np.ndarray:
         """The source of the documents holding these token positions."""
         return self.doc_source[np.searchsorted(self.offsets, positions, side="right") - 1]
+
+
+class DocumentList:
+    """Documents `ids` of a store as a sequence of token arrays, each sliced when asked for: the
+    batchings keep this, not one array view per document (~0.5 KB each, on every rank)."""
+
+    def __init__(self, store, ids: np.ndarray, masks: bool = False) -> None:
+        self.store, self.ids, self.masks = store, np.asarray(ids, dtype=np.int64), masks
+        self.lengths = np.diff(store.offsets)[self.ids]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        d = int(self.ids[k])
+        return self.store.document_mask(d) if self.masks else self.store.document(d)
+
+    def __iter__(self):
+        return (self[k] for k in range(len(self)))
 
 
 def mixture_documents(lengths: np.ndarray, doc_source: np.ndarray, weights: list[float],

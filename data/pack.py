@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .mixture import DocumentList
 from .sources import DataError
 
 
@@ -23,7 +24,8 @@ class PackedRows:
     def __init__(self, docs: list[np.ndarray], seq_len: int, seed: int = 0, masks: list | None = None,
                  doc_sources: np.ndarray | None = None, n_sources: int = 1) -> None:
         self.docs = docs
-        self.ends = np.cumsum([len(d) for d in docs], dtype=np.int64)
+        lengths = getattr(docs, "lengths", None)
+        self.ends = np.cumsum(lengths if lengths is not None else [len(d) for d in docs], dtype=np.int64)
         total = int(self.ends[-1]) if len(docs) else 0
         n_rows = total // (seq_len + 1)
         if n_rows == 0:
@@ -31,7 +33,8 @@ class PackedRows:
                 f"data: {total} tokens cannot fill one row of seq_len+1={seq_len + 1} tokens; "
                 "lower data.seq_len or add documents"
             )
-        self.masks = masks if masks is not None and any(m is not None for m in masks) else None
+        self.masks = masks if masks is not None and (isinstance(masks, DocumentList) or any(
+            m is not None for m in masks)) else None
         self.doc_sources = None if doc_sources is None or n_sources <= 1 else np.asarray(doc_sources)
         self.n_sources = n_sources
         self.train_ids = np.arange(n_rows)
@@ -97,8 +100,15 @@ class PackedRows:
         ids = self.step_ids(step, batch_size, 0, 1)
         if self.doc_sources is None:
             return np.array([len(ids) * self.seq_len], dtype=np.int64)
-        sources = self._gather(ids, lambda d: np.full(len(self.docs[d]), self.doc_sources[d], np.int64))
-        return np.bincount(sources[:, :-1].ravel(), minlength=self.n_sources).astype(np.int64)
+        out = np.zeros(self.n_sources, dtype=np.int64)
+        width = self.seq_len + 1
+        for r in ids.tolist():  # each document's overlap with the row's inputs, from the ends alone
+            lo, hi = r * width, r * width + self.seq_len
+            first, last = np.searchsorted(self.ends, [lo, hi - 1], side="right")
+            starts = np.concatenate([[0], self.ends])[first:last + 1]
+            overlap = np.minimum(self.ends[first:last + 1], hi) - np.maximum(starts, lo)
+            np.add.at(out, self.doc_sources[first:last + 1], overlap)
+        return out
 
 
 class PackedBatches:

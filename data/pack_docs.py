@@ -21,6 +21,7 @@ masks pairs of different documents (kernels/documents.py); nothing here talks to
 from __future__ import annotations
 
 import bisect
+from array import array
 
 import numpy as np
 
@@ -36,18 +37,34 @@ class PackedDocRows:
     tools and tests. `masks` (per document, None = every token a target) mark chat prompts."""
 
     def __init__(self, docs: list[np.ndarray], rows: list[list[tuple[int, int, int]]], seq_len: int, pad_id: int = 0,
-                 masks: list | None = None) -> None:
-        self.docs, self.rows, self.seq_len, self.pad_id = docs, rows, seq_len, pad_id
+                 masks: list | None = None, full: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """`full` (documents, starts) are rows of one whole seq_len piece each, put first."""
+        self.docs, self.seq_len, self.pad_id = docs, seq_len, pad_id
         self.masks = masks if masks is not None and any(m is not None for m in masks) else None
+        # pieces as flat arrays (24 bytes each) and each row's first piece: a packing of a large
+        # corpus stays small, where lists of tuples cost ~100 bytes a piece
+        full_docs, full_starts = full if full is not None else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+        flat = [piece for row in rows for piece in row]
+        self.piece_doc = np.concatenate([full_docs, np.array([d for d, _, _ in flat], np.int64)])
+        self.piece_start = np.concatenate([full_starts, np.array([st for _, st, _ in flat], np.int64)])
+        self.piece_len = np.concatenate([np.full(len(full_docs), seq_len, np.int64),
+                                         np.array([n for _, _, n in flat], np.int64)])
+        counts = np.concatenate([np.ones(len(full_docs), np.int64), np.array([len(r) for r in rows], np.int64)])
+        self.row_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
     @property
     def num_rows(self) -> int:
-        return len(self.rows)
+        return len(self.row_ptr) - 1
+
+    def row(self, r: int) -> list[tuple[int, int, int]]:
+        """(document, start, length) of row r's pieces, in order."""
+        lo, hi = int(self.row_ptr[r]), int(self.row_ptr[r + 1])
+        return list(zip(self.piece_doc[lo:hi].tolist(), self.piece_start[lo:hi].tolist(), self.piece_len[lo:hi].tolist()))
 
     @property
     def pieces(self) -> list[list[tuple[int, int]]]:
         """Per row: (document index, start within it) of each piece, in order."""
-        return [[(d, start) for d, start, _ in row] for row in self.rows]
+        return [[(d, start) for d, start, _ in self.row(r)] for r in range(self.num_rows)]
 
     def take(self, ids) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(tokens [n, seq_len] int32 (padding pad_id), the piece of each token in its row [n, seq_len]
@@ -58,7 +75,7 @@ class PackedDocRows:
         target = np.ones((len(ids), self.seq_len), dtype=np.uint8) if self.masks is not None else None
         for i, r in enumerate(ids.tolist()):
             at = 0
-            for k, (d, start, length) in enumerate(self.rows[r]):
+            for k, (d, start, length) in enumerate(self.row(r)):
                 tokens[i, at:at + length] = self.docs[d][start:start + length]
                 doc_ids[i, at:at + length] = k
                 if target is not None and self.masks[d] is not None:
@@ -79,7 +96,7 @@ class PackedDocRows:
         return self.take(np.arange(self.num_rows))[2]
 
     def real_tokens(self) -> int:
-        return sum(n for row in self.rows for _, _, n in row)
+        return int(self.piece_len.sum())
 
     def positions(self, row: int) -> np.ndarray:
         """Position of each token within its piece (0 on padding)."""
@@ -91,7 +108,8 @@ class PackedDocRows:
 
     def cu_seqlens(self, row: int) -> np.ndarray:
         """[0, end of piece 0, end of piece 1, ...] (padding after the last end is no piece)."""
-        return np.concatenate([[0], np.cumsum([n for _, _, n in self.rows[row]])]).astype(np.int64)
+        lo, hi = int(self.row_ptr[row]), int(self.row_ptr[row + 1])
+        return np.concatenate([[0], np.cumsum(self.piece_len[lo:hi])]).astype(np.int64)
 
     def labels(self, row: int) -> np.ndarray:
         """The next token within the same piece; IGNORE_INDEX at a piece's last token, on padding and
@@ -101,26 +119,29 @@ class PackedDocRows:
 
     def stats(self) -> dict:
         real = self.real_tokens()
-        per_row = [len(p) for p in self.rows]
+        per_row = np.diff(self.row_ptr)
         return {"rows": self.num_rows, "seq_len": self.seq_len, "tokens": real,
                 "padding_fraction": round(1 - real / max(self.num_rows * self.seq_len, 1), 5),
-                "documents_per_row_mean": round(float(np.mean(per_row)), 3) if per_row else 0.0,
-                "documents_per_row_max": max(per_row, default=0)}
+                "documents_per_row_mean": round(float(np.mean(per_row)), 3) if len(per_row) else 0.0,
+                "documents_per_row_max": int(per_row.max()) if len(per_row) else 0}
 
 
 def _pieces(docs: list[np.ndarray], seq_len: int, seed: int):
-    """(full rows, pieces shorter than a row) as (doc, start, length), documents in a seeded order."""
+    """(full rows as (documents, starts) arrays, pieces shorter than a row as (doc, start, length)),
+    documents in a seeded order."""
     order = np.random.default_rng([seed, 11]).permutation(len(docs))
-    full: list[list[tuple[int, int, int]]] = []
+    lengths = getattr(docs, "lengths", None)
+    full_docs, full_starts = array("q"), array("q")
     items: list[tuple[int, int, int]] = []
     for d in order.tolist():
-        n, start = len(docs[d]), 0
+        n, start = int(lengths[d]) if lengths is not None else len(docs[d]), 0
         while n - start >= seq_len:
-            full.append([(d, start, seq_len)])
+            full_docs.append(d)
+            full_starts.append(start)
             start += seq_len
         if n - start > 0:
             items.append((d, start, n - start))
-    return full, items
+    return (np.frombuffer(full_docs, np.int64).copy(), np.frombuffer(full_starts, np.int64).copy()), items
 
 
 def _best_fit(items: list[tuple[int, int, int]], seq_len: int, window: int,
@@ -149,11 +170,6 @@ def _best_fit(items: list[tuple[int, int, int]], seq_len: int, window: int,
     return open_rows, left
 
 
-def _rows(docs: list[np.ndarray], rows: list[list[tuple[int, int, int]]], seq_len: int, pad_id: int,
-          masks: list | None = None) -> PackedDocRows:
-    return PackedDocRows(docs, rows, seq_len, pad_id, masks)
-
-
 def pack_documents(docs: list[np.ndarray], seq_len: int, seed: int = 0, window: int = 1024,
                    pad_id: int = 0, masks: list | None = None) -> PackedDocRows:
     """docs -> PackedDocRows (module docstring). Every token of every document appears exactly once.
@@ -161,10 +177,10 @@ def pack_documents(docs: list[np.ndarray], seq_len: int, seed: int = 0, window: 
     if seq_len < 2:
         raise DataError(f"data.seq_len={seq_len}: a packed row needs at least 2 tokens")
     full, items = _pieces(docs, seq_len, seed)
-    rows = full + _best_fit(items, seq_len, window)[0]
-    if not rows:
+    rows = _best_fit(items, seq_len, window)[0]
+    if not rows and not len(full[0]):
         raise DataError(f"data: no document tokens to pack into rows of data.seq_len={seq_len}")
-    return _rows(docs, rows, seq_len, pad_id, masks)
+    return PackedDocRows(docs, rows, seq_len, pad_id, masks, full)
 
 
 def pack_buckets(docs: list[np.ndarray], min_len: int, max_len: int, seed: int = 0, window: int = 1024,
@@ -187,10 +203,8 @@ def pack_buckets(docs: list[np.ndarray], min_len: int, max_len: int, seed: int =
         else:
             rows, _ = _best_fit([it for it in remaining if it[2] > L // 2], L, window)
             rows, remaining = _best_fit([it for it in remaining if it[2] <= L // 2], L, window, rows, open_new=False)
-        if L == max_len:
-            rows = full + rows
-        if rows:
-            out[L] = _rows(docs, rows, L, pad_id, masks)
+        if rows or (L == max_len and len(full[0])):
+            out[L] = PackedDocRows(docs, rows, L, pad_id, masks, full if L == max_len else None)
     if not out:
         raise DataError("data: no document tokens to pack")
     return dict(sorted(out.items()))
@@ -260,8 +274,9 @@ def _source_tokens(rows: PackedDocRows, ids: np.ndarray, doc_sources: np.ndarray
     """Real tokens per source in rows `ids` (a piece's source is its document's)."""
     out = np.zeros(n_sources, dtype=np.int64)
     for r in ids.tolist():
-        for d, _, n in rows.rows[r]:
-            out[0 if doc_sources is None else doc_sources[d]] += n
+        lo, hi = int(rows.row_ptr[r]), int(rows.row_ptr[r + 1])
+        src = np.zeros(hi - lo, np.int64) if doc_sources is None else np.asarray(doc_sources)[rows.piece_doc[lo:hi]]
+        out += np.bincount(src, weights=rows.piece_len[lo:hi], minlength=n_sources).astype(np.int64)
     return out
 
 

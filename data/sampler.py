@@ -20,6 +20,8 @@ is padded by parallel/layout.py after its last real token, with ignored labels.
 
 from __future__ import annotations
 
+from array import array
+
 import numpy as np
 
 SCHEDULES = ("natural", "grow_p2", "fixed", "weights")
@@ -39,6 +41,29 @@ def sp_for_length(L: int, sp: int, min_tokens_per_sp_rank: int) -> int:
 def row_group(dp_rank: int, sp_rank: int, sp: int, sp_eff: int) -> int:
     """Which row group a rank serves when the bucket runs at sp_eff <= sp: the sp group splits into sp/sp_eff."""
     return dp_rank * (sp // sp_eff) + sp_rank // sp_eff
+
+
+class _Plan:
+    """An epoch's (bucket length, batch index) per step as two int64 arrays (16 bytes a step; a list
+    of tuples is ~80, and a large corpus's epoch has millions of steps)."""
+
+    def __init__(self) -> None:
+        self.lengths, self.batches = array("q"), array("q")
+
+    def append(self, item: tuple[int, int]) -> None:
+        self.lengths.append(item[0])
+        self.batches.append(item[1])
+
+    def done(self) -> _Plan:
+        self.lengths = np.frombuffer(self.lengths, dtype=np.int64).copy()
+        self.batches = np.frombuffer(self.batches, dtype=np.int64).copy()
+        return self
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, pos: int) -> tuple[int, int]:
+        return int(self.lengths[pos]), int(self.batches[pos])
 
 
 class CurriculumSampler:
@@ -81,17 +106,18 @@ class CurriculumSampler:
             self.odds = {L: 2.0 ** (log_max - (L.bit_length() - 1)) for L in self.batches_per_epoch}
         self.steps_per_epoch = sum(self.batches_per_epoch.values())
         self.step = 0
-        self._plans: dict[int, list[tuple[int, int]]] = {}
+        self._plans: dict[int, _Plan] = {}
+        self._permutations: dict[int, tuple[int, np.ndarray]] = {}
 
     # --- the plan of one epoch -------------------------------------------------------------------
-    def _plan(self, epoch: int) -> list[tuple[int, int]]:
+    def _plan(self, epoch: int) -> _Plan:
         """[(L, batch index within the bucket's epoch permutation)] in step order."""
         if epoch in self._plans:
             return self._plans[epoch]
         rng = np.random.default_rng([self.seed, epoch, 7])
         lengths = list(self.batches_per_epoch)
         cycles = 1 if self.schedule in ("natural", "fixed") else self.cycles
-        plan: list[tuple[int, int]] = []
+        plan = _Plan()
         next_batch = {L: 0 for L in lengths}
         for cycle in range(cycles):
             # a bucket's batches in this cycle: np.array_split's sizes (the first n % cycles get one more)
@@ -109,11 +135,14 @@ class CurriculumSampler:
                 plan.append((L, next_batch[L]))
                 next_batch[L] += 1
                 left[L] -= 1
-        self._plans = {epoch: plan}  # keep one epoch cached
+        self._plans = {epoch: plan.done()}  # keep one epoch cached
         return plan
 
     def _permutation(self, L: int, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch, L]).permutation(self.sizes[L])
+        cached = self._permutations.get(L)
+        if cached is None or cached[0] != epoch:  # one per bucket: drawn once an epoch, not every step
+            cached = self._permutations[L] = (epoch, np.random.default_rng([self.seed, epoch, L]).permutation(self.sizes[L]))
+        return cached[1]
 
     # --- per step --------------------------------------------------------------------------------
     def length_at(self, step: int) -> int:

@@ -69,6 +69,11 @@ def source_identity(source: str, text_field: str, split: str, max_documents: int
     return f"{ident}|field={text_field}|max={max_documents}"
 
 
+def is_hub_name(source: str) -> bool:
+    """Read from the hub: not a default source, not an existing path, not path-like."""
+    return source not in DEFAULTS and not Path(source).exists() and not _looks_local(source)
+
+
 def _looks_local(source: str) -> bool:
     """A path (not a hub name) that does not exist: reported as a missing file, not a hub failure."""
     return source.startswith((".", "/", "~")) or Path(source).suffix in _BUILDERS
@@ -78,14 +83,15 @@ def resolve_revision(name: str, revision: str | None) -> str:
     """The commit a hub dataset is read at: `revision` as given, else what its main branch points
     to now (asked of the hub, or, offline, read from the local hub cache). So a dataset that moves
     on is tokenized again rather than served stale from the cache."""
-    if revision:
-        return revision
-    try:
+    if revision and len(revision) == 40 and all(c in "0123456789abcdef" for c in revision):
+        return revision  # already a commit
+    try:  # a branch or tag resolves to its commit now, so the key pins content, not a name
         from huggingface_hub import HfApi
 
-        return HfApi().dataset_info(name).sha
+        return HfApi().dataset_info(name, revision=revision).sha
     except Exception:
-        pass
+        if revision:
+            return revision  # offline: the name as given
     cache = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface")) / "hub")
     ref = cache / f"datasets--{name.replace('/', '--')}" / "refs" / "main"
     if ref.is_file():

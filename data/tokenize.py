@@ -148,7 +148,11 @@ def tokenize_records(tokenizer, records: list) -> list[tuple[np.ndarray, np.ndar
             if not hasattr(tokenizer, "encode_chat"):
                 raise DataError("data: the source holds chat records (messages or prompt/response) but "
                                 f"model.tokenizer {tokenizer.identity!r} has no chat template; use the model's tokenizer folder")
-            out[i] = tokenizer.encode_chat(r)
+            try:
+                out[i] = tokenizer.encode_chat(r)
+            except chat.ChatError as e:
+                first = next((m["content"] for m in r if m["role"] == "user"), "")
+                raise DataError(f"data: a chat record (its first user message starts {first[:60]!r}): {e}") from None
     return out
 
 

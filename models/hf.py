@@ -21,6 +21,8 @@ from .config import ModelConfig, ModelConfigError, load_hf_config
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
+    "chat_template.jinja",  # transformers >= 4.47 writes the chat template here, not in tokenizer_config.json
+    "chat_template.json",
     "special_tokens_map.json",
     "tokenizer.model",
     "vocab.json",

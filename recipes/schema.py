@@ -652,8 +652,18 @@ def _cross_checks(r: Recipe, problems: list[str]) -> None:
                             "curriculum use train.micro_batch_tokens")
 
 
+def _hub_like(path: str) -> bool:
+    """A hub dataset name, not a default source or a local path (as data/sources.py tells them)."""
+    return not (path.startswith(("default", ".", "/", "~")) or Path(path).suffix in (".jsonl", ".json", ".parquet",
+                                                                                    ".txt", ".text", ".md")
+                or Path(path).exists())
+
+
 def _source_checks(r: Recipe, problems: list[str]) -> None:
     d = r.data
+    if d.revision and not d.sources and not _hub_like(d.source):
+        problems.append(f"data.revision={d.revision!r}: has no effect on data.source={d.source!r} (only hub datasets "
+                        "have revisions); remove it")
     if not d.sources:
         return
     if d.source != "default":
@@ -666,6 +676,12 @@ def _source_checks(r: Recipe, problems: list[str]) -> None:
         if s.upsample_long.factor != 1.0 and s.upsample_long.min_len == 0:
             problems.append(f"data.sources[{i}].upsample_long.factor={s.upsample_long.factor}: has no effect with "
                             "min_len 0; set upsample_long.min_len (tokens)")
+        if s.upsample_long.min_len and s.upsample_long.factor == 1.0:
+            problems.append(f"data.sources[{i}].upsample_long.min_len={s.upsample_long.min_len}: has no effect with "
+                            "factor 1; set upsample_long.factor (how many times a long document counts)")
+        if s.revision and not _hub_like(s.path):
+            problems.append(f"data.sources[{i}].revision={s.revision!r}: has no effect on {s.path!r} (only hub "
+                            "datasets have revisions); remove it")
         if names.count(names[i]) > 1 and names.index(names[i]) == i:
             problems.append(f"data.sources[{i}]: name {names[i]!r} is used by more than one source; set data.sources[].name")
 

@@ -256,3 +256,52 @@ def test_a_step_whose_rows_hold_only_prompt_tokens_is_skipped_not_nan(tmp_path):
     assert all(h["step_tokens"] == 0 for h in skipped)
     assert all(np.isfinite(h["loss"]) for h in history if h not in skipped)
     assert any(not torch.equal(v, before[k]) for k, v in run.model.state_dict().items())
+
+
+def test_prompt_tokens_are_what_inference_feeds_the_model(chat_setup):
+    """Segments are tokenized apart, so the prompt's ids are exactly those of the same prompt
+    rendered with the generation prompt (what the model sees before it replies), even when the
+    reply starts with whitespace that BPE would merge with the header's newline."""
+    kind, folder, _, _ = chat_setup
+    tok = HFTokenizer(folder)
+    for reply in ("\n  the lazy dog\n", " fox", "seven"):
+        msgs = [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": reply}]
+        ids, mask = tok.encode_chat(msgs)
+        prompt = tok._tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True)
+        want = tok._tok(prompt, add_special_tokens=False)["input_ids"]
+        n = int(np.argmax(mask > 0))
+        assert ids[:n].tolist() == want and mask[:n].sum() == 0 and mask[n:].all()
+        end = TEMPLATES[kind][4]
+        assert tok.decode(ids[n:]) == (reply.strip() if kind == "llama3" else reply) + end
+
+
+def test_pack_labels_are_exactly_the_next_reply_tokens(chat_setup, tmp_path):
+    """Concat-and-chunk rows: every label is the next token where that token is a reply's, and
+    -100 elsewhere, against the conversations encoded one by one."""
+    _, folder, records, data = chat_setup
+    tok = HFTokenizer(folder)
+    encoded = [tok.encode_chat(__import__("longctx.data.chat", fromlist=["x"]).messages_of(r)) for r in records]
+    stream = np.concatenate([ids for ids, _ in encoded])
+    mask = np.concatenate([m for _, m in encoded])
+    source = _build(folder, data, tmp_path, "data.batching=pack", "data.seq_len=64", "train.batch_size=4",
+                    "~data.min_len", "~data.max_len", "~data.tokens_per_step")
+    for step in range(5):
+        ids = source.rows.step_ids(step, 4, 0, 1)
+        inputs, labels = source.step_batch(step)[:2]
+        for row, r in enumerate(ids.tolist()):
+            lo = r * 65
+            assert inputs[row].tolist() == stream[lo:lo + 64].tolist()
+            want = np.where(mask[lo + 1:lo + 65] > 0, stream[lo + 1:lo + 65], -100)
+            assert labels[row].tolist() == want.tolist()
+
+
+def test_smollm2_reply_with_leading_whitespace_keeps_the_inference_prompt(smollm2_dir):
+    """SmolLM2's BPE merges the header's newline with a reply's leading newline and spaces when
+    the conversation is tokenized whole (the prompt then ends differently from inference's)."""
+    tok = HFTokenizer(smollm2_dir)
+    msgs = [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "\n  Hello!\n"}]
+    ids, mask = tok.encode_chat(msgs)
+    prompt = tok._tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True)
+    n = int(np.argmax(mask > 0))
+    assert ids[:n].tolist() == tok._tok(prompt, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids[n:]) == "\n  Hello!\n<|im_end|>\n"

@@ -146,3 +146,36 @@ def test_data_inspect_reports_each_source(tmp_path):
     assert abs(short["epoch_share"] - 0.7) < 0.01 and abs(long["epoch_share"] - 0.3) < 0.01
     assert short["natural_share"] < 0.5 < long["natural_share"]
     assert long["long_documents"] > 0 and long["epoch_long_token_share"] > 0
+
+
+def test_kept_transitions_are_what_decompose_keeps():
+    from longctx.data.decompose import decompose, kept_transitions
+
+    rng = np.random.default_rng(4)
+    lengths = np.concatenate([rng.integers(0, 40, 300), rng.integers(40, 3000, 300), [1, 2, 16, 17, 129, 257]])
+    ends = np.cumsum(lengths)
+    for min_len, max_len in ((16, 128), (64, 64), (1, 256)):
+        want = kept_transitions(lengths, min_len, max_len)
+        for i in range(len(lengths)):
+            b = decompose(ends[i:i + 1] - lengths[i], ends[i:i + 1], min_len, max_len)
+            assert b.transitions_kept == want[i], (lengths[i], min_len, max_len)
+
+
+def test_weights_hold_for_what_decomposition_keeps(tmp_path):
+    """Decomposition drops each document's remainder below data.min_len, which costs a source of
+    short documents more: the mixture weighs what each document trains, so the drawn shares hold."""
+    rng = np.random.default_rng(2)
+    rows = {"notes": [{"text": "x" * int(n)} for n in rng.integers(40, 140, 1500)],
+            "books": [{"text": "y" * int(n)} for n in rng.integers(500, 3000, 60)]}
+    paths = {}
+    for name, items in rows.items():
+        paths[name] = tmp_path / f"{name}.jsonl"
+        paths[name].write_text("\n".join(json.dumps(r) for r in items))
+    mix = (f"data.sources=[{{path: {paths['notes']}, name: notes, weight: 1}}, "
+           f"{{path: {paths['books']}, name: books, weight: 1}}]")
+    recipe = schema.load(TINY, [mix, "data.max_documents=null", "data.cache=false", "data.min_len=64",
+                                "data.max_len=128", "data.tokens_per_step=512", "data.curriculum=natural"])
+    data = build_data(recipe, None, Mesh(0, 1, 0, 1, None, torch.device("cpu")), 259)[0]
+    drawn = sum(data.source_tokens(step) for step in range(data.sampler.steps_per_epoch))
+    share = drawn / drawn.sum()
+    assert abs(share[0] - 0.5) <= 0.02, share

@@ -123,8 +123,13 @@ def test_hub_revision_is_pinned_in_the_cache_key(tmp_path, monkeypatch):
     the hub cache's refs/main), so a dataset that moves on is tokenized again."""
     import longctx.data.sources as sources
 
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", offline)  # as without a network
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     ref = tmp_path / "hub" / "datasets--org--corpus" / "refs" / "main"
     ref.parent.mkdir(parents=True)
     ref.write_text("a" * 40)

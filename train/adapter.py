@@ -24,8 +24,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model, inject_adapter_in_model
-from peft.tuners.lora import LoraModel
 
 from ..models.config import ModelConfig
 from ..models.hf import CheckpointError, check_destination, copy_tokenizer, swap_in_folder
@@ -45,7 +43,9 @@ class LoraSpec:
     trainable: tuple[str, ...] = ("embed", "norm")
     base_model: str | None = None  # the folder the base weights came from (the adapter folder names it)
 
-    def config(self, **extra) -> LoraConfig:
+    def config(self, **extra):
+        from peft import LoraConfig  # imported when an adapter is used: full fine-tuning never loads peft
+
         return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
                           target_modules=list(self.targets), bias="none", **extra)
 
@@ -69,6 +69,8 @@ def apply_lora(model: CausalLM, spec: LoraSpec, seed: int) -> None:
     `spec.trainable`. Call it after the weights are loaded and before any wrapper or sharding."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        from peft import inject_adapter_in_model
+
         inject_adapter_in_model(spec.config(), model, adapter_name=ADAPTER_NAME)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -88,9 +90,11 @@ def trainable_parameters(model: CausalLM, trainable, adapters: bool = True) -> l
     return found
 
 
-def _tuner(model: CausalLM, spec: LoraSpec) -> LoraModel:
+def _tuner(model: CausalLM, spec: LoraSpec):
     """peft's LoRA tuner around `model` (adapters injected in place; their values are to be loaded)."""
     with torch.random.fork_rng(devices=[]):
+        from peft.tuners.lora import LoraModel
+
         return LoraModel(model, spec.config(), ADAPTER_NAME)
 
 
@@ -147,6 +151,8 @@ def save_adapter_folder(cfg: ModelConfig, state: dict[str, torch.Tensor], spec: 
     tie = cfg.tie_word_embeddings and "embed" in spec.trainable
     config = spec.config(modules_to_save=to_save or None, ensure_weight_tying=tie)
     with torch.device("meta"):
+        from peft import get_peft_model
+
         peft_model = get_peft_model(AutoModelForCausalLM.from_config(hf_config), config, adapter_name=ADAPTER_NAME)
     peft_model.peft_config[ADAPTER_NAME].base_model_name_or_path = spec.base_model  # get_peft_model reset it
     inner = peft_model.base_model.model

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..data.decompose import DecomposedData, decompose
-from ..data.mixture import MixedStore, mixture_documents, source_shares
+from ..data.decompose import DecomposedData, decompose, kept_transitions
+from ..data.mixture import DocumentList, MixedStore, mixture_documents, source_shares
 from ..data.pack import PackedBatches, PackedRows
 from ..data.pack_docs import PackedDocBatches, PackedDocBuckets, pack_buckets, pack_documents
 from ..data.sampler import CurriculumSampler, SamplerError
-from ..data.sources import DataError, iter_records, source_identity
+from ..data.sources import DataError, is_hub_name, iter_records, resolve_revision, source_identity
 from ..data.tokenize import load_tokenizer, tokenize_to_cache
 from ..kernels.attention import LocalAttention, check_kernel_available, resolve_kernel
 from ..kernels.capability import default_device
@@ -433,11 +433,7 @@ def build_data(recipe: Recipe, model_dir: Path | None, mesh: mesh_lib.Mesh, voca
     n_docs = store.num_documents
     eval_docs, train_docs = held_out_split(n_docs, recipe.run.seed, d.eval_fraction)
     n_eval = len(eval_docs)
-    if d.sources:  # the epoch's documents, with repeats, shared by the sources' weights, long ones upsampled
-        train_docs = train_docs[mixture_documents(np.diff(store.offsets)[train_docs], store.doc_source[train_docs],
-                                                  [s.weight for s in d.sources],
-                                                  [(s.upsample_long.min_len, s.upsample_long.factor) for s in d.sources],
-                                                  recipe.run.seed)]
+    train_docs = epoch_documents(recipe, store, train_docs)
     masks = _masks(recipe, store)
     if mesh.is_main and store.loss_mask is not None and d.train_on == "assistant" and d.batching != "packed_docs":
         log.warning("data: chat records under data.batching=%s are cut into %s, so a reply may train without the "
@@ -447,19 +443,19 @@ def build_data(recipe: Recipe, model_dir: Path | None, mesh: mesh_lib.Mesh, voca
                     "dropped" if d.batching == "decompose" and d.short_pieces == "drop" else "")
     eval_data = None
     if n_eval:
-        eval_rows = PackedRows([store.document(i) for i in eval_docs], recipe.eval.seq_len or d.seq_len,
+        eval_rows = PackedRows(DocumentList(store, eval_docs), recipe.eval.seq_len or d.seq_len,
                                seed=recipe.run.seed, masks=masks(eval_docs))
         eval_data = PackedBatches(eval_rows, recipe.eval.batch_size, mesh.dp_rank, mesh.dp_world, mesh.sp_world)
     sources = {"doc_sources": store.doc_source[train_docs], "source_names": store.names}
     if d.batching == "pack":
-        rows = PackedRows([store.document(i) for i in train_docs], d.seq_len, seed=recipe.run.seed,
+        rows = PackedRows(DocumentList(store, train_docs), d.seq_len, seed=recipe.run.seed,
                           masks=masks(train_docs), doc_sources=sources["doc_sources"], n_sources=len(store.names))
         data = PackedBatches(rows, recipe.train.batch_size, mesh.dp_rank, mesh.dp_world, mesh.sp_world)
         data.source_names = store.names
     elif d.batching == "packed_docs" and d.packed_lengths == "curriculum":
         data = _packed_buckets(recipe, store, train_docs, tokenizer, mesh, masks(train_docs), sources)
     elif d.batching == "packed_docs":
-        packed = pack_documents([store.document(i) for i in train_docs], d.seq_len, seed=recipe.run.seed,
+        packed = pack_documents(DocumentList(store, train_docs), d.seq_len, seed=recipe.run.seed,
                                 pad_id=_pad_id(tokenizer), masks=masks(train_docs))
         data = PackedDocBatches(packed, recipe.train.batch_size, mesh.dp_rank, mesh.dp_world, mesh.sp_world,
                                 seed=recipe.run.seed, **sources)
@@ -469,17 +465,39 @@ def build_data(recipe: Recipe, model_dir: Path | None, mesh: mesh_lib.Mesh, voca
         log.info("data: %d documents (%d held out), %d tokens (%.1fs), %s: %s", n_docs, n_eval,
                  int(store.offsets[-1]), time.time() - t0, d.batching, data.describe())
         if d.sources:
-            shares = source_shares(store.doc_source, np.diff(store.offsets), train_docs, len(store.names))
+            shares = source_shares(store.doc_source, trained_lengths(recipe, store), train_docs, len(store.names))
             log.info("data: epoch token share by source: %s", ", ".join(
                 f"{n} {100 * float(v):.1f}%" for n, v in zip(store.names, shares)))
     return data, eval_data, getattr(tokenizer, "folder", None), _pad_id(tokenizer)
+
+
+def trained_lengths(recipe: Recipe, store: MixedStore) -> np.ndarray:
+    """Per document, the tokens its batching trains: decomposition drops remainders shorter than
+    data.min_len (short_pieces: drop), so a source of short documents loses more of them."""
+    d = recipe.data
+    lengths = np.diff(store.offsets)
+    if d.batching == "decompose" and d.short_pieces == "drop":
+        return kept_transitions(lengths, d.min_len, d.max_len)
+    return lengths
+
+
+def epoch_documents(recipe: Recipe, store: MixedStore, docs: np.ndarray) -> np.ndarray:
+    """A mixture's documents for one epoch (data/mixture.py), with repeats, from the training
+    documents `docs`: the tokens each trains are shared by the sources' weights, long documents
+    upsampled inside their source. Without data.sources, `docs` itself."""
+    d = recipe.data
+    if not d.sources:
+        return docs
+    picked = mixture_documents(trained_lengths(recipe, store)[docs], store.doc_source[docs], [s.weight for s in d.sources],
+                               [(s.upsample_long.min_len, s.upsample_long.factor) for s in d.sources], recipe.run.seed)
+    return docs[picked]
 
 
 def _masks(recipe: Recipe, store: MixedStore):
     """Documents -> their target masks (None each when every token trains: plain text, or train_on all)."""
     if store.loss_mask is None or recipe.data.train_on == "all":
         return lambda docs: None
-    return lambda docs: [np.asarray(store.document_mask(int(i))) for i in docs]
+    return lambda docs: DocumentList(store, docs, masks=True)
 
 
 def data_sources(recipe: Recipe) -> list[SourceRecipe]:
@@ -498,6 +516,8 @@ def token_store(recipe: Recipe, tokenizer, mesh: mesh_lib.Mesh) -> MixedStore:
         field_, split, revision = s.text_field or d.text_field, s.split or d.split, s.revision or d.revision
         where = "data.source" if not d.sources else f"data.sources[{i}]"
         try:
+            if is_hub_name(s.path):  # resolved once: the key and the records read name the same commit
+                revision = resolve_revision(s.path, revision)
             ident = source_identity(s.path, field_, split, d.max_documents, revision)
         except DataError as e:
             raise DataError(f"{where}: {e}") from None
@@ -541,7 +561,7 @@ def _packed_buckets(recipe: Recipe, store: MixedStore, docs: np.ndarray, tokeniz
                     masks: list | None = None, sources: dict | None = None):
     """packed_docs under the length curriculum: packed rows per bucket length, drawn as decomposition's."""
     d = recipe.data
-    buckets = pack_buckets([store.document(int(i)) for i in docs], d.min_len, d.max_len, seed=recipe.run.seed,
+    buckets = pack_buckets(DocumentList(store, docs), d.min_len, d.max_len, seed=recipe.run.seed,
                            pad_id=_pad_id(tokenizer), masks=masks)
     data = PackedDocBuckets(buckets, _sampler(recipe, {L: b.num_rows for L, b in buckets.items()}, mesh),
                             mesh.sp_rank, **(sources or {}))

@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 
 from ..data.decompose import attention_flops, decompose
-from ..data.mixture import mixture_documents, source_shares
+from ..data.mixture import source_shares
 from ..data.pack_docs import pack_buckets, pack_documents
 from ..data.tokenize import load_tokenizer
 from ..models.config import ModelConfig
 from ..models.hf import load_model_folder
 from ..parallel.mesh import Mesh
 from ..recipes.schema import Recipe, bucketed
-from .build import resolve_model_dir, token_store
+from .build import epoch_documents, held_out_split, resolve_model_dir, token_store, trained_lengths
 
 
 def inspect(recipe: Recipe) -> dict:
@@ -70,21 +70,22 @@ def inspect(recipe: Recipe) -> dict:
 
 
 def sources_report(recipe: Recipe, store) -> dict:
-    """Per source: documents, tokens, long documents upsampled, and the share of the epoch's tokens
-    before and after the mixture (data/mixture.py; on every document, held-out ones included)."""
+    """Per source: documents, tokens, long documents upsampled, and its share of the tokens the
+    training documents train, before and after the mixture (train/build.epoch_documents, which
+    build_data uses: the held-out documents first, then the mixture of the rest)."""
     d = recipe.data
-    lengths = np.diff(store.offsets)
-    every = np.arange(store.num_documents)
-    epoch = mixture_documents(lengths, store.doc_source, [s.weight for s in d.sources],
-                              [(s.upsample_long.min_len, s.upsample_long.factor) for s in d.sources], recipe.run.seed)
-    natural = source_shares(store.doc_source, lengths, every, len(store.names))
+    lengths = trained_lengths(recipe, store)
+    _, train = held_out_split(store.num_documents, recipe.run.seed, d.eval_fraction)
+    epoch = epoch_documents(recipe, store, train)
+    natural = source_shares(store.doc_source, lengths, train, len(store.names))
     mixed = source_shares(store.doc_source, lengths, epoch, len(store.names))
+    tokens = np.diff(store.offsets)
     out = {}
     for k, (name, s) in enumerate(zip(store.names, d.sources)):
         mine = store.doc_source == k
         long = mine & (lengths >= s.upsample_long.min_len) if s.upsample_long.min_len else np.zeros_like(mine)
         picked = store.doc_source[epoch] == k
-        out[name] = {"documents": int(mine.sum()), "tokens": int(lengths[mine].sum()), "weight": s.weight,
+        out[name] = {"documents": int(mine.sum()), "tokens": int(tokens[mine].sum()), "weight": s.weight,
                      "natural_share": round(float(natural[k]), 4), "epoch_share": round(float(mixed[k]), 4),
                      "long_documents": int(long.sum()),
                      "epoch_documents": int(picked.sum()),

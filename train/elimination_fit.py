@@ -40,7 +40,7 @@ from ..data.sources import DataError
 from ..data.tokenize import load_tokenizer
 from ..kernels.capability import default_device
 from ..memory import elimination as el
-from ..memory.predictors import FILE, BlockPredictor, PredictorShape, Predictors, recall
+from ..memory.predictors import FILE, BlockPredictor, Predictors, PredictorShape, recall
 from ..parallel import mesh as mesh_lib
 from ..recipes import schema
 from ..recipes.schema import RecipeError
@@ -207,7 +207,8 @@ def _rows(recipe, model_dir, mesh, args) -> tuple[torch.Tensor, torch.Tensor]:
     out = []
     for docs, n, what in ((train, args.samples, "training"), (held, args.held_out, "held-out")):
         try:
-            rows = PackedRows([store.document(int(i)) for i in docs], args.seq_len).rows[:n, :args.seq_len]
+            packed = PackedRows([store.document(int(i)) for i in docs], args.seq_len)
+            rows = packed.gather(packed.train_ids[:n])[:, :args.seq_len]
         except DataError:
             raise RecipeError(f"--seq-len={args.seq_len}: the {what} documents do not fill one row of "
                               f"{args.seq_len + 1} tokens; lower --seq-len") from None

@@ -235,7 +235,9 @@ class TrainingEvals:
                                     samples=r.eval.samples, seed=r.run.seed, documents=r.eval.documents, label=label,
                                     model=f"{self.run.run_dir} (run {self.run.run_id})",
                                     overrides=[f"rope={model.config.rope}", f"data.source={r.data.source}",
-                                               f"data.eval_fraction={r.data.eval_fraction}"])
+                                               f"data.eval_fraction={r.data.eval_fraction}"]
+                                    + ([f"data.sources={[s.name or s.path for s in r.data.sources]}"]
+                                       if r.data.sources else []))
                 out = self.run.run_dir / "eval" / name / suite
                 self._set_aside_other(out, settings)
                 results = run_suite(suite, settings, self.scorer, self.tokenizer, self.data(), out,

@@ -297,7 +297,7 @@ def _with_sources(run: Run, step: int, record: dict) -> dict:
     """A mixture's input tokens per source in this step (all ranks' rows: each rank derives them
     from the sampler, no collective), so the dashboard shows the drawn shares."""
     names = getattr(run.data, "source_names", None)
-    if names and len(names) > 1:
+    if names and len(names) > 1 and run.mesh.is_main:  # only the main rank logs
         record["source_tokens"] = dict(zip(names, run.data.source_tokens(step).tolist()))
     return record
 
