@@ -72,9 +72,14 @@ def _run(base: Path, overrides: list[str]) -> dict:
     mesh.destroy()
     tokens = sum(h["step_tokens"] for h in history)
     return {"steps": len(history), "train_tokens": tokens, "train_seconds": round(seconds, 2),
-            "tokens_per_second": round(tokens / seconds, 2), "eval_loss": round(eval_loss, 4),
-            "last_train_loss": round(history[-1]["loss"], 4),
+            "tokens_per_second": round(tokens / seconds, 2), "eval_loss": _rounded(eval_loss),
+            # a step with no label (chat data, prompt only) has no loss: the last that had one
+            "last_train_loss": _rounded(next((h["loss"] for h in reversed(history) if h["loss"] is not None), None)),
             "seq_lens": sorted({h["seq_len"] for h in history})}
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 def _model_dir(recipe):

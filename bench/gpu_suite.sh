@@ -10,7 +10,7 @@
 # Steps (each under `timeout`; a failing step is recorded and the rest still run; the exit
 # status is non-zero when any step failed; a missed target is a result, not a failure):
 #   install    pip install --no-deps --no-index the wheels in .gpu-wheels (omegaconf, liger-kernel,
-#              cut-cross-entropy; setuptools when the machine's is older than 77), then longctx
+#              cut-cross-entropy, peft with accelerate and psutil; setuptools when the machine's is older than 77), then longctx
 #              itself with --no-deps -e . (without pip: the wheels unzipped onto PYTHONPATH and
 #              the repo linked as `longctx`); GPU runs only
 #   pytest     python3 -m pytest -q -m gpu tests/gpu   (dry run: --collect-only)
@@ -98,7 +98,7 @@ install() {
   if [[ ! -d .gpu-wheels ]]; then
     echo "install: no .gpu-wheels folder (bash bench/gpu_wheels.sh makes it); using what is installed"
   elif ! { (( pip_ok )) && "$PY" -m pip install --no-deps --no-index --find-links .gpu-wheels \
-             omegaconf liger-kernel cut-cross-entropy; }; then
+             omegaconf liger-kernel cut-cross-entropy peft accelerate psutil; }; then
     # No pip, or an interpreter pip cannot write to: a pure-Python wheel is a zip of the files
     # site-packages would get (setuptools left out: only pip's editable install needs it).
     echo "install: pip could not install the wheels; unzipping them into $site"

@@ -11,18 +11,24 @@
 #   liger-kernel            Liger's fused linear cross-entropy (bench/cce.py --impls liger)
 #   cut-cross-entropy       Apple's CCE (bench/cce.py --impls apple)
 #   setuptools              for `pip install -e .` without build isolation (no network there)
-# Each must be a py3-none-any wheel for Python 3.12; their Requires-Dist on torch/triton is printed
+#   peft, accelerate        LoRA (model.adapter; tests/gpu/test_gpu_lora.py): peft imports accelerate
+#   psutil                  accelerate imports it; CPython's stable ABI (abi3), no torch in it
+# Each must be a py3-none-any wheel for Python 3.12 (psutil: the abi3 one, ABI3_OK below); their Requires-Dist on torch/triton is printed
 # so a version that wants a newer torch than the GPU machine's (2.11, triton 3.6) shows here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=${1:-.gpu-wheels}
 PY=${PYTHON:-python3}
 LIMIT_MIB=40
-SPECS=("omegaconf>=2.4,<3" "liger-kernel>=0.5" "cut-cross-entropy>=24.11" "setuptools>=77")
+SPECS=("omegaconf>=2.4,<3" "liger-kernel>=0.5" "cut-cross-entropy>=24.11" "setuptools>=77" "peft>=0.18"
+       "accelerate>=1.0")
+ABI3_SPECS=("psutil>=5.9")  # no pure-Python wheel exists: CPython 3.12's stable-ABI one
 
 mkdir -p "$DEST"
 "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
   --platform manylinux2014_x86_64 --platform any --implementation py --abi none -d "$DEST" "${SPECS[@]}"
+"$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+  --platform manylinux2014_x86_64 --implementation cp --abi abi3 -d "$DEST" "${ABI3_SPECS[@]}"
 
 # Only pure-Python wheels: the GPU machine must not get a compiled extension built for another torch.
 "$PY" - "$DEST" <<'EOF'
@@ -32,9 +38,10 @@ import sys
 import zipfile
 
 folder = pathlib.Path(sys.argv[1])
+ABI3_OK = ("psutil-",)  # compiled against CPython's stable ABI only (no torch, no CUDA)
 bad = []
 for whl in sorted(folder.glob("*.whl")):
-    if not whl.name.endswith("-none-any.whl"):
+    if not whl.name.endswith("-none-any.whl") and not (whl.name.startswith(ABI3_OK) and "-abi3-" in whl.name):
         bad.append(whl.name)
     with zipfile.ZipFile(whl) as z:
         meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))

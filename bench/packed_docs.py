@@ -36,6 +36,11 @@ def _flops(rows) -> tuple[float, float]:
     return masked, across
 
 
+def _difference(a: float | None, b: float | None) -> float | None:
+    """Two eval losses' difference; None when either had no label to score (chat data, prompts only)."""
+    return None if a is None or b is None else round(a - b, 4)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--tiny", action="store_true", help="the tiny random model instead of SmolLM2-135M")
@@ -91,9 +96,9 @@ def main(argv=None) -> int:
     if "pack" in rows and "packed_docs" in rows:
         summary["tokens_per_second_ratio_vs_pack"] = round(rows["packed_docs"]["tokens_per_second"]
                                                            / rows["pack"]["tokens_per_second"], 3)
-        summary["loss_vs_pack"] = round(rows["packed_docs"]["eval_loss"] - rows["pack"]["eval_loss"], 4)
+        summary["loss_vs_pack"] = _difference(rows["packed_docs"]["eval_loss"], rows["pack"]["eval_loss"])
     if "decompose" in rows and "packed_docs" in rows:
-        summary["loss_vs_decompose"] = round(rows["packed_docs"]["eval_loss"] - rows["decompose"]["eval_loss"], 4)
+        summary["loss_vs_decompose"] = _difference(rows["packed_docs"]["eval_loss"], rows["decompose"]["eval_loss"])
     summary["eval_loss"] = {k: v["eval_loss"] for k, v in rows.items()}
     print(json.dumps({"summary": summary}))
     return 0

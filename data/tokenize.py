@@ -52,6 +52,18 @@ class ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
+def _library_versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ("tokenizers", "transformers", "jinja2"):
+        try:
+            found.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} absent")
+    return ";".join(found)
+
+
 class HFTokenizer:
     def __init__(self, folder: str | Path) -> None:
         from transformers import AutoTokenizer
@@ -70,6 +82,9 @@ class HFTokenizer:
                      "chat_template.jinja", "chat_template.json"):
             if (self.folder / name).is_file():
                 digest.update(name.encode() + (self.folder / name).read_bytes())
+        # so is the code that applies them: the tokenizers library, transformers' template
+        # rendering and jinja2 (an upgrade tokenizes again rather than reuse another's tokens)
+        digest.update(_library_versions().encode())
         self.identity = "hf-" + digest.hexdigest()[:16]
 
     def encode(self, text: str) -> list[int]:

@@ -20,6 +20,10 @@ Memory terms (bytes, per GPU):
   on the GPU under cpu_offload. The loss head's term becomes its variant's buffers per tile
   (vocab_buffers.py), and two phases hold the embedding's: its forward, and its backward on top
   of every gradient;
+- LoRA (Setting.adapter, model.adapter): the adapters' A and B add to the parameters; gradients,
+  AdamW states and its temporaries are the trained weights' only (the adapters, and the embedding
+  and norms when trained in full), and the head's weight gradient is made only when it is the
+  trained embedding (tied);
 - arena: memory.arena's buffer (attention's whole-sequence buffers by query tiles);
 - runtime: CUDA context / process baseline.
 The peak is not the sum of the terms: the loss head's slab and a block's backward workspace are
@@ -94,6 +98,35 @@ class ModelShape:
         return self.layers * self.params_per_layer() + self.vocab_params() + self.hidden
 
 
+# in and out features of each projection LoRA may target
+def _projection_dims(m: ModelShape) -> dict[str, tuple[int, int]]:
+    h, i, q, kv = m.hidden, m.intermediate, m.heads * m.head_dim, m.kv_heads * m.head_dim
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def lora_elements_per_layer(m: ModelShape, rank: int, targets) -> int:
+    """A [r, in] and B [out, r] of each targeted projection of one block."""
+    dims = _projection_dims(m)
+    return sum(rank * (dims[t][0] + dims[t][1]) for t in targets)
+
+
+def norm_elements(m: ModelShape) -> int:
+    """Every RMSNorm weight: two per block (and Qwen3's q/k norms), and the final one."""
+    return m.layers * (2 * m.hidden + (2 * m.head_dim if m.qk_norm else 0)) + m.hidden
+
+
+def trained_elements(m: ModelShape, adapter: tuple | None) -> tuple[int, int]:
+    """(parameters with gradients and AdamW states, all parameters) of full fine-tuning or of
+    Setting.adapter's LoRA (whose A and B are parameters too)."""
+    if adapter is None:
+        return m.params(), m.params()
+    rank, targets, full = adapter
+    adapters = m.layers * lora_elements_per_layer(m, rank, targets)
+    return (adapters + (norm_elements(m) if "norm" in full else 0) + (m.vocab * m.hidden if "embed" in full else 0),
+            m.params() + adapters)
+
+
 def param_tensor_elements(m: ModelShape, vocab: bool = True) -> list[int]:
     """Elements of each parameter tensor (FSDP2 shards and offloads them one by one); vocab=False
     leaves out the embedding and head (vocabulary parallel: FSDP2 ignores them)."""
@@ -106,14 +139,41 @@ def param_tensor_elements(m: ModelShape, vocab: bool = True) -> list[int]:
     return layer * m.layers + ([m.vocab * h] * (1 if m.tied else 2) if vocab else []) + [h]
 
 
-def offloaded_host_bytes(m: ModelShape, world: int, gpus_per_node: int, vocab: bool = True) -> float:
+def param_tensors(m: ModelShape, adapter: tuple | None = None, vocab: bool = True) -> list[tuple[int, bool]]:
+    """(elements, trained) of each parameter tensor: param_tensor_elements' with, under LoRA
+    (Setting.adapter), each target's A and B appended (trained) and the base tensors trained only
+    when `trainable` names them (norms; the embedding, the first vocabulary tensor)."""
+    elements = param_tensor_elements(m, vocab)
+    if adapter is None:
+        return [(n, True) for n in elements]
+    rank, targets, full = adapter
+    per_layer = 9 + (3 if m.qkv_bias else 0) + (2 if m.qk_norm else 0)
+    norms = {7, 8} | ({per_layer - 2, per_layer - 1} if m.qk_norm else set())  # the layer's norm tensors
+    out = []
+    for i, n in enumerate(elements):
+        in_layers = i < per_layer * m.layers
+        if in_layers:
+            trained = i % per_layer in norms and "norm" in full
+        elif i == len(elements) - 1:
+            trained = "norm" in full  # the final norm
+        else:
+            trained = "embed" in full and i == per_layer * m.layers  # the embedding, not an untied head
+        out.append((n, trained))
+    dims = _projection_dims(m)
+    out += [(rank * dims[t][k], True) for _ in range(m.layers) for t in targets for k in (0, 1)]
+    return out
+
+
+def offloaded_host_bytes(m: ModelShape, world: int, gpus_per_node: int, vocab: bool = True,
+                         adapter: tuple | None = None) -> float:
     """Host bytes per node under FSDP2's CPUOffloadPolicy over `world` ranks: each rank's sharded
     parameters and gradients in pinned memory (each tensor rounded up to a power of two by the
     pinned allocator) and AdamW's two states in ordinary memory. vocab=False: without the
-    embedding and head (vocabulary parallel, they stay on the GPU)."""
-    elements = param_tensor_elements(m, vocab)
-    pinned = sum(2 * pinned_bytes(int(4 * n / world)) for n in elements)
-    return (pinned + 8.0 * sum(elements) / world) * gpus_per_node
+    embedding and head (vocabulary parallel, they stay on the GPU). With a LoRA `adapter` the
+    adapters are parameters too, and only trained tensors have gradients and states."""
+    tensors = param_tensors(m, adapter, vocab)
+    pinned = sum((2 if trained else 1) * pinned_bytes(int(4 * n / world)) for n, trained in tensors)
+    return (pinned + 8.0 * sum(n for n, trained in tensors if trained) / world) * gpus_per_node
 
 
 def layer_bytes(m: ModelShape, autocast: bool, inputs_in_compute_dtype: bool = True) -> tuple[float, LayerBytes]:
@@ -219,6 +279,9 @@ class Setting:
     # (the sp group, or every rank under fsdp2: the caller decides)
     vocab_parallel: str = "off"
     vocab_group: int = 1
+    # model.adapter: (LoRA rank, target projections, base weights trained in full: "embed", "norm");
+    # None = full fine-tuning
+    adapter: tuple | None = None
 
 
 @dataclass
@@ -342,12 +405,25 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
     vocab_rows = vocab_buffers.rows_per_rank(m.vocab, s.vocab_group) if vocab_on else m.vocab
     vocab_own = float(m.vocab_params(vocab_rows)) if vocab_on else 0.0
     sharded_params = m.params() - (m.vocab_params() if vocab_on else 0)  # what the sharding divides
+    # what has gradients and AdamW states: every weight, or LoRA's adapters (+ embed / norms)
+    if s.adapter is None:
+        adapters, trained, vocab_trained, head_trained = 0, sharded_params, vocab_own, True
+        layer_trained = m.params_per_layer()
+    else:
+        rank, targets, full = s.adapter
+        layer_adapters = lora_elements_per_layer(m, rank, targets)
+        adapters = m.layers * layer_adapters
+        embed = "embed" in full
+        trained = adapters + (norm_elements(m) if "norm" in full else 0) + (m.vocab * m.hidden if embed and not vocab_on else 0)
+        vocab_trained = float(vocab_rows * m.hidden) if vocab_on and embed else 0.0  # the embedding's rows only
+        head_trained = embed and m.tied  # an untied head stays frozen
+        layer_trained = layer_adapters + ((norm_elements(m) - m.hidden) // m.layers if "norm" in full else 0)
     tokens = s.rows * s.seq_len // s.sp  # on this GPU
     base, lb = layer_bytes(m, s.autocast, s.kept_inputs_in_compute_dtype)
     swapped = max(m.layers - s.resident_layers, 0) if s.policy == "memo" else 0
     layer_s = layer_forward_flops(m, tokens, s.seq_len) / s.flops_per_s
     offloaded = s.cpu_offload and s.sharding == "fsdp2"
-    offload_host = offloaded_host_bytes(m, world_dp, s.gpus_per_node, vocab=not vocab_on) if offloaded else 0.0
+    offload_host = offloaded_host_bytes(m, world_dp, s.gpus_per_node, not vocab_on, s.adapter) if offloaded else 0.0
     if s.policy == "memo":
         if s.alpha == "auto":  # MEMO's share of host memory: what the offloaded states leave
             ap = plan_alpha(tokens, lb, layer_s, s.link_bytes_per_s, max(s.host_bytes_per_node - offload_host, 0.0),
@@ -416,9 +492,9 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
         comm += pbytes * (sharded_params - m.layers * m.params_per_layer())
     host += offload_host
     terms = {
-        "params": (0.0 if offloaded else 4.0 * sharded_params / shard[0]) + 4.0 * vocab_own,
-        "grads": (0.0 if offloaded else 4.0 * sharded_params / shard[1]) + 4.0 * vocab_own,
-        "optimizer": (0.0 if offloaded else 8.0 * sharded_params / shard[2]) + 8.0 * vocab_own,
+        "params": (0.0 if offloaded else 4.0 * (sharded_params + adapters) / shard[0]) + 4.0 * vocab_own,
+        "grads": (0.0 if offloaded else 4.0 * trained / shard[1]) + 4.0 * vocab_trained,
+        "optimizer": (0.0 if offloaded else 8.0 * trained / shard[2]) + 8.0 * vocab_trained,
         "activations": device_act + outside_bytes_per_token(m, s.autocast, tiled_head) * tokens,
         "staging_buffers": staging,
         "swap_in_flight": in_flight,
@@ -432,6 +508,8 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
     if vocab_on:
         terms["vocab_embedding"] = max(embed_fwd, embed_bwd)
     head_grad = 4.0 * vocab_own if vocab_on else 4.0 * m.vocab_params() / shard[1]
+    if s.adapter is not None:  # only a trained (tied) embedding has a head weight gradient
+        head_grad = (4.0 * vocab_rows * m.hidden / (1 if vocab_on else shard[1])) if head_trained else 0.0
     outside = outside_bytes_per_token(m, s.autocast, tiled_head) * tokens
     head_tiles = tiled_head_transient(m, tokens, s.loss_tile_tokens, vocab_rows) if tiled_head else 0.0
     # the first block's backward still meets the swapped copies when a resident block comes first
@@ -452,10 +530,17 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
     fwd_tile = min(tokens, s.recompute_chunk_tokens or tokens) * base if recomputes else 0.0
     # AdamW's temporaries on the GPU: offloaded states step on the host, the vocabulary rows (if sharded) here
     if s.optimizer_foreach:
-        optimizer_elements = (0.0 if offloaded else sharded_params / shard[2]) + vocab_own
-    else:
+        optimizer_elements = (0.0 if offloaded else trained / shard[2]) + vocab_trained
+    elif s.adapter is None:
         on_gpu = ([vocab_rows] if vocab_on or not offloaded else []) + ([] if offloaded else [m.intermediate])
         optimizer_elements = 2 * max(on_gpu, default=0) * m.hidden
+    else:  # the largest trained tensor on the GPU: the embedding's rows, else an adapter's A or B
+        on_gpu = [] if offloaded else [n for n, trained in param_tensors(m, s.adapter, vocab=False) if trained]
+        if vocab_trained:
+            on_gpu.append(vocab_rows * m.hidden)
+        elif "embed" in s.adapter[2] and not offloaded:
+            on_gpu.append(m.vocab * m.hidden)
+        optimizer_elements = 2 * max(on_gpu, default=0)
     # each phase's parts by name (a term's own name where it is one), summed in this order
     parts = {
         "loss": {"activations": terms["activations"], "loss_head": terms["loss_head"], "swap_in_flight": in_flight,
@@ -467,7 +552,7 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
                                  "swap_in_flight": first_in_flight},
         # offloaded, a unit's gradients leave the GPU once reduced: the root's (head) and about two
         # blocks' (the one reducing, the next computing) are on it at a time
-        "backward_last_block": {"grads": head_grad + 2 * 4 * m.params_per_layer() if offloaded else terms["grads"],
+        "backward_last_block": {"grads": head_grad + 2 * 4 * layer_trained if offloaded else terms["grads"],
                                 "outside": outside - head_dy, "layer_workspace": workspace,
                                 "attention_workspace": attn_ws},
         # torch.optim.AdamW(foreach=True) (train/optim.py): the gradients and one temporary of the

@@ -256,6 +256,45 @@ def test_a_step_whose_rows_hold_only_prompt_tokens_is_skipped_not_nan(tmp_path):
     assert all(h["step_tokens"] == 0 for h in skipped)
     assert all(np.isfinite(h["loss"]) for h in history if h not in skipped)
     assert any(not torch.equal(v, before[k]) for k, v in run.model.state_dict().items())
+    # metrics.jsonl stays strict JSON (no NaN token): a skipped step's loss is null
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")) for line in lines]
+    assert len(records) == len(history)
+    assert all(r["loss"] is None and r["grad_norm"] is None for r in records if r.get("skipped"))
+
+
+def test_held_out_rows_without_a_label_give_a_null_eval_loss_not_nan(tmp_path, caplog):
+    """Held-out chat rows can be all prompt (data.train_on=assistant): evaluation then has no
+    token to score. It says so and reports null, where 0/0 gave NaN."""
+    import logging
+
+    from longctx.train.build import build
+    from longctx.train.trainer import evaluate
+
+    folder = make_tokenizer(tmp_path / "tok", "llama3")
+    rng = np.random.default_rng(0)
+    records = [{"prompt": " ".join(rng.choice(WORDS, 120)), "response": "seven"} for _ in range(12)]
+    data = tmp_path / "long_prompts.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in records))
+    recipe = schema.load(TINY, [f"model.tokenizer={folder}", f"data.source={data}", "data.max_documents=null",
+                                "model.config.vocab_size=512", f"run.dir={tmp_path / 'run'}", "data.min_len=16",
+                                "data.max_len=64", "data.tokens_per_step=64", "eval.every=1", "eval.batches=1",
+                                "data.eval_fraction=0.25", "eval.seq_len=64"])
+    run = build(recipe)
+    real = run.eval_data.step_batch
+
+    def with_labels(value):
+        def batch(i):
+            inputs, labels, *rest = real(i)
+            return (inputs, np.full_like(np.asarray(labels), value) if value is not None else np.asarray(inputs), *rest)
+        return batch
+
+    run.eval_data.step_batch = with_labels(None)  # every token a label: a loss
+    assert np.isfinite(evaluate(run))
+    run.eval_data.step_batch = with_labels(-100)  # no label
+    with caplog.at_level(logging.WARNING):
+        assert evaluate(run) is None
+    assert "hold no label" in caplog.text
 
 
 def test_prompt_tokens_are_what_inference_feeds_the_model(chat_setup):
@@ -305,3 +344,16 @@ def test_smollm2_reply_with_leading_whitespace_keeps_the_inference_prompt(smollm
     n = int(np.argmax(mask > 0))
     assert ids[:n].tolist() == tok._tok(prompt, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids[n:]) == "\n  Hello!\n<|im_end|>\n"
+
+
+def test_tokenizer_identity_covers_the_libraries_that_render_and_tokenize(tmp_path, monkeypatch):
+    """The cache key holds the tokenizer's files and the versions of tokenizers, transformers and
+    jinja2: another version may render a template or split a word otherwise, so it tokenizes again."""
+    from longctx.data import tokenize
+
+    folder = make_tokenizer(tmp_path / "tok", "llama3")
+    first = HFTokenizer(folder).identity
+    assert HFTokenizer(folder).identity == first
+    assert "transformers==" in tokenize._library_versions()
+    monkeypatch.setattr(tokenize, "_library_versions", lambda: "tokenizers==0;transformers==0;jinja2==0")
+    assert HFTokenizer(folder).identity != first

@@ -68,3 +68,37 @@ def test_gpu_suite_dry_run_runs_every_step_and_reports_every_target(repo, tmp_pa
     measured = [r for r in step if "measured_peak_bytes" in r]
     assert [r["seq_len"] for r in measured] == [256, 512]
     assert all(r["alpha_run"] == r["alpha_plan"] for r in measured)
+
+
+def test_gpu_tests_corpus_reader_feeds_the_trainer_without_datasets(tmp_path, monkeypatch):
+    """tests/gpu reads its .jsonl corpus without `datasets` (the GPU machine may lack it) by patching
+    the reader train/build.py calls. On CPU, with `datasets` unimportable: the patch target exists
+    (a rename there once left every CUDA training test erroring at its fixture) and the run's
+    documents are the file's."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "gpu"))
+    try:
+        import _gpu
+    finally:
+        sys.path.pop(0)
+    import torch
+    from longctx.data.tokenize import ByteTokenizer
+    from longctx.parallel.mesh import Mesh
+    from longctx.recipes import schema
+    from longctx.train.build import token_store
+
+    docs = [f"document {i} " + "word " * (200 + 40 * i) for i in range(8)]
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    _gpu.read_jsonl_without_datasets(monkeypatch)
+    recipe = schema.load(os.path.join(os.path.dirname(__file__), "..", "recipes", "tiny.yaml"),
+                         [f"data.source={path}", "data.max_documents=null", "data.cache=false",
+                          "model.tokenizer=bytes"])
+    tok = ByteTokenizer()
+    store = token_store(recipe, tok, Mesh(0, 1, 0, 1, None, torch.device("cpu")))
+    assert store.num_documents == len(docs)
+    for i, d in enumerate(docs):
+        ids = tok.encode(d)
+        assert list(store.document(i)[:len(ids)]) == ids

@@ -285,3 +285,91 @@ def test_resume_with_another_adapter_exits_2_naming_both(tmp_path, capsys):
         assert main([*base, "train.max_steps=2", "train.resume=auto", *changed]) == 2
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("longctx: error:")]
         assert len(err) == 1 and "written by a run with lora rank 4 alpha 8" in err[0] and says in err[0], err
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("trainable", [("embed", "norm"), ("norm",), ()])
+@pytest.mark.parametrize("tied", [True, False])
+def test_plan_counts_what_a_lora_run_holds(tied, trainable, family):
+    """`longctx plan` with model.adapter: the memory model's parameter, gradient and AdamW terms are
+    the bytes a LoRA model holds after a step with the trainer's optimizer (all weights and the
+    adapters; gradients and m, v of the trained ones only), where it used to count full fine-tuning's."""
+    from longctx.memory.estimate import Setting, estimate, offloaded_host_bytes, param_tensors, trained_elements
+    from longctx.train.build import model_shape
+    from longctx.train.optim import build_optimizer
+
+    cfg = _config(tied, family)
+    targets = ("q_proj", "v_proj", "down_proj")
+    model = _model(cfg)
+    adapter.apply_lora(model, LoraSpec(rank=4, alpha=8.0, targets=targets, trainable=trainable), 0)
+    opt = build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 1e-8)
+    model(_ids(cfg), labels=_ids(cfg, seed=4)).backward()
+    opt.step()
+    shape = model_shape(cfg)
+    e = estimate(shape, Setting(seq_len=64, autocast=False, policy="full", gpus_per_node=1, runtime_bytes=0.0,
+                                adapter=(4, targets, trainable)))
+    params = [p for p in model.parameters()]
+    trained = [p for p in params if p.requires_grad]
+    assert all(p.grad is not None for p in trained) and all(p.grad is None for p in params if not p.requires_grad)
+    assert e.terms["params"] == 4 * sum(p.numel() for p in params)
+    assert e.terms["grads"] == 4 * sum(p.grad.numel() for p in trained)
+    states = [t for st in opt.state.values() for k, t in st.items() if k in ("exp_avg", "exp_avg_sq")]
+    assert e.terms["optimizer"] == sum(t.numel() * t.element_size() for t in states)
+    assert trained_elements(shape, (4, targets, trainable)) == (sum(p.numel() for p in trained),
+                                                                 sum(p.numel() for p in params))
+    # tensor by tensor (what FSDP2's CPU offload pins): the same sizes, trained or not, as the model's
+    tensors = param_tensors(shape, (4, targets, trainable))
+    assert sorted(tensors) == sorted((p.numel(), p.requires_grad) for p in params)
+    assert offloaded_host_bytes(shape, 1, 1, adapter=(4, targets, trainable)) < offloaded_host_bytes(shape, 1, 1)
+    full = estimate(shape, Setting(seq_len=64, autocast=False, policy="full", gpus_per_node=1, runtime_bytes=0.0))
+    assert full.terms["optimizer"] == 8 * shape.params() > e.terms["optimizer"]
+
+
+def test_plan_command_reports_a_lora_recipe(tmp_path, capsys):
+    """The plan of a recipe with model.adapter names what trains, and its optimizer term is LoRA's."""
+    overrides = ["model.adapter.rank=8"]
+    assert main(["plan", str(TINY), *overrides, "--gpus", "1", "--gpu-mem", "80GiB", "--json"]) == 0
+    lora = json.loads(capsys.readouterr().out)
+    assert main(["plan", str(TINY), "--gpus", "1", "--gpu-mem", "80GiB", "--json"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert lora["adapter"] and full["adapter"] is None
+    assert lora["trained_params"] < full["trained_params"] == full["model_params"]
+    assert lora["terms_bytes"]["optimizer"] < full["terms_bytes"]["optimizer"]
+    assert lora["terms_bytes"]["params"] > full["terms_bytes"]["params"]  # the adapters' A and B
+    assert main(["plan", str(TINY), *overrides, "--gpus", "1", "--gpu-mem", "80GiB"]) == 0
+    assert "LoRA rank 8 on" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("memory", [[], ["memory.policy=memo", "memory.alpha=0.5", "memory.resident_layers=0",
+                                         "memory.recompute_chunk_tokens=16"]], ids=["alone", "memo"])
+def test_lora_composes_with_token_elimination(memory):
+    """memory.elimination (LeMo) with model.adapter: at the start (B = 0) the adapted model keeps
+    the base model's blocks and gives its loss; each B's gradient is scale x dL/dW @ A^T of the
+    eliminated base model (the adapters see the kept tokens only), fp32 1e-5; frozen weights get none."""
+    from longctx.parallel import mesh as mesh_lib
+    from longctx.train.build import build_model
+
+    elim = ["memory.elimination.keep_ratio=0.5", "memory.elimination.dense_layers=[]",
+            "memory.elimination.block_tokens=8", *memory]
+    mesh = mesh_lib.init(torch.device("cpu"))
+    base = build_model(schema.load(TINY, elim), mesh)[0]
+    lora = build_model(schema.load(TINY, [*elim, "model.adapter.rank=4", "model.adapter.trainable=[]"]), mesh)[0]
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 256, (2, 100), generator=g)
+    labels = torch.randint(0, 256, (2, 100), generator=g)
+    losses = [m(ids, labels=labels) for m in (base, lora)]
+    for loss in losses:
+        loss.backward()
+    assert losses[0].item() == losses[1].item()
+    kept = [[layer.last_kept for layer in m.elimination] for m in (base, lora)]
+    assert all(torch.equal(a, b) for a, b in zip(*kept)) and kept[0][0].shape[1] < 100  # tokens were eliminated
+    checked = 0
+    for name, module in lora.named_modules():
+        if hasattr(module, "get_delta_weight"):
+            A = module.lora_A[adapter.ADAPTER_NAME].weight
+            expected = base.get_submodule(name.replace(".base_layer", "")).weight.grad @ A.T
+            got = module.lora_B[adapter.ADAPTER_NAME].weight.grad
+            torch.testing.assert_close(got, expected * module.scaling[adapter.ADAPTER_NAME], atol=1e-5, rtol=1e-5)
+            checked += 1
+    assert checked == 7 * lora.config.num_layers
+    assert all(p.grad is None for n, p in lora.named_parameters() if ".lora_" not in n)

@@ -1,6 +1,7 @@
 """Token cache: memory-mapped arrays keyed by tokenizer and source; several processes agree with one."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,9 +122,8 @@ def test_mask_file_back_fills_text_before_the_first_chat_record(tmp_path):
 def test_hub_revision_is_pinned_in_the_cache_key(tmp_path, monkeypatch):
     """A hub dataset's cache key holds the commit it is read at: given, or resolved (offline, from
     the hub cache's refs/main), so a dataset that moves on is tokenized again."""
-    import longctx.data.sources as sources
-
     import huggingface_hub
+    import longctx.data.sources as sources
 
     def offline(*args, **kwargs):
         raise OSError("offline")
@@ -140,3 +140,43 @@ def test_hub_revision_is_pinned_in_the_cache_key(tmp_path, monkeypatch):
     assert "@v1.2|" in source_identity("org/corpus", "text", "train", None, revision="v1.2")
     with pytest.raises(sources.DataError, match="data.revision"):
         source_identity("org/other", "text", "train", None)
+
+
+def _revision_per_rank(rank, world, root):
+    """Each rank's hub cache points main at another commit (a branch moving while ranks start);
+    rank 1's cache alone knows `org/other`."""
+    import os
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    from longctx.data.sources import DataError, resolve_revision
+    from longctx.train.build import _on_main
+
+    def offline(*args, **kwargs):
+        raise OSError("offline")
+
+    huggingface_hub.HfApi.dataset_info = offline  # this worker process only
+    os.environ["HF_HUB_CACHE"] = f"{root}/hub{rank}"
+    for name, sha in (("corpus", "ab"[rank] * 40), *((("other", "c" * 40),) if rank == 1 else ())):
+        ref = Path(root) / f"hub{rank}" / f"datasets--org--{name}" / "refs" / "main"
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        ref.write_text(sha)
+    mesh = SimpleNamespace(world=world, is_main=rank == 0)
+    pinned = _on_main(mesh, lambda: resolve_revision("org/corpus", None))
+    try:
+        _on_main(mesh, lambda: resolve_revision("org/other", None))
+        error = None
+    except DataError as e:
+        error = str(e)
+    return pinned, resolve_revision("org/corpus", None), error
+
+
+def test_hub_revision_is_the_main_ranks_on_every_rank(tmp_path):
+    """The revision is resolved on rank 0 and broadcast: every rank reads (and keys its cache with)
+    one commit, and rank 0's error reaches every rank instead of leaving the others waiting."""
+    from _dist import run
+
+    results = run(_revision_per_rank, 2, str(tmp_path))
+    assert [r[0] for r in results] == ["a" * 40] * 2
+    assert [r[1] for r in results] == ["a" * 40, "b" * 40]  # what each rank alone would have read
+    assert all(r[2] and "could not be resolved" in r[2] for r in results)

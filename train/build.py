@@ -349,7 +349,8 @@ def apply_memory(model: CausalLM, recipe: Recipe, mesh: mesh_lib.Mesh,
     if recipe.parallel.sharding == "fsdp2" and recipe.parallel.cpu_offload:  # MEMO gets what the offloaded states leave
         hw["host_bytes_per_node"] = max(
             hw["host_bytes_per_node"] - offloaded_host_bytes(shape, mesh.world, hw["gpus_per_node"],
-                                                             vocab=recipe.parallel.vocab_parallel == "off"), 0.0)
+                                                             recipe.parallel.vocab_parallel == "off",
+                                                             plan_inputs_adapter(recipe)), 0.0)
     planner = MemoPlanner(
         lb, shape.params_per_layer(), shape.heads * shape.head_dim, shape.layers, m.resident_layers,
         None if m.alpha == "auto" else float(m.alpha), m.tier, sp_of=lambda: sp_attention.sp if sp_attention else 1,
@@ -506,6 +507,25 @@ def data_sources(recipe: Recipe) -> list[SourceRecipe]:
     return list(d.sources) or [SourceRecipe(path=d.source, name=d.source)]
 
 
+def _on_main(mesh: mesh_lib.Mesh, compute):
+    """`compute()` on the main rank, its value (or its DataError) given to every rank: a hub
+    branch that moves while the ranks start must not leave them reading two commits."""
+    if mesh.world == 1 or not torch.distributed.is_initialized():
+        return compute()
+    box, failure = [None, None], None
+    if mesh.is_main:
+        try:
+            box[0] = compute()
+        except Exception as e:  # any failure reaches every rank: none is left waiting in the broadcast
+            failure, box[1] = e, str(e) if isinstance(e, DataError) else f"rank 0: {type(e).__name__}: {e}"
+    torch.distributed.broadcast_object_list(box, src=0)
+    if failure is not None:
+        raise failure
+    if box[1] is not None:
+        raise DataError(box[1])
+    return box[0]
+
+
 def token_store(recipe: Recipe, tokenizer, mesh: mesh_lib.Mesh) -> MixedStore:
     """The recipe's documents tokenized (from the cache when it has them), every source's in its
     own cache entry, presented as one store (data/mixture.MixedStore)."""
@@ -517,7 +537,7 @@ def token_store(recipe: Recipe, tokenizer, mesh: mesh_lib.Mesh) -> MixedStore:
         where = "data.source" if not d.sources else f"data.sources[{i}]"
         try:
             if is_hub_name(s.path):  # resolved once: the key and the records read name the same commit
-                revision = resolve_revision(s.path, revision)
+                revision = _on_main(mesh, lambda: resolve_revision(s.path, revision))
             ident = source_identity(s.path, field_, split, d.max_documents, revision)
         except DataError as e:
             raise DataError(f"{where}: {e}") from None
@@ -872,7 +892,15 @@ def plan_inputs(recipe: Recipe) -> tuple[ModelShape, dict]:
         "cpu_offload": recipe.parallel.cpu_offload, "fsdp_param_bf16": recipe.parallel.fsdp_param_dtype == "bf16",
         "arena": m.arena, "elimination_keep": elimination_keep(recipe),
         "elimination_predictor_flops": predictor_flops(recipe),
+        # LoRA: only the adapters (and the embedding / norms trained in full) have gradients and AdamW states
+        "adapter": plan_inputs_adapter(recipe),
     }
+
+
+def plan_inputs_adapter(recipe: Recipe) -> tuple | None:
+    """model.adapter as the memory model's Setting.adapter: (rank, targets, trained in full)."""
+    a = recipe.model.adapter
+    return (a.rank, tuple(a.targets), tuple(a.trainable)) if a is not None else None
 
 
 def predictor_flops(recipe: Recipe) -> float | None:

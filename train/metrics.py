@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -42,15 +43,16 @@ class Console:
         self.step_seconds.append(record["step_seconds"])
         self.lengths.append(record.get("seq_len", 0))
         eta = self.eta_seconds(record["step"])
+        loss = record["loss"]
         line = (
-            f"step {record['step']}/{self.max_steps} | loss {record['loss']:.4f} | "
+            f"step {record['step']}/{self.max_steps} | loss {_number(loss, '.4f', record.get('skipped'))} | "
             f"{record['tokens_per_second']:.0f} tok/s | lr {record['lr']:.2e} | "
             f"peak {record['peak_memory_bytes'] / 2**30:.2f} GiB | ETA {_format_seconds(eta)}"
         )
         if "eval_loss_before" in record:
-            line += f" | eval before {record['eval_loss_before']:.4f}"
+            line += f" | eval before {_number(record['eval_loss_before'], '.4f', 'no label')}"
         if "eval_loss" in record:
-            line += f" | eval {record['eval_loss']:.4f}"
+            line += f" | eval {_number(record['eval_loss'], '.4f', 'no label')}"
         for key in sorted(k for k in record if k.startswith("eval/") and k.endswith("/score")):
             line += f" | {key[5:-6]} {record[key]:.3f}"
         if "seq_len" in record:
@@ -59,6 +61,23 @@ class Console:
 
     def close(self) -> None:
         pass
+
+
+def _number(value, spec: str, missing: str | None) -> str:
+    """A figure for the progress line; a missing one (a skipped step, an eval without labels) as -."""
+    return format(value, spec) if value is not None else f"- ({missing or 'none'})"
+
+
+def _finite(value):
+    """JSON has no NaN or Infinity (json.dumps would write them, and strict readers, jq among
+    them, reject the line): a non-finite number is written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 class Jsonl:
@@ -74,7 +93,7 @@ class Jsonl:
         self.file = open(path, "a", buffering=1)
 
     def log(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json.dumps(_finite(record), allow_nan=False) + "\n")
 
     def close(self) -> None:
         self.file.close()
@@ -111,7 +130,7 @@ class WandB:
         )
 
     def log(self, record: dict) -> None:
-        self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        self.run.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
 
     def log_eval(self, step: int, suite: str, results: dict, folder: Path) -> None:
         """An evaluation's figures as images and its cells as a table."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from ..data.sampler import sp_for_length
-from ..memory.estimate import GiB, ModelShape, Setting, estimate, longest_fitting
+from ..memory.estimate import GiB, ModelShape, Setting, estimate, longest_fitting, trained_elements
 from ..memory.vocab_buffers import rows_per_rank
 from ..parallel import vocab
 from ..parallel.choose import SCHEDULES, Shape, choose, label
@@ -54,6 +54,7 @@ def setting_for(r: dict, gpus: int, gpu_mem: float, host_mem: float, gpus_per_no
         arena=r.get("arena", False), elimination_keep=r.get("elimination_keep"),
         elimination_predictor_flops=r.get("elimination_predictor_flops"),
         vocab_parallel=r.get("vocab_parallel", "off"), vocab_group=r.get("vocab_group", 1),
+        adapter=r.get("adapter"),
     )
 
 
@@ -117,7 +118,8 @@ def plan(shape: ModelShape, r: dict, gpus: int, gpu_mem: float, host_mem: float,
         parts.update({k: v for k, v in nxt.phase_parts.get(nxt.peak_phase, {}).items() if k in nxt.terms})
         binding = f"gpu_memory: {nxt.peak_phase} phase (largest term {max(parts, key=parts.get)})"
     return {
-        "model_params": shape.params(), "gpus": gpus, "gpus_per_node": per_node, "sharding": sharding,
+        "model_params": shape.params(), "trained_params": trained_elements(shape, r.get("adapter"))[0],
+        "adapter": r.get("adapter"), "gpus": gpus, "gpus_per_node": per_node, "sharding": sharding,
         "sp_degree": sp, "sp_fitted_from": asked if asked != sp else None, "seq_len": length, "policy": r["policy"],
         "alpha": e.alpha, "alpha_binding": e.alpha_binding,
         "terms_bytes": e.terms, "phases_bytes": e.phases, "peak_phase": e.peak_phase, "total_bytes": e.total, "gpu_bytes": gpu_mem,
@@ -138,6 +140,10 @@ def format_plan(p: dict) -> str:
              f"sharding {p['sharding']}, sp {p['sp_degree']}, policy {p['policy']}"
              + (f" (alpha {p['alpha']:.2f}, limited by {p['alpha_binding']})" if p["policy"] == "memo" else ""),
              f"sequence {p['seq_len']:,} tokens — per GPU:", ""]
+    if p.get("adapter"):
+        rank, targets, full = p["adapter"]
+        lines.insert(1, f"LoRA rank {rank} on {','.join(targets)}{' + ' + ','.join(full) + ' in full' if full else ''}: "
+                        f"{p['trained_params'] / 1e6:.1f}M parameters trained (gradients and AdamW states for those only)")
     lines.append(f"  {'term':<22}{'GiB':>10}")
     for k, v in p["terms_bytes"].items():
         lines.append(f"  {k:<22}{v / GiB:>10.2f}")

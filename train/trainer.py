@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -69,10 +70,12 @@ def _summary(run: Run, history: list[dict], stopped: int, seconds: float) -> Non
     if not run.mesh.is_main or not history:
         return
     first, last = history[0], history[-1]
-    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    losses = [h["loss"] for h in history if h["loss"] is not None]  # a skipped step (no label) has none
+    evals = [h["eval_loss"] for h in history if h.get("eval_loss") is not None]
     how = f"stopped by signal {stopped}" if stopped else "finished"
-    log.info("%s: steps %d-%d of %d in %.0f s, %d tokens in all; loss %.4f -> %.4f%s", how, first["step"],
-             last["step"], run.recipe.train.max_steps, seconds, last["tokens"], first["loss"], last["loss"],
+    log.info("%s: steps %d-%d of %d in %.0f s, %d tokens in all; loss %s%s", how, first["step"],
+             last["step"], run.recipe.train.max_steps, seconds, last["tokens"],
+             f"{losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "- (every step skipped: no label)",
              f"; eval loss {evals[-1]:.4f}" if evals else "")
     saved = ckpt.step_folders(run.run_dir / "checkpoints")
     log.info("run folder %s: metrics.jsonl%s%s", run.run_dir, f", checkpoint {saved[-1].name}" if saved else "",
@@ -288,8 +291,10 @@ def _skip_step(run: Run, step: int, length: int, inputs) -> dict:
     the schedule still advances, so the run stays a function of the step."""
     log.warning("step %d: every label of this step is masked (prompt tokens only); no update", step + 1)
     lr = run.optimizer.param_groups[0]["lr"]
-    run.scheduler.step()
-    record = _step_record(run, float("nan"), 0.0, lr, 0, length, inputs)
+    with warnings.catch_warnings():  # torch warns of a scheduler step before any optimizer step: intended here
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+        run.scheduler.step()
+    record = _step_record(run, None, None, lr, 0, length, inputs)  # no loss: null in metrics.jsonl, not NaN
     return _with_sources(run, step, record | {"skipped": "no labels"})
 
 
@@ -314,7 +319,7 @@ def _deepspeed_step(run: Run, step: int, mean_loss: float, global_valid: float, 
     return _step_record(run, mean_loss, grad_norm, lr, global_valid, length, inputs)
 
 
-def _step_record(run: Run, mean_loss: float, grad_norm: float, lr: float, global_valid: float, length: int,
+def _step_record(run: Run, mean_loss: float | None, grad_norm: float | None, lr: float, global_valid: float, length: int,
                  inputs) -> dict:
     mesh = run.mesh
     out = {"loss": mean_loss, "grad_norm": grad_norm, "lr": lr, "step_tokens": int(global_valid), "seq_len": int(length),
@@ -357,7 +362,9 @@ def communicator_stats(run: Run) -> dict:
 
 
 @torch.no_grad()
-def evaluate(run: Run) -> float:
+def evaluate(run: Run) -> float | None:
+    """Mean loss over the held-out batches' labelled tokens (collective). None, with a warning,
+    when they hold no label (chat data trained on replies only, held-out rows all prompt)."""
     r, mesh = run.recipe, run.mesh
     total = torch.zeros(2, dtype=torch.float64)
     for i in range(r.eval.batches):
@@ -367,6 +374,11 @@ def evaluate(run: Run) -> float:
             total[0] += run.model(inputs, position_ids=positions, labels=labels, seq_len=seq_len).double().cpu()
         total[1] += (labels != IGNORE_INDEX).sum().item()
     all_reduce_sum(total, mesh.grad_group)
+    if total[1] == 0:
+        if mesh.is_main:
+            log.warning("eval: the %d held-out batch(es) hold no label (prompt tokens only under data.train_on="
+                        "assistant); eval_loss is null. Raise eval.batches or data.eval_fraction", r.eval.batches)
+        return None
     return (total[0] / total[1]).item()
 
 
@@ -447,7 +459,7 @@ def train(run: Run) -> dict:
     history = []
     stop = StopSignal()
     heartbeat = Heartbeat(mesh.rank, mesh.world) if mesh.world > 1 and "MASTER_ADDR" in os.environ else None
-    eval_before = evaluate(run) if r.eval.every and run.start_step == 0 else None
+    eval_before = [evaluate(run)] if r.eval.every and run.start_step == 0 else None  # [None]: no label held out
     tasks = TrainingEvals(run) if r.eval.tasks else None
     tasks_before = None
     if tasks is not None and run.start_step == 0:
@@ -485,7 +497,7 @@ def train(run: Run) -> dict:
             if not history:  # the first record of this run names the kernels that ran
                 record.update({k: v for k, v in (run.describe or {}).items() if k in ("attention_kernel", "loss_impl")})
             if eval_before is not None:
-                record["eval_loss_before"], eval_before = eval_before, None
+                record["eval_loss_before"], eval_before = eval_before[0], None
             if r.eval.every and (step + 1) % r.eval.every == 0:
                 record["eval_loss"] = evaluate(run)
                 run.model.train()

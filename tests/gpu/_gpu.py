@@ -42,6 +42,23 @@ def release_cuda_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def read_jsonl_without_datasets(monkeypatch) -> None:
+    """The trainer reads a local .jsonl with `datasets`' streaming reader, which the GPU machine may
+    lack: its records are read here with json instead (the reader is tested on CPU in
+    tests/test_data.py and tests/test_chat_data.py; the CUDA path is what is under test). Patched
+    where train/build.py looks it up, so a rename there fails here instead of passing unread."""
+    import itertools
+    import json
+    from pathlib import Path
+
+    def iter_records(source, text_field="text", split="train", max_documents=None, revision=None):
+        rows = (json.loads(line) for line in Path(source).read_text().splitlines() if line.strip())
+        records = (r[text_field] for r in rows)
+        return itertools.islice(records, max_documents) if max_documents else records
+
+    monkeypatch.setattr("longctx.train.build.iter_records", iter_records)
+
+
 def assert_compiled_triton() -> None:
     """The GPU suite checks the compiled Triton kernels, not the CPU interpreter."""
     assert os.environ.get("TRITON_INTERPRET") != "1", (

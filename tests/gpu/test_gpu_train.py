@@ -38,15 +38,10 @@ def _clean():
     _gpu.release_cuda_memory()
 
 
-def _read_jsonl(source, text_field="text", split="train", max_documents=None):
-    docs = [json.loads(line)[text_field] for line in Path(source).read_text().splitlines() if line.strip()]
-    return docs[:max_documents] if max_documents else docs
-
-
 @pytest.fixture
 def corpus(monkeypatch, tmp_path):
     """Writes documents of pseudo-English (`chars` characters each) to a .jsonl and returns its path."""
-    monkeypatch.setattr("longctx.train.build.load_documents", _read_jsonl)
+    _gpu.read_jsonl_without_datasets(monkeypatch)
 
     def write(n_docs, chars, seed=0):
         rng = random.Random(seed)
