@@ -232,6 +232,19 @@ def test_longqa_answer_is_far_back_and_only_it_trains(smollm2_dir):
         assert tok.decode(ids[mask > 0]) == answer + "<|im_end|>\n"
 
 
+def _long_prompts_recipe(tmp_path, n: int, *overrides):
+    """`n` conversations of a 120-word prompt and a one-word reply, rows of 64 tokens: many rows
+    and pieces hold prompt tokens only."""
+    folder = make_tokenizer(tmp_path / "tok", "llama3")
+    rng = np.random.default_rng(0)
+    records = [{"prompt": " ".join(rng.choice(WORDS, 120)), "response": "seven"} for _ in range(n)]
+    data = tmp_path / "long_prompts.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in records))
+    return schema.load(TINY, [f"model.tokenizer={folder}", f"data.source={data}", "data.max_documents=null",
+                              "model.config.vocab_size=512", f"run.dir={tmp_path / 'run'}", "data.min_len=16",
+                              "data.max_len=64", "data.tokens_per_step=64", *overrides])
+
+
 def test_a_step_whose_rows_hold_only_prompt_tokens_is_skipped_not_nan(tmp_path):
     """Decomposition cuts long conversations: a piece (and a step of one row) can hold only prompt
     tokens. Such a step has no label to learn from: it is skipped (no update), not a 0/0 loss."""
@@ -239,16 +252,8 @@ def test_a_step_whose_rows_hold_only_prompt_tokens_is_skipped_not_nan(tmp_path):
     from longctx.train.build import build
     from longctx.train.trainer import train
 
-    folder = make_tokenizer(tmp_path / "tok", "llama3")
-    rng = np.random.default_rng(0)
-    records = [{"prompt": " ".join(rng.choice(WORDS, 120)), "response": "seven"} for _ in range(6)]
-    data = tmp_path / "long_prompts.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in records))
-    recipe = schema.load(TINY, [f"model.tokenizer={folder}", f"data.source={data}", "data.max_documents=null",
-                                "model.config.vocab_size=512", f"run.dir={tmp_path / 'run'}", "data.min_len=16",
-                                "data.max_len=64", "data.tokens_per_step=64", "data.curriculum=natural", "data.short_pieces=pad",
-                                "train.max_steps=12", "train.warmup_steps=1"])
-    run = build(recipe)
+    run = build(_long_prompts_recipe(tmp_path, 6, "data.curriculum=natural", "data.short_pieces=pad",
+                                     "train.max_steps=12", "train.warmup_steps=1"))
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
     history = train(run)["history"]
     skipped = [h for h in history if h.get("skipped") == "no labels"]
@@ -271,16 +276,8 @@ def test_held_out_rows_without_a_label_give_a_null_eval_loss_not_nan(tmp_path, c
     from longctx.train.build import build
     from longctx.train.trainer import evaluate
 
-    folder = make_tokenizer(tmp_path / "tok", "llama3")
-    rng = np.random.default_rng(0)
-    records = [{"prompt": " ".join(rng.choice(WORDS, 120)), "response": "seven"} for _ in range(12)]
-    data = tmp_path / "long_prompts.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in records))
-    recipe = schema.load(TINY, [f"model.tokenizer={folder}", f"data.source={data}", "data.max_documents=null",
-                                "model.config.vocab_size=512", f"run.dir={tmp_path / 'run'}", "data.min_len=16",
-                                "data.max_len=64", "data.tokens_per_step=64", "eval.every=1", "eval.batches=1",
-                                "data.eval_fraction=0.25", "eval.seq_len=64"])
-    run = build(recipe)
+    run = build(_long_prompts_recipe(tmp_path, 12, "eval.every=1", "eval.batches=1", "data.eval_fraction=0.25",
+                                     "eval.seq_len=64"))
     real = run.eval_data.step_batch
 
     def with_labels(value):
