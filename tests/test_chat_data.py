@@ -172,6 +172,12 @@ def test_decompose_and_pack_label_only_reply_tokens(chat_setup, tmp_path, batchi
     labelled = total = 0
     for step in range(6):
         inputs, labels = source.step_batch(step)[:2]
+        if batching == "decompose":  # each row's labels are its piece's next tokens where the stored mask is 1
+            L, pieces, _ = source.sampler.batch_at(step, sp_rank=0)
+            for row_lab, s, n in zip(labels, source.buckets.starts[L][pieces], source.buckets.lengths[L][pieces]):
+                after = slice(int(s) + 1, int(s) + int(n) + 1)
+                want = np.where(np.asarray(source.loss_mask[after]) > 0, np.asarray(source.tokens[after], dtype=np.int64), -100)
+                assert np.array_equal(row_lab[:n], want) and (row_lab[n:] == -100).all()
         for row_in, row_lab in zip(inputs, labels):
             keep = row_lab != -100
             labelled += int(keep.sum())
@@ -354,3 +360,20 @@ def test_tokenizer_identity_covers_the_libraries_that_render_and_tokenize(tmp_pa
     assert "transformers==" in tokenize._library_versions()
     monkeypatch.setattr(tokenize, "_library_versions", lambda: "tokenizers==0;transformers==0;jinja2==0")
     assert HFTokenizer(folder).identity != first
+
+
+def test_a_chat_source_the_tokenizer_cannot_render_exits_2_naming_the_file(tmp_path, capsys):
+    """Through `longctx train`: a line naming the source's key and file (the tokenizer error alone
+    said only `data: ...`), exit 2, and the run folder keeps what an earlier run wrote."""
+    from longctx.cli import main
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "response": "b"}))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("mine")
+    assert main(["train", str(TINY), f"run.dir={run_dir}", f"data.source={data}", "data.cache=false"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"longctx: error: data.source={str(data)!r}: the source holds chat records"), err
+    assert not any("Traceback" in line for line in err)
+    assert (run_dir / "notes.txt").read_text() == "mine"

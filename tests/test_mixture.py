@@ -51,12 +51,15 @@ def test_mixed_store_reads_every_source_as_one():
         m.tokens[6:10]
 
 
+# Each source writes its own letters (byte ids), so a batch's tokens say which source they came from.
+LETTERS = {"short": "abcdefgh", "long": "qrstuvwx"}
+
+
 def _sources(tmp_path) -> list[str]:
-    """Two jsonl sources of different lengths: short notes and long texts."""
+    """Two jsonl sources of different lengths: short notes and long texts, each in its own letters."""
     rng = np.random.default_rng(1)
-    words = "alpha beta gamma delta epsilon zeta eta theta".split()
-    short = [{"text": " ".join(rng.choice(words, int(rng.integers(5, 30))))} for _ in range(400)]
-    long = [{"text": " ".join(rng.choice(words, int(rng.integers(40, 300))))} for _ in range(150)]
+    short = [{"text": "".join(rng.choice(list(LETTERS["short"]), int(rng.integers(30, 180))))} for _ in range(400)]
+    long = [{"text": "".join(rng.choice(list(LETTERS["long"]), int(rng.integers(100, 1800))))} for _ in range(150)]
     out = []
     for name, rows in (("short", short), ("long", long)):
         path = tmp_path / f"{name}.jsonl"
@@ -86,15 +89,28 @@ def test_drawn_token_share_follows_the_weights_over_1000_steps(tmp_path, batchin
                                 f"run.dir={tmp_path / 'r'}", *BATCHINGS[batching]])
     data = build_data(recipe, None, Mesh(0, 1, 0, 1, None, torch.device("cpu")), 259)[0]
     assert data.source_names == ["short", "long"]
-    drawn = sum(data.source_tokens(step) for step in range(1000))
+    # counted in the batches the trainer gets (each source's letters; end-of-document and padding
+    # ids left out, ~1% of the short source's tokens)
+    drawn = _drawn_from_batches(data, 1000)
     share = drawn / drawn.sum()
     assert abs(share[0] - 0.7) <= 0.02 and abs(share[1] - 0.3) <= 0.02, share
+    logged = sum(data.source_tokens(step) for step in range(1000))  # what metrics.jsonl reports
+    assert np.abs(logged / logged.sum() - share).max() <= 0.01, (logged, drawn)
     # natural shares are far from the weights, so this is the mixture's doing
     recipe1 = schema.load(TINY, [_mixture(tmp_path, (1.0, 1.0)), "data.max_documents=null", "data.cache=false",
                                  f"run.dir={tmp_path / 'r'}", *BATCHINGS[batching]])
     one = build_data(recipe1, None, Mesh(0, 1, 0, 1, None, torch.device("cpu")), 259)[0]
     even = sum(one.source_tokens(step) for step in range(300))
     assert abs(even[0] / even.sum() - 0.5) <= 0.05 and abs(even[0] / even.sum() - 0.7) > 0.1
+
+
+def _drawn_from_batches(data, steps: int) -> np.ndarray:
+    ids = [np.frombuffer(LETTERS[name].encode(), np.uint8) for name in ("short", "long")]
+    counts = np.zeros(2)
+    for step in range(steps):
+        rows = np.asarray(data.step_batch(step)[0])
+        counts += [np.isin(rows, i).sum() for i in ids]
+    return counts
 
 
 def test_grow_p2_curriculum_gives_the_weights_over_whole_epochs(tmp_path):
@@ -105,9 +121,9 @@ def test_grow_p2_curriculum_gives_the_weights_over_whole_epochs(tmp_path):
                                 "data.tokens_per_step=512", "data.short_pieces=pad"])
     data = build_data(recipe, None, Mesh(0, 1, 0, 1, None, torch.device("cpu")), 259)[0]
     steps = data.sampler.steps_per_epoch
-    drawn = sum(data.source_tokens(step) for step in range(steps))
+    drawn = _drawn_from_batches(data, steps)
     share = drawn / drawn.sum()
-    assert abs(share[0] - 0.7) <= 0.02, share
+    assert abs(share[0] - 0.7) <= 0.02 and abs(share[1] - 0.3) <= 0.02, share
 
 
 def test_mixture_resume_continues_exactly_and_logs_the_shares(tmp_path):
@@ -179,3 +195,16 @@ def test_weights_hold_for_what_decomposition_keeps(tmp_path):
     drawn = sum(data.source_tokens(step) for step in range(data.sampler.steps_per_epoch))
     share = drawn / drawn.sum()
     assert abs(share[0] - 0.5) <= 0.02, share
+
+
+def test_a_missing_source_file_is_named_by_its_key(tmp_path, capsys):
+    from longctx.cli import main
+
+    present, absent = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    present.write_text(json.dumps({"text": "hello world"}))
+    code = main(["train", str(TINY), f"run.dir={tmp_path / 'r'}", "data.cache=false",
+                 f"data.sources=[{{path: {present}}}, {{path: {absent}}}]"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    # (source 0's tokenizing progress line comes first)
+    assert err[-1] == f"longctx: error: data.sources[1].path={str(absent)!r}: file not found", err

@@ -534,22 +534,34 @@ def token_store(recipe: Recipe, tokenizer, mesh: mesh_lib.Mesh) -> MixedStore:
     stores, names = [], []
     for i, s in enumerate(data_sources(recipe)):
         field_, split, revision = s.text_field or d.text_field, s.split or d.split, s.revision or d.revision
-        where = "data.source" if not d.sources else f"data.sources[{i}]"
+        key = "data.source" if not d.sources else f"data.sources[{i}].path"
         try:
             if is_hub_name(s.path):  # resolved once: the key and the records read name the same commit
                 revision = _on_main(mesh, lambda: resolve_revision(s.path, revision))
             ident = source_identity(s.path, field_, split, d.max_documents, revision)
         except DataError as e:
-            raise DataError(f"{where}: {e}") from None
+            raise DataError(_named(str(e), key, s.path)) from None
 
         def records(path=s.path, field_=field_, split=split, revision=revision):
             return iter_records(path, field_, split, d.max_documents, revision)
 
         # Every rank asks the cache at once: the first on each cache (node-local or shared) tokenizes
         # under a file lock while the others wait on the lock, not in a collective that would time out.
-        stores.append(tokenize_to_cache(tokenizer, records, ident, cache, num_proc=d.num_proc, progress=mesh.is_main))
+        try:
+            stores.append(tokenize_to_cache(tokenizer, records, ident, cache, num_proc=d.num_proc, progress=mesh.is_main))
+        except DataError as e:
+            raise DataError(_named(str(e), key, s.path)) from None
         names.append(s.name or s.path)
     return MixedStore.of(stores, names)
+
+
+def _named(message: str, key: str, path: str) -> str:
+    """A data error as `key='path': what` (the recipe key that names the source), once: the readers
+    say `data.source='path': ...` or `data: ...`, or name the file they read."""
+    for prefix in (f"data.source={path!r}: ", "data: "):
+        if message.startswith(prefix):
+            return f"{key}={path!r}: {message[len(prefix):]}"
+    return message if path in message else f"{key}={path!r}: {message}"
 
 
 def held_out_split(n_docs: int, seed: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
