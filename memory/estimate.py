@@ -111,20 +111,11 @@ def lora_elements_per_layer(m: ModelShape, rank: int, targets) -> int:
     return sum(rank * (dims[t][0] + dims[t][1]) for t in targets)
 
 
-def norm_elements(m: ModelShape) -> int:
-    """Every RMSNorm weight: two per block (and Qwen3's q/k norms), and the final one."""
-    return m.layers * (2 * m.hidden + (2 * m.head_dim if m.qk_norm else 0)) + m.hidden
-
-
 def trained_elements(m: ModelShape, adapter: tuple | None) -> tuple[int, int]:
     """(parameters with gradients and AdamW states, all parameters) of full fine-tuning or of
     Setting.adapter's LoRA (whose A and B are parameters too)."""
-    if adapter is None:
-        return m.params(), m.params()
-    rank, targets, full = adapter
-    adapters = m.layers * lora_elements_per_layer(m, rank, targets)
-    return (adapters + (norm_elements(m) if "norm" in full else 0) + (m.vocab * m.hidden if "embed" in full else 0),
-            m.params() + adapters)
+    tensors = param_tensors(m, adapter)
+    return sum(n for n, trained in tensors if trained), sum(n for n, _ in tensors)
 
 
 def param_tensor_elements(m: ModelShape, vocab: bool = True) -> list[int]:
@@ -405,19 +396,20 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
     vocab_rows = vocab_buffers.rows_per_rank(m.vocab, s.vocab_group) if vocab_on else m.vocab
     vocab_own = float(m.vocab_params(vocab_rows)) if vocab_on else 0.0
     sharded_params = m.params() - (m.vocab_params() if vocab_on else 0)  # what the sharding divides
-    # what has gradients and AdamW states: every weight, or LoRA's adapters (+ embed / norms)
+    # what has gradients and AdamW states: every weight, or LoRA's adapters (+ embed / norms); the
+    # vocabulary rows outside the sharding (vocabulary parallel) apart
+    tensors = param_tensors(m, s.adapter, vocab=not vocab_on)
+    trained = sum(n for n, t in tensors if t)
+    adapters = sum(n for n, _ in tensors) - sharded_params
     if s.adapter is None:
-        adapters, trained, vocab_trained, head_trained = 0, sharded_params, vocab_own, True
-        layer_trained = m.params_per_layer()
+        vocab_trained, head_trained, layer_trained = vocab_own, True, m.params_per_layer()
     else:
         rank, targets, full = s.adapter
-        layer_adapters = lora_elements_per_layer(m, rank, targets)
-        adapters = m.layers * layer_adapters
         embed = "embed" in full
-        trained = adapters + (norm_elements(m) if "norm" in full else 0) + (m.vocab * m.hidden if embed and not vocab_on else 0)
         vocab_trained = float(vocab_rows * m.hidden) if vocab_on and embed else 0.0  # the embedding's rows only
         head_trained = embed and m.tied  # an untied head stays frozen
-        layer_trained = layer_adapters + ((norm_elements(m) - m.hidden) // m.layers if "norm" in full else 0)
+        layer_norms = 2 * m.hidden + (2 * m.head_dim if m.qk_norm else 0)
+        layer_trained = lora_elements_per_layer(m, rank, targets) + (layer_norms if "norm" in full else 0)
     tokens = s.rows * s.seq_len // s.sp  # on this GPU
     base, lb = layer_bytes(m, s.autocast, s.kept_inputs_in_compute_dtype)
     swapped = max(m.layers - s.resident_layers, 0) if s.policy == "memo" else 0
@@ -534,12 +526,8 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
     elif s.adapter is None:
         on_gpu = ([vocab_rows] if vocab_on or not offloaded else []) + ([] if offloaded else [m.intermediate])
         optimizer_elements = 2 * max(on_gpu, default=0) * m.hidden
-    else:  # the largest trained tensor on the GPU: the embedding's rows, else an adapter's A or B
-        on_gpu = [] if offloaded else [n for n, trained in param_tensors(m, s.adapter, vocab=False) if trained]
-        if vocab_trained:
-            on_gpu.append(vocab_rows * m.hidden)
-        elif "embed" in s.adapter[2] and not offloaded:
-            on_gpu.append(m.vocab * m.hidden)
+    else:  # the largest trained tensor on the GPU: the embedding (its rows), else an adapter's A or B
+        on_gpu = ([] if offloaded else [n for n, t in tensors if t]) + ([vocab_rows * m.hidden] if vocab_trained else [])
         optimizer_elements = 2 * max(on_gpu, default=0)
     # each phase's parts by name (a term's own name where it is one), summed in this order
     parts = {

@@ -350,7 +350,7 @@ def apply_memory(model: CausalLM, recipe: Recipe, mesh: mesh_lib.Mesh,
         hw["host_bytes_per_node"] = max(
             hw["host_bytes_per_node"] - offloaded_host_bytes(shape, mesh.world, hw["gpus_per_node"],
                                                              recipe.parallel.vocab_parallel == "off",
-                                                             plan_inputs_adapter(recipe)), 0.0)
+                                                             adapter_shape(recipe)), 0.0)
     planner = MemoPlanner(
         lb, shape.params_per_layer(), shape.heads * shape.head_dim, shape.layers, m.resident_layers,
         None if m.alpha == "auto" else float(m.alpha), m.tier, sp_of=lambda: sp_attention.sp if sp_attention else 1,
@@ -508,8 +508,8 @@ def data_sources(recipe: Recipe) -> list[SourceRecipe]:
 
 
 def _on_main(mesh: mesh_lib.Mesh, compute):
-    """`compute()` on the main rank, its value (or its DataError) given to every rank: a hub
-    branch that moves while the ranks start must not leave them reading two commits."""
+    """`compute()` on the main rank, its value (or its failure, as a DataError) given to every rank:
+    a hub branch that moves while the ranks start must not leave them reading two commits."""
     if mesh.world == 1 or not torch.distributed.is_initialized():
         return compute()
     box, failure = [None, None], None
@@ -905,11 +905,11 @@ def plan_inputs(recipe: Recipe) -> tuple[ModelShape, dict]:
         "arena": m.arena, "elimination_keep": elimination_keep(recipe),
         "elimination_predictor_flops": predictor_flops(recipe),
         # LoRA: only the adapters (and the embedding / norms trained in full) have gradients and AdamW states
-        "adapter": plan_inputs_adapter(recipe),
+        "adapter": adapter_shape(recipe),
     }
 
 
-def plan_inputs_adapter(recipe: Recipe) -> tuple | None:
+def adapter_shape(recipe: Recipe) -> tuple | None:
     """model.adapter as the memory model's Setting.adapter: (rank, targets, trained in full)."""
     a = recipe.model.adapter
     return (a.rank, tuple(a.targets), tuple(a.trainable)) if a is not None else None
