@@ -6,12 +6,17 @@ with the recipe's YaRN x2 above 8K, bf16 autocast, memory.policy as given (none 
 kept: what LeMo's paper measures), the same training rows from the default corpus's training books
 and the same held-out windows. LeMo runs at the artifact's defaults: 0.4 of the 64-token blocks
 kept in all but the first num_layers // 2 - 1 layers and the last (memory.elimination).
+--regime artifact (the default) trains as the artifact's end-to-end scripts do: LoRA r 8, alpha 16
+on q, k, v, o, the base frozen, AdamW lr 2e-5, betas (0.9, 0.95); the LeMo variants' MLPs save 0.2
+of their channels (memory.elimination.mlp_channels, approximate input gradients) and the dense
+baseline's MLPs are exact, as in the artifact. --regime full: full fine-tuning, AdamW lr 5e-5, every
+MLP exact (the earlier rows of bench/results/cpu-token_elimination*.jsonl).
 - saved activation bytes: memory/accounting.SavedBytes over one training forward (every tensor
   autograd keeps for backward, parameters excluded);
 - step time: forward + backward + AdamW, the mean of the timed steps (the first step is a warm-up
   and not timed);
-- held-out loss after the same N optimizer steps from the same weights on the same rows (AdamW,
-  lr 5e-5), evaluated dense (elimination is a training-time device: the exported model is dense)
+- held-out loss after the same N optimizer steps from the same weights on the same rows (the
+  regime's optimizer), evaluated dense (elimination is a training-time device: the exported model is dense)
   and also with the elimination on: the mean over positions 1 .. length-1 of the held-out windows,
   and by position in 8 buckets (`loss_by_position`, `loss_by_position_dense`; eval/perplexity.py).
 - predictor recall (lemo_predictor): on each held-out window, every eliminating layer also computes
@@ -20,7 +25,7 @@ kept in all but the first num_layers // 2 - 1 layers and the last (memory.elimin
 Prints one JSON object per case, then the summary (dense / LeMo ratios per length).
 
   python -m longctx.bench.token_elimination [--lengths 8192,16384] [--steps 3] [--policy none]
-      [--variants dense,lemo_exact,lemo_predictor --predictors FOLDER]
+      [--regime artifact|full] [--variants dense,lemo_exact,lemo_predictor --predictors FOLDER]
   python -m longctx.bench.token_elimination --quality 2048 --eval-windows 2   # how blocks are chosen
 """
 
@@ -34,6 +39,12 @@ from ._subprocess import run_case
 
 KEEP = 0.4
 BLOCK = 64
+# The artifact's end-to-end scripts (Pairshoe/Jenga-AE scripts/end2end-*): LoRA r 8, alpha 16 on q, k, v, o
+# (the base frozen, nothing else trained), AdamW lr 2e-5, betas (0.9, 0.95), no weight decay; Jenga's
+# MLP saves 0.2 of its channels in every layer (its baseline's MLP is dense).
+ARTIFACT_LORA = ["model.adapter.type=lora", "model.adapter.rank=8", "model.adapter.alpha=16",
+                 "model.adapter.targets=[q_proj,k_proj,v_proj,o_proj]", "model.adapter.trainable=[]"]
+MLP_CHANNELS = 0.2
 
 
 def _rows(length: int, count: int, held_out: bool, seed: int = 0):
@@ -58,7 +69,8 @@ def _rows(length: int, count: int, held_out: bool, seed: int = 0):
     return torch.as_tensor(np.stack([text[s:s + length + 1] for s in starts]).astype(np.int64))
 
 
-def _case(variant: str, length: int, steps: int, policy: str, eval_windows: int, predictors: str | None) -> dict:
+def _case(variant: str, length: int, steps: int, policy: str, eval_windows: int, predictors: str | None,
+          regime: str = "artifact") -> dict:
     import resource
 
     import torch
@@ -67,9 +79,9 @@ def _case(variant: str, length: int, steps: int, policy: str, eval_windows: int,
     from longctx.memory import elimination
     from longctx.memory.accounting import SavedBytes
     from longctx.parallel.mesh import Mesh
-    from longctx.train.evaluation import training_forward
     from longctx.recipes import schema
     from longctx.train.build import build_model
+    from longctx.train.evaluation import training_forward
 
     overrides = [f"memory.policy={policy}", "run.dtype=bf16", "model.rope.type=yarn", "model.rope.factor=2.0",
                  f"model.max_seq_len={max(length, 8192)}"]
@@ -79,12 +91,17 @@ def _case(variant: str, length: int, steps: int, policy: str, eval_windows: int,
         overrides += ["memory.elimination.source=predictor", f"memory.elimination.predictors={predictors}"]
     if variant == "lemo_exact_attention":  # eliminated tokens still go through the MLP (the artifact's code)
         overrides += ["memory.elimination.skip_mlp=false"]
+    if regime == "artifact":
+        overrides += ARTIFACT_LORA + ([f"memory.elimination.mlp_channels={MLP_CHANNELS}"]
+                                      if variant.startswith("lemo") else [])
     recipe = schema.load(None, overrides)
     mesh = Mesh(0, 1, 0, 1, None, torch.device("cpu"))
     model, _, _ = build_model(recipe, mesh)
     train_rows = _rows(length, steps + 1, held_out=False)
     held = _rows(length, eval_windows, held_out=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, foreach=True)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = (torch.optim.AdamW(trained, lr=2e-5, betas=(0.9, 0.95), weight_decay=0.0, foreach=True)
+                 if regime == "artifact" else torch.optim.AdamW(trained, lr=5e-5, foreach=True))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16)
 
     def loss_of(row):
@@ -123,7 +140,9 @@ def _case(variant: str, length: int, steps: int, policy: str, eval_windows: int,
         return summarize(length, length // 8, sums, counts, len(held))
 
     model.eval()
-    out = {"variant": variant, "seq_len": length, "policy": policy, "dtype": "bf16 autocast", "steps": steps,
+    out = {"variant": variant, "seq_len": length, "regime": regime, "policy": policy, "dtype": "bf16 autocast",
+           "steps": steps, "trained_parameters": sum(p.numel() for p in trained),
+           "mlp_channels": recipe.memory.elimination.mlp_channels,
            "saved_bytes": sum(b for k, b in per_layer.items() if k.startswith("layers.")),
            "saved_bytes_other": per_layer.get("other", 0), "saved_bytes_per_layer": per_layer,
            "step_seconds": round(sum(times) / len(times), 3), "train_losses": [round(x, 4) for x in losses],
@@ -205,6 +224,9 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", default="8192,16384")
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps (after one warm-up step)")
     p.add_argument("--policy", default="none", help="memory.policy of both variants (none, full, memo)")
+    p.add_argument("--regime", default="artifact", choices=("artifact", "full"),
+                   help="artifact: the LeMo artifact's LoRA and optimizer, and LeMo's MLP saving 0.2 of its "
+                        "channels (needs --policy none); full: full fine-tuning, AdamW lr 5e-5, exact MLP")
     p.add_argument("--eval-windows", type=int, default=2, help="held-out windows of each length")
     p.add_argument("--variants", default="dense,lemo_exact", help="of dense, lemo_exact, lemo_exact_attention, "
                    "lemo_predictor (needs --predictors)")
@@ -221,17 +243,20 @@ def main(argv=None) -> int:
         return 0
     if args.case:
         variant, length = args.case.split(":")
-        print(json.dumps(_case(variant, int(length), args.steps, args.policy, args.eval_windows, args.predictors)))
+        print(json.dumps(_case(variant, int(length), args.steps, args.policy, args.eval_windows, args.predictors,
+                               args.regime)))
         return 0
     rows = []
     for length in map(int, args.lengths.split(",")):
         for variant in args.variants.split(","):
             rows.append(run_case("longctx.bench.token_elimination",
                                  ["--case", f"{variant}:{length}", "--steps", str(args.steps), "--policy", args.policy,
-                                  "--eval-windows", str(args.eval_windows)]
+                                  "--eval-windows", str(args.eval_windows), "--regime", args.regime]
                                  + (["--predictors", args.predictors] if args.predictors else []),
                                  {"variant": variant, "seq_len": length}))
-    summary = {"measured_on": "CPU, one process", "policy": args.policy, "keep_ratio": KEEP, "block_tokens": BLOCK}
+    summary = {"measured_on": "CPU, one process", "regime": args.regime, "policy": args.policy, "keep_ratio": KEEP,
+               "block_tokens": BLOCK} | ({"lora": ARTIFACT_LORA, "mlp_channels": MLP_CHANNELS}
+                                         if args.regime == "artifact" else {})
     for length in sorted({r["seq_len"] for r in rows}):
         by = {r["variant"]: r for r in rows if r["seq_len"] == length and "error" not in r}
         k = f"_{length // 1024}k" if length % 1024 == 0 else f"_{length}"

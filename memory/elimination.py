@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.capability import has_triton_gpu
@@ -417,6 +418,93 @@ def apply(model: nn.Module, policy: Elimination, sp_attention=None) -> list[Elim
     model.elimination = [wrap(block, policy, i, group) for i, block in enumerate(model.model.layers)
                          if policy.keep[i] < 1.0]
     return model.elimination
+
+
+# --- the MLP's saved channels (the artifact's MLP sparsity) -----------------------------------------
+def saved_channel_count(fraction: float, intermediate: int) -> int:
+    """Intermediate channels an MLP saves for backward (at least one, round half up)."""
+    return min(intermediate, max(1, math.floor(fraction * intermediate + 0.5)))
+
+
+def chosen_channels(a: torch.Tensor, u: torch.Tensor, count: int, group=None) -> torch.Tensor:
+    """The `count` channels (sorted) with the largest ||silu(gate)[:, c]|| + ||up[:, c]|| over every token
+    of a [.., I] and u [.., I] (and of the sp group's other ranks: one all-reduce of 2 x I sums)."""
+    squares = torch.stack([a.reshape(-1, a.shape[-1]).float().pow(2).sum(0),
+                           u.reshape(-1, u.shape[-1]).float().pow(2).sum(0)])
+    if group is not None:
+        dist.all_reduce(squares, group=group)
+    return squares.sqrt().sum(0).topk(count).indices.sort().values
+
+
+class _SavedChannelsSwiGLU(torch.autograd.Function):
+    """down(silu(x Wg^T) * (x Wu^T)) with frozen weights: forward is the dense MLP's (the same ops);
+    backward keeps only gate and up of the chosen channels, so dx = d/dx of the MLP restricted to
+    them (the other channels' share of the input gradient is dropped; the weights get none)."""
+
+    @staticmethod
+    def forward(ctx, x, wg, wu, wd, count, group, owner):
+        g, u = F.linear(x, wg), F.linear(x, wu)
+        a = F.silu(g)
+        out = F.linear(a * u, wd)
+        idx = chosen_channels(a, u, count, group)
+        owner.last_channels = idx
+        ctx.save_for_backward(g.index_select(-1, idx), u.index_select(-1, idx), idx, wg, wu, wd)
+        ctx.x_dtype = x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        gk, uk, idx, wg, wu, wd = ctx.saved_tensors
+        dt = gk.dtype  # the forward's compute dtype (bf16 under autocast); elementwise work in fp32
+        dc = (dy.to(dt) @ wd.index_select(1, idx).to(dt)).float()
+        g = gk.float()
+        s = torch.sigmoid(g)
+        dg = (dc * uk.float() * s * (1 + g * (1 - s))).to(dt)
+        du = (dc * g * s).to(dt)
+        dx = dg @ wg.index_select(0, idx).to(dt) + du @ wu.index_select(0, idx).to(dt)
+        return dx.to(ctx.x_dtype), None, None, None, None, None, None
+
+
+class SavedChannelsMLP:
+    """One MLP with memory.elimination.mlp_channels < 1: in training with a graph it runs
+    `_SavedChannelsSwiGLU`; otherwise (eval, no grad) the dense MLP. `last_channels` holds the
+    last choice (tests)."""
+
+    def __init__(self, mlp: nn.Module, fraction: float, group: SequenceGroup) -> None:
+        self.mlp, self.inner, self.group = mlp, mlp.forward, group
+        self.count = saved_channel_count(fraction, mlp.gate_proj.out_features)
+        self.last_channels: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.mlp
+        if not (m.training and torch.is_grad_enabled()) or self.count == m.gate_proj.out_features:
+            return self.inner(x)
+        return _SavedChannelsSwiGLU.apply(x, m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight, self.count,
+                                          self.group.current()[1], self)
+
+
+def apply_mlp_channels(model: nn.Module, fraction: float, sp_attention=None) -> list[SavedChannelsMLP]:
+    """Wraps every block's `mlp.forward` in place; sets and returns model.mlp_channels."""
+    group = SequenceGroup(sp_attention)
+    model.mlp_channels = []
+    for block in model.model.layers:
+        if any(p.requires_grad for p in block.mlp.parameters()):
+            raise ValueError("the MLP weights are trained; saved channels need them frozen")
+        wrapped = SavedChannelsMLP(block.mlp, fraction, group)
+        block.mlp.forward = wrapped.forward
+        model.mlp_channels.append(wrapped)
+    return model.mlp_channels
+
+
+def reference_mlp_channels(mlp: nn.Module, x: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    """The saved-channel MLP by plain autograd: the dense MLP's value, with the gradient of the MLP
+    whose channels outside `channels` are multiplied by 0."""
+    mask = torch.zeros(mlp.gate_proj.out_features, dtype=x.dtype, device=x.device)
+    mask[channels] = 1
+    masked = mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x) * mask)
+    with torch.no_grad():
+        dense = mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+    return dense + (masked - masked.detach())
 
 
 # --- the reference --------------------------------------------------------------------------------

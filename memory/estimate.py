@@ -266,6 +266,9 @@ class Setting:
     elimination_keep: tuple[float, ...] | None = None
     # source predictor: the pattern predictors' FLOPs per token of an eliminating layer, instead of the exact score
     elimination_predictor_flops: float | None = None
+    # memory.elimination.mlp_channels (policy none, frozen MLP): the fraction of each MLP's intermediate
+    # channels saved for backward (gate and up of those channels instead of gate, silu, up, product)
+    mlp_channels: float = 1.0
     # parallel.vocab_parallel (off | gather | stream | auto) and the ranks its rows are sharded over
     # (the sp group, or every rank under fsdp2: the caller decides)
     vocab_parallel: str = "off"
@@ -427,6 +430,9 @@ def estimate(m: ModelShape, s: Setting) -> Estimate:
     else:
         alpha, binding = (1.0 if s.policy == "none" else 0.0), s.policy
         per_layer = saved_bytes_per_token_layer(m, s.autocast, s.policy, 0.0, s.kept_inputs_in_compute_dtype)
+        if s.mlp_channels < 1.0 and s.policy == "none":
+            act = 2 if s.autocast else 4
+            per_layer -= act * m.intermediate * (4 - 2 * s.mlp_channels)
     keep = s.elimination_keep or (1.0,) * m.layers
     per_layer *= sum(keep) / len(keep)  # eliminated tokens save nothing in that layer (the mean over layers)
     host_tier = s.policy == "memo" and s.tier == "host"

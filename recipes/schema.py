@@ -194,6 +194,9 @@ class EliminationRecipe:
         10, "source predictor: every N steps each layer also computes the exact scores once and logs elimination_predictor_recall (the share of the exact choice's tokens the predictor kept); 0 = never.", ge=0
     )
     skip_mlp: bool = _f(True, "Eliminated tokens also skip the layer's MLP (LeMo); false = only attention is sparse (needs memory.policy: none).")
+    mlp_channels: float = _f(
+        1.0, "The LeMo artifact's MLP sparsity, in every layer: the fraction of each MLP's intermediate channels saved for backward (those with the largest L2 norm of silu(gate) plus that of up over the step's tokens; the sp group's, under sequence parallelism). Forward stays exact; the input gradient flows through the saved channels only (approximate), so it needs frozen MLP weights (model.adapter without MLP targets) and memory.policy none. 1 = off (exact gradients); the artifact uses 0.2.", gt=0.0, le=1.0
+    )
 
 
 @dataclass(kw_only=True)
@@ -588,6 +591,8 @@ def _cross_checks(r: Recipe, problems: list[str]) -> None:
     if el.keep_ratio != 1.0 and r.data.batching == "packed_docs":
         problems.append(f"memory.elimination.keep_ratio={el.keep_ratio}: token elimination does not mask documents yet; "
                         "with data.batching packed_docs keep it 1 (off), or use pack / decompose")
+    if el.mlp_channels < 1.0:
+        _mlp_channel_checks(r, problems)
     if not el.skip_mlp and r.memory.policy != "none":
         problems.append(f"memory.elimination.skip_mlp=false: runs the MLP of every token outside the {r.memory.policy!r} "
                         "block; use it with memory.policy: none, or keep skip_mlp: true")
@@ -684,6 +689,24 @@ def _source_checks(r: Recipe, problems: list[str]) -> None:
                             "datasets have revisions); remove it")
         if names.count(names[i]) > 1 and names.index(names[i]) == i:
             problems.append(f"data.sources[{i}]: name {names[i]!r} is used by more than one source; set data.sources[].name")
+
+
+def _mlp_channel_checks(r: Recipe, problems: list[str]) -> None:
+    """memory.elimination.mlp_channels < 1: approximate input gradients through frozen MLP weights only."""
+    head = f"memory.elimination.mlp_channels={r.memory.elimination.mlp_channels}"
+    a = r.model.adapter
+    if a is None:
+        problems.append(f"{head}: the MLP's input gradient flows through the saved channels only, so its weights must be "
+                        "frozen: needs model.adapter (LoRA, e.g. targets [q_proj, k_proj, v_proj, o_proj]); or set it to 1")
+    elif mlp := [t for t in a.targets if t in ("gate_proj", "up_proj", "down_proj")]:
+        problems.append(f"{head}: model.adapter.targets lists {', '.join(mlp)}: the MLP weights must be frozen "
+                        "(the artifact adapts q_proj, k_proj, v_proj, o_proj); remove them or set mlp_channels to 1")
+    if r.memory.policy != "none":
+        problems.append(f"{head}: needs memory.policy none (memory.policy {r.memory.policy!r} recomputes the MLP in "
+                        "token tiles in backward: nothing to save, and each tile would choose its own channels)")
+    if r.parallel.sharding == "deepspeed":
+        problems.append(f"{head}: not with parallel.sharding deepspeed (ZeRO-3 gathers a projection's weight only "
+                        "when its module runs; the saved-channel MLP reads the weights directly); use fsdp2 or none")
 
 
 def _adapter_checks(r: Recipe, problems: list[str]) -> None:

@@ -369,12 +369,20 @@ def apply_memory(model: CausalLM, recipe: Recipe, mesh: mesh_lib.Mesh,
 def apply_elimination(model: CausalLM, recipe: Recipe, sp_attention: SequenceParallelAttention | None) -> None:
     """memory.elimination (LeMo): wraps the eliminating blocks around what apply_memory made of them,
     so the block's recompute/offload runs on the kept tokens only (memory/elimination.py);
-    model.elimination lists them (empty when off)."""
+    model.elimination lists them (empty when off). memory.elimination.mlp_channels < 1 wraps every
+    block's MLP (model.mlp_channels)."""
     policy = elimination_policy(recipe, model.config.num_layers)
     if policy and recipe.memory.elimination.source == "predictor":
         policy = dataclasses.replace(policy, predictors=load_predictors(recipe, policy, model.config.hidden_size,
                                                                           model.output_weight.device))
     model.elimination = elimination.apply(model, policy, sp_attention) if policy else []
+    fraction = recipe.memory.elimination.mlp_channels
+    model.mlp_channels = []
+    if fraction < 1.0:  # the artifact's MLP sparsity, every layer (checked in recipes/schema.py)
+        try:
+            elimination.apply_mlp_channels(model, fraction, sp_attention)
+        except ValueError as e:
+            raise RecipeError(f"memory.elimination.mlp_channels={fraction}: {e}") from None
 
 
 def load_predictors(recipe: Recipe, policy: elimination.Elimination, hidden: int, device: torch.device):
@@ -904,6 +912,7 @@ def plan_inputs(recipe: Recipe) -> tuple[ModelShape, dict]:
         "cpu_offload": recipe.parallel.cpu_offload, "fsdp_param_bf16": recipe.parallel.fsdp_param_dtype == "bf16",
         "arena": m.arena, "elimination_keep": elimination_keep(recipe),
         "elimination_predictor_flops": predictor_flops(recipe),
+        "mlp_channels": recipe.memory.elimination.mlp_channels,
         # LoRA: only the adapters (and the embedding / norms trained in full) have gradients and AdamW states
         "adapter": adapter_shape(recipe),
     }

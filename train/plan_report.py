@@ -53,6 +53,7 @@ def setting_for(r: dict, gpus: int, gpu_mem: float, host_mem: float, gpus_per_no
         cpu_offload=r.get("cpu_offload", False), fsdp_param_bf16=r.get("fsdp_param_bf16", False),
         arena=r.get("arena", False), elimination_keep=r.get("elimination_keep"),
         elimination_predictor_flops=r.get("elimination_predictor_flops"),
+        mlp_channels=r.get("mlp_channels", 1.0),
         vocab_parallel=r.get("vocab_parallel", "off"), vocab_group=r.get("vocab_group", 1),
         adapter=r.get("adapter"),
     )

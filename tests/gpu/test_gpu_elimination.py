@@ -90,7 +90,7 @@ def test_predictor_source_on_cuda_equals_the_masked_reference(tmp_path):
     """memory.elimination.source: predictor on CUDA under bf16 autocast: the predicted scores are fp32
     (autocast off) and select what the same predictors select on the CPU from the same layer input,
     and the model equals the masked dense model (fp32 weights, values and gradients)."""
-    from longctx.memory.predictors import BlockPredictor, PredictorShape, Predictors
+    from longctx.memory.predictors import BlockPredictor, Predictors, PredictorShape
 
     shape = PredictorShape(hidden=256, block_tokens=64)
     torch.manual_seed(0)
@@ -118,3 +118,41 @@ def test_predictor_source_on_cuda_equals_the_masked_reference(tmp_path):
     want.backward()
     assert loss.item() == pytest.approx(want.item(), rel=2e-3)
     _assert_grads_aligned(model, ref)
+
+
+def test_mlp_channels_on_cuda_bf16_match_the_masked_reference():
+    """memory.elimination.mlp_channels 0.2 with token elimination, LoRA on q/k/v/o, bf16 autocast on
+    CUDA (the artifact's regime): the loss equals the model with exact MLPs (forward is exact), and the
+    adapters' gradients point where the masked reference's do (cosine > 0.99, as the bf16 tests above)."""
+    lora = ["model.adapter.type=lora", "model.adapter.rank=8", "model.adapter.targets=[q_proj,k_proj,v_proj,o_proj]"]
+    ids = torch.randint(0, 32000, (1, 2048), device="cuda", generator=torch.Generator(device="cuda").manual_seed(3))
+    labels = ids.roll(-1, 1)
+
+    def run(model):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(7)) * 0.05)
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids, labels=labels)
+        loss.backward()
+        return loss.detach(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+    model = _model(*ELIM, *lora, "memory.elimination.mlp_channels=0.2")
+    loss, grads = run(model)
+    channels = {i: m.last_channels for i, m in enumerate(model.mlp_channels)}
+    assert all(c.shape == (round(0.2 * 512),) for c in channels.values())
+    plain_loss, _ = run(_model(*ELIM, *lora))
+    assert torch.equal(loss, plain_loss)
+    kept = {lay.index: lay.last_kept for lay in model.elimination}
+    ref = _model(*lora)
+    for i, block in enumerate(ref.model.layers):
+        block.mlp.forward = lambda h, mlp=block.mlp, i=i: el.reference_mlp_channels(mlp, h, channels[i])
+        if i in kept:
+            block.forward = lambda x, cos, sin, block=block, i=i: el.reference_layer(block, x, cos, sin, kept[i])
+    want_loss, want = run(ref)
+    assert loss.item() == pytest.approx(want_loss.item(), rel=2e-3)
+    for n, g in want.items():
+        cos = torch.nn.functional.cosine_similarity(grads[n].flatten(), g.flatten(), dim=0)
+        assert cos > 0.99, (n, cos.item())
