@@ -13,7 +13,7 @@ import pytest
 import torch
 from longctx.cli import main
 from longctx.memory import elimination as el
-from longctx.memory.predictors import BlockPredictor, PredictorShape, Predictors, recall
+from longctx.memory.predictors import BlockPredictor, Predictors, PredictorShape, recall
 from longctx.parallel import layout
 from longctx.parallel import mesh as mesh_lib
 from longctx.recipes import schema
@@ -21,7 +21,18 @@ from longctx.recipes.schema import RecipeError
 from longctx.train import elimination_fit
 from longctx.train.build import build
 from longctx.train.trainer import train
-from test_elimination import BT, CPU, ELIM, MEMORY, TINY, _assert_same, _batch, _loss_and_grads, _masked_reference, _model
+from test_elimination import (
+    BT,
+    CPU,
+    ELIM,
+    MEMORY,
+    TINY,
+    _assert_same,
+    _batch,
+    _loss_and_grads,
+    _masked_reference,
+    _model,
+)
 
 LENGTH = 96
 SP_LENGTH = 208  # 2 x sp chunks at sp 4: 26 tokens = 3 whole blocks of 8 + a partial one

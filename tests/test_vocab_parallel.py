@@ -4,14 +4,12 @@ tied and untied, V not divisible by P, ignored labels, softcap and z-loss; the b
 
 from __future__ import annotations
 
+import _dist
 import pytest
 import torch
 import torch.nn.functional as F
-
-import _dist
 from longctx.kernels.loss import reference_linear_cross_entropy
-from longctx.parallel import p2p
-from longctx.parallel import vocab
+from longctx.parallel import p2p, vocab
 
 V, D, N = 203, 24, 37  # 203 = 7 x 29: not divisible by 2, 3 or 4
 
