@@ -234,25 +234,32 @@ def _sp_configs(world):
     return configs
 
 
-def _sp_worker(rank, world):
+def sp_step(model, spa, ids, labels, rank, world, length, loss_and_grads=None, fsdp2=False):
+    """One step of `model` on this rank's zigzag shard of ids / labels [1, length]: the loss and
+    gradients summed over the ranks (FSDP2's gathered), and each eliminating layer's kept tokens as
+    global positions."""
     import torch.distributed as dist
 
+    spa.set_step(world, length, rows=1)
+    x, pos, y = layout.split_batch(ids, labels, rank, world)
+    loss, grads = (loss_and_grads or _loss_and_grads)(model, x, y, pos, length)
+    dist.all_reduce(loss)
+    if fsdp2:
+        grads = {n: g.full_tensor() for n, g in grads.items()}
+    else:
+        for g in grads.values():
+            dist.all_reduce(g)
+    return loss, grads, {lay.index: pos.gather(1, lay.last_kept) for lay in model.elimination}
+
+
+def _sp_worker(rank, world):
     ids, labels = _batch(rows=1, length=LENGTH)
     out = []
     for overrides in _sp_configs(world):
         mesh = mesh_lib.init(CPU, "gloo", 120, world)
         model, spa = _model(f"parallel.sp_degree={world}", *ELIM, *overrides, mesh=mesh)
-        spa.set_step(world, LENGTH, rows=1)
-        x, pos, y = layout.split_batch(ids, labels, rank, world)
-        loss, grads = _loss_and_grads(model, x, y, pos, LENGTH)
-        dist.all_reduce(loss)
-        if "parallel.sharding=fsdp2" in overrides:
-            grads = {n: g.full_tensor() for n, g in grads.items()}
-        else:
-            for g in grads.values():
-                dist.all_reduce(g)
-        kept = {lay.index: pos.gather(1, lay.last_kept) for lay in model.elimination}  # global positions
-        out.append((loss, grads, kept))
+        out.append(sp_step(model, spa, ids, labels, rank, world, LENGTH,
+                           fsdp2="parallel.sharding=fsdp2" in overrides))
     return out
 
 

@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from longctx.memory import elimination as el
 from longctx.memory.accounting import SavedBytes
-from longctx.parallel import layout
 from longctx.parallel import mesh as mesh_lib
 from longctx.recipes import schema
 from longctx.recipes.schema import RecipeError
 from longctx.train.build import build_model
+from test_elimination import sp_step
 
 TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
 CPU = torch.device("cpu")
@@ -180,20 +180,12 @@ def _sp_configs(world):
 
 
 def _sp_worker(rank, world):
-    import torch.distributed as dist
-
     ids, labels = _batch(rows=1)
     out = []
     for overrides in _sp_configs(world):
         mesh = mesh_lib.init(CPU, "gloo", 120, world)
         model, spa = _model(f"parallel.sp_degree={world}", *CHANNELS, *overrides, mesh=mesh)
-        spa.set_step(world, LENGTH, rows=1)
-        x, pos, y = layout.split_batch(ids, labels, rank, world)
-        loss, grads = _loss_and_grads(model, x, y, pos, LENGTH)
-        dist.all_reduce(loss)
-        for g in grads.values():
-            dist.all_reduce(g)
-        kept = {lay.index: pos.gather(1, lay.last_kept) for lay in model.elimination}  # global positions
+        loss, grads, kept = sp_step(model, spa, ids, labels, rank, world, LENGTH, _loss_and_grads)
         out.append((loss, grads, [m.last_channels for m in model.mlp_channels], kept))
     return out
 

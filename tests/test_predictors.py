@@ -14,7 +14,6 @@ import torch
 from longctx.cli import main
 from longctx.memory import elimination as el
 from longctx.memory.predictors import BlockPredictor, Predictors, PredictorShape, recall
-from longctx.parallel import layout
 from longctx.parallel import mesh as mesh_lib
 from longctx.recipes import schema
 from longctx.recipes.schema import RecipeError
@@ -32,6 +31,7 @@ from test_elimination import (
     _loss_and_grads,
     _masked_reference,
     _model,
+    sp_step,
 )
 
 LENGTH = 96
@@ -133,20 +133,13 @@ def test_predictor_source_equals_the_masked_reference(tmp_path):
 
 
 def _sp_worker(rank, world, folder):
-    import torch.distributed as dist
 
     ids, labels = _batch(rows=1, length=SP_LENGTH)
     out = []
     for overrides in (["parallel.attention=token_ring"], ["parallel.attention=ulysses", *MEMORY["memo"]]):
         mesh = mesh_lib.init(CPU, "gloo", 120, world)
         model, spa = _model(f"parallel.sp_degree={world}", *_with(folder), *overrides, mesh=mesh)
-        spa.set_step(world, SP_LENGTH, rows=1)
-        x, pos, y = layout.split_batch(ids, labels, rank, world)
-        loss, grads = _loss_and_grads(model, x, y, pos, SP_LENGTH)
-        dist.all_reduce(loss)
-        for g in grads.values():
-            dist.all_reduce(g)
-        out.append((loss, grads, {lay.index: pos.gather(1, lay.last_kept) for lay in model.elimination}))
+        out.append(sp_step(model, spa, ids, labels, rank, world, SP_LENGTH))
     return out
 
 
