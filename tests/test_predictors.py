@@ -133,7 +133,6 @@ def test_predictor_source_equals_the_masked_reference(tmp_path):
 
 
 def _sp_worker(rank, world, folder):
-
     ids, labels = _batch(rows=1, length=SP_LENGTH)
     out = []
     for overrides in (["parallel.attention=token_ring"], ["parallel.attention=ulysses", *MEMORY["memo"]]):
