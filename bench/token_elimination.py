@@ -12,7 +12,8 @@ of their channels (memory.elimination.mlp_channels, approximate input gradients)
 baseline's MLPs are exact, as in the artifact. --regime full: full fine-tuning, AdamW lr 5e-5, every
 MLP exact (the earlier rows of bench/results/cpu-token_elimination*.jsonl).
 - saved activation bytes: memory/accounting.SavedBytes over one training forward (every tensor
-  autograd keeps for backward, parameters excluded);
+  autograd keeps for backward, parameters excluded; the bf16 casts of frozen weights that autocast
+  makes and matmuls keep are reported apart, `saved_weight_copy_bytes`);
 - step time: forward + backward + AdamW, the mean of the timed steps (the first step is a warm-up
   and not timed);
 - held-out loss after the same N optimizer steps from the same weights on the same rows (the
@@ -145,6 +146,7 @@ def _case(variant: str, length: int, steps: int, policy: str, eval_windows: int,
            "mlp_channels": recipe.memory.elimination.mlp_channels,
            "saved_bytes": sum(b for k, b in per_layer.items() if k.startswith("layers.")),
            "saved_bytes_other": per_layer.get("other", 0), "saved_bytes_per_layer": per_layer,
+           "saved_weight_copy_bytes": saved.weight_copy_bytes,
            "step_seconds": round(sum(times) / len(times), 3), "train_losses": [round(x, 4) for x in losses],
            "held_out_loss": None, "held_out_loss_dense": None, "kept_ratio_per_layer": kept,
            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

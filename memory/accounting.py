@@ -7,7 +7,9 @@
   tier ("device" or "host"), through `record`.
 Storages are counted once (a view of a counted storage adds nothing). Parameters, their
 autocast copies and the tensors a block receives besides its input (RoPE cos/sin, shared by all
-blocks) are not activations and are not counted. Layer names come from forward pre-hooks on the
+blocks) are not activations and are not counted. Autocast casts a frozen weight (LoRA's base) anew
+at every use, without a graph that leads back to it, and autograd keeps the cast for the input
+gradient: such copies are found by value and counted apart, in `weight_copy_bytes`. Layer names come from forward pre-hooks on the
 tracked blocks ("layers.3"); anything saved outside them (embedding, final norm, loss) is "other".
 """
 
@@ -43,6 +45,11 @@ def is_weight(t: torch.Tensor, param_keys: set) -> bool:
 class SavedBytes:
     def __init__(self, model: nn.Module, layers: list[nn.Module]) -> None:
         self.param_keys = {storage_key(p) for p in model.parameters()}
+        self.frozen: dict[tuple, list[torch.Tensor]] = defaultdict(list)  # 2-D frozen weights by shape
+        for p in model.parameters():
+            if not p.requires_grad and p.dim() == 2:
+                self.frozen[tuple(p.shape)].append(p)
+        self.weight_copy_bytes = 0  # saved casts of frozen weights (per layer, not per token)
         self.layers = layers
         self.bytes: dict[tuple[str, str], int] = defaultdict(int)  # (layer, tier) -> bytes
         self.tokens = 0  # tokens through the first tracked layer
@@ -60,8 +67,21 @@ class SavedBytes:
         key = storage_key(t)
         if key not in self._seen and key not in self._shared and not is_weight(t, self.param_keys):
             self._seen.add(key)
-            self.record("device", t.untyped_storage().nbytes())
+            if self._frozen_copy(t):
+                self.weight_copy_bytes += t.untyped_storage().nbytes()
+            else:
+                self.record("device", t.untyped_storage().nbytes())
         return t
+
+    def _frozen_copy(self, t: torch.Tensor) -> bool:
+        """t is a cast of a frozen weight (or its transpose): no graph, a frozen weight's shape, its values."""
+        if t.grad_fn is not None or t.requires_grad or t.dim() != 2 or t.is_floating_point() is False:
+            return False
+        for w in (t, t.t()):
+            for p in self.frozen.get(tuple(w.shape), ()):
+                if p.dtype != w.dtype and torch.equal(w, p.to(w.dtype)):
+                    return True
+        return False
 
     # --- layer attribution -----------------------------------------------------------------------
     def _enter(self, i: int):

@@ -426,11 +426,18 @@ def saved_channel_count(fraction: float, intermediate: int) -> int:
     return min(intermediate, max(1, math.floor(fraction * intermediate + 0.5)))
 
 
+NORM_TILE_TOKENS = 4096  # tokens per fp32 tile of the channel norms (bounds their transient)
+
+
 def chosen_channels(a: torch.Tensor, u: torch.Tensor, count: int, group=None) -> torch.Tensor:
     """The `count` channels (sorted) with the largest ||silu(gate)[:, c]|| + ||up[:, c]|| over every token
-    of a [.., I] and u [.., I] (and of the sp group's other ranks: one all-reduce of 2 x I sums)."""
-    squares = torch.stack([a.reshape(-1, a.shape[-1]).float().pow(2).sum(0),
-                           u.reshape(-1, u.shape[-1]).float().pow(2).sum(0)])
+    of a [.., I] and u [.., I] (and of the sp group's other ranks: one all-reduce of 2 x I sums). The
+    squares are summed in fp32 a tile of tokens at a time."""
+    a, u = a.reshape(-1, a.shape[-1]), u.reshape(-1, u.shape[-1])
+    squares = torch.zeros(2, a.shape[1], dtype=torch.float32, device=a.device)
+    for s in range(0, a.shape[0], NORM_TILE_TOKENS):
+        squares[0] += a[s:s + NORM_TILE_TOKENS].float().square().sum(0)
+        squares[1] += u[s:s + NORM_TILE_TOKENS].float().square().sum(0)
     if group is not None:
         dist.all_reduce(squares, group=group)
     return squares.sqrt().sum(0).topk(count).indices.sort().values
@@ -461,7 +468,7 @@ class _SavedChannelsSwiGLU(torch.autograd.Function):
         s = torch.sigmoid(g)
         dg = (dc * uk.float() * s * (1 + g * (1 - s))).to(dt)
         du = (dc * g * s).to(dt)
-        dx = dg @ wg.index_select(0, idx).to(dt) + du @ wu.index_select(0, idx).to(dt)
+        dx = (dg @ wg.index_select(0, idx).to(dt)).float() + (du @ wu.index_select(0, idx).to(dt)).float()
         return dx.to(ctx.x_dtype), None, None, None, None, None, None
 
 

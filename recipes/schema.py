@@ -195,7 +195,7 @@ class EliminationRecipe:
     )
     skip_mlp: bool = _f(True, "Eliminated tokens also skip the layer's MLP (LeMo); false = only attention is sparse (needs memory.policy: none).")
     mlp_channels: float = _f(
-        1.0, "The LeMo artifact's MLP sparsity, in every layer: the fraction of each MLP's intermediate channels saved for backward (those with the largest L2 norm of silu(gate) plus that of up over the step's tokens; the sp group's, under sequence parallelism). Forward stays exact; the input gradient flows through the saved channels only (approximate), so it needs frozen MLP weights (model.adapter without MLP targets) and memory.policy none. 1 = off (exact gradients); the artifact uses 0.2.", gt=0.0, le=1.0
+        1.0, "The LeMo artifact's MLP sparsity, in every layer: the fraction of each MLP's intermediate channels saved for backward (those with the largest L2 norm of silu(gate) plus that of up over the micro-batch's tokens; the sp group's, under sequence parallelism). Forward stays exact; the input gradient flows through the saved channels only (approximate), so it needs frozen MLP weights (model.adapter without MLP targets) and memory.policy none without segments. 1 = off (exact gradients); the artifact uses 0.2.", gt=0.0, le=1.0
     )
 
 
@@ -704,9 +704,13 @@ def _mlp_channel_checks(r: Recipe, problems: list[str]) -> None:
     if r.memory.policy != "none":
         problems.append(f"{head}: needs memory.policy none (memory.policy {r.memory.policy!r} recomputes the MLP in "
                         "token tiles in backward: nothing to save, and each tile would choose its own channels)")
+    elif r.memory.recompute_num_layers > 1:
+        problems.append(f"{head}: needs memory.recompute_num_layers 1 (segments of {r.memory.recompute_num_layers} "
+                        "blocks rerun the MLP in backward, where it would choose its channels)")
     if r.parallel.sharding == "deepspeed":
-        problems.append(f"{head}: not with parallel.sharding deepspeed (ZeRO-3 gathers a projection's weight only "
-                        "when its module runs; the saved-channel MLP reads the weights directly); use fsdp2 or none")
+        problems.append(f"{head}: not with parallel.sharding deepspeed, any ZeRO stage (ZeRO-3 gathers a "
+                        "projection's weight only when its module runs and the saved-channel MLP reads the weights "
+                        "directly; the other stages are not tested); use fsdp2 or none")
 
 
 def _adapter_checks(r: Recipe, problems: list[str]) -> None:

@@ -32,7 +32,11 @@ def _model(*overrides, mesh=None):
     with torch.no_grad():  # LoRA's B starts at zero: give the adapters a gradient path of their own
         for n, p in model.named_parameters():
             if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.1)
+                value = torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.1
+                if hasattr(p, "device_mesh"):  # FSDP2's sharded DTensor
+                    from torch.distributed.tensor import distribute_tensor
+                    value = distribute_tensor(value, p.device_mesh, p.placements)
+                p.copy_(value)
     return model, spa
 
 
@@ -158,24 +162,33 @@ def test_eval_and_no_grad_run_the_dense_mlp():
 
 
 def test_saved_bytes_shrink_by_the_channels_not_kept():
-    """bf16 autocast, no recompute: the dense frozen MLP saves, per token, the bf16 cast of its input
-    (64 values), gate, silu(gate), up and their product (4 x 128) for autograd; the saved-channel MLP
-    gate and up of its 32 channels, and their index once."""
-    ids = torch.randint(0, 256, (1, 128), generator=torch.Generator().manual_seed(0))
-    per_layer = {}
+    """bf16 autocast, no recompute, intermediate 96 (not 2 x hidden): per token, a frozen exact MLP
+    saves gate, silu(gate) and up (3 x 96 bf16 values; its projections' inputs are not needed without
+    weight gradients), the saved-channel MLP gate and up of its 24 channels; measured as the slope
+    between 128 and 256 tokens. The casts autocast makes of the frozen weights (which the exact MLP's
+    matmuls keep, once per layer) are counted apart, not as activations."""
+    per_layer, copies = {}, {}
     for name, overrides in (("dense", LORA), ("channels", CHANNELS)):
-        model, _ = _model("run.dtype=bf16", *overrides)
-        with SavedBytes(model, list(model.model.layers)) as saved, torch.autocast("cpu", dtype=torch.bfloat16):
-            model(ids, labels=ids).backward()
-        per_layer[name] = saved.bytes[("layers.0", "device")]
-    assert per_layer["dense"] - per_layer["channels"] == 128 * (64 + 4 * 128) * 2 - (128 * 2 * 32 * 2 + 32 * 8)
+        for tokens in (128, 256):
+            model, _ = _model("run.dtype=bf16", "model.config.intermediate_size=96", *overrides)
+            ids = torch.randint(0, 256, (1, tokens), generator=torch.Generator().manual_seed(0))
+            with SavedBytes(model, list(model.model.layers)) as saved, torch.autocast("cpu", dtype=torch.bfloat16):
+                model(ids, labels=ids).backward()
+            per_layer[name, tokens] = saved.bytes[("layers.0", "device")]
+            copies[name, tokens] = saved.weight_copy_bytes
+    slope = {name: (per_layer[name, 256] - per_layer[name, 128]) / 128 for name in ("dense", "channels")}
+    assert slope["dense"] - slope["channels"] == (3 * 96 - 2 * 24) * 2
+    assert per_layer["channels", 128] - 128 * slope["channels"] == 24 * 8 + per_layer["dense", 128] - 128 * slope["dense"]
+    # the exact MLP's three weight casts in both layers (64 x 96 bf16 each) beside the attention's
+    assert copies["dense", 128] - copies["channels", 128] == 2 * 3 * 64 * 96 * 2
+    assert copies["dense", 128] == copies["dense", 256]
 
 
 # --- sequence parallelism -------------------------------------------------------------------------------
 def _sp_configs(world):
     configs = [["parallel.attention=token_ring"], ["parallel.attention=ring", *ELIM]]
-    if world == 2:
-        configs.append(["parallel.attention=ulysses"])
+    if world == 2:  # and FSDP2 over the sp ranks: the MLP reads its unsharded weights in forward and backward
+        configs += [["parallel.attention=ulysses"], ["parallel.attention=bidir_kv", "parallel.sharding=fsdp2"]]
     return configs
 
 
@@ -185,7 +198,8 @@ def _sp_worker(rank, world):
     for overrides in _sp_configs(world):
         mesh = mesh_lib.init(CPU, "gloo", 120, world)
         model, spa = _model(f"parallel.sp_degree={world}", *CHANNELS, *overrides, mesh=mesh)
-        loss, grads, kept = sp_step(model, spa, ids, labels, rank, world, LENGTH, _loss_and_grads)
+        loss, grads, kept = sp_step(model, spa, ids, labels, rank, world, LENGTH, _loss_and_grads,
+                                    fsdp2="parallel.sharding=fsdp2" in overrides)
         out.append((loss, grads, [m.last_channels for m in model.mlp_channels], kept))
     return out
 
@@ -222,6 +236,8 @@ def test_sequence_parallel_equals_one_process(world):
     (["memory.elimination.mlp_channels=0.2", "model.adapter.type=lora"],
      "model.adapter.targets lists gate_proj, up_proj, down_proj: the MLP weights must be frozen"),
     ([*CHANNELS, "memory.policy=full"], "memory.elimination.mlp_channels=0.25: needs memory.policy none"),
+    ([*CHANNELS, "memory.policy=memo"], "memory.elimination.mlp_channels=0.25: needs memory.policy none"),
+    ([*CHANNELS, "memory.recompute_num_layers=2"], "needs memory.recompute_num_layers 1"),
     ([*CHANNELS, "parallel.sharding=deepspeed"], "not with parallel.sharding deepspeed"),
 ])
 def test_recipe_keys_are_checked(overrides, message):
@@ -239,8 +255,10 @@ def test_cli_refuses_with_exit_2_and_one_line(tmp_path, capsys):
 
 
 def test_plan_counts_the_saved_channels(capsys):
-    """longctx plan: with 0.25 of the channels each layer's activations drop by 2 bytes x 128 x (4 - 0.5)
-    a token (bf16: gate, silu, up and product become gate and up of a quarter of the channels)."""
+    """longctx plan: with 0.25 of the channels the 2 layers' activations drop by 2 bytes x 128 x (4 - 0.5)
+    a token: the plan counts an exact MLP's gate, silu, up and product (bf16; full fine-tuning's
+    tensors: it does not model a frozen MLP's smaller set yet), and gate and up of a quarter of the
+    channels, the measured saved-channel MLP (test above)."""
     import json
 
     from longctx.cli import main
