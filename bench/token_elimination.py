@@ -111,9 +111,16 @@ def _case(variant: str, length: int, steps: int, policy: str, eval_windows: int,
     # saved activation bytes of one training forward (then its backward, to free them)
     with SavedBytes(model, list(model.model.layers)) as saved, autocast:
         loss = loss_of(train_rows[0])
+    per_layer = {layer: b for (layer, tier), b in saved.bytes.items() if tier == "device"}
+    if steps == 0:  # --steps 0: the saved bytes alone (one forward; no backward, step or evaluation)
+        return {"variant": variant, "seq_len": length, "regime": regime, "policy": policy, "dtype": "bf16 autocast",
+                "steps": 0, "mlp_channels": recipe.memory.elimination.mlp_channels,
+                "saved_bytes": sum(b for k, b in per_layer.items() if k.startswith("layers.")),
+                "saved_bytes_other": per_layer.get("other", 0), "saved_bytes_per_layer": per_layer,
+                "saved_weight_copy_bytes": saved.weight_copy_bytes,
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     loss.backward()
     optimizer.zero_grad(set_to_none=True)
-    per_layer = {layer: b for (layer, tier), b in saved.bytes.items() if tier == "device"}
     times, losses = [], []
     for i in range(steps + 1):  # row 0 again first: the warm-up step, not timed
         t0 = time.perf_counter()
@@ -224,7 +231,8 @@ def _quality(length: int, windows: int) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--lengths", default="8192,16384")
-    p.add_argument("--steps", type=int, default=3, help="timed optimizer steps (after one warm-up step)")
+    p.add_argument("--steps", type=int, default=3, help="timed optimizer steps (after one warm-up step); 0 = the "
+                   "saved bytes of one forward only")
     p.add_argument("--policy", default="none", help="memory.policy of both variants (none, full, memo)")
     p.add_argument("--regime", default="artifact", choices=("artifact", "full"),
                    help="artifact: the LeMo artifact's LoRA and optimizer, and LeMo's MLP saving 0.2 of its "
@@ -266,10 +274,12 @@ def main(argv=None) -> int:
             if {"dense", variant} <= set(by):
                 d, e = by["dense"], by[variant]
                 summary[f"saved_bytes_ratio{tag}{k}"] = round(d["saved_bytes"] / e["saved_bytes"], 3)
+                if not args.steps:
+                    continue
                 summary[f"step_time_ratio{tag}{k}"] = round(d["step_seconds"] / e["step_seconds"], 3)
                 summary[f"loss_ratio{tag}{k}"] = round(e["held_out_loss_dense"] / d["held_out_loss_dense"], 4)
                 summary[f"loss_ratio{tag}_eliminating{k}"] = round(e["held_out_loss"] / d["held_out_loss"], 4)
-        if {"dense", "lemo_predictor"} <= set(by):
+        if {"dense", "lemo_predictor"} <= set(by) and args.steps:
             summary["predictor_recall_min" + k] = by["lemo_predictor"]["predictor_recall_min"]
     print(json.dumps({"summary": summary}))
     return 0
