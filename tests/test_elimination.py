@@ -345,6 +345,29 @@ def test_training_logs_the_kept_ratio_per_layer(tmp_path):
             (rec["elimination_kept_ratio/layers.0"] + rec["elimination_kept_ratio/layers.1"]) / 2)
 
 
+def test_training_logs_the_saved_activation_bytes(tmp_path):
+    """metrics.jsonl: what the step's first micro-batch kept for backward; fewer bytes with half the
+    blocks eliminated than with every block kept (keep 0.97 of 4 blocks rounds to all: wrapped, dense);
+    under MEMO the host tier apart; nothing without elimination."""
+    saved = {}
+    for keep in ("0.5", "0.97"):
+        run = build(schema.load(TINY, [f"run.dir={tmp_path / keep}", "train.max_steps=1", "train.warmup_steps=0",
+                                       f"memory.elimination.keep_ratio={keep}", "memory.elimination.dense_layers=[]",
+                                       "memory.elimination.block_tokens=4"]))
+        train(run)
+        rec = json.loads((tmp_path / keep / "metrics.jsonl").read_text().splitlines()[-1])
+        saved[keep] = rec["saved_activation_bytes"]
+        assert "saved_activation_bytes_host" not in rec
+    assert 0 < saved["0.5"] < 0.8 * saved["0.97"]
+    memo = build(schema.load(TINY, [f"run.dir={tmp_path / 'memo'}", "train.max_steps=1", "train.warmup_steps=0", *ELIM, *MEMORY["memo"]]))
+    train(memo)
+    rec = json.loads((tmp_path / "memo" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec["saved_activation_bytes_host"] > 0 and rec["saved_activation_bytes"] > 0  # MEMO's host tier apart
+    off = build(schema.load(TINY, [f"run.dir={tmp_path / 'off'}", "train.max_steps=1", "train.warmup_steps=0"]))
+    train(off)
+    assert "saved_activation_bytes" not in json.loads((tmp_path / "off" / "metrics.jsonl").read_text().splitlines()[-1])
+
+
 def test_memo_plans_an_eliminating_layer_for_the_tokens_it_keeps():
     """MEMO's policy of an eliminating block is asked for the kept tokens only (its saved bytes and
     alpha follow them); a dense block's for every token."""

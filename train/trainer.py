@@ -23,6 +23,7 @@ import torch
 
 from ..kernels.capability import peak_memory_bytes
 from ..memory import elimination
+from ..memory.accounting import SavedBytes
 from ..parallel import layout, vocab
 from ..parallel.data_parallel import all_reduce_gradients, all_reduce_sum
 from ..parallel.health import Heartbeat, RankFailure
@@ -218,11 +219,32 @@ def _autocast(run: Run):
     return torch.autocast(run.mesh.device.type, dtype=run.autocast_dtype)
 
 
+def _saved_bytes_meter(run: Run, first: bool):
+    """Token elimination or MLP channels (memory.elimination), without sharding: the step's first
+    micro-batch forward measures the bytes autograd keeps for backward (memory/accounting.SavedBytes;
+    MEMO's blocks report theirs by tier), for memory_metrics. Otherwise nothing."""
+    model = run.model
+    if not first or run.recipe.parallel.sharding != "none" or not (
+            getattr(model, "elimination", None) or getattr(model, "mlp_channels", None)):
+        return contextlib.nullcontext()
+    model.saved_bytes_meter = SavedBytes(model, list(model.model.layers))
+    return model.saved_bytes_meter
+
+
 def memory_metrics(model) -> dict:
     """MEMO's alpha for the last step's bucket, its kept bytes per layer and the host pool; the
-    kept-token ratio of each eliminating layer (memory.elimination) over the step."""
+    kept-token ratio of each eliminating layer (memory.elimination) over the step, and what the
+    first micro-batch saved for backward on this rank (`saved_activation_bytes`, and `_host` under
+    MEMO's host tier; blocks and the rest, parameters and frozen weights' casts excluded)."""
     planner = getattr(model, "memory", None)
     out = elimination.take_counts(getattr(model, "elimination", []))
+    meter = getattr(model, "saved_bytes_meter", None)
+    if meter is not None:
+        model.saved_bytes_meter = None
+        for tier, key in (("device", "saved_activation_bytes"), ("host", "saved_activation_bytes_host")):
+            total = sum(b for (_, t), b in meter.bytes.items() if t == tier)
+            if total or tier == "device":
+                out[key] = total
     if planner is None or planner.last is None:
         return out
     out |= {"memory_alpha": planner.last.alpha, "memory_alpha_binding": planner.last.binding,
@@ -247,7 +269,7 @@ def train_step(run: Run, step: int) -> dict:
     try:
         for i, (x, y, pos, docs) in enumerate(parts):
             _set_documents(run, docs)
-            with _autocast(run):
+            with _saved_bytes_meter(run, i == 0), _autocast(run):
                 loss = (run.engine or model)(x, position_ids=pos, labels=y, seq_len=seq_len)
             if run.engine is None:
                 (loss / global_valid).backward()
