@@ -402,3 +402,14 @@ def test_saved_bytes_shrink_with_the_kept_tokens():
     assert dense == 128 * 64 * 2  # the bf16 block input
     head_dim = 16
     assert kept == 64 * 64 * 2 + 64 * 8 + 2 * 64 * head_dim * 4  # half the tokens' bf16 input, index, cos/sin
+
+
+def test_eliminated_model_under_cce_equals_the_reference_head():
+    """Elimination composes with the loss head: the eliminated model with CCE (the default) and with the
+    reference head choose the same blocks and give the same loss and gradients (fp32 1e-5)."""
+    ids, labels = _batch()
+    cce, _ = _model(*ELIM)
+    ref, _ = _model(*ELIM, "loss.impl=reference")
+    got, want = _loss_and_grads(cce, ids, labels), _loss_and_grads(ref, ids, labels)
+    assert all(torch.equal(a.last_kept, b.last_kept) for a, b in zip(cce.elimination, ref.elimination))
+    _assert_same(got, want, "cce vs reference head")
