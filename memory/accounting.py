@@ -44,9 +44,10 @@ def is_weight(t: torch.Tensor, param_keys: set) -> bool:
 
 class SavedBytes:
     def __init__(self, model: nn.Module, layers: list[nn.Module]) -> None:
-        self.param_keys = {storage_key(p) for p in model.parameters()}
+        self.param_keys = set()
         self.frozen: dict[tuple, list[torch.Tensor]] = defaultdict(list)  # 2-D frozen weights by shape
         for p in model.parameters():
+            self.param_keys.add(storage_key(p))
             if not p.requires_grad and p.dim() == 2:
                 self.frozen[tuple(p.shape)].append(p)
         self.weight_copy_bytes = 0  # saved casts of frozen weights (per layer, not per token)
@@ -75,7 +76,7 @@ class SavedBytes:
 
     def _frozen_copy(self, t: torch.Tensor) -> bool:
         """t is a cast of a frozen weight (or its transpose): no graph, a frozen weight's shape, its values."""
-        if t.grad_fn is not None or t.requires_grad or t.dim() != 2 or t.is_floating_point() is False:
+        if t.grad_fn is not None or t.requires_grad or t.dim() != 2 or not t.is_floating_point():
             return False
         for w in (t, t.t()):
             for p in self.frozen.get(tuple(w.shape), ()):
